@@ -1,0 +1,3 @@
+from marllb_cli.cli import app
+
+app(prog_name="marllb")

@@ -1,0 +1,159 @@
+"""The `marllb` command line. Commands only wire: parse arguments, call one library function, render.
+
+Exit codes: 0 success; 1 run-time failure (`TestbedError` ...); 2 bad input (config file, field or value),
+the same code Click uses for usage errors; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from marllb_cli import __version__
+from marllb_cli.config import Config, load_config
+from marllb_cli.deploy import LocalTestbed, TestbedStatus
+from marllb_cli.errors import MarllbError
+
+app = typer.Typer(
+    name="marllb",
+    help="Experiment runner for multi-agent RL load balancing: deploy a testbed, replay traces, train, report.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigArg = Annotated[
+    Path, typer.Argument(help="YAML file describing the testbed and experiment, e.g. configs/local-small.yaml.")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config field: dotted.key=value (repeatable), e.g. testbed.name=tb2."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+
+
+def reports_errors(command: F) -> F:
+    """The one boundary where library errors become a one-line message and an exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except MarllbError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(exc.one_line())}", soft_wrap=True, highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"marllb {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """marllb: MARL load balancing experiments on a local, SSH or KVM testbed, or in simulation."""
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress display driven by the library's `progress(stage, done, total)` callback."""
+    with Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _load(config: Path, overrides: list[str] | None) -> Config:
+    return load_config(config, overrides or ())
+
+
+@app.command()
+@reports_errors
+def deploy(config: ConfigArg, set_: SetOption = None) -> None:
+    """Bring the testbed up: namespaces, links, routes, cgroups and one Apache per server. Idempotent."""
+    cfg = _load(config, set_)
+    testbed = LocalTestbed(cfg)
+    with _progress() as progress:
+        outcome = testbed.deploy(progress)
+    status = testbed.status()
+    _render_status(status)
+    console.print(f"testbed [bold]{status.testbed}[/] {outcome}: {status.state}")
+
+
+@app.command()
+@reports_errors
+def status(config: ConfigArg, json_: JsonOption = False, set_: SetOption = None) -> None:
+    """Show every node of the testbed and whether each server answers HTTP."""
+    result = LocalTestbed(_load(config, set_)).status()
+    if json_:
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        _render_status(result)
+
+
+@app.command()
+@reports_errors
+def teardown(config: ConfigArg, set_: SetOption = None) -> None:
+    """Remove every namespace, link, cgroup and process of the testbed, and nothing else."""
+    testbed = LocalTestbed(_load(config, set_))
+    with _progress() as progress:
+        removed = testbed.teardown(progress)
+    name = testbed.topology.testbed
+    console.print(
+        f"testbed [bold]{name}[/] removed ({removed} resources)" if removed else f"testbed {name}: nothing to remove"
+    )
+
+
+def _render_status(status: TestbedStatus) -> None:
+    table = Table(title=f"testbed {status.testbed} — VIP {status.vip} — {status.state}")
+    for column in ("node", "role", "namespace", "ip", "cpus", "cores", "up", "http", "busy"):
+        table.add_column(column, justify="right" if column in ("cpus", "cores", "busy", "http") else "left")
+    for node in status.nodes:
+        table.add_row(
+            node.name,
+            node.role,
+            node.namespace,
+            node.ip,
+            "" if node.cpus is None else f"{node.cpus:g}",
+            "" if node.cores is None else f"{node.cores:.2f}",
+            "[green]yes[/]" if node.up else "[red]no[/]",
+            "" if node.http_status is None else str(node.http_status),
+            "" if node.busy_workers is None else str(node.busy_workers),
+        )
+    console.print(table)

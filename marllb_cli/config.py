@@ -1,0 +1,319 @@
+"""The YAML file that describes a testbed and an experiment: pydantic models, loading and one-line errors.
+
+One file drives every command. `load_config(path, overrides)` is the only entry point: it reads the YAML,
+applies `--set key=value` overrides, validates, and returns a frozen `Config`. Any problem becomes a
+`ConfigError` whose text names the file, the line, the dotted field and the fix, e.g.::
+
+    configs/bad.yaml:12: testbed.servers[1].cpus: Input should be greater than 0 (fix: ...)
+
+A minimal file::
+
+    testbed:
+      name: small
+      servers:
+        - {name: small, count: 2, cpus: 1}
+        - {name: big, count: 2, cpus: 2}
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from marllb_cli.errors import ConfigError
+
+__all__ = [
+    "ApacheSettings",
+    "ClientSettings",
+    "Config",
+    "Experiment",
+    "NetworkSettings",
+    "ServerGroup",
+    "Testbed",
+    "load_config",
+    "parse_override",
+]
+
+#: Host offsets inside the data subnet: router .1, LBs from .11, servers from .101 (stable when counts change).
+ROUTER_HOST = 1
+LB_HOST_BASE = 11
+SERVER_HOST_BASE = 101
+MAX_LBS = SERVER_HOST_BASE - LB_HOST_BASE
+#: CFS refuses quotas below 1 ms.
+MIN_QUOTA_US = 1000
+NAME_PATTERN = r"^[a-z][a-z0-9]*$"
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors (typos must not be silently ignored); models are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApacheSettings(_Strict):
+    """Apache prefork settings of one server group (the papers: MaxRequestWorkers 32, ListenBacklog 128)."""
+
+    max_request_workers: int = Field(32, ge=1, le=1024, description="Worker processes; requests beyond wait.")
+    listen_backlog: int = Field(128, ge=1, le=65535, description="Accept queue beyond busy workers.")
+    start_servers: int = Field(8, ge=1, le=1024, description="Workers forked at start.")
+    status_port: int = Field(8080, ge=1, le=65535, description="Port of mod_status (busy workers).")
+
+    @model_validator(mode="after")
+    def _start_within_limit(self) -> ApacheSettings:
+        if self.start_servers > self.max_request_workers:
+            raise ValueError("start_servers cannot exceed max_request_workers")
+        if self.status_port == 80:
+            raise ValueError("status_port must differ from the HTTP port 80")
+        return self
+
+
+class ServerGroup(_Strict):
+    """A group of identical Apache servers; `cpus` is the capacity in CPU units (see `Testbed.cpu_unit`)."""
+
+    name: str = Field(pattern=NAME_PATTERN, max_length=12, description="Group name, used in reports.")
+    count: int = Field(ge=1, le=150, description="Number of servers in the group.")
+    cpus: float = Field(gt=0, le=256, description="Capacity of each server in CPU units.")
+    app: Literal["php"] = Field("php", description="Application stack on the server.")
+    apache: ApacheSettings = Field(default_factory=ApacheSettings, description="Apache prefork settings.")
+
+
+class NetworkSettings(_Strict):
+    """Address plan. Local testbeds live in their own namespaces, so two testbeds may use the same ranges."""
+
+    data_subnet: ipaddress.IPv4Network = Field(
+        ipaddress.IPv4Network("10.99.0.0/24"),
+        description="Router, LBs and servers (router .1, LBs .11+, servers .101+).",
+    )
+    client_subnet: ipaddress.IPv4Network = Field(
+        ipaddress.IPv4Network("10.99.1.0/24"), description="Client and the router's client-side leg."
+    )
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> NetworkSettings:
+        if self.data_subnet.overlaps(self.client_subnet):
+            raise ValueError(f"data_subnet {self.data_subnet} overlaps client_subnet {self.client_subnet}")
+        if self.client_subnet.num_addresses < 4:
+            raise ValueError("client_subnet needs room for two hosts (a /30 or larger)")
+        return self
+
+
+class ClientSettings(_Strict):
+    """The traffic source: one namespace behind the edge router."""
+
+    mtu: int | None = Field(
+        None, ge=576, le=9000, description="Client MTU; default 1500, or 1476 in gre mode (room for GRE)."
+    )
+
+
+class Testbed(_Strict):
+    """Where the experiment runs: the nodes, their capacities and the network between them."""
+
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=10,
+        description="Prefix of every namespace, cgroup and state directory of this testbed.",
+    )
+    kind: Literal["local"] = Field("local", description="local: network namespaces on this machine.")
+    vip: ipaddress.IPv4Address = Field(
+        ipaddress.IPv4Address("10.99.255.1"), description="Virtual IP that clients connect to."
+    )
+    forwarding: Literal["l2dsr", "gre"] = Field("l2dsr", description="How LBs hand packets to servers.")
+    lbs: int = Field(2, ge=1, le=MAX_LBS, description="Number of load balancers.")
+    servers: list[ServerGroup] = Field(min_length=1, description="Server groups.")
+    client: ClientSettings = Field(default_factory=ClientSettings, description="The traffic source.")
+    network: NetworkSettings = Field(default_factory=NetworkSettings, description="Address plan.")
+    cpu_unit: float = Field(
+        0.25,
+        gt=0,
+        le=64,
+        description="Cores per CPU unit on a local testbed (scales capacities to this machine).",
+    )
+    cpu_period_us: int = Field(
+        10_000, ge=1_000, le=1_000_000, description="CFS period of the server cgroups, microseconds."
+    )
+    work_scale: float = Field(
+        1.0, gt=0, le=1000, description="Multiplier on the for-loop iterations of /dummy.php (?n=...)."
+    )
+
+    @field_validator("servers")
+    @classmethod
+    def _unique_group_names(cls, groups: list[ServerGroup]) -> list[ServerGroup]:
+        seen: set[str] = set()
+        for group in groups:
+            if group.name in seen:
+                raise ValueError(f"duplicate server group name {group.name!r}; give each group its own name")
+            seen.add(group.name)
+        return groups
+
+    @model_validator(mode="after")
+    def _addresses_and_quotas(self) -> Testbed:
+        data, client = self.network.data_subnet, self.network.client_subnet
+        for subnet, label in ((data, "data_subnet"), (client, "client_subnet")):
+            if self.vip in subnet:
+                raise ValueError(f"vip {self.vip} lies inside network.{label} {subnet}; choose an address outside it")
+        needed = SERVER_HOST_BASE + self.n_servers
+        if data.num_addresses - 2 < needed:
+            raise ValueError(
+                f"network.data_subnet {data} has no room for {self.n_servers} servers "
+                f"(servers start at host .{SERVER_HOST_BASE}); use a /24 or larger"
+            )
+        for group in self.servers:
+            quota = group.cpus * self.cpu_unit * self.cpu_period_us
+            if quota < MIN_QUOTA_US:
+                raise ValueError(
+                    f"server group {group.name!r}: cpus × cpu_unit × cpu_period_us = {quota:.0f} µs, "
+                    f"below the kernel's {MIN_QUOTA_US} µs minimum; raise cpu_unit or cpu_period_us"
+                )
+        return self
+
+    @property
+    def n_servers(self) -> int:
+        """Total servers over all groups."""
+        return sum(group.count for group in self.servers)
+
+
+class Experiment(_Strict):
+    """How a run behaves, independent of where it runs."""
+
+    agent_period_ms: int = Field(250, ge=10, le=60_000, description="Agent step: features in, weights out.")
+    seed: int = Field(0, ge=0, description="Seed of every random draw of a run.")
+
+
+class Config(_Strict):
+    """One marllb YAML file."""
+
+    testbed: Testbed
+    experiment: Experiment = Field(default_factory=Experiment)
+    source: Path | None = Field(None, exclude=True, description="The file this config was loaded from.")
+
+    def resolved_yaml(self) -> str:
+        """The fully resolved config (defaults filled in), as written into run directories."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse `dotted.key=value` from `--set`; the value is read as YAML (`2`, `true`, `[1, 2]`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE", hint="e.g. --set testbed.name=tb2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate one config file; raise `ConfigError` with a one-line message."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file", hint="pass the path of a YAML config, e.g. configs/local-small.yaml"
+        ) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.__class__.__name__})") from None
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{where}: YAML syntax error: {problem}", hint="check indentation and quoting") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'testbed' section at the top level")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value, path)
+    try:
+        return Config.model_validate({**raw, "source": path})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, root)) from None
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path) -> None:
+    node: Any = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"{path}: --set {key}: {part!r} does not name a section")
+    last = parts[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{path}: --set {key}: {last!r} does not name a field")
+
+
+def _describe(exc: ValidationError, path: Path, root: yaml.Node | None) -> str:
+    """First validation error as `file:line: field: problem`, plus how many more there are."""
+    # A misspelt key also makes its real name "missing": report the unknown key first, it is the cause.
+    errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
+    error = errors[0]
+    loc = tuple(error["loc"])
+    field = _dotted(loc)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = f"unknown key {loc[-1]!r}" + _suggest(exc, loc)
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    line = _line_of(root, loc)
+    where = f"{path}:{line}" if line else str(path)
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{where}: {field or '(top level)'}: {message}{more}"
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _suggest(exc: ValidationError, loc: tuple[Any, ...]) -> str:
+    """`; did you mean 'cpus'?` for a misspelt key, using the model's known field names."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        model = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return ""
+    known = [name for name in model.model_fields if name != "source"]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML key or item at `loc`, or of its deepest parent that exists; None if unknown."""
+    node, line = root, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((key, value) for key, value in node.value if str(key.value) == str(part)), None)
+            if match is None:
+                break
+            key_node, node = match
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

@@ -1,0 +1,166 @@
+"""One Apache instance per server namespace: generated config, start inside the CPU cgroup, readiness probe.
+
+Each instance has its own ServerRoot under the testbed's state directory (config, pid file, mutexes, logs),
+so instances never share files with each other or with the machine's own Apache. The document root is a
+copy of `testbed/www` plus generated static files, shared read-only by all servers of the testbed.
+"""
+
+from __future__ import annotations
+
+import glob
+import http.client
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from marllb_cli.config import ServerGroup, Testbed
+from marllb_cli.deploy.cgroups import CpuCgroup
+from marllb_cli.errors import MissingTool, TestbedError
+from marllb_cli.hosts.local import LocalNamespace
+from marllb_cli.topology import Node
+
+__all__ = ["ApacheInstance", "apache_binary", "install_docroot", "testbed_files", "STATIC_SIZES", "http_get"]
+
+APACHE_MODULES = Path("/usr/lib/apache2/modules")
+#: Static files (the papers' IO-bound class), name → size in bytes.
+STATIC_SIZES = {"1k": 1 << 10, "10k": 10 << 10, "100k": 100 << 10, "1m": 1 << 20}
+
+
+def testbed_files() -> Path:
+    """The `testbed/` tree: packaged as `marllb_cli/_testbed` in a wheel, or the checkout's own folder."""
+    packaged = Path(str(resources.files("marllb_cli"))) / "_testbed"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parents[2] / "testbed"
+    if checkout.is_dir():
+        return checkout
+    raise MissingTool("the testbed/ files (Apache template, PHP apps) are not installed with marllb")
+
+
+def apache_binary() -> Path:
+    for candidate in ("/usr/sbin/apache2", "/usr/sbin/httpd"):
+        if Path(candidate).exists():
+            return Path(candidate)
+    raise MissingTool("apache2 is not installed", hint="run `make system-deps` (apt-get install apache2)")
+
+
+def php_module() -> Path:
+    found = sorted(glob.glob(str(APACHE_MODULES / "libphp*.so")))
+    if not found:
+        raise MissingTool(
+            "mod_php is not installed", hint="run `make system-deps` (apt-get install libapache2-mod-php)"
+        )
+    return Path(found[-1])
+
+
+def install_docroot(www: Path) -> None:
+    """Copy the PHP apps into `www` and write the static files; readable by the unprivileged Apache user."""
+    if www.exists():
+        shutil.rmtree(www)
+    shutil.copytree(testbed_files() / "www", www)
+    static = www / "static"
+    static.mkdir()
+    pattern = bytes(range(256))
+    for name, size in STATIC_SIZES.items():
+        (static / f"{name}.bin").write_bytes((pattern * (size // len(pattern) + 1))[:size])
+    for path in [www, *www.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@dataclass(frozen=True)
+class ApacheInstance:
+    """Apache for one server node; `root` is its private ServerRoot."""
+
+    node: Node
+    group: ServerGroup
+    root: Path
+    www: Path
+    cgroup: CpuCgroup
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "apache2.conf"
+
+    @property
+    def namespace(self) -> LocalNamespace:
+        return LocalNamespace(self.node.namespace)
+
+    def render(self, testbed: Testbed) -> str:
+        """The instance's apache2.conf."""
+        template = Template((testbed_files() / "apache" / "httpd.conf.tmpl").read_text())
+        apache = self.group.apache
+        return template.substitute(
+            server=self.node.name,
+            testbed=testbed.name,
+            root=self.root,
+            www=self.www,
+            user="www-data",
+            group="www-data",
+            modules=APACHE_MODULES,
+            php_module=php_module(),
+            status_port=apache.status_port,
+            listen_backlog=apache.listen_backlog,
+            start_servers=apache.start_servers,
+            max_request_workers=apache.max_request_workers,
+            work_scale=repr(testbed.work_scale),
+        )
+
+    def start(self, testbed: Testbed, *, timeout_s: float = 20.0) -> None:
+        """Write the config, start Apache inside the namespace and cgroup, and wait until it serves."""
+        for sub in ("run", "logs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(self.render(testbed))
+        with open(self.root / "logs" / "start.log", "wb") as start_log:
+            launcher = self.namespace.popen(
+                [str(apache_binary()), "-f", str(self.conf), "-k", "start"],
+                preexec_fn=self.cgroup.add_self,
+                stdout=subprocess.DEVNULL,
+                stderr=start_log,
+            )
+            code = launcher.wait(timeout=timeout_s)
+        if code != 0:
+            raise TestbedError(f"{self.node.name}: apache2 failed to start: {self._last_error()}")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ready():
+                return
+            time.sleep(0.05)
+        raise TestbedError(f"{self.node.name}: apache2 did not answer within {timeout_s:.0f} s: {self._last_error()}")
+
+    def ready(self) -> bool:
+        """True when the instance answers GET / with 200 on its own address."""
+        try:
+            status, _, _ = http_get(self.namespace, str(self.node.ip), 80, "/", timeout=1.0)
+        except OSError:
+            return False
+        return status == 200
+
+    def _last_error(self) -> str:
+        for log in (self.root / "logs" / "start.log", self.root / "logs" / "error.log"):
+            if log.exists():
+                lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+                if lines:
+                    return lines[-1]
+        return "no log output"
+
+
+def http_get(
+    ns: LocalNamespace, host: str, port: int, path: str, *, timeout: float = 2.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.0 GET from inside namespace `ns`: (status, headers, body)."""
+    sock = ns.connect(host, port, timeout=timeout)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn.sock = sock
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    except (TimeoutError, http.client.HTTPException) as exc:
+        raise OSError(f"GET {path}: {exc}") from exc
+    finally:
+        conn.close()

@@ -1,0 +1,116 @@
+"""CPU cgroups that encode a server's capacity as a CFS quota, on cgroup v2 (`cpu.max`) or v1 (`cpu.cfs_*`).
+
+A server of `cores` cores gets `quota = cores × period` per period. Values are read back after writing
+(the kernel rounds or refuses some), so a capacity that did not take effect is an error, not a surprise.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from marllb_cli.errors import MissingTool, TestbedError
+from marllb_cli.processes import kill_pids
+
+__all__ = ["CpuCgroup", "cgroup_root"]
+
+CGROUP_FS = Path("/sys/fs/cgroup")
+
+
+def cgroup_root() -> tuple[Path, int]:
+    """The directory under which CPU cgroups are made, and the cgroup version (1 or 2)."""
+    controllers = CGROUP_FS / "cgroup.controllers"
+    if controllers.exists() and "cpu" in controllers.read_text().split():
+        return CGROUP_FS, 2
+    for v1 in (CGROUP_FS / "cpu", CGROUP_FS / "cpu,cpuacct"):
+        if (v1 / "cpu.cfs_quota_us").exists():
+            return v1, 1
+    raise MissingTool(
+        "no CPU cgroup controller found under /sys/fs/cgroup (neither v2 'cpu' nor v1 'cpu')",
+        hint="mount the cgroup cpu controller; server capacities cannot be enforced without it",
+    )
+
+
+@dataclass(frozen=True)
+class CpuCgroup:
+    """One CPU cgroup at `path` (an absolute directory in the cgroup filesystem)."""
+
+    path: Path
+    version: int
+
+    @classmethod
+    def at(cls, relative: str) -> CpuCgroup:
+        """The cgroup `relative` (e.g. `marllb-small/srv0`) under this machine's CPU controller."""
+        root, version = cgroup_root()
+        return cls(root / relative, version)
+
+    def create(self) -> None:
+        """Make the directory (and parents); on v2 enable the cpu controller for the children of each parent."""
+        root, _ = cgroup_root()
+        if self.version == 2:
+            for parent in reversed(self.path.relative_to(root).parents):
+                directory = root / parent
+                directory.mkdir(exist_ok=True)
+                control = directory / "cgroup.subtree_control"
+                if "cpu" not in control.read_text().split():
+                    control.write_text("+cpu")
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def set_cores(self, cores: float, period_us: int) -> None:
+        """Limit the group to `cores` CPUs: quota = cores × period, checked by reading it back."""
+        quota = int(round(cores * period_us))
+        if self.version == 2:
+            (self.path / "cpu.max").write_text(f"{quota} {period_us}")
+            got = (self.path / "cpu.max").read_text().split()
+            ok = got == [str(quota), str(period_us)]
+        else:
+            # Shrinking the period below the current quota is refused, so write in a safe order.
+            (self.path / "cpu.cfs_quota_us").write_text("-1")
+            (self.path / "cpu.cfs_period_us").write_text(str(period_us))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+            got = [(self.path / f).read_text().strip() for f in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]
+            ok = got == [str(quota), str(period_us)]
+        if not ok:
+            raise TestbedError(f"cgroup {self.path}: wrote quota {quota}/{period_us} µs, kernel reports {got}")
+
+    def cores(self) -> float:
+        """The limit in force, in cores (inf when unlimited)."""
+        if self.version == 2:
+            quota, period = (self.path / "cpu.max").read_text().split()
+        else:
+            quota = (self.path / "cpu.cfs_quota_us").read_text().strip()
+            period = (self.path / "cpu.cfs_period_us").read_text().strip()
+        return float("inf") if quota in ("max", "-1") else int(quota) / int(period)
+
+    def add_self(self) -> None:
+        """Move the calling process into the group (used between fork and exec, so children inherit it)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(pid) for pid in (self.path / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def remove(self, *, grace_s: float = 3.0) -> None:
+        """Stop every process in the group (they are ours: we put them there), then remove the directory."""
+        if not self.exists():
+            return
+        kill_pids(self.pids, grace_s=grace_s)
+        deadline = time.monotonic() + grace_s
+        while True:
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise TestbedError(f"cannot remove cgroup {self.path}: {exc.strerror}") from None
+                time.sleep(0.05)

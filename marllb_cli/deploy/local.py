@@ -1,0 +1,252 @@
+"""The local testbed's lifecycle: deploy (idempotent), status (probed), teardown (manifest-driven).
+
+    deploy    preflight → refuse foreign namespaces → [unchanged? done] → remove leftovers → network →
+              cgroups → Apache per server → mark complete
+    teardown  reverse order over the manifest: stop Apache, empty and remove cgroups, kill what still runs
+              inside our namespaces, delete the namespaces, then the state directory
+
+A testbed only ever acts on names its manifest lists, so two testbeds with different names live side by side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from marllb_cli.config import Config, ServerGroup
+from marllb_cli.deploy.apache import ApacheInstance, apache_binary, http_get, install_docroot, php_module
+from marllb_cli.deploy.cgroups import CpuCgroup, cgroup_root
+from marllb_cli.deploy.manifest import Manifest, state_root
+from marllb_cli.deploy.network import build_network
+from marllb_cli.errors import MissingTool, NamespaceExists, TestbedError
+from marllb_cli.hosts.local import LocalNamespace
+from marllb_cli.processes import kill_pids
+from marllb_cli.topology import Node, Topology, plan
+
+__all__ = ["LocalTestbed", "NodeStatus", "TestbedStatus", "DeployOutcome"]
+
+Progress = Callable[[str, int, int], None]
+DeployOutcome = Literal["created", "unchanged", "rebuilt"]
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    return None
+
+
+class NodeStatus(BaseModel):
+    """One node as `marllb status` reports it."""
+
+    name: str
+    role: Literal["client", "router", "lb", "server"]
+    namespace: str
+    ip: str
+    cpus: float | None = None
+    cores: float | None = None
+    group: str | None = None
+    up: bool = False
+    http_status: int | None = None
+    busy_workers: int | None = None
+
+
+class TestbedStatus(BaseModel):
+    """The testbed as `marllb status --json` prints it."""
+
+    __test__ = False
+
+    testbed: str
+    vip: str
+    state: Literal["absent", "partial", "up", "degraded"]
+    nodes: list[NodeStatus]
+
+
+@dataclass
+class LocalTestbed:
+    """A testbed of network namespaces on this machine, described by `config`."""
+
+    __test__ = False
+
+    config: Config
+
+    def __post_init__(self) -> None:
+        self.topology: Topology = plan(self.config.testbed)
+        self.state_dir: Path = state_root() / self.config.testbed.name
+        self.manifest_path = self.state_dir / "manifest.json"
+
+    # -- public operations -----------------------------------------------------------------------------
+    def deploy(self, progress: Progress = _no_progress) -> DeployOutcome:
+        """Bring the testbed up; a no-op when it is already up with this config, a clean rebuild otherwise."""
+        _preflight()
+        manifest = Manifest.load(self.manifest_path)
+        self._refuse_foreign(manifest)
+        outcome: DeployOutcome = "created"
+        if manifest is not None:
+            if manifest.complete and manifest.config_digest == self._digest() and self.status().state == "up":
+                return "unchanged"
+            self.teardown(progress)
+            outcome = "rebuilt"
+        manifest = Manifest(self.manifest_path, self.config.testbed.name, config_digest=self._digest())
+        manifest.save()
+        try:
+            (self.state_dir / "config.yaml").write_text(self.config.resolved_yaml())
+            build_network(self.topology, manifest, progress)
+            self._start_servers(manifest, progress)
+        except BaseException:
+            # Nothing half-built stays behind: remove whatever the manifest lists, then re-raise.
+            self.teardown()
+            raise
+        manifest.complete = True
+        manifest.save()
+        return outcome
+
+    def teardown(self, progress: Progress = _no_progress) -> int:
+        """Remove everything the manifest lists, in reverse; return how many resources were removed."""
+        manifest = Manifest.load(self.manifest_path)
+        if manifest is None:
+            return 0
+        resources = list(reversed(manifest.resources))
+        errors: list[str] = []
+        for done, resource in enumerate(resources, 1):
+            try:
+                if resource.kind == "apache":
+                    # Every process in the server's cgroup is this Apache instance or one of its workers.
+                    kill_pids(CpuCgroup(Path(resource.data["cgroup"]), resource.data["version"]).pids)
+                elif resource.kind == "cgroup":
+                    CpuCgroup(Path(resource.data["path"]), resource.data["version"]).remove()
+                elif resource.kind == "namespace":
+                    ns = LocalNamespace(resource.name)
+                    if ns.exists():
+                        kill_pids(ns.pids)
+                        ns.remove()
+                elif resource.kind == "directory":
+                    shutil.rmtree(resource.data["path"], ignore_errors=True)
+            except TestbedError as exc:
+                errors.append(exc.message)
+            progress("teardown", done, len(resources))
+        if errors:
+            raise TestbedError(f"teardown of {manifest.testbed} incomplete: {'; '.join(errors)}")
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        return len(resources)
+
+    def status(self, *, probe: bool = True) -> TestbedStatus:
+        """Which nodes exist and, with `probe`, whether each server answers HTTP (and how busy it is)."""
+        manifest = Manifest.load(self.manifest_path)
+        nodes = [self._node_status(node, manifest is not None, probe) for node in self.topology.nodes]
+        if manifest is None:
+            state = "absent"
+        elif not manifest.complete:
+            state = "partial"
+        else:
+            state = "up" if all(node.up for node in nodes) else "degraded"
+        return TestbedStatus(testbed=self.topology.testbed, vip=str(self.topology.vip), state=state, nodes=nodes)
+
+    def apache(self, server: Node) -> ApacheInstance:
+        """The Apache instance of one server node."""
+        return ApacheInstance(
+            node=server,
+            group=self._group(server),
+            root=self.state_dir / server.name,
+            www=self.state_dir / "www",
+            cgroup=CpuCgroup.at(f"marllb-{self.topology.testbed}/{server.name}"),
+        )
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def _start_servers(self, manifest: Manifest, progress: Progress) -> None:
+        testbed = self.config.testbed
+        www = self.state_dir / "www"
+        manifest.record("directory", "www", path=str(www))
+        install_docroot(www)
+        servers = self.topology.servers
+        parent = CpuCgroup.at(f"marllb-{testbed.name}")
+        manifest.record("cgroup", parent.path.name, path=str(parent.path), version=parent.version)
+        parent.create()
+        for done, server in enumerate(servers, 1):
+            instance = self.apache(server)
+            cg = instance.cgroup
+            manifest.record("cgroup", server.name, path=str(cg.path), version=cg.version)
+            cg.create()
+            cg.set_cores(server.cores or 0.0, testbed.cpu_period_us)
+            manifest.record("apache", server.name, cgroup=str(cg.path), version=cg.version)
+            instance.start(testbed)
+            progress("apache servers", done, len(servers))
+
+    def _node_status(self, node: Node, deployed: bool, probe: bool) -> NodeStatus:
+        status = NodeStatus(
+            name=node.name,
+            role=node.role,
+            namespace=node.namespace,
+            ip=str(node.ip),
+            cpus=node.cpus,
+            cores=node.cores,
+            group=node.group,
+        )
+        if not deployed or not LocalNamespace(node.namespace).exists():
+            return status
+        if node.role != "server":
+            status.up = True
+            return status
+        instance = self.apache(node)
+        status.up = bool(instance.cgroup.pids())
+        if probe and status.up:
+            client = LocalNamespace(self.topology.client.namespace)
+            try:
+                status.http_status, _, _ = http_get(client, str(node.ip), 80, "/", timeout=2.0)
+                status.busy_workers = busy_workers(client, node, instance.group.apache.status_port)
+            except OSError:
+                status.http_status = None
+            status.up = status.http_status == 200
+        return status
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _group(self, server: Node) -> ServerGroup:
+        return next(group for group in self.config.testbed.servers if group.name == server.group)
+
+    def _digest(self) -> str:
+        return hashlib.sha256(self.config.testbed.model_dump_json().encode()).hexdigest()[:16]
+
+    def _refuse_foreign(self, manifest: Manifest | None) -> None:
+        """Never adopt or remove a namespace or cgroup that this testbed's manifest does not list."""
+        ours = manifest.names("namespace") if manifest else set()
+        for name in self.topology.namespaces:
+            if name not in ours and LocalNamespace(name).exists():
+                raise NamespaceExists(
+                    f"namespace {name} exists but testbed {self.topology.testbed} did not create it",
+                    hint=f"choose another testbed.name, or remove it yourself (ip netns del {name})",
+                )
+        ours_cg = {resource.data["path"] for resource in manifest.of_kind("cgroup")} if manifest else set()
+        root, _ = cgroup_root()
+        parent = root / f"marllb-{self.topology.testbed}"
+        if parent.exists() and str(parent) not in ours_cg:
+            raise NamespaceExists(
+                f"cgroup {parent} exists but testbed {self.topology.testbed} did not create it",
+                hint="choose another testbed.name, or remove that cgroup yourself",
+            )
+
+
+def busy_workers(client: LocalNamespace, server: Node, status_port: int) -> int | None:
+    """BusyWorkers from the server's mod_status (`?auto`), fetched from the client namespace."""
+    code, _, body = http_get(client, str(server.ip), status_port, "/server-status?auto", timeout=2.0)
+    if code != 200:
+        return None
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("BusyWorkers:"):
+            return int(line.split(":", 1)[1])
+    return None
+
+
+def _preflight() -> None:
+    """Fail before creating anything when this machine cannot host a local testbed."""
+    if os.geteuid() != 0:
+        raise MissingTool("a local testbed needs root (network namespaces, cgroups)", hint="run marllb with sudo")
+    for tool, package in (("ip", "iproute2"), ("ethtool", "ethtool")):
+        if shutil.which(tool) is None:
+            raise MissingTool(f"{tool} is not installed", hint=f"run `make system-deps` (apt-get install {package})")
+    apache_binary()
+    php_module()
+    cgroup_root()

@@ -1,0 +1,88 @@
+"""What a testbed created, written down as it is created, so teardown removes exactly that and nothing else.
+
+The manifest is `<state dir>/<testbed>/manifest.json`. Each create step appends its resource *before* it
+touches the kernel and the file is replaced atomically, so after a crash at any point the manifest lists a
+superset of what exists, and teardown (which tolerates already-absent resources) still removes everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["Manifest", "Resource", "state_root"]
+
+ResourceKind = Literal["namespace", "cgroup", "apache", "directory"]
+
+
+def state_root() -> Path:
+    """Where testbeds keep their state: `$MARLLB_STATE_DIR`, else /run/marllb (gone at reboot, like netns)."""
+    return Path(os.environ.get("MARLLB_STATE_DIR", "/run/marllb"))
+
+
+@dataclass
+class Resource:
+    """One thing a testbed created: its kind and what teardown needs to find it again."""
+
+    kind: ResourceKind
+    name: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """The record of one testbed's resources, in creation order."""
+
+    path: Path
+    testbed: str
+    config_digest: str = ""
+    complete: bool = False
+    resources: list[Resource] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest | None:
+        """The manifest at `path`, or None when no testbed state is there."""
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        return cls(
+            path=path,
+            testbed=raw["testbed"],
+            config_digest=raw.get("config_digest", ""),
+            complete=raw.get("complete", False),
+            resources=[Resource(**item) for item in raw.get("resources", [])],
+            created_at=raw.get("created_at", 0.0),
+        )
+
+    def save(self) -> None:
+        """Write atomically (temp file + rename) so a crash never leaves half a manifest."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "testbed": self.testbed,
+            "config_digest": self.config_digest,
+            "complete": self.complete,
+            "created_at": self.created_at,
+            "resources": [vars(resource) for resource in self.resources],
+        }
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        os.replace(tmp, self.path)
+
+    def record(self, kind: ResourceKind, name: str, **data: Any) -> Resource:
+        """Note a resource about to be created, and persist the note first."""
+        resource = Resource(kind, name, data)
+        self.resources.append(resource)
+        self.save()
+        return resource
+
+    def of_kind(self, kind: ResourceKind) -> list[Resource]:
+        return [resource for resource in self.resources if resource.kind == kind]
+
+    def names(self, kind: ResourceKind) -> set[str]:
+        return {resource.name for resource in self.of_kind(kind)}

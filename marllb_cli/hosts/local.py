@@ -1,0 +1,145 @@
+"""A node of the local testbed: one network namespace on this machine.
+
+Commands run through `ip netns exec` (argv lists, never shell strings). Python code that must live in the
+namespace — sockets for probes, /proc/sys/net writes — runs in a short-lived thread that has entered it with
+setns(2): the setns is per thread, so the calling thread never changes namespace, and a socket keeps the
+namespace it was created in after the thread exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pyroute2 import netns
+
+from marllb_cli.errors import TestbedError
+
+__all__ = ["LocalNamespace", "list_namespaces", "NETNS_DIR"]
+
+NETNS_DIR = Path("/var/run/netns")
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
+
+
+def list_namespaces() -> set[str]:
+    """Names of the named network namespaces on this machine."""
+    return set(netns.listnetns())
+
+
+class LocalNamespace:
+    """Run commands and Python callables inside the named network namespace `name`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"LocalNamespace({self.name!r})"
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return (NETNS_DIR / self.name).exists()
+
+    def create(self) -> None:
+        netns.create(self.name)
+
+    def remove(self) -> None:
+        """Delete the namespace; its interfaces go with it once no process is left inside."""
+        if self.exists():
+            netns.remove(self.name)
+
+    def pids(self) -> list[int]:
+        """Processes whose network namespace is this one (they were started inside it, so they are ours)."""
+        result = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True, check=False)
+        return [int(pid) for pid in result.stdout.split()]
+
+    # -- commands --------------------------------------------------------------------------------------
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """`argv` wrapped to run inside this namespace."""
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run a command to completion in the namespace; on failure raise `TestbedError` with its output."""
+        try:
+            result = subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise TestbedError(f"{self.name}: `{' '.join(argv)}` did not finish within {timeout:.0f} s") from None
+        if check and result.returncode != 0:
+            output = (result.stderr or result.stdout).strip().splitlines()
+            raise TestbedError(
+                f"{self.name}: `{' '.join(argv)}` failed with exit {result.returncode}: "
+                f"{output[-1] if output else 'no output'}"
+            )
+        return result
+
+    def popen(
+        self, argv: Sequence[str], *, preexec_fn: Callable[[], None] | None = None, **kwargs: Any
+    ) -> subprocess.Popen:
+        """Start a long-running command in the namespace, in a session of its own (no terminal signals)."""
+        return subprocess.Popen(self.argv(argv), preexec_fn=preexec_fn, start_new_session=True, **kwargs)
+
+    # -- Python inside the namespace -------------------------------------------------------------------
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in a thread that has entered this namespace; return its result or raise its error."""
+        outcome: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                fd = os.open(NETNS_DIR / self.name, os.O_RDONLY)
+            except FileNotFoundError:
+                outcome["error"] = TestbedError(f"namespace {self.name} does not exist")
+                return
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    outcome["error"] = TestbedError(f"setns({self.name}) failed: {os.strerror(err)}")
+                    return
+                outcome["value"] = fn(*args)
+            except BaseException as exc:  # handed to the caller's thread below
+                outcome["error"] = exc
+            finally:
+                os.close(fd)
+
+        thread = threading.Thread(target=target, name=f"netns-{self.name}")
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def sysctl(self, key: str, value: int | str) -> None:
+        """Set a per-namespace sysctl (`net.ipv4.ip_forward`) and read it back to confirm it took."""
+        path = Path("/proc/sys") / key.replace(".", "/")
+
+        def write_and_read() -> str:
+            path.write_text(f"{value}\n")
+            return path.read_text().strip()
+
+        try:
+            got = self.call(write_and_read)
+        except OSError as exc:
+            raise TestbedError(f"{self.name}: cannot set {key}={value}: {exc.strerror}") from None
+        if got.split() != str(value).split():
+            raise TestbedError(f"{self.name}: set {key}={value} but the kernel reports {got}")
+
+    def connect(self, address: str, port: int, *, timeout: float = 2.0) -> socket.socket:
+        """A TCP socket created inside the namespace and connected to `address:port`."""
+
+        def open_socket() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect((address, port))
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+        return self.call(open_socket)
