@@ -37,11 +37,19 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigArg = Annotated[
-    Path, typer.Argument(help="YAML file describing the testbed and experiment, e.g. configs/local-small.yaml.")
+    Path,
+    typer.Argument(
+        metavar="CONFIG", help="YAML file describing the testbed and experiment, e.g. configs/local-small.yaml."
+    ),
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a config field: dotted.key=value (repeatable), e.g. testbed.name=tb2."),
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override a config field: dotted.key=value (repeatable), e.g. testbed.name=tb2.",
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 

@@ -17,8 +17,10 @@ def kill_pids(list_pids: Callable[[], list[int]], *, grace_s: float = 3.0) -> No
 
     `list_pids` is called again after each round, so children forked meanwhile are caught too.
     """
+    signalled: set[int] = set()
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in list_pids():
+            signalled.add(pid)
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -27,5 +29,22 @@ def kill_pids(list_pids: Callable[[], list[int]], *, grace_s: float = 3.0) -> No
         while list_pids() and time.monotonic() < deadline:
             time.sleep(0.05)
         if not list_pids():
+            _wait_reaped(signalled, grace_s)
             return
     raise TestbedError(f"processes survived SIGKILL: {list_pids()}")
+
+
+def _wait_reaped(pids: set[int], grace_s: float) -> None:
+    """Wait until the killed processes have exited (gone, or a zombie that only waits for its parent to reap it)."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+        time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - tiny procfs read
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # The state letter follows the parenthesised command name, which may itself contain spaces or ')'.
+    return stat[stat.rindex(")") + 2] not in "ZX"

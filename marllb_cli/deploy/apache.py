@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import glob
 import http.client
+import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,9 +23,18 @@ from marllb_cli.config import ServerGroup, Testbed
 from marllb_cli.deploy.cgroups import CpuCgroup
 from marllb_cli.errors import MissingTool, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
+from marllb_cli.processes import kill_pids
 from marllb_cli.topology import Node
 
-__all__ = ["ApacheInstance", "apache_binary", "install_docroot", "testbed_files", "STATIC_SIZES", "http_get"]
+__all__ = [
+    "ApacheInstance",
+    "stop_apache",
+    "apache_binary",
+    "install_docroot",
+    "testbed_files",
+    "STATIC_SIZES",
+    "http_get",
+]
 
 APACHE_MODULES = Path("/usr/lib/apache2/modules")
 #: Static files (the papers' IO-bound class), name → size in bytes.
@@ -131,6 +142,10 @@ class ApacheInstance:
             time.sleep(0.05)
         raise TestbedError(f"{self.node.name}: apache2 did not answer within {timeout_s:.0f} s: {self._last_error()}")
 
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "run" / "apache2.pid"
+
     def ready(self) -> bool:
         """True when the instance answers GET / with 200 on its own address."""
         try:
@@ -146,6 +161,24 @@ class ApacheInstance:
                 if lines:
                     return lines[-1]
         return "no log output"
+
+
+def stop_apache(cgroup: CpuCgroup, pidfile: Path, *, grace_s: float = 5.0) -> None:
+    """Stop one instance the way Apache expects: SIGTERM to the master, which stops and reaps its workers.
+
+    Signalling every worker at once would orphan them (zombies until init reaps them); whatever is still
+    in the instance's cgroup after `grace_s` is killed. The pid is used only if it is in our cgroup.
+    """
+    try:
+        master = int(pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        master = None
+    if master is not None and master in cgroup.pids():
+        os.kill(master, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while cgroup.pids() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    kill_pids(cgroup.pids)
 
 
 def http_get(

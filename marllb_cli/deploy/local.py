@@ -21,7 +21,14 @@ from typing import Literal
 from pydantic import BaseModel
 
 from marllb_cli.config import Config, ServerGroup
-from marllb_cli.deploy.apache import ApacheInstance, apache_binary, http_get, install_docroot, php_module
+from marllb_cli.deploy.apache import (
+    ApacheInstance,
+    apache_binary,
+    http_get,
+    install_docroot,
+    php_module,
+    stop_apache,
+)
 from marllb_cli.deploy.cgroups import CpuCgroup, cgroup_root
 from marllb_cli.deploy.manifest import Manifest, state_root
 from marllb_cli.deploy.network import build_network
@@ -115,8 +122,8 @@ class LocalTestbed:
         for done, resource in enumerate(resources, 1):
             try:
                 if resource.kind == "apache":
-                    # Every process in the server's cgroup is this Apache instance or one of its workers.
-                    kill_pids(CpuCgroup(Path(resource.data["cgroup"]), resource.data["version"]).pids)
+                    cgroup = CpuCgroup(Path(resource.data["cgroup"]), resource.data["version"])
+                    stop_apache(cgroup, Path(resource.data["pidfile"]))
                 elif resource.kind == "cgroup":
                     CpuCgroup(Path(resource.data["path"]), resource.data["version"]).remove()
                 elif resource.kind == "namespace":
@@ -172,7 +179,9 @@ class LocalTestbed:
             manifest.record("cgroup", server.name, path=str(cg.path), version=cg.version)
             cg.create()
             cg.set_cores(server.cores or 0.0, testbed.cpu_period_us)
-            manifest.record("apache", server.name, cgroup=str(cg.path), version=cg.version)
+            manifest.record(
+                "apache", server.name, cgroup=str(cg.path), version=cg.version, pidfile=str(instance.pidfile)
+            )
             instance.start(testbed)
             progress("apache servers", done, len(servers))
 

@@ -1,0 +1,47 @@
+"""Shared test helpers: config files written on the fly, and the CLI runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TRACES = REPO.parent / "shared" / "traces" / "marllb"
+
+
+def minimal_testbed(name: str = "unit", **overrides: object) -> dict:
+    """The smallest valid config as a dict: 2 LBs, a 1-unit and a 2-unit server group."""
+    testbed = {
+        "name": name,
+        "servers": [{"name": "slow", "count": 1, "cpus": 1}, {"name": "fast", "count": 1, "cpus": 2}],
+    }
+    testbed.update(overrides)
+    return {"testbed": testbed}
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    """Write a config (dict or raw text) to a file and return its path."""
+
+    def write(content: dict | str, name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli():
+    """Invoke the marllb CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
+    from marllb_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke

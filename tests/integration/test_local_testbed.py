@@ -1,0 +1,247 @@
+"""The local testbed for real: namespaces, veths, a bridge, Apache in CPU cgroups, curl from the client.
+
+Every test uses its own testbed names (prefix `it`), so it never meets a user's testbed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from marllb_cli.config import Config, load_config
+from marllb_cli.deploy import LocalTestbed
+from marllb_cli.deploy.cgroups import cgroup_root
+from marllb_cli.deploy.manifest import Manifest
+from marllb_cli.errors import NamespaceExists
+from marllb_cli.hosts import list_namespaces
+from tests.conftest import REPO
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local testbed needs root"),
+]
+
+
+def small_config(name: str, *overrides: str) -> Config:
+    return load_config(REPO / "configs" / "local-small.yaml", [f"testbed.name={name}", *overrides])
+
+
+def curl(namespace: str, url: str, timeout: float = 30) -> dict[str, str]:
+    """GET `url` with the real curl from inside `namespace`; status, X-Server and total time."""
+    result = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            namespace,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "-m",
+            str(timeout),
+            "-w",
+            "\nstatus=%{http_code} time=%{time_total}\n",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    out = {"server": ""}
+    for line in result.stdout.splitlines():
+        if line.lower().startswith("x-server:"):
+            out["server"] = line.split(":", 1)[1].strip()
+        if line.startswith("status="):
+            status, time_total = line.split()
+            out["status"] = status.split("=")[1]
+            out["time"] = time_total.split("=")[1]
+    return out
+
+
+def leftovers(name: str) -> dict[str, object]:
+    """Everything of testbed `name` still on the machine: namespaces, cgroup, Apache processes, state."""
+    root, _ = cgroup_root()
+    apaches = subprocess.run(["pgrep", "-f", f"/run/marllb/{name}/"], capture_output=True, text=True).stdout.split()
+    return {
+        "namespaces": sorted(ns for ns in list_namespaces() if ns.startswith(f"{name}-")),
+        "cgroup": (root / f"marllb-{name}").exists(),
+        "processes": apaches,
+        "state": Path(f"/run/marllb/{name}").exists(),
+    }
+
+
+NOTHING = {"namespaces": [], "cgroup": False, "processes": [], "state": False}
+
+
+@pytest.fixture(scope="module")
+def small():
+    testbed = LocalTestbed(small_config("itsmall"))
+    testbed.teardown()
+    assert testbed.deploy() == "created"
+    yield testbed
+    testbed.teardown()
+    assert leftovers("itsmall") == NOTHING
+
+
+def test_every_server_serves_the_cpu_page_to_the_client(small):
+    for server in small.topology.servers:
+        reply = curl(small.topology.client.namespace, f"http://{server.ip}/dummy.php/?n=100000")
+        assert reply["status"] == "200", (server.name, reply)
+        assert reply["server"] == server.name
+
+
+def test_static_files_and_wiki_stand_in_are_served(small):
+    server = small.topology.servers[0]
+    client = small.topology.client.namespace
+    assert curl(client, f"http://{server.ip}/static/100k.bin")["status"] == "200"
+    assert curl(client, f"http://{server.ip}/wiki/index.php/Main_Page")["status"] == "200"
+    assert curl(client, f"http://{server.ip}/no-such-page")["status"] == "404"
+
+
+def test_cgroups_encode_capacity_under_concurrent_load(small):
+    """The same CPU-bound requests, 3 at a time on a 1-unit and a 2-unit server together: ~2× apart."""
+    slow, fast = small.topology.servers[0], small.topology.servers[2]
+    assert (slow.cpus, fast.cpus) == (1, 2)
+    assert small.apache(slow).cgroup.cores() == pytest.approx(0.25)
+    assert small.apache(fast).cgroup.cores() == pytest.approx(0.5)
+    times: dict[str, list[float]] = {slow.name: [], fast.name: []}
+
+    def request(server):
+        reply = curl(small.topology.client.namespace, f"http://{server.ip}/dummy.php/?n=20000000")
+        assert reply["status"] == "200"
+        times[server.name].append(float(reply["time"]))
+
+    threads = [threading.Thread(target=request, args=(s,)) for s in (slow, fast) * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ratio = (sum(times[slow.name]) / 3) / (sum(times[fast.name]) / 3)
+    assert 1.6 <= ratio <= 2.5, (ratio, times)
+
+
+def test_router_hashes_flows_over_every_lb(small):
+    router = small.topology.router.namespace
+    route = subprocess.run(
+        ["ip", "netns", "exec", router, "ip", "route", "show", f"{small.topology.vip}/32"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for lb in small.topology.lbs:
+        assert f"nexthop via {lb.ip}" in route
+    policy = subprocess.run(
+        ["ip", "netns", "exec", router, "sysctl", "-n", "net.ipv4.fib_multipath_hash_policy"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert policy == "1"
+
+
+def test_servers_hold_the_vip_quietly_and_abort_on_overflow(small):
+    server = small.topology.servers[1].namespace
+
+    def read(*argv: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", server, *argv], capture_output=True, text=True, check=True).stdout
+
+    assert f"inet {small.topology.vip}/32" in read("ip", "addr", "show", "lo")
+    assert read("sysctl", "-n", "net.ipv4.conf.eth0.arp_ignore").strip() == "1"
+    assert read("sysctl", "-n", "net.ipv4.conf.eth0.arp_announce").strip() == "2"
+    assert read("sysctl", "-n", "net.ipv4.tcp_abort_on_overflow").strip() == "1"
+    assert "tx-checksumming: off" in read("ethtool", "-k", "eth0")
+
+
+def test_status_json_lists_every_node(small, cli):
+    result = cli("status", REPO / "configs" / "local-small.yaml", "--set", "testbed.name=itsmall", "--json")
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    assert status["state"] == "up"
+    assert {(n["name"], n["role"]) for n in status["nodes"]} == {
+        ("client", "client"),
+        ("router", "router"),
+        ("lb0", "lb"),
+        ("lb1", "lb"),
+        ("srv0", "server"),
+        ("srv1", "server"),
+        ("srv2", "server"),
+        ("srv3", "server"),
+    }
+    servers = [n for n in status["nodes"] if n["role"] == "server"]
+    assert all(n["up"] and n["http_status"] == 200 and n["busy_workers"] >= 1 for n in servers)
+
+
+def test_deploy_twice_is_a_no_op(small):
+    apache_pids = small.apache(small.topology.servers[0]).cgroup.pids()
+    assert small.deploy() == "unchanged"
+    assert small.apache(small.topology.servers[0]).cgroup.pids() == apache_pids
+
+
+def test_teardown_leaves_the_other_testbed_running():
+    first = LocalTestbed(small_config("ita", "testbed.lbs=1"))
+    second = LocalTestbed(small_config("itb", "testbed.lbs=1"))
+    try:
+        first.deploy()
+        second.deploy()
+        first.teardown()
+        assert leftovers("ita") == NOTHING
+        assert second.status().state == "up"
+        assert curl(second.topology.client.namespace, f"http://{second.topology.servers[0].ip}/")["status"] == "200"
+    finally:
+        first.teardown()
+        second.teardown()
+    assert leftovers("itb") == NOTHING
+
+
+def test_half_built_testbed_is_rebuilt():
+    testbed = LocalTestbed(small_config("itc", "testbed.lbs=1"))
+    try:
+        testbed.deploy()
+        # A crash mid-deploy: one server's Apache gone and the manifest never marked complete.
+        victim = testbed.apache(testbed.topology.servers[0])
+        for pid in victim.cgroup.pids():
+            os.kill(pid, 9)
+        manifest = Manifest.load(testbed.manifest_path)
+        manifest.complete = False
+        manifest.save()
+        assert testbed.status().state == "partial"
+        assert testbed.deploy() == "rebuilt"
+        assert testbed.status().state == "up"
+    finally:
+        testbed.teardown()
+    assert leftovers("itc") == NOTHING
+
+
+def test_interrupted_deploy_leaves_nothing_behind():
+    testbed = LocalTestbed(small_config("itd"))
+
+    def interrupt(stage: str, done: int, total: int) -> None:
+        if stage == "apache servers" and done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        testbed.deploy(interrupt)
+    assert leftovers("itd") == NOTHING
+
+
+def test_foreign_namespace_is_refused_and_left_alone():
+    testbed = LocalTestbed(small_config("ite"))
+    foreign = "ite-srv1"
+    subprocess.run(["ip", "netns", "add", foreign], check=True)
+    try:
+        with pytest.raises(NamespaceExists, match="ite-srv1 exists but testbed ite did not create it"):
+            testbed.deploy()
+        assert foreign in list_namespaces()
+        assert leftovers("ite")["namespaces"] == [foreign]
+        assert not leftovers("ite")["processes"]
+    finally:
+        subprocess.run(["ip", "netns", "del", foreign], check=True)
+    assert leftovers("ite") == NOTHING

@@ -1,0 +1,44 @@
+"""CLI wiring: version, help for every command, status of a testbed that is not deployed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from marllb_cli import __version__
+from tests.conftest import minimal_testbed
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.exit_code == 0
+    assert __version__ in result.stdout
+
+
+@pytest.mark.parametrize("command", ["deploy", "status", "teardown"])
+def test_every_command_has_help(cli, command):
+    result = cli(command, "--help")
+    assert result.exit_code == 0
+    assert "CONFIG" in result.stdout
+
+
+def test_status_json_of_an_absent_testbed_lists_the_plan(cli, write_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("MARLLB_STATE_DIR", str(tmp_path / "state"))
+    result = cli("status", write_config(minimal_testbed("nothere")), "--json")
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    assert status["testbed"] == "nothere"
+    assert status["vip"] == "10.99.255.1"
+    assert status["state"] == "absent"
+    assert [(n["name"], n["role"]) for n in status["nodes"]] == [
+        ("client", "client"),
+        ("router", "router"),
+        ("lb0", "lb"),
+        ("lb1", "lb"),
+        ("srv0", "server"),
+        ("srv1", "server"),
+    ]
+    assert [n["cpus"] for n in status["nodes"][-2:]] == [1, 2]
+    assert all(set(n) >= {"name", "role", "namespace", "ip", "cpus"} for n in status["nodes"])
+    assert not any(n["up"] for n in status["nodes"])
