@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 # Debian packages the local testbed needs (Apache + PHP in namespaces, iproute2, nftables, ethtool, curl).
 APT_PACKAGES := apache2 libapache2-mod-php php-cli iproute2 nftables ethtool curl procps psmisc
 
-.PHONY: install system-deps test test-unit test-integration test-kvm demo bench lint clean
+.PHONY: install system-deps test test-unit test-integration test-kvm demo lint clean
 
 install: $(STAMP)
 
@@ -41,11 +41,19 @@ test-integration: install system-deps
 test-kvm: install system-deps
 	$(PY) -m pytest -m kvm tests
 
+DEMO_CONFIG ?= configs/local-small.yaml
+# Deploy the small testbed, GET the CPU-bound page on every server from the client namespace, show the
+# probed status, and tear down (also on failure or Ctrl-C).
 demo: install system-deps
-	$(PY) -m marllb_cli.demo configs/local-small.yaml
+	@set -e; trap '$(MARLLB) teardown $(DEMO_CONFIG)' EXIT; \
+	$(MARLLB) deploy $(DEMO_CONFIG); \
+	client=$$($(MARLLB) status $(DEMO_CONFIG) --json | $(PY) -c 'import json,sys; s=json.load(sys.stdin); print(next(n["namespace"] for n in s["nodes"] if n["role"]=="client"))'); \
+	for ip in $$($(MARLLB) status $(DEMO_CONFIG) --json | $(PY) -c 'import json,sys; print(*[n["ip"] for n in json.load(sys.stdin)["nodes"] if n["role"]=="server"])'); do \
+	  ip netns exec $$client curl -sS -o /dev/null -D - -w 'GET http://%{remote_ip}/dummy.php/?n=2000000 -> %{http_code} in %{time_total} s\n' \
+	    "http://$$ip/dummy.php/?n=2000000" | grep -E '^(X-Server|GET)'; \
+	done; \
+	$(MARLLB) status $(DEMO_CONFIG)
 
-bench: install system-deps
-	$(MARLLB) bench all
 
 lint: install
 	$(VENV)/bin/ruff check marllb_cli tests

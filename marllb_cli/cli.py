@@ -149,17 +149,16 @@ def teardown(config: ConfigArg, set_: SetOption = None) -> None:
 
 
 def _render_status(status: TestbedStatus) -> None:
+    """Human table; role and cores are in `--json` (the node name says the role, cpus the capacity)."""
     table = Table(title=f"testbed {status.testbed} — VIP {status.vip} — {status.state}")
-    for column in ("node", "role", "namespace", "ip", "cpus", "cores", "up", "http", "busy"):
-        table.add_column(column, justify="right" if column in ("cpus", "cores", "busy", "http") else "left")
+    for column in ("node", "namespace", "ip", "cpus", "up", "http", "busy"):
+        table.add_column(column, justify="right" if column in ("cpus", "http", "busy") else "left", no_wrap=True)
     for node in status.nodes:
         table.add_row(
             node.name,
-            node.role,
             node.namespace,
             node.ip,
             "" if node.cpus is None else f"{node.cpus:g}",
-            "" if node.cores is None else f"{node.cores:.2f}",
             "[green]yes[/]" if node.up else "[red]no[/]",
             "" if node.http_status is None else str(node.http_status),
             "" if node.busy_workers is None else str(node.busy_workers),

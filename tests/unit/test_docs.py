@@ -1,0 +1,33 @@
+"""The README's configuration reference documents every config field, so docs and models cannot drift."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from marllb_cli.config import Config
+from tests.conftest import REPO
+
+
+def _fields(model: type[BaseModel], prefix: str) -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        path = f"{prefix}{name}"
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        nested = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nested is None:
+            out.append(path)
+        else:
+            is_list = getattr(annotation, "__origin__", None) is list
+            out.extend(_fields(nested, f"{path}[]." if is_list else f"{path}."))
+    return out
+
+
+def test_every_config_field_is_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    fields = _fields(Config, "")
+    assert len(fields) > 20
+    missing = [field for field in fields if f"`{field}`" not in readme]
+    assert not missing, f"document these in README.md's configuration reference: {missing}"
