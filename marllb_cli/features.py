@@ -1,0 +1,116 @@
+"""Per-server features an LB can see in its own packets, and their reduction to the agents' observation.
+
+Used by BOTH the packet dataplane and the simulator, so an agent sees the same numbers in either world.
+
+Reservoir (CIKM'22 Algorithm 2): a fixed number of (timestamp, value) slots. Each observed sample is kept
+with probability `keep_probability` and, once the slots are full, overwrites a uniformly random slot, so
+the buffer holds an exponentially thinning history that favours recent samples. While the reservoir is
+filling, samples take the next free slot.
+
+Reduction (`summarize`), over the *filled* slots only (the papers' artefact averaged its empty (0, 0)
+slots in; we do not):
+
+    mean, p90, std                 of the values τ_k
+    decayed mean                   (1/k) Σ_k γ^(t − t_k) τ_k      CIKM'22 §3.3, γ = 0.9 per second
+    decayed p90                    90th percentile of γ^(t − t_k) τ_k
+
+The decayed forms follow the paper's definition: a stale sample fades towards zero instead of keeping its
+full weight, so a server the LB has not heard from for a while looks less loaded, not frozen in time.
+
+Observation (`observe`), per server j, in this order (`FEATURE_NAMES`): on-going flows q_j, then the five
+statistics of the flow-duration reservoir. Shape `[n_servers, 6]`, float32.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Reservoir", "Summary", "summarize", "observe", "FEATURE_NAMES", "RESERVOIR_SLOTS", "DECAY_PER_SECOND"]
+
+RESERVOIR_SLOTS = 128
+DECAY_PER_SECOND = 0.9
+FEATURE_NAMES = ("flows", "fd_mean", "fd_p90", "fd_std", "fd_decayed_mean", "fd_decayed_p90")
+N_FEATURES = len(FEATURE_NAMES)
+
+
+@dataclass
+class Reservoir:
+    """Random-replacement sample buffer of `slots` (timestamp s, value) pairs."""
+
+    slots: int = RESERVOIR_SLOTS
+    keep_probability: float = 1.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        if self.slots < 1 or not 0.0 < self.keep_probability <= 1.0:
+            raise ValueError("a reservoir needs at least one slot and 0 < keep_probability <= 1")
+        self.times = np.zeros(self.slots, dtype=np.float64)
+        self.values = np.zeros(self.slots, dtype=np.float64)
+        self.filled = 0
+        self.seen = 0
+
+    def add(self, t: float, value: float) -> None:
+        """Offer one sample observed at time `t` (seconds)."""
+        self.seen += 1
+        if self.keep_probability < 1.0 and self.rng.random() >= self.keep_probability:
+            return
+        if self.filled < self.slots:
+            slot = self.filled
+            self.filled += 1
+        else:
+            slot = self.rng.randrange(self.slots)
+        self.times[slot] = t
+        self.values[slot] = value
+
+    def samples(self) -> tuple[np.ndarray, np.ndarray]:
+        """(timestamps, values) of the filled slots."""
+        return self.times[: self.filled], self.values[: self.filled]
+
+    def clear(self) -> None:
+        self.filled = 0
+        self.seen = 0
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The five statistics of one reservoir at one instant (all zero when it holds no sample)."""
+
+    mean: float = 0.0
+    p90: float = 0.0
+    std: float = 0.0
+    decayed_mean: float = 0.0
+    decayed_p90: float = 0.0
+    count: int = 0
+
+    def as_tuple(self) -> tuple[float, float, float, float, float]:
+        return (self.mean, self.p90, self.std, self.decayed_mean, self.decayed_p90)
+
+
+def summarize(times: np.ndarray, values: np.ndarray, now: float, *, decay: float = DECAY_PER_SECOND) -> Summary:
+    """Reduce filled reservoir slots to mean, p90, std and their time-decayed forms at time `now`."""
+    if len(values) == 0:
+        return Summary()
+    age = np.maximum(now - times, 0.0)
+    decayed = values * np.power(decay, age)
+    return Summary(
+        mean=float(values.mean()),
+        p90=float(np.percentile(values, 90)),
+        std=float(values.std()),
+        decayed_mean=float(decayed.mean()),
+        decayed_p90=float(np.percentile(decayed, 90)),
+        count=len(values),
+    )
+
+
+def observe(flows: np.ndarray, durations: list[Reservoir], now: float) -> np.ndarray:
+    """The observation of one LB: per server, on-going flows and the flow-duration statistics. [n, 6]."""
+    if len(flows) != len(durations):
+        raise ValueError(f"{len(flows)} flow counters but {len(durations)} reservoirs")
+    out = np.zeros((len(flows), N_FEATURES), dtype=np.float32)
+    out[:, 0] = flows
+    for j, reservoir in enumerate(durations):
+        out[j, 1:] = summarize(*reservoir.samples(), now).as_tuple()
+    return out
