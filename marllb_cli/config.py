@@ -36,6 +36,7 @@ __all__ = [
     "ServerGroup",
     "Testbed",
     "load_config",
+    "nested_model",
     "parse_override",
 ]
 
@@ -291,14 +292,20 @@ def _suggest(exc: ValidationError, loc: tuple[Any, ...]) -> str:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return ""
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        model = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        model = nested_model(field.annotation)
         if model is None:
             return ""
     known = [name for name in model.model_fields if name != "source"]
     close = difflib.get_close_matches(str(loc[-1]), known, n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+
+
+def nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The config model inside a field's annotation (`Testbed`, `list[ServerGroup]`), or None for a leaf."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,7 +30,7 @@ from marllb_cli.deploy.apache import (
 )
 from marllb_cli.deploy.cgroups import CpuCgroup, cgroup_root
 from marllb_cli.deploy.manifest import Manifest, state_root
-from marllb_cli.deploy.network import build_network
+from marllb_cli.deploy.network import Progress, build_network
 from marllb_cli.errors import MissingTool, NamespaceExists, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.processes import kill_pids
@@ -39,7 +38,6 @@ from marllb_cli.topology import Node, Topology, plan
 
 __all__ = ["LocalTestbed", "NodeStatus", "TestbedStatus", "DeployOutcome"]
 
-Progress = Callable[[str, int, int], None]
 DeployOutcome = Literal["created", "unchanged", "rebuilt"]
 
 

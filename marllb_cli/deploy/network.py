@@ -19,13 +19,14 @@ from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.topology import Interface, Node, Topology
 
-__all__ = ["build_network", "OFFLOADS_OFF"]
+__all__ = ["build_network", "OFFLOADS_OFF", "Progress"]
 
 #: A raw-socket LB re-sends frames the kernel handed it. With checksum offload the sender's veth leaves
 #: TCP checksums unfinished (the server then drops the segment), and with TSO/GSO/GRO one frame can exceed
 #: the MTU; so every veth of the testbed gets these features off.
 OFFLOADS_OFF = ("tx", "off", "sg", "off", "tso", "off", "gso", "off", "gro", "off")
 
+#: `progress(stage, done, total)`: how deploy and teardown report their steps (the CLI draws bars).
 Progress = Callable[[str, int, int], None]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from marllb_cli.config import Config
+from marllb_cli.config import Config, nested_model
 from tests.conftest import REPO
 
 
@@ -14,13 +14,11 @@ def _fields(model: type[BaseModel], prefix: str) -> list[str]:
         if field.exclude:
             continue
         path = f"{prefix}{name}"
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        nested = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        nested = nested_model(field.annotation)
         if nested is None:
             out.append(path)
         else:
-            is_list = getattr(annotation, "__origin__", None) is list
+            is_list = getattr(field.annotation, "__origin__", None) is list
             out.extend(_fields(nested, f"{path}[]." if is_list else f"{path}."))
     return out
 
