@@ -4,6 +4,7 @@ The hierarchy::
 
     MarllbError                 anything marllb reports to the user as one line (exit 1)
     ├── ConfigError             the YAML file or a command-line value is wrong (exit 2)
+    ├── TraceFormatError        a trace file is malformed; names file and line (exit 2)
     └── TestbedError            building, probing or removing a testbed failed (exit 1)
         ├── NamespaceExists     a namespace we would create exists and is not ours
         └── MissingTool         a program the testbed needs is not installed
@@ -19,7 +20,7 @@ Usage::
 
 from __future__ import annotations
 
-__all__ = ["MarllbError", "ConfigError", "TestbedError", "NamespaceExists", "MissingTool"]
+__all__ = ["MarllbError", "ConfigError", "TraceFormatError", "TestbedError", "NamespaceExists", "MissingTool"]
 
 
 class MarllbError(Exception):
@@ -39,6 +40,12 @@ class MarllbError(Exception):
 
 class ConfigError(MarllbError):
     """Bad input: a config file, field or command-line value. Exit code 2, like a usage error."""
+
+    exit_code = 2
+
+
+class TraceFormatError(MarllbError):
+    """A trace file cannot be read: bad header, malformed line, wrong columns. Exit code 2 (bad input)."""
 
     exit_code = 2
 
