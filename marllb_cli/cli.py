@@ -6,23 +6,21 @@ the same code Click uses for usage errors; 130 interrupted.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from marllb_cli import __version__
+from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, err_console, reports_errors
+from marllb_cli.commands.trace import trace_app
 from marllb_cli.config import Config, load_config
 from marllb_cli.deploy import LocalTestbed, TestbedStatus
-from marllb_cli.errors import MarllbError
 
 app = typer.Typer(
     name="marllb",
@@ -32,43 +30,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-ConfigArg = Annotated[
-    Path,
-    typer.Argument(
-        metavar="CONFIG", help="YAML file describing the testbed and experiment, e.g. configs/local-small.yaml."
-    ),
-]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        "-s",
-        metavar="KEY=VALUE",
-        help="Override a config field: dotted.key=value (repeatable), e.g. testbed.name=tb2.",
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
-
-
-def reports_errors(command: F) -> F:
-    """The one boundary where library errors become a one-line message and an exit code, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except MarllbError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(exc.one_line())}", soft_wrap=True, highlight=False)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
+app.add_typer(trace_app, name="trace")
 
 
 def _version(value: bool) -> None:

@@ -12,6 +12,7 @@ from marllb_cli.traces.formats import (
     read_marllb_tsv,
     read_trace,
     read_wikibench,
+    trace_stats,
     write_parquet,
 )
 from marllb_cli.traces.generate import poisson
@@ -24,5 +25,6 @@ __all__ = [
     "read_marllb_tsv",
     "read_trace",
     "read_wikibench",
+    "trace_stats",
     "write_parquet",
 ]

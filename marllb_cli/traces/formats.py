@@ -31,6 +31,7 @@ __all__ = [
     "read_marllb_tsv",
     "read_trace",
     "read_wikibench",
+    "trace_stats",
     "write_parquet",
 ]
 
@@ -204,3 +205,33 @@ def _timestamp(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"bad timestamp {text!r}")
     return value / 1000.0 if value > 1e11 else value
+
+
+def trace_stats(trace: pd.DataFrame, *, bins: int = 10) -> dict:
+    """Count, duration, rate (overall and per time bin), work percentiles and class shares of a trace."""
+    n = len(trace)
+    duration = float(trace["t"].iloc[-1]) if n else 0.0
+    edges = np.linspace(0.0, duration, bins + 1) if duration > 0 else np.array([0.0, 1.0])
+    counts, _ = np.histogram(trace["t"], bins=edges)
+    width = edges[1] - edges[0]
+    work = trace["work"].dropna()
+    return {
+        "requests": n,
+        "duration_s": duration,
+        "rate_per_s": n / duration if duration > 0 else float("nan"),
+        "rate_over_time": [
+            {"from_s": float(a), "rate_per_s": float(c / width)} for a, c in zip(edges, counts, strict=False)
+        ],
+        "work": {
+            "requests": int(len(work)),
+            **{
+                key: float(value)
+                for key, value in zip(
+                    ("mean", "p50", "p90", "p99"),
+                    (work.mean(), *work.quantile([0.5, 0.9, 0.99])) if len(work) else (math.nan,) * 4,
+                    strict=True,
+                )
+            },
+        },
+        "classes": {c: float((trace["class"] == c).mean()) if n else 0.0 for c in TRACE_CLASSES},
+    }
