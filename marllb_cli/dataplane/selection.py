@@ -67,7 +67,7 @@ class AliasTable:
         n = len(weights)
         total = float(sum(weights))
         if n == 0 or total <= 0 or any(w < 0 for w in weights):
-            raise ValueError("weights must be non-negative with a positive sum")
+            raise ValueError("weights must be non-negative and at least one positive")
         scaled = [w * n / total for w in weights]
         self.prob = [0.0] * n
         self.alias = list(range(n))
@@ -117,10 +117,9 @@ class Selector:
         """New weights for future flows; 0 drains a server. At least one weight must be positive."""
         if len(weights) != self.n:
             raise ValueError(f"expected {self.n} weights, got {len(weights)}")
-        if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
-            raise ValueError("weights must be non-negative and at least one positive")
+        alias = AliasTable(weights)  # validates: non-negative, at least one positive
         self.weights = [float(w) for w in weights]
-        self._alias = AliasTable(self.weights)
+        self._alias = alias
 
     def choose(self, flow_hash_value: int, flows: Sequence[int]) -> int:
         """Server for a new flow, given its 5-tuple hash and this LB's on-going flow counts q."""

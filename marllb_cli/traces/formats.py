@@ -215,23 +215,21 @@ def trace_stats(trace: pd.DataFrame, *, bins: int = 10) -> dict:
     counts, _ = np.histogram(trace["t"], bins=edges)
     width = edges[1] - edges[0]
     work = trace["work"].dropna()
+    quantiles = work.quantile([0.5, 0.9, 0.99])  # NaN for a trace without CPU work
     return {
         "requests": n,
         "duration_s": duration,
         "rate_per_s": n / duration if duration > 0 else float("nan"),
         "rate_over_time": [
-            {"from_s": float(a), "rate_per_s": float(c / width)} for a, c in zip(edges, counts, strict=False)
+            {"from_s": float(start), "rate_per_s": float(count / width)}
+            for start, count in zip(edges[:-1], counts, strict=True)
         ],
         "work": {
             "requests": int(len(work)),
-            **{
-                key: float(value)
-                for key, value in zip(
-                    ("mean", "p50", "p90", "p99"),
-                    (work.mean(), *work.quantile([0.5, 0.9, 0.99])) if len(work) else (math.nan,) * 4,
-                    strict=True,
-                )
-            },
+            "mean": float(work.mean()),
+            "p50": float(quantiles[0.5]),
+            "p90": float(quantiles[0.9]),
+            "p99": float(quantiles[0.99]),
         },
         "classes": {c: float((trace["class"] == c).mean()) if n else 0.0 for c in TRACE_CLASSES},
     }
