@@ -24,6 +24,7 @@ statistics of the flow-duration reservoir. Shape `[n_servers, 6]`, float32.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,12 +106,16 @@ def summarize(times: np.ndarray, values: np.ndarray, now: float, *, decay: float
     )
 
 
-def observe(flows: np.ndarray, durations: list[Reservoir], now: float) -> np.ndarray:
-    """The observation of one LB: per server, on-going flows and the flow-duration statistics. [n, 6]."""
+def observe(flows: Sequence[float], durations: Sequence[tuple[np.ndarray, np.ndarray]], now: float) -> np.ndarray:
+    """The observation of one LB: per server, on-going flows and the flow-duration statistics. [n, 6].
+
+    `durations[j]` is the (timestamps, values) of server j's filled flow-duration slots, as
+    `Reservoir.samples()` returns them or as the dataplane publishes them in shared memory.
+    """
     if len(flows) != len(durations):
         raise ValueError(f"{len(flows)} flow counters but {len(durations)} reservoirs")
     out = np.zeros((len(flows), N_FEATURES), dtype=np.float32)
     out[:, 0] = flows
-    for j, reservoir in enumerate(durations):
-        out[j, 1:] = summarize(*reservoir.samples(), now).as_tuple()
+    for j, (times, values) in enumerate(durations):
+        out[j, 1:] = summarize(times, values, now).as_tuple()
     return out

@@ -21,17 +21,22 @@ import struct
 import zlib
 from collections.abc import Sequence
 
-__all__ = ["METHODS", "AliasTable", "Selector", "flow_hash", "maglev_table", "MAGLEV_TABLE_SIZE"]
+__all__ = ["METHODS", "AliasTable", "Selector", "flow_hash", "flow_key", "maglev_table", "MAGLEV_TABLE_SIZE"]
 
 METHODS = ("ecmp", "wcmp", "lsq", "sed")
 #: Prime, and ≥ 100 × the largest server count we plan for, as Maglev recommends.
 MAGLEV_TABLE_SIZE = 65537
-_FIVE_TUPLE = struct.Struct("!4s4sHHB")
+_FLOW_KEY = struct.Struct("!4s4sHH")
 
 
-def flow_hash(src: bytes, dst: bytes, sport: int, dport: int, proto: int = 6) -> int:
-    """A 32-bit hash of the 5-tuple that is the same in every process (unlike Python's salted `hash`)."""
-    return zlib.crc32(_FIVE_TUPLE.pack(src, dst, sport, dport, proto))
+def flow_key(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    """The 12-byte key of a TCP flow (src IP, dst IP, src port, dst port), as the packet parser yields it."""
+    return _FLOW_KEY.pack(src, dst, sport, dport)
+
+
+def flow_hash(key: bytes) -> int:
+    """A 32-bit hash of a flow key that is the same in every process (unlike Python's salted `hash`)."""
+    return zlib.crc32(key)
 
 
 def maglev_table(n: int, size: int = MAGLEV_TABLE_SIZE) -> list[int]:
@@ -130,6 +135,10 @@ class Selector:
             return lsq(flows, self.weights)
         if method == "wcmp":
             return self._alias.sample(self.rng.random())
+        return self.by_hash(flow_hash_value)
+
+    def by_hash(self, flow_hash_value: int) -> int:
+        """The Maglev server of a hash, whatever the method: where packets of flows we never saw start go."""
         return self._maglev[flow_hash_value % len(self._maglev)]
 
 

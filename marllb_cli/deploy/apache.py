@@ -12,6 +12,7 @@ import http.client
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "install_docroot",
     "testbed_files",
     "STATIC_SIZES",
+    "busy_workers",
     "http_get",
 ]
 
@@ -182,12 +184,11 @@ def stop_apache(cgroup: CpuCgroup, pidfile: Path, *, grace_s: float = 5.0) -> No
 
 
 def http_get(
-    ns: LocalNamespace, host: str, port: int, path: str, *, timeout: float = 2.0
+    ns: LocalNamespace | None, host: str, port: int, path: str, *, timeout: float = 2.0
 ) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.0 GET from inside namespace `ns`: (status, headers, body)."""
-    sock = ns.connect(host, port, timeout=timeout)
+    """One HTTP/1.0 GET from inside namespace `ns` (None: the caller's own): (status, headers, body)."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    conn.sock = sock
+    conn.sock = ns.connect(host, port, timeout=timeout) if ns else socket.create_connection((host, port), timeout)
     try:
         conn.request("GET", path, headers={"Connection": "close"})
         response = conn.getresponse()
@@ -197,3 +198,14 @@ def http_get(
         raise OSError(f"GET {path}: {exc}") from exc
     finally:
         conn.close()
+
+
+def busy_workers(ns: LocalNamespace | None, host: str, status_port: int, *, timeout: float = 2.0) -> int | None:
+    """BusyWorkers from an Apache's mod_status (`?auto`), fetched from namespace `ns` (None: our own)."""
+    code, _, body = http_get(ns, host, status_port, "/server-status?auto", timeout=timeout)
+    if code != 200:
+        return None
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("BusyWorkers:"):
+            return int(line.split(":", 1)[1])
+    return None

@@ -23,6 +23,7 @@ from marllb_cli.config import Config, ServerGroup
 from marllb_cli.deploy.apache import (
     ApacheInstance,
     apache_binary,
+    busy_workers,
     http_get,
     install_docroot,
     php_module,
@@ -204,7 +205,7 @@ class LocalTestbed:
             client = LocalNamespace(self.topology.client.namespace)
             try:
                 status.http_status, _, _ = http_get(client, str(node.ip), 80, "/", timeout=2.0)
-                status.busy_workers = busy_workers(client, node, instance.group.apache.status_port)
+                status.busy_workers = busy_workers(client, str(node.ip), instance.group.apache.status_port)
             except OSError:
                 status.http_status = None
             status.up = status.http_status == 200
@@ -234,17 +235,6 @@ class LocalTestbed:
                 f"cgroup {parent} exists but testbed {self.topology.testbed} did not create it",
                 hint="choose another testbed.name, or remove that cgroup yourself",
             )
-
-
-def busy_workers(client: LocalNamespace, server: Node, status_port: int) -> int | None:
-    """BusyWorkers from the server's mod_status (`?auto`), fetched from the client namespace."""
-    code, _, body = http_get(client, str(server.ip), status_port, "/server-status?auto", timeout=2.0)
-    if code != 200:
-        return None
-    for line in body.decode(errors="replace").splitlines():
-        if line.startswith("BusyWorkers:"):
-            return int(line.split(":", 1)[1])
-    return None
 
 
 def _preflight() -> None:

@@ -60,7 +60,7 @@ def test_observation_layout():
     reservoirs = [Reservoir(rng=random.Random(j)) for j in range(3)]
     reservoirs[1].add(9.0, 0.2)
     reservoirs[1].add(10.0, 0.4)
-    obs = observe(np.array([4, 0, 2]), reservoirs, now=10.0)
+    obs = observe(np.array([4, 0, 2]), [r.samples() for r in reservoirs], now=10.0)
     assert obs.shape == (3, len(FEATURE_NAMES)) == (3, 6)
     assert obs.dtype == np.float32
     assert obs[:, 0].tolist() == [4, 0, 2]
@@ -68,4 +68,4 @@ def test_observation_layout():
     assert obs[1, 4] == pytest.approx((0.2 * 0.9 + 0.4) / 2)
     assert not obs[[0, 2], 1:].any()
     with pytest.raises(ValueError):
-        observe(np.array([1, 2]), reservoirs, now=0.0)
+        observe(np.array([1, 2]), [r.samples() for r in reservoirs], now=0.0)

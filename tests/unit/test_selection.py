@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from marllb_cli.dataplane.selection import AliasTable, Selector, flow_hash, lsq, maglev_table, sed
+from marllb_cli.dataplane.selection import AliasTable, Selector, flow_hash, flow_key, lsq, maglev_table, sed
 
 
 def test_sed_by_hand():
@@ -69,9 +69,9 @@ def test_maglev_balances_and_is_consistent():
 
 def test_ecmp_is_a_pure_function_of_the_flow():
     selector = Selector(5, method="ecmp")
-    h = flow_hash(bytes([10, 0, 0, 2]), bytes([10, 99, 255, 1]), 40000, 80)
+    h = flow_hash(flow_key(bytes([10, 0, 0, 2]), bytes([10, 99, 255, 1]), 40000, 80))
     assert len({selector.choose(h, [i, 0, 0, 0, 0]) for i in range(10)}) == 1
-    assert h == flow_hash(bytes([10, 0, 0, 2]), bytes([10, 99, 255, 1]), 40000, 80)
+    assert h == flow_hash(flow_key(bytes([10, 0, 0, 2]), bytes([10, 99, 255, 1]), 40000, 80))
 
 
 def test_method_and_weights_switch_at_run_time():
