@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -17,9 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from marllb_cli import __version__
-from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, err_console, reports_errors
+from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, err_console, load, reports_errors
+from marllb_cli.commands.lb import lb_app
 from marllb_cli.commands.trace import trace_app
-from marllb_cli.config import Config, load_config
 from marllb_cli.deploy import LocalTestbed, TestbedStatus
 
 app = typer.Typer(
@@ -31,6 +30,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(trace_app, name="trace")
+app.add_typer(lb_app, name="lb")
 
 
 def _version(value: bool) -> None:
@@ -69,15 +69,11 @@ def _progress() -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
-def _load(config: Path, overrides: list[str] | None) -> Config:
-    return load_config(config, overrides or ())
-
-
 @app.command()
 @reports_errors
 def deploy(config: ConfigArg, set_: SetOption = None) -> None:
     """Bring the testbed up: namespaces, links, routes, cgroups and one Apache per server. Idempotent."""
-    cfg = _load(config, set_)
+    cfg = load(config, set_)
     testbed = LocalTestbed(cfg)
     with _progress() as progress:
         outcome = testbed.deploy(progress)
@@ -90,7 +86,7 @@ def deploy(config: ConfigArg, set_: SetOption = None) -> None:
 @reports_errors
 def status(config: ConfigArg, json_: JsonOption = False, set_: SetOption = None) -> None:
     """Show every node of the testbed and whether each server answers HTTP."""
-    result = LocalTestbed(_load(config, set_)).status()
+    result = LocalTestbed(load(config, set_)).status()
     if json_:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     else:
@@ -101,7 +97,7 @@ def status(config: ConfigArg, json_: JsonOption = False, set_: SetOption = None)
 @reports_errors
 def teardown(config: ConfigArg, set_: SetOption = None) -> None:
     """Remove every namespace, link, cgroup and process of the testbed, and nothing else."""
-    testbed = LocalTestbed(_load(config, set_))
+    testbed = LocalTestbed(load(config, set_))
     with _progress() as progress:
         removed = testbed.teardown(progress)
     name = testbed.topology.testbed

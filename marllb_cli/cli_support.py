@@ -11,9 +11,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from marllb_cli.config import Config, load_config
 from marllb_cli.errors import MarllbError
 
-__all__ = ["ConfigArg", "JsonOption", "SetOption", "console", "err_console", "reports_errors"]
+__all__ = ["ConfigArg", "JsonOption", "SetOption", "console", "err_console", "load", "reports_errors"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,6 +36,11 @@ SetOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+
+
+def load(config: Path, overrides: list[str] | None) -> Config:
+    """The config of a command: the file plus its `--set` overrides."""
+    return load_config(config, overrides or ())
 
 
 def reports_errors(command: F) -> F:

@@ -13,13 +13,16 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
+from pyroute2 import IPRoute
 
 from marllb_cli.config import Config, ServerGroup
+from marllb_cli.dataplane.gre_terminator import TUN_NAME
 from marllb_cli.deploy.apache import (
     ApacheInstance,
     apache_binary,
@@ -35,6 +38,7 @@ from marllb_cli.deploy.network import Progress, build_network
 from marllb_cli.errors import MissingTool, NamespaceExists, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.processes import kill_pids
+from marllb_cli.services import Service, start_service
 from marllb_cli.topology import Node, Topology, plan
 
 __all__ = ["LocalTestbed", "NodeStatus", "TestbedStatus", "DeployOutcome"]
@@ -120,7 +124,11 @@ class LocalTestbed:
         errors: list[str] = []
         for done, resource in enumerate(resources, 1):
             try:
-                if resource.kind == "apache":
+                if resource.kind == "process":
+                    Service.from_record(resource.name, resource.data).stop()
+                elif resource.kind == "file":
+                    Path(resource.data["path"]).unlink(missing_ok=True)
+                elif resource.kind == "apache":
                     cgroup = CpuCgroup(Path(resource.data["cgroup"]), resource.data["version"])
                     stop_apache(cgroup, Path(resource.data["pidfile"]))
                 elif resource.kind == "cgroup":
@@ -183,6 +191,29 @@ class LocalTestbed:
             )
             instance.start(testbed)
             progress("apache servers", done, len(servers))
+        if testbed.forwarding == "gre":
+            for done, server in enumerate(servers, 1):
+                self._start_gre_terminator(server, manifest)
+                progress("GRE terminators", done, len(servers))
+
+    def _start_gre_terminator(self, server: Node, manifest: Manifest) -> None:
+        """User-space GRE termination (this kernel has no ip_gre): see `dataplane.gre_terminator`."""
+        ns = LocalNamespace(server.namespace)
+        service = start_service(
+            ns,
+            f"gre-{server.name}",
+            "marllb_cli.dataplane.gre_terminator",
+            ["--vip", str(self.topology.vip)],
+            self.state_dir / server.name / "logs" / "gre.log",
+        )
+        # Recorded once the pid exists; if we crash in between, teardown still kills it with the namespace.
+        manifest.record("process", service.name, **service.as_record())
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and service.running():
+            if ns.call(_has_link, TUN_NAME):
+                return
+            time.sleep(0.05)
+        raise TestbedError(f"{server.name}: GRE terminator did not start: {service.log_tail(1) or 'no log output'}")
 
     def _node_status(self, node: Node, deployed: bool, probe: bool) -> NodeStatus:
         status = NodeStatus(
@@ -200,7 +231,7 @@ class LocalTestbed:
             status.up = True
             return status
         instance = self.apache(node)
-        status.up = bool(instance.cgroup.pids())
+        status.up = bool(instance.cgroup.pids()) and self._gre_terminator_running(node)
         if probe and status.up:
             client = LocalNamespace(self.topology.client.namespace)
             try:
@@ -212,6 +243,14 @@ class LocalTestbed:
         return status
 
     # -- helpers ---------------------------------------------------------------------------------------
+    def _gre_terminator_running(self, server: Node) -> bool:
+        """True unless this is a GRE testbed whose terminator for `server` has gone."""
+        if self.config.testbed.forwarding != "gre":
+            return True
+        manifest = Manifest.load(self.manifest_path)
+        services = [Service.from_record(r.name, r.data) for r in manifest.of_kind("process")] if manifest else []
+        return any(service.name == f"gre-{server.name}" and service.running() for service in services)
+
     def _group(self, server: Node) -> ServerGroup:
         return next(group for group in self.config.testbed.servers if group.name == server.group)
 
@@ -237,11 +276,17 @@ class LocalTestbed:
             )
 
 
+def _has_link(name: str) -> bool:
+    """Whether this thread's network namespace has a link called `name` (run through `LocalNamespace.call`)."""
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
 def _preflight() -> None:
     """Fail before creating anything when this machine cannot host a local testbed."""
     if os.geteuid() != 0:
         raise MissingTool("a local testbed needs root (network namespaces, cgroups)", hint="run marllb with sudo")
-    for tool, package in (("ip", "iproute2"), ("ethtool", "ethtool")):
+    for tool, package in (("ip", "iproute2"), ("ethtool", "ethtool"), ("nft", "nftables")):
         if shutil.which(tool) is None:
             raise MissingTool(f"{tool} is not installed", hint=f"run `make system-deps` (apt-get install {package})")
     apache_binary()

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 __all__ = ["Manifest", "Resource", "state_root"]
 
-ResourceKind = Literal["namespace", "cgroup", "apache", "directory"]
+ResourceKind = Literal["namespace", "cgroup", "apache", "directory", "process", "file"]
 
 
 def state_root() -> Path:
@@ -80,6 +80,11 @@ class Manifest:
         self.resources.append(resource)
         self.save()
         return resource
+
+    def forget(self, resources: list[Resource]) -> None:
+        """Drop resources that were removed (`marllb lb stop`), and persist."""
+        self.resources = [resource for resource in self.resources if resource not in resources]
+        self.save()
 
     def of_kind(self, kind: ResourceKind) -> list[Resource]:
         return [resource for resource in self.resources if resource.kind == kind]

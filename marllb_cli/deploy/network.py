@@ -77,6 +77,25 @@ def _configure_node(topology: Topology, node: Node) -> None:
         _offloads_off(ns, iface.name)
     for key, value in _sysctls(node):
         ns.sysctl(key, value)
+    if node.role == "lb":
+        _kernel_ignores_vip(ns, str(topology.vip))
+
+
+def _kernel_ignores_vip(ns: LocalNamespace, vip: str) -> None:
+    """The LB's own kernel must never answer or reset a VIP connection: drop VIP packets at prerouting.
+
+    Priority -300 runs before connection tracking. The dataplane's packet socket still gets every frame,
+    since packet taps see frames before netfilter does.
+    """
+    ruleset = (
+        "table ip marllb {\n"
+        "  chain vip {\n"
+        "    type filter hook prerouting priority -300; policy accept;\n"
+        f"    ip daddr {vip} counter drop\n"
+        "  }\n"
+        "}\n"
+    )
+    ns.run(["nft", "-f", "-"], input=ruleset)
 
 
 def _bring_up(ipr: NetNS, iface: Interface) -> None:
@@ -106,6 +125,8 @@ def _sysctls(node: Node) -> list[tuple[str, int]]:
             ("net.ipv4.conf.all.arp_announce", 2),
             ("net.ipv4.conf.eth0.arp_ignore", 1),
             ("net.ipv4.conf.eth0.arp_announce", 2),
+            # GRE packets arrive on the tunnel while the client is routed via eth0: loose reverse path.
+            ("net.ipv4.conf.all.rp_filter", 0),
             # A full accept queue resets the connection (a failed request), as on the papers' servers.
             ("net.ipv4.tcp_abort_on_overflow", 1),
             ("net.core.somaxconn", 4096),

@@ -65,10 +65,14 @@ class LocalNamespace:
         """`argv` wrapped to run inside this namespace."""
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 60, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command to completion in the namespace; on failure raise `TestbedError` with its output."""
         try:
-            result = subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout, check=False)
+            result = subprocess.run(
+                self.argv(argv), capture_output=True, text=True, timeout=timeout, check=False, input=input
+            )
         except subprocess.TimeoutExpired:
             raise TestbedError(f"{self.name}: `{' '.join(argv)}` did not finish within {timeout:.0f} s") from None
         if check and result.returncode != 0:

@@ -1,0 +1,6 @@
+"""Per-LB agents: every period they read the LB's observation and set the dataplane's weights."""
+
+from marllb_cli.agents.base import Agent
+from marllb_cli.agents.heuristics import HEURISTICS, ActiveWcmp, StaticWeights, heuristic
+
+__all__ = ["Agent", "HEURISTICS", "ActiveWcmp", "StaticWeights", "heuristic"]

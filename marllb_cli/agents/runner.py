@@ -1,0 +1,133 @@
+"""The agent process of one LB: every period, read the dataplane's stats, act, write weights, log the step.
+
+Runs inside the LB's namespace (`python -m marllb_cli.agents.runner SPEC.json`), next to its dataplane,
+and talks to it only through the shared-memory channel. Steps are paced on CLOCK_MONOTONIC: a step that
+overruns skips the missed ticks instead of bunching up. Each step appends one JSON line to the steps log
+(time, observation summary, weights, reward candidates), flushed at once, so a crash loses nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from marllb_cli.agents.base import Agent
+from marllb_cli.agents.heuristics import heuristic
+from marllb_cli.dataplane.channel import Channel
+from marllb_cli.deploy.apache import busy_workers
+from marllb_cli.features import observe
+from marllb_cli.rewards import all_rewards
+
+__all__ = ["AgentSpec", "run_agent", "main"]
+
+log = logging.getLogger("marllb.agent")
+
+
+class AgentSpec(BaseModel):
+    """What one LB's agent process needs; written by `marllb lb start`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    lb: str
+    channel: Path
+    method: str
+    cpus: list[float]
+    servers: list[str]
+    status_port: int = 8080
+    period: float = 0.25
+    steps_log: Path
+
+
+def _probe(servers: list[str], port: int, timeout: float):
+    def probe() -> list[int | None]:
+        busy: list[int | None] = []
+        for ip in servers:
+            try:
+                busy.append(busy_workers(None, ip, port, timeout=timeout))
+            except OSError:
+                busy.append(None)
+        return busy
+
+    return probe
+
+
+def _attach(path: Path, timeout_s: float = 10.0) -> Channel:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return Channel.attach(path)
+        except (FileNotFoundError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def run_agent(spec: AgentSpec, agent: Agent, channel: Channel, should_run) -> int:
+    """Step `agent` every `spec.period` until `should_run()` is false; return the number of steps."""
+    step = 0
+    next_tick = time.monotonic()
+    with open(spec.steps_log, "a", buffering=1) as steps:
+        while should_run():
+            stats = channel.read_stats()
+            now = time.monotonic()
+            obs = observe(stats.flows, stats.durations, now)
+            weights = agent.act(obs)
+            channel.write_control(agent.method, list(map(float, weights)))
+            channel.heartbeat()
+            row = {
+                "t": now,
+                "step": step,
+                "lb": spec.lb,
+                "method": agent.method,
+                "weights": [round(float(w), 6) for w in weights],
+                "flows": obs[:, 0].astype(int).tolist(),
+                "fd_mean": obs[:, 1].tolist(),
+                "fd_decayed_mean": obs[:, 4].tolist(),
+                "new_flows": stats.new_flows.tolist(),
+                "rewards": all_rewards(obs[:, 4]),
+            }
+            busy = getattr(agent, "last_busy", None)
+            if busy is not None:
+                row["busy_workers"] = busy
+            steps.write(json.dumps(row) + "\n")
+            step += 1
+            next_tick += spec.period
+            now = time.monotonic()
+            if next_tick < now:  # overran: skip the missed ticks
+                next_tick += spec.period * ((now - next_tick) // spec.period + 1)
+            time.sleep(max(0.0, next_tick - now))
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="marllb-agent", description="one LB's agent")
+    parser.add_argument("spec", type=Path, help="AgentSpec JSON written by `marllb lb start`")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
+    spec = AgentSpec.model_validate_json(args.spec.read_text())
+    agent = heuristic(spec.method, spec.cpus, _probe(spec.servers, spec.status_port, timeout=spec.period * 0.8))
+    channel = _attach(spec.channel)
+    running = True
+
+    def stop(*_: object) -> None:
+        nonlocal running
+        running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("%s: %s every %.0f ms, pid %d", spec.lb, spec.method, spec.period * 1000, os.getpid())
+    steps = run_agent(spec, agent, channel, lambda: running)
+    log.info("%s: stopped after %d steps", spec.lb, steps)
+    channel.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

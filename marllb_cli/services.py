@@ -1,0 +1,94 @@
+"""Long-running marllb processes in testbed namespaces (dataplanes, agents, GRE terminators).
+
+A service is remembered by pid *and* kernel start time (field 22 of /proc/<pid>/stat), so stopping it
+later never signals an unrelated process that happens to reuse the pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from marllb_cli.hosts.local import LocalNamespace
+
+__all__ = ["Service", "start_service"]
+
+#: Popen handles of services this process started: kept so that a long-lived caller (a test session) can
+#: reap them, and so that dropping the handle does not warn about a process that is meant to outlive it.
+_launched: list[subprocess.Popen] = []
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name is parenthesised and may hold spaces or ')': split after the last ')'.
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None  # field 22 overall; fields[0] is field 3 (state)
+
+
+@dataclass(frozen=True)
+class Service:
+    """One background process we started: its name, pid, start time and log file."""
+
+    name: str
+    pid: int
+    start_time: int
+    log: str
+
+    def as_record(self) -> dict:
+        """What a manifest keeps of the service, besides its name."""
+        return {"pid": self.pid, "start_time": self.start_time, "log": self.log}
+
+    @classmethod
+    def from_record(cls, name: str, data: dict) -> Service:
+        """The service a manifest record describes (records may carry extra keys, such as the LB)."""
+        return cls(name, data["pid"], data["start_time"], data["log"])
+
+    def running(self) -> bool:
+        fields = _stat_fields(self.pid)
+        return fields is not None and fields[0] not in "ZX" and int(fields[19]) == self.start_time
+
+    def stop(self, *, grace_s: float = 5.0) -> None:
+        """SIGTERM, wait up to `grace_s` for a clean exit, then SIGKILL."""
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+            if not self.running():
+                return
+            os.kill(self.pid, sig)
+            deadline = time.monotonic() + wait_s
+            while self.running() and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = Path(self.log).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def start_service(ns: LocalNamespace, name: str, module: str, args: Sequence[str], log: Path) -> Service:
+    """Start `python -m module args…` inside `ns`, detached, with stdout and stderr appended to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        process = ns.popen(
+            [sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    _launched[:] = [p for p in _launched if p.poll() is None]
+    _launched.append(process)
+    start_time = None
+    deadline = time.monotonic() + 2.0
+    while start_time is None and time.monotonic() < deadline:
+        start_time = _start_time(process.pid)
+    return Service(name, process.pid, start_time or 0, str(log))
