@@ -77,7 +77,7 @@ class FlowTable:
     def server_for(self, key: bytes, flags: int, now: float) -> int:
         """The server of the segment with flow `key` and TCP `flags` seen at time `now` (seconds)."""
         entry = self._table.get(key)
-        syn_only = flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        syn_only = flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN  # a bare SYN opens a flow
         if entry is not None and (entry[_OPEN] or not syn_only):
             server = entry[_SERVER]
             entry[_LAST] = now

@@ -11,6 +11,7 @@ the VIP on `lo`, never answers ARP for it) → reply straight to the router → 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from pyroute2 import NetNS
 
@@ -54,8 +55,20 @@ def build_network(topology: Topology, manifest: Manifest, progress: Progress) ->
     for done, node in enumerate(nodes, 1):
         _configure_node(topology, node)
         progress("addresses, routes, sysctls", done, len(nodes))
+    switch_ns = LocalNamespace(topology.switch_namespace)
     for port in (node.name for node in topology.data_nodes):
-        _offloads_off(LocalNamespace(topology.switch_namespace), port)
+        _offloads_off(switch_ns, port)
+    _plain_switch(switch_ns)
+
+
+def _plain_switch(ns: LocalNamespace) -> None:
+    """Make the bridge a plain layer-2 switch: where the kernel has br_netfilter, bridged IPv4 frames would
+    otherwise be validated and filtered like routed ones (a cost per frame, and malformed frames would never
+    reach the LBs, unlike on a real switch). The setting is per namespace; absent without br_netfilter."""
+    if not ns.call(Path("/proc/sys/net/bridge").exists):
+        return
+    for table in ("iptables", "ip6tables", "arptables"):
+        ns.sysctl(f"net.bridge.bridge-nf-call-{table}", 0)
 
 
 def _configure_node(topology: Topology, node: Node) -> None:

@@ -11,18 +11,17 @@ import statistics
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from marllb_cli.config import Config, load_config
 from marllb_cli.deploy import LocalTestbed
 from marllb_cli.deploy.apache import http_get
-from marllb_cli.deploy.cgroups import cgroup_root
 from marllb_cli.deploy.manifest import Manifest
 from marllb_cli.errors import NamespaceExists
 from marllb_cli.hosts import LocalNamespace, list_namespaces
 from tests.conftest import REPO
+from tests.integration.helpers import NOTHING, leftovers
 
 pytestmark = [
     pytest.mark.integration,
@@ -67,21 +66,6 @@ def curl(namespace: str, url: str, timeout: float = 30) -> dict[str, str]:
             out["status"] = status.split("=")[1]
             out["time"] = time_total.split("=")[1]
     return out
-
-
-def leftovers(name: str) -> dict[str, object]:
-    """Everything of testbed `name` still on the machine: namespaces, cgroup, Apache processes, state."""
-    root, _ = cgroup_root()
-    apaches = subprocess.run(["pgrep", "-f", f"/run/marllb/{name}/"], capture_output=True, text=True).stdout.split()
-    return {
-        "namespaces": sorted(ns for ns in list_namespaces() if ns.startswith(f"{name}-")),
-        "cgroup": (root / f"marllb-{name}").exists(),
-        "processes": apaches,
-        "state": Path(f"/run/marllb/{name}").exists(),
-    }
-
-
-NOTHING = {"namespaces": [], "cgroup": False, "processes": [], "state": False}
 
 
 @pytest.fixture(scope="module")
