@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 # Debian packages the local testbed needs (Apache + PHP in namespaces, iproute2, nftables, ethtool, curl).
 APT_PACKAGES := apache2 libapache2-mod-php php-cli iproute2 nftables ethtool curl procps psmisc
 
-.PHONY: install system-deps test test-unit test-integration test-kvm demo lint clean
+.PHONY: install system-deps test test-unit test-integration test-kvm bench demo lint clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ test-integration: install system-deps
 
 test-kvm: install system-deps
 	$(PY) -m pytest -m kvm tests
+
+# Benchmarks (root): figures go into docs/benchmarks.md with the command that produced them.
+bench: install system-deps
+	$(MARLLB) bench dataplane
 
 DEMO_CONFIG ?= configs/local-small.yaml
 # Deploy the small testbed, GET the CPU-bound page on every server from the client namespace, show the

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from marllb_cli import __version__
 from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, err_console, load, reports_errors
+from marllb_cli.commands.bench import bench_app
 from marllb_cli.commands.lb import lb_app
 from marllb_cli.commands.trace import trace_app
 from marllb_cli.deploy import LocalTestbed, TestbedStatus
@@ -31,6 +32,7 @@ app = typer.Typer(
 )
 app.add_typer(trace_app, name="trace")
 app.add_typer(lb_app, name="lb")
+app.add_typer(bench_app, name="bench")
 
 
 def _version(value: bool) -> None:

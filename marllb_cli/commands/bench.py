@@ -1,0 +1,61 @@
+"""`marllb bench dataplane`: forwarding rate and decision cost (figures for docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from marllb_cli.bench.dataplane import decision_benchmark, forwarding_benchmark, report_json
+from marllb_cli.cli_support import JsonOption, console, err_console, reports_errors
+from marllb_cli.errors import MissingTool
+
+bench_app = typer.Typer(help="Benchmarks; their figures are recorded in docs/benchmarks.md.", no_args_is_help=True)
+
+
+@bench_app.command()
+@reports_errors
+def dataplane(
+    duration: Annotated[
+        float, typer.Option("--duration", help="Seconds of traffic per measured point.", min=0.5)
+    ] = 3.0,
+    no_search: Annotated[bool, typer.Option("--no-search", help="Skip the search for the loss-free rate.")] = False,
+    decisions_only: Annotated[bool, typer.Option("--decisions-only", help="Only time the selection.")] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Packets/s through marllb's fast path vs scapy vs the kernel; ns per new-flow decision (needs root)."""
+    forwarding = []
+    if not decisions_only:
+        if os.geteuid() != 0:
+            raise MissingTool(
+                "the forwarding benchmark builds namespaces and needs root", hint="sudo, or --decisions-only"
+            )
+        with console.status("forwarding benchmark") as status:
+            forwarding = forwarding_benchmark(duration, lossless_search=not no_search, progress=status.update)
+    with console.status("decision benchmark"):
+        decisions = decision_benchmark()
+    if json_:
+        print(report_json(forwarding, decisions))
+        return
+    if forwarding:
+        table = Table(title="forwarding (one-armed, 64-byte TCP payload, 1 000 tracked flows)")
+        for column in ("forwarder", "offered pkt/s", "delivered pkt/s", "loss", "CPU ns/pkt"):
+            table.add_column(column, justify="left" if column == "forwarder" else "right")
+        for r in forwarding:
+            table.add_row(
+                r.forwarder,
+                f"{r.offered_pps:,.0f}",
+                f"{r.delivered_pps:,.0f}" + (" (all)" if r.sink_saw_everything else ""),
+                f"{r.loss:.1%}",
+                "" if r.cpu_ns_per_packet is None else f"{r.cpu_ns_per_packet:,.0f}",
+            )
+        console.print(table)
+    table = Table(title="new-flow decision cost (ns)")
+    for column in ("method", "servers", "choose", "SYN through flow table"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for d in decisions:
+        table.add_row(d.method, str(d.servers), f"{d.choose_ns:,.0f}", f"{d.syn_ns:,.0f}")
+    console.print(table)
+    err_console.print("record these figures with the command line in docs/benchmarks.md")
