@@ -46,17 +46,17 @@ bench: install system-deps
 	$(MARLLB) bench dataplane
 
 DEMO_CONFIG ?= configs/local-small.yaml
-# Deploy the small testbed, GET the CPU-bound page on every server from the client namespace, show the
-# probed status, and tear down (also on failure or Ctrl-C).
+# Deploy the small testbed, start SED LBs, send 40 concurrent requests to the VIP from the client namespace
+# (they spread over the servers by SED), show the LBs' view, and tear down (also on failure or Ctrl-C).
 demo: install system-deps
 	@set -e; trap '$(MARLLB) teardown $(DEMO_CONFIG)' EXIT; \
 	$(MARLLB) deploy $(DEMO_CONFIG); \
-	client=$$($(MARLLB) status $(DEMO_CONFIG) --json | $(PY) -c 'import json,sys; s=json.load(sys.stdin); print(next(n["namespace"] for n in s["nodes"] if n["role"]=="client"))'); \
-	for ip in $$($(MARLLB) status $(DEMO_CONFIG) --json | $(PY) -c 'import json,sys; print(*[n["ip"] for n in json.load(sys.stdin)["nodes"] if n["role"]=="server"])'); do \
-	  ip netns exec $$client curl -sS -o /dev/null -D - -w 'GET http://%{remote_ip}/dummy.php/?n=2000000 -> %{http_code} in %{time_total} s\n' \
-	    "http://$$ip/dummy.php/?n=2000000" | grep -E '^(X-Server|GET)'; \
-	done; \
-	$(MARLLB) status $(DEMO_CONFIG)
+	$(MARLLB) lb start $(DEMO_CONFIG) --method sed; \
+	eval $$($(MARLLB) status $(DEMO_CONFIG) --json | $(PY) -c 'import json,sys; s=json.load(sys.stdin); print("client=" + next(n["namespace"] for n in s["nodes"] if n["role"]=="client"), "vip=" + s["vip"])'); \
+	echo "40 concurrent GET http://$$vip/dummy.php/?n=2000000 from $$client:"; \
+	ip netns exec $$client curl -s --no-progress-meter --parallel --parallel-immediate --parallel-max 40 -w '%{http_code} %header{x-server}\n' \
+	  $$(for i in $$(seq 40); do echo "-o /dev/null http://$$vip/dummy.php/?n=2000000&i=$$i"; done) | sort | uniq -c; \
+	$(MARLLB) lb stats $(DEMO_CONFIG)
 
 
 lint: install
