@@ -42,3 +42,16 @@ def test_status_json_of_an_absent_testbed_lists_the_plan(cli, write_config, tmp_
     assert [n["cpus"] for n in status["nodes"][-2:]] == [1, 2]
     assert all(set(n) >= {"name", "role", "namespace", "ip", "cpus"} for n in status["nodes"])
     assert not any(n["up"] for n in status["nodes"])
+
+
+def test_lb_commands_reject_bad_input_in_one_line(cli, write_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("MARLLB_STATE_DIR", str(tmp_path / "state"))
+    config = write_config(minimal_testbed("unitlb"))
+    result = cli("lb", "start", config, "--method", "fastest")
+    assert result.exit_code == 2
+    assert "unknown method 'fastest'" in result.stderr and "sed" in result.stderr
+    result = cli("lb", "stats", config)
+    assert result.exit_code == 1
+    assert "testbed unitlb is not deployed" in result.stderr and "Traceback" not in result.stderr
+    result = cli("lb", "stop", config)
+    assert result.exit_code == 0 and "no LB process was running" in result.stdout

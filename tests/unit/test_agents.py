@@ -1,0 +1,67 @@
+"""Heuristic agents, rewards, and the agent loop against a real shared-memory channel."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from marllb_cli.agents import ActiveWcmp, heuristic
+from marllb_cli.agents.runner import AgentSpec, run_agent
+from marllb_cli.dataplane.channel import COUNTERS, Channel
+from marllb_cli.dataplane.flows import FlowTable
+from marllb_cli.dataplane.selection import Selector, flow_key
+from marllb_cli.rewards import all_rewards, jain, ms, vbf
+
+
+def test_static_heuristics_use_capacity_weights():
+    cpus = [1, 1, 2, 2]
+    for name in ("ecmp", "wcmp", "sed"):
+        agent = heuristic(name, cpus)
+        assert agent.method == name and agent.act(np.zeros((4, 6))).tolist() == [1, 1, 2, 2]
+    lsq = heuristic("lsq", cpus)
+    assert lsq.method == "lsq" and lsq.act(np.zeros((4, 6))).tolist() == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="unknown heuristic"):
+        heuristic("random", cpus)
+
+
+def test_active_wcmp_discounts_capacity_by_busy_workers_and_keeps_silent_servers():
+    answers = iter([[0, 3, 1], [4, None, 0]])
+    agent = ActiveWcmp([1, 2, 4], probe=lambda: next(answers))
+    assert agent.method == "wcmp"
+    assert agent.act(np.zeros((3, 6))).tolist() == [1.0, 0.5, 2.0]
+    assert agent.act(np.zeros((3, 6))).tolist() == [0.2, 0.5, 4.0]  # srv1 did not answer: keeps 2/(3+1)
+
+
+def test_rewards_on_hand_computed_vectors():
+    load = np.array([1.0, 2.0, 3.0])
+    assert jain(load) == pytest.approx(36 / (3 * 14))
+    assert jain(np.zeros(3)) == 1.0
+    assert vbf(load) == pytest.approx(-2 / 3)
+    assert ms(load) == -3.0
+    assert all_rewards(np.array([2.0, 2.0])) == {"jain": 1.0, "vbf": 0.0, "ms": -2.0}
+
+
+def test_the_agent_loop_reads_stats_writes_weights_and_logs_each_step(tmp_path):
+    path = tmp_path / "channel"
+    dataplane = Channel.create(path, 2, "sed", [1.0, 1.0])
+    table = FlowTable(Selector(2), rng=random.Random(0))
+    for i in range(3):
+        table.server_for(flow_key(b"\x0a\x00\x00\x01", b"\x0a\x63\xff\x01", i, 80), 0x02, 1.0)
+    dataplane.publish(1.0, [0] * len(COUNTERS), table)
+    spec = AgentSpec(
+        lb="lb0", channel=path, method="awcmp", cpus=[1, 2], servers=[], period=0.01, steps_log=tmp_path / "steps"
+    )
+    agent = ActiveWcmp([1, 2], probe=lambda: [1, 1])
+    reader = Channel.attach(path)
+    steps = iter(range(4))
+    assert run_agent(spec, agent, reader, lambda: next(steps, None) is not None) == 4
+    seq, method, weights = dataplane.read_control()
+    assert (method, weights) == ("wcmp", [0.5, 1.0]) and seq > 2
+    assert dataplane.header["agent_heartbeat"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "steps").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]
+    assert rows[0]["flows"] == [2, 1] and rows[0]["weights"] == [0.5, 1.0] and rows[0]["busy_workers"] == [1, 1]
+    assert set(rows[0]["rewards"]) == {"jain", "vbf", "ms"}
