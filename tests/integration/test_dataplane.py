@@ -1,6 +1,7 @@
 """The packet dataplane for real: curl through the VIP, via our AF_PACKET LBs, to Apache, replies direct.
 
-One l2dsr testbed (2 LBs, a 1-unit and a 2-unit server) serves the module; GRE has its own at the end.
+One l2dsr testbed (configs/local-small.yaml: 2 LBs, servers of 1, 1, 2, 2 units) serves the module; GRE
+has its own, smaller one (a 1-unit and a 2-unit server) at the end.
 Testbed names start with `itd` so they never meet a user's testbed.
 """
 
@@ -23,8 +24,11 @@ from marllb_cli.dataplane.channel import Channel
 from marllb_cli.deploy import LocalTestbed
 from marllb_cli.deploy.lb_services import LbServices
 from marllb_cli.hosts import LocalNamespace
-from tests.conftest import minimal_testbed
+from tests.conftest import REPO, minimal_testbed
 from tests.integration.helpers import NOTHING, leftovers
+
+IDLE_S = 5.0  # the LBs' idle timeout in this module: long enough for held-open connections, short to wait for
+NO_FLOWS = [0, 0, 0, 0]
 
 pytestmark = [
     pytest.mark.integration,
@@ -32,7 +36,7 @@ pytestmark = [
 ]
 
 
-def make_testbed(tmp_path_factory, name: str, **overrides) -> LocalTestbed:
+def _minimal_testbed(tmp_path_factory, name: str, **overrides) -> LocalTestbed:
     import yaml
 
     path = tmp_path_factory.mktemp(name) / "config.yaml"
@@ -43,11 +47,11 @@ def make_testbed(tmp_path_factory, name: str, **overrides) -> LocalTestbed:
 @pytest.fixture(scope="module")
 def lbs(tmp_path_factory):
     """A deployed l2dsr testbed with SED LBs running; torn down (and checked clean) after the module."""
-    testbed = make_testbed(tmp_path_factory, "itlb")
+    testbed = LocalTestbed(load_config(REPO / "configs" / "local-small.yaml", ["testbed.name=itlb"]))
     testbed.deploy()
     services = LbServices(testbed)
     try:
-        services.start("sed", idle_timeout=3.0)
+        services.start("sed", idle_timeout=IDLE_S)
         yield services
     finally:
         testbed.teardown()
@@ -117,8 +121,8 @@ def test_sequential_and_concurrent_requests_all_succeed_on_every_server(lbs):
     )
     assert len(one_by_one) == 300 and len(concurrent) == 200
     assert Counter(status for status, _ in one_by_one + concurrent) == {"200": 500}
-    assert {server for _, server in concurrent} == {"srv0", "srv1"}
-    wait_until(lambda: total_flows(lbs) == [0, 0], 5, "q_j back to 0 after all requests ended")
+    assert {server for _, server in concurrent} == {"srv0", "srv1", "srv2", "srv3"}
+    wait_until(lambda: total_flows(lbs) == NO_FLOWS, 5, "q_j back to 0 after all requests ended")
     counters = [s.counters for s in channel_stats(lbs)]
     assert sum(c["closed"] for c in counters) >= 500
     assert all(c["send_errors"] == 0 for c in counters)
@@ -135,29 +139,33 @@ def test_replies_never_pass_through_an_lb(lbs):
 
 
 def test_sed_splits_concurrent_long_flows_by_weight(lbs):
-    """Weights (1, 2): held-open connections end up 1:2 over the two servers, then all q_j return to 0."""
-    client = LocalNamespace(lbs.topology.client.namespace)
+    """Weights (1, 1, 2, 2): held-open connections end up 1:2 over the slow and fast pair, then q_j return to 0."""
     vip = str(lbs.topology.vip)
-    sockets = [client.connect(vip, 80, timeout=5) for _ in range(90)]
+
+    def open_connections() -> list[socket.socket]:
+        return [socket.create_connection((vip, 80), timeout=5) for _ in range(90)]
+
+    sockets = LocalNamespace(lbs.topology.client.namespace).call(open_connections)
     try:
-        wait_until(lambda: sum(total_flows(lbs)) == 90, 5, "90 open flows")
-        slow, fast = total_flows(lbs)
+        wait_until(lambda: sum(total_flows(lbs)) == 90, 3, "90 open flows")
+        flows = total_flows(lbs)
+        slow, fast = flows[0] + flows[1], flows[2] + flows[3]
         assert fast / (slow + fast) == pytest.approx(2 / 3, rel=0.15)
     finally:
         for sock in sockets:
             sock.close()
-    wait_until(lambda: total_flows(lbs) == [0, 0], 10, "q_j back to 0 after FIN")
+    wait_until(lambda: total_flows(lbs) == NO_FLOWS, 10, "q_j back to 0 after FIN")
 
 
 def test_flows_that_never_end_time_out_and_q_returns_to_zero(lbs):
-    """SYNs from an address that never answers: no FIN, no RST ever comes; the idle timeout (3 s) ends them."""
+    """SYNs from an address that never answers: no FIN, no RST ever comes; the idle timeout ends them."""
     router = lbs.topology.router
     head = Ether(dst=router.interfaces[1].mac) / IP(src="10.99.1.77", dst=str(lbs.topology.vip))
     frames = [bytes(head / TCP(sport=20_000 + i, dport=80, flags="S")) for i in range(40)]
     _send_frames(lbs.topology.client.namespace, frames)
     wait_until(lambda: sum(total_flows(lbs)) == 40, 5, "40 half-open flows tracked")
     before = sum(s.counters["timed_out"] for s in channel_stats(lbs))
-    wait_until(lambda: total_flows(lbs) == [0, 0], 10, "q_j back to 0 after the idle timeout")
+    wait_until(lambda: total_flows(lbs) == NO_FLOWS, IDLE_S + 5, "q_j back to 0 after the idle timeout")
     assert sum(s.counters["timed_out"] for s in channel_stats(lbs)) - before == 40
 
 
@@ -181,7 +189,7 @@ def test_a_long_download_keeps_its_server_while_weights_change(lbs):
     try:
         flips = 0
         while thread.is_alive():
-            weights = [1.0, 100.0] if flips % 2 else [100.0, 1.0]
+            weights = [1.0, 1.0, 1.0, 100.0] if flips % 2 else [100.0, 1.0, 1.0, 1.0]
             for channel in channels:
                 channel.write_control("sed", weights)
             time.sleep(0.25)
@@ -191,7 +199,7 @@ def test_a_long_download_keeps_its_server_while_weights_change(lbs):
         thread.join()
     finally:
         for channel in channels:
-            channel.write_control("sed", [1.0, 2.0])
+            channel.write_control("sed", [1.0, 1.0, 2.0, 2.0])
             channel.close()
     status, size, server = done["out"].split()
     assert (status, size) == ("200", str(1 << 20))
@@ -252,7 +260,7 @@ def test_hostile_frames_leave_the_dataplane_alive_and_forward_nothing_foreign(lb
     received = sum(eth0_counter(ns, "rx_packets") - n for ns, n in server_rx.items())
     assert received < valid + 1_000  # servers saw nothing like the 100 000 foreign/malformed frames
     assert sum(total_flows(lbs)) > 0  # the flood's flows are tracked ...
-    wait_until(lambda: total_flows(lbs) == [0, 0], 10, "flood flows end by idle timeout")  # ... and time out
+    wait_until(lambda: total_flows(lbs) == NO_FLOWS, IDLE_S + 5, "flood flows end by idle timeout")  # ... and time out
     assert [status for status, _ in sequential(lbs, "/", 20)] == ["200"] * 20
 
 
@@ -278,22 +286,22 @@ def test_a_killed_agent_leaves_the_last_weights_in_force(lbs):
     channel = Channel.attach(lbs.channel_path(lbs.topology.lbs[0]))
     try:
         agent = next(s for s in lbs.snapshots() if s.lb == "lb0")
-        assert agent.agent_running and agent.weights == [1.0, 2.0]
+        assert agent.agent_running and agent.weights == [1.0, 1.0, 2.0, 2.0]
         from marllb_cli.deploy.manifest import Manifest
         from marllb_cli.services import Service
 
         manifest = Manifest.load(lbs.testbed.manifest_path)
         record = next(r for r in manifest.resources if r.name == "lb0-agent")
         Service.from_record(record.name, record.data).stop(grace_s=0)  # SIGTERM, as a crash would end it
-        channel.write_control("sed", [0.0, 1.0])  # the last word before the agent died
+        channel.write_control("sed", [0.0, 1.0, 2.0, 2.0])  # the last word before the agent died
         time.sleep(1.0)
         snapshot = next(s for s in lbs.snapshots() if s.lb == "lb0")
         assert snapshot.dataplane_running and not snapshot.agent_running
-        assert snapshot.weights == [0.0, 1.0]
+        assert snapshot.weights == [0.0, 1.0, 2.0, 2.0]
         before = channel.read_stats().new_flows
         assert {status for status, _ in sequential(lbs, "/", 30)} == {"200"}
         new = channel.read_stats().new_flows - before
-        assert new[0] == 0 and new[1] > 0  # lb0 still drains srv0, as its dead agent last said
+        assert new[0] == 0 and new[1:].sum() > 0  # lb0 still drains srv0, as its dead agent last said
     finally:
         channel.close()
 
@@ -304,13 +312,13 @@ def test_lb_stop_leaves_nothing_running(lbs):
     lbs.stop()
     assert not any(ns.pids() for ns in lb_namespaces)
     assert not any(lbs.channel_path(lb).exists() for lb in lbs.topology.lbs)
-    lbs.start("sed", idle_timeout=3.0)  # later tests (none now) and teardown find it running again
+    lbs.start("sed", idle_timeout=IDLE_S)  # later tests (none now) and teardown find it running again
 
 
 # -- GRE ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gre_lbs(tmp_path_factory):
-    testbed = make_testbed(tmp_path_factory, "itgre", forwarding="gre")
+    testbed = _minimal_testbed(tmp_path_factory, "itgre", forwarding="gre")
     testbed.deploy()
     services = LbServices(testbed)
     try:
