@@ -172,15 +172,28 @@ def test_flows_that_never_end_time_out_and_q_returns_to_zero(lbs):
 def test_a_long_download_keeps_its_server_while_weights_change(lbs):
     """Weights flip every 250 ms (written by the test as an agent would); the flow's server never changes."""
     services = lbs
-    client = services.topology.client.namespace
+    client = LocalNamespace(services.topology.client.namespace)
+    vip = str(services.topology.vip)
     done: dict[str, str] = {}
 
+    def slow_get() -> str:
+        """GET 1 MiB reading 64 KiB per 200 ms through a small receive buffer: a flow of ≈ 3 s."""
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            sock.settimeout(10)
+            sock.connect((vip, 80))
+            sock.sendall(b"GET /static/1m.bin HTTP/1.0\r\nHost: vip\r\n\r\n")
+            response = b""
+            while chunk := sock.recv(64 << 10):
+                response += chunk
+                time.sleep(0.2 * len(chunk) / (64 << 10))
+        head, _, body = response.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        server = next(line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("x-server:"))
+        return f"{lines[0].split()[1]} {len(body)} {server}"
+
     def download() -> None:
-        done["out"] = sh(
-            client,
-            f"curl -s -m 30 --limit-rate 250k -o /dev/null -w '%{{http_code}} %{{size_download}} %header{{x-server}}' "
-            f"'{vip_url(services, '/static/1m.bin')}'",
-        )
+        done["out"] = client.call(slow_get)
 
     thread = threading.Thread(target=download)
     thread.start()
