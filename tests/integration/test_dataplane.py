@@ -7,6 +7,7 @@ Testbed names start with `itd` so they never meet a user's testbed.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -325,7 +326,26 @@ def test_lb_stop_leaves_nothing_running(lbs):
     lbs.stop()
     assert not any(ns.pids() for ns in lb_namespaces)
     assert not any(lbs.channel_path(lb).exists() for lb in lbs.topology.lbs)
-    lbs.start("sed", idle_timeout=IDLE_S)  # later tests (none now) and teardown find it running again
+    lbs.start("sed", idle_timeout=IDLE_S)  # later tests find it running again
+
+
+def test_awcmp_weights_follow_probed_busy_workers(lbs):
+    lbs.start("awcmp", period=0.1)
+    try:
+        steps_log = lbs.dir / "lb0.steps.jsonl"
+        time.sleep(1.0)
+        rows = [json.loads(line) for line in steps_log.read_text().splitlines()]
+        probed = [row for row in rows if row["method"] == "wcmp" and None not in row.get("busy_workers", [None])]
+        assert len(probed) >= 5
+        cpus = [server.cpus for server in lbs.topology.servers]
+        for row in probed:
+            # mod_status counts the worker answering the probe itself, so busy >= 1
+            assert all(busy >= 1 for busy in row["busy_workers"])
+            expected = [c / (b + 1) for c, b in zip(cpus, row["busy_workers"], strict=True)]
+            assert row["weights"] == pytest.approx(expected, rel=1e-5)
+        assert [s.method for s in lbs.snapshots()] == ["wcmp", "wcmp"]
+    finally:
+        lbs.start("sed", idle_timeout=IDLE_S)
 
 
 # -- GRE ---------------------------------------------------------------------------------------------------
