@@ -10,14 +10,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from marllb_cli.hosts.local import LocalNamespace
 
-__all__ = ["Service", "start_service"]
+__all__ = ["Service", "start_service", "until_signalled"]
 
 #: Popen handles of services this process started: kept so that a long-lived caller (a test session) can
 #: reap them, and so that dropping the handle does not warn about a process that is meant to outlive it.
@@ -92,3 +93,15 @@ def start_service(ns: LocalNamespace, name: str, module: str, args: Sequence[str
     while start_time is None and time.monotonic() < deadline:
         start_time = _start_time(process.pid)
     return Service(name, process.pid, start_time or 0, str(log))
+
+
+def until_signalled() -> Callable[[], bool]:
+    """For a service's main loop: a function that is true until SIGTERM or SIGINT arrives.
+
+    The handler only sets a flag, so the loop finishes its current step and exits cleanly (logs flushed,
+    shared memory unmapped) instead of dying mid-write.
+    """
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    return lambda: not stopped.is_set()

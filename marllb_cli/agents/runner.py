@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from marllb_cli.dataplane.channel import Channel
 from marllb_cli.deploy.apache import busy_workers
 from marllb_cli.features import observe
 from marllb_cli.rewards import all_rewards
+from marllb_cli.services import until_signalled
 
 __all__ = ["AgentSpec", "run_agent", "main"]
 
@@ -114,16 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = AgentSpec.model_validate_json(args.spec.read_text())
     agent = heuristic(spec.method, spec.cpus, _probe(spec.servers, spec.status_port, timeout=spec.period * 0.8))
     channel = _attach(spec.channel)
-    running = True
-
-    def stop(*_: object) -> None:
-        nonlocal running
-        running = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    should_run = until_signalled()
     log.info("%s: %s every %.0f ms, pid %d", spec.lb, spec.method, spec.period * 1000, os.getpid())
-    steps = run_agent(spec, agent, channel, lambda: running)
+    steps = run_agent(spec, agent, channel, should_run)
     log.info("%s: stopped after %d steps", spec.lb, steps)
     channel.close()
     return 0

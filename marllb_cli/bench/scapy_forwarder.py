@@ -6,12 +6,13 @@ Not used by marllb itself; it shows what per-packet dissection costs (`marllb be
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 from scapy.config import conf
 from scapy.layers.inet import IP
 from scapy.layers.l2 import Ether
+
+from marllb_cli.services import until_signalled
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,15 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--my-mac", required=True)
     parser.add_argument("--to-mac", required=True)
     args = parser.parse_args(argv)
-    running = True
-
-    def stop(*_: object) -> None:
-        nonlocal running
-        running = False
-
-    signal.signal(signal.SIGTERM, stop)
+    should_run = until_signalled()
     sock = conf.L2socket(iface=args.iface)
-    while running:
+    while should_run():
         packet = sock.recv()
         # Our own transmissions come back on this socket too: forward only frames addressed to us.
         if packet is None or packet[Ether].dst != args.my_mac or IP not in packet or packet[IP].dst != args.vip:

@@ -21,7 +21,6 @@ import ipaddress
 import logging
 import os
 import select
-import signal
 import socket
 import struct
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from marllb_cli.dataplane.packets import IPPROTO_GRE, decapsulate
+from marllb_cli.services import until_signalled
 
 __all__ = ["TUN_NAME", "open_tun", "main"]
 
@@ -62,19 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     vip = ipaddress.IPv4Address(args.vip).packed
     tun = open_tun(args.tun)
     raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)
-    running = True
-
-    def stop(*_: object) -> None:
-        nonlocal running
-        running = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    should_run = until_signalled()
     buffer = bytearray(1 << 16)
     view = memoryview(buffer)
     injected = refused = 0
     log.info("terminating GRE for %s on %s, pid %d", args.vip, args.tun, os.getpid())
-    while running:
+    while should_run():
         ready, _, _ = select.select([raw], [], [], 0.5)
         if not ready:
             continue
