@@ -164,6 +164,12 @@ class Channel:
             raise ValueError(f"{path}: too short to be a marllb channel")
         return cls(path, buffer)
 
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def close(self) -> None:
         # Views into the mmap must go before it can close.
         del self.header, self._control, self._stats

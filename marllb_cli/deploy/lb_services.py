@@ -77,7 +77,8 @@ class LbServices:
     def _start_lb(self, manifest: Manifest, lb: Node, method: str, period: float, idle: float, seed: int) -> None:
         servers = self.topology.servers
         cpus = [float(server.cpus or 1.0) for server in servers]
-        agent = heuristic(method, cpus, probe=lambda: [None] * len(cpus))  # for its method and first weights
+        # Built here only for its method and first weights; the agent process probes for real.
+        agent = heuristic(method, cpus, probe=lambda: [None] * len(cpus))
         channel = self.channel_path(lb)
         if channel.exists() and str(channel) not in {r.data.get("path") for r in manifest.of_kind("file")}:
             raise TestbedError(
@@ -93,7 +94,7 @@ class LbServices:
             forwarding=self.topology.forwarding,  # type: ignore[arg-type]
             servers=[ServerSpec(name=s.name, ip=str(s.ip), mac=s.mac) for s in servers],
             method=agent.method,
-            weights=[float(w) for w in agent.act(None)],  # type: ignore[arg-type]
+            weights=[float(w) for w in agent.weights],
             channel=channel,
             idle_timeout=idle,
             seed=seed,
@@ -183,14 +184,11 @@ class LbServices:
             )
             path = self.channel_path(lb)
             if dataplane is not None and path.exists():
-                channel = Channel.attach(path)
-                try:
+                with Channel.attach(path) as channel:
                     _, snapshot["method"], snapshot["weights"] = channel.read_control()
                     beat = float(channel.header["agent_heartbeat"])
                     snapshot["agent_heartbeat_age_s"] = time.monotonic() - beat if beat else None
                     snapshot["stats"] = channel.read_stats()
-                finally:
-                    channel.close()
             out.append(LbSnapshot(**snapshot))
         return out
 
@@ -211,18 +209,12 @@ class LbServices:
 
 def _published(channel: Path) -> bool:
     try:
-        reader = Channel.attach(channel)
+        with Channel.attach(channel) as reader:
+            return reader.read_stats().time > 0
     except (FileNotFoundError, ValueError):
         return False
-    try:
-        return reader.read_stats().time > 0
-    finally:
-        reader.close()
 
 
 def _heartbeat(channel: Path) -> float:
-    reader = Channel.attach(channel)
-    try:
+    with Channel.attach(channel) as reader:
         return float(reader.header["agent_heartbeat"])
-    finally:
-        reader.close()

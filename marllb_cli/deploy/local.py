@@ -151,7 +151,7 @@ class LocalTestbed:
     def status(self, *, probe: bool = True) -> TestbedStatus:
         """Which nodes exist and, with `probe`, whether each server answers HTTP (and how busy it is)."""
         manifest = Manifest.load(self.manifest_path)
-        nodes = [self._node_status(node, manifest is not None, probe) for node in self.topology.nodes]
+        nodes = [self._node_status(node, manifest, probe) for node in self.topology.nodes]
         if manifest is None:
             state = "absent"
         elif not manifest.complete:
@@ -215,7 +215,7 @@ class LocalTestbed:
             time.sleep(0.05)
         raise TestbedError(f"{server.name}: GRE terminator did not start: {service.log_tail(1) or 'no log output'}")
 
-    def _node_status(self, node: Node, deployed: bool, probe: bool) -> NodeStatus:
+    def _node_status(self, node: Node, manifest: Manifest | None, probe: bool) -> NodeStatus:
         status = NodeStatus(
             name=node.name,
             role=node.role,
@@ -225,13 +225,13 @@ class LocalTestbed:
             cores=node.cores,
             group=node.group,
         )
-        if not deployed or not LocalNamespace(node.namespace).exists():
+        if manifest is None or not LocalNamespace(node.namespace).exists():
             return status
         if node.role != "server":
             status.up = True
             return status
         instance = self.apache(node)
-        status.up = bool(instance.cgroup.pids()) and self._gre_terminator_running(node)
+        status.up = bool(instance.cgroup.pids()) and self._gre_terminator_running(node, manifest)
         if probe and status.up:
             client = LocalNamespace(self.topology.client.namespace)
             try:
@@ -243,12 +243,11 @@ class LocalTestbed:
         return status
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _gre_terminator_running(self, server: Node) -> bool:
+    def _gre_terminator_running(self, server: Node, manifest: Manifest) -> bool:
         """True unless this is a GRE testbed whose terminator for `server` has gone."""
         if self.config.testbed.forwarding != "gre":
             return True
-        manifest = Manifest.load(self.manifest_path)
-        services = [Service.from_record(r.name, r.data) for r in manifest.of_kind("process")] if manifest else []
+        services = [Service.from_record(r.name, r.data) for r in manifest.of_kind("process")]
         return any(service.name == f"gre-{server.name}" and service.running() for service in services)
 
     def _group(self, server: Node) -> ServerGroup:

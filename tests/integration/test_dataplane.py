@@ -91,9 +91,8 @@ def sequential(services: LbServices, path: str, count: int) -> list[tuple[str, s
 def channel_stats(services: LbServices):
     stats = []
     for lb in services.topology.lbs:
-        channel = Channel.attach(services.channel_path(lb))
-        stats.append(channel.read_stats())
-        channel.close()
+        with Channel.attach(services.channel_path(lb)) as channel:
+            stats.append(channel.read_stats())
     return stats
 
 
