@@ -19,6 +19,8 @@ from marllb_cli import __version__
 from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, err_console, load, reports_errors
 from marllb_cli.commands.bench import bench_app
 from marllb_cli.commands.lb import lb_app
+from marllb_cli.commands.replay import replay_trace_command
+from marllb_cli.commands.report import report_command
 from marllb_cli.commands.trace import trace_app
 from marllb_cli.deploy import LocalTestbed, TestbedStatus
 
@@ -33,6 +35,8 @@ app = typer.Typer(
 app.add_typer(trace_app, name="trace")
 app.add_typer(lb_app, name="lb")
 app.add_typer(bench_app, name="bench")
+app.command("replay-trace")(replay_trace_command)
+app.command("report")(report_command)
 
 
 def _version(value: bool) -> None:

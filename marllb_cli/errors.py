@@ -5,6 +5,7 @@ The hierarchy::
     MarllbError                 anything marllb reports to the user as one line (exit 1)
     ├── ConfigError             the YAML file or a command-line value is wrong (exit 2)
     ├── TraceFormatError        a trace file is malformed; names file and line (exit 2)
+    ├── RunDirError             a path given as a run directory is not one, or is unreadable (exit 2)
     └── TestbedError            building, probing or removing a testbed failed (exit 1)
         ├── NamespaceExists     a namespace we would create exists and is not ours
         └── MissingTool         a program the testbed needs is not installed
@@ -20,7 +21,15 @@ Usage::
 
 from __future__ import annotations
 
-__all__ = ["MarllbError", "ConfigError", "TraceFormatError", "TestbedError", "NamespaceExists", "MissingTool"]
+__all__ = [
+    "MarllbError",
+    "ConfigError",
+    "TraceFormatError",
+    "RunDirError",
+    "TestbedError",
+    "NamespaceExists",
+    "MissingTool",
+]
 
 
 class MarllbError(Exception):
@@ -46,6 +55,12 @@ class ConfigError(MarllbError):
 
 class TraceFormatError(MarllbError):
     """A trace file cannot be read: bad header, malformed line, wrong columns. Exit code 2 (bad input)."""
+
+    exit_code = 2
+
+
+class RunDirError(MarllbError):
+    """A run directory is missing, incomplete in its files, or unreadable. Exit code 2 (bad input)."""
 
     exit_code = 2
 

@@ -56,6 +56,14 @@ class LbServices:
     def channel_path(self, lb: Node) -> Path:
         return SHM_DIR / f"marllb-{self.topology.testbed}-{lb.name}"
 
+    def steps_log(self, lb: Node) -> Path:
+        """The agent's per-step JSON lines of the current (or last) `start`."""
+        return self.dir / f"{lb.name}.steps.jsonl"
+
+    def require_deployed(self) -> None:
+        """Raise a `TestbedError` with the fix unless the testbed is deployed."""
+        self._manifest()
+
     # -- start -------------------------------------------------------------------------------------------
     def start(self, method: str, *, period: float = 0.25, idle_timeout: float = 40.0, seed: int = 0) -> int:
         """Start a dataplane and an agent on every LB; return how many LBs were already running (replaced)."""
@@ -107,8 +115,9 @@ class LbServices:
             servers=[str(s.ip) for s in servers],
             status_port=self.testbed.config.testbed.servers[0].apache.status_port,
             period=period,
-            steps_log=self.dir / f"{lb.name}.steps.jsonl",
+            steps_log=self.steps_log(lb),
         )
+        self.steps_log(lb).unlink(missing_ok=True)  # each start logs afresh
         dataplane_file = self.dir / f"{lb.name}.dataplane.json"
         agent_file = self.dir / f"{lb.name}.agent.json"
         dataplane_file.write_text(dataplane.model_dump_json(indent=1))

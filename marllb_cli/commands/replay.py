@@ -1,0 +1,78 @@
+"""`marllb replay-trace`: one experiment run on the deployed testbed, written as a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from marllb_cli.agents.heuristics import HEURISTICS
+from marllb_cli.cli_support import ConfigArg, SetOption, console, err_console, load, reports_errors
+from marllb_cli.experiment import ReplayOptions, replay_trace
+
+
+@reports_errors
+def replay_trace_command(
+    config: ConfigArg,
+    trace: Annotated[Path, typer.Option("--trace", "-t", help="Trace file: the papers' TSV, WikiBench or Parquet.")],
+    method: Annotated[str, typer.Option("--method", "-m", help=f"LB policy: {', '.join(HEURISTICS)}.")] = "sed",
+    speed: Annotated[float, typer.Option(help="Replay speed: 0.25 sends the trace 4× slower.")] = 1.0,
+    duration: Annotated[
+        float | None, typer.Option(help="Replay only requests due in the first S seconds (after --speed).")
+    ] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the run directory is created.")] = Path("runs"),
+    seed: Annotated[int | None, typer.Option(help="Seed of the run (default: experiment.seed).")] = None,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.", min=0.1)] = 60.0,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed trace lines.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Replay a trace open-loop through the LBs running METHOD and record every request in a run directory.
+
+    Starts the dataplanes and agents, samples the servers' busy workers every agent period, replays the
+    trace from the client namespace, stops the LBs and writes runs/<id>/. Ctrl-C stops early and keeps
+    every request sent so far (the run is marked incomplete).
+    """
+    cfg = load(config, set_)
+    options = ReplayOptions(
+        trace=trace,
+        method=method,
+        speed=speed,
+        duration_s=duration,
+        runs_dir=runs_dir,
+        seed=seed,
+        timeout_s=timeout,
+        skip_bad=skip_bad,
+    )
+    with Progress(
+        TextColumn("replaying {task.fields[method]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+    ) as bar:
+        task = bar.add_task("replay", total=None, method=method, detail="starting LBs")
+
+        def progress(data: dict[str, Any]) -> None:
+            detail = f"sent {data['sent']:,}  errors {data['errors']:,}  send lag p99 {data['lag_p99_s'] * 1e3:.1f} ms"
+            bar.update(task, total=data["total"], completed=data["done"], detail=detail)
+
+        outcome = replay_trace(cfg, options, progress)
+    s = outcome.summary
+    for warning in outcome.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {warning}")
+    jct = (
+        f"JCT mean {s['jct_mean_s'] * 1e3:.0f} ms, p99 {s['jct_p99_s'] * 1e3:.0f} ms"
+        if s["jct_mean_s"] is not None
+        else "no request completed"
+    )
+    console.print(
+        f"{method}: {s['requests']:,} requests, {s['errors']:,} errors, {jct}, "
+        f"send lag p99 {(s['send_lag_p99_s'] or 0) * 1e3:.1f} ms"
+    )
+    console.print(f"run directory: {outcome.path}" + ("" if outcome.complete else " [yellow](incomplete)[/]"))
+    if outcome.interrupted:
+        err_console.print("[yellow]interrupted[/]: every request sent so far is in the run directory")
+        raise typer.Exit(130)

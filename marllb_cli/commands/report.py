@@ -1,0 +1,52 @@
+"""`marllb report`: compare run directories in a table, a Markdown report and figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from marllb_cli.cli_support import JsonOption, console, err_console, reports_errors
+from marllb_cli.report import TERMINAL_COLUMNS, build_report, find_runs, shown_rows, table_cells, write_report
+
+
+@reports_errors
+def report_command(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(metavar="RUN_DIR...", help="Run directories, or directories holding runs (e.g. runs/)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where report.md and the figures go.")] = Path("report"),
+    baseline: Annotated[
+        str | None, typer.Option(help="Method the ratios compare against (default: sed when present).")
+    ] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Rank methods by JCT (mean ± std, p50/p90/p99 per class), with throughput, errors and ratios to a baseline.
+
+    Runs of the same method (seeds) are pooled; their spread is shown as the std of the per-run means.
+    Writes report.md and PNG figures (JCT CDF, JCT over time, busy workers per server group, requests per
+    server) into --out.
+    """
+    report = build_report(find_runs(runs), baseline)
+    files = write_report(report, out)
+    for warning in report.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {warning}")
+    if json_:
+        print(json.dumps(report.as_json(), indent=2))
+        return
+    title = f"{len(report.runs)} runs, JCT in ms" + (f", ratios to {report.baseline}" if report.baseline else "")
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
+    headers = {"rank": "#", "requests": "req", "mean / baseline": "mean×", "p99 / baseline": "p99×", "errors": "err"}
+    for column in TERMINAL_COLUMNS:
+        table.add_column(
+            headers.get(column, column), justify="left" if column in ("method", "class") else "right", no_wrap=True
+        )
+    for row in shown_rows(report.rows):
+        table.add_row(*table_cells(row, TERMINAL_COLUMNS))
+    console.print(table)
+    console.print(f"report: {files[0]} ({len(files) - 1} figures)")

@@ -1,0 +1,250 @@
+"""The open-loop replayer: one process in the client namespace that sends every request of a schedule at its
+intended time, on a new TCP connection, without ever waiting for earlier responses.
+
+    python -m marllb_cli.replay SPEC.json
+
+Why open loop: a closed-loop client (wrk, ab) waits for a response before the next request, so a slow
+server slows the offered load and hides its own latency ("coordinated omission"). Here the schedule is
+fixed in advance, every latency is measured from the request's *intended* send time, and the time the
+request actually left (`send_lag_s`) is recorded too, so a generator that fell behind is visible instead of
+silently shifting the load.
+
+Output, streamed so that a crash or Ctrl-C keeps what was recorded:
+- `spec.out`: CSV, one row per request that was sent (`ROW_FIELDS`), appended every `flush_every_s`;
+- stdout: one JSON line per `progress_every_s` with counters and the send-lag p99 so far, the first of
+  which carries `t0` (CLOCK_MONOTONIC seconds of intended time 0, the clock the agents' step logs use).
+
+SIGTERM or SIGINT stops sending; requests still in flight are recorded with error `interrupted`.
+All timestamps are CLOCK_MONOTONIC seconds relative to `t0`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import errno
+import json
+import math
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ReplaySpec", "ROW_FIELDS", "Replayer", "main"]
+
+ROW_FIELDS = (
+    "index",
+    "send_lag_s",
+    "connect_s",
+    "first_byte_s",
+    "done_s",
+    "status",
+    "bytes",
+    "server",
+    "error",
+)
+#: How long after start-up intended time 0 lies: room to import, open files and warm the loop.
+LEAD_S = 0.3
+
+
+class ReplaySpec(BaseModel):
+    """What one replayer process needs; written by `marllb replay-trace`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    host: str
+    port: int = 80
+    schedule: Path = Field(description="Parquet with columns intended_s (sorted) and path.")
+    out: Path
+    timeout_s: float = 60.0
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    progress_every_s: float = 0.5
+    flush_every_s: float = 0.25
+
+
+class Replayer:
+    """Sends the schedule, records one row per request, reports progress."""
+
+    def __init__(self, spec: ReplaySpec, intended: np.ndarray, paths: list[str]) -> None:
+        self.spec = spec
+        self.intended = intended
+        self.requests = [f"GET {p} HTTP/1.1\r\nHost: {spec.host}\r\nConnection: close\r\n\r\n".encode() for p in paths]
+        self.pending_rows: list[tuple] = []
+        self.lags: list[float] = []
+        self.sent = self.done = self.errors = 0
+        self.stopping = asyncio.Event()
+        self.t0 = 0.0
+
+    async def run(self) -> bool:
+        """Replay everything (True) or until stopped (False)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        in_flight: set[asyncio.Task] = set()
+        with open(self.spec.out, "w", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(ROW_FIELDS)
+            self.t0 = time.monotonic() + LEAD_S
+            reporter = asyncio.create_task(self._report_and_flush(writer, out))
+            finished = await self._send_all(in_flight)
+            if not finished:
+                for task in in_flight:
+                    task.cancel()
+            if in_flight:
+                await asyncio.wait(in_flight)
+            reporter.cancel()
+            self._flush(writer, out)
+            self._progress(final=True, finished=finished)
+        return finished
+
+    async def _send_all(self, in_flight: set[asyncio.Task]) -> bool:
+        burst = 0
+        for index, intended in enumerate(self.intended):
+            if self.t0 + intended > time.monotonic():
+                burst = 0
+                while (delay := self.t0 + intended - time.monotonic()) > 0 and not self.stopping.is_set():
+                    await asyncio.sleep(min(delay, 0.1))
+            elif burst >= 64:  # far behind: still let responses be read now and then
+                burst = 0
+                await asyncio.sleep(0)
+            burst += 1
+            if self.stopping.is_set():
+                return False
+            task = asyncio.create_task(self._fetch(index, float(intended)))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        return True
+
+    async def _fetch(self, index: int, intended: float) -> None:
+        start = time.monotonic() - self.t0
+        lag = start - intended
+        self.sent += 1
+        self.lags.append(lag)
+        connect = first_byte = done = math.nan
+        status = size = 0
+        server = error = ""
+        writer = None
+        try:
+            async with asyncio.timeout(self.spec.timeout_s):
+                reader, writer = await asyncio.open_connection(self.spec.host, self.spec.port)
+                connect = time.monotonic() - self.t0
+                writer.write(self.requests[index])
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        raise ConnectionResetError(errno.ECONNRESET, "closed before the response header")
+                    if not head:
+                        first_byte = time.monotonic() - self.t0
+                    head += chunk
+                header, _, body = head.partition(b"\r\n\r\n")
+                status, server = _parse_header(header)
+                size = len(body)
+                while chunk := await reader.read(65536):
+                    size += len(chunk)
+                done = time.monotonic() - self.t0
+        except TimeoutError:
+            error = "timeout"
+        except asyncio.CancelledError:
+            error = "interrupted"
+        except ValueError:
+            error = "bad_response"
+        except OSError as exc:
+            error = errno.errorcode.get(exc.errno or 0, type(exc).__name__).lower()
+        finally:
+            if writer is not None and error:
+                writer.transport.abort()
+            elif writer is not None:
+                writer.close()
+        if error or not 200 <= status < 400:
+            self.errors += 1
+        self.done += 1
+        self.pending_rows.append((index, lag, connect, first_byte, done, status, size, server, error))
+
+    async def _report_and_flush(self, writer, out) -> None:
+        next_progress = 0.0
+        while True:
+            await asyncio.sleep(self.spec.flush_every_s)
+            self._flush(writer, out)
+            if time.monotonic() >= next_progress:
+                self._progress()
+                next_progress = time.monotonic() + self.spec.progress_every_s
+
+    def _flush(self, writer, out) -> None:
+        rows, self.pending_rows = self.pending_rows, []
+        writer.writerows(rows)
+        out.flush()
+
+    def _progress(self, *, final: bool = False, finished: bool | None = None) -> None:
+        lags = np.asarray(self.lags)
+        line = {
+            "t0": self.t0,
+            "total": len(self.intended),
+            "sent": self.sent,
+            "done": self.done,
+            "errors": self.errors,
+            "lag_p99_s": float(np.quantile(lags, 0.99)) if len(lags) else 0.0,
+            "lag_max_s": float(lags.max()) if len(lags) else 0.0,
+        }
+        if final:
+            line.update(final=True, finished=finished)
+        print(json.dumps(line), flush=True)
+
+
+def _parse_header(header: bytes) -> tuple[int, str]:
+    """(status, X-Server) of an HTTP response header block; ValueError if it is not HTTP."""
+    lines = header.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+        raise ValueError(lines[0][:40])
+    server = ""
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "x-server":
+            server = value.strip()
+    return int(parts[1]), server
+
+
+def _raise_fd_limit() -> None:
+    """Every in-flight request holds a socket; an overloaded server can leave thousands open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _event_loop(choice: str) -> tuple[str, type[asyncio.AbstractEventLoop] | None]:
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            return "uvloop", uvloop.Loop
+        except ImportError:
+            if choice == "uvloop":
+                raise
+    return "asyncio", None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="marllb-replay", description="open-loop HTTP replayer")
+    parser.add_argument("spec", type=Path, help="ReplaySpec JSON written by `marllb replay-trace`")
+    args = parser.parse_args(argv)
+    spec = ReplaySpec.model_validate_json(args.spec.read_text())
+    schedule = pd.read_parquet(spec.schedule, columns=["intended_s", "path"])
+    _raise_fd_limit()
+    name, loop_class = _event_loop(spec.loop)
+    replayer = Replayer(spec, schedule["intended_s"].to_numpy(np.float64), schedule["path"].tolist())
+    print(json.dumps({"loop": name}), flush=True)
+    runner = asyncio.Runner(loop_factory=loop_class) if loop_class else asyncio.Runner()
+    with runner:
+        finished = runner.run(replayer.run())
+    return 0 if finished else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""`marllb report`: compare run directories — one table (method × class, the layout of the papers' tables),
+a Markdown report and four figures.
+
+Aggregation: the runs of one method (several seeds) are pooled request by request for mean ± std and the
+percentiles, and their spread is shown as the standard deviation of the per-run mean JCT ("± across
+runs"). Methods are ranked by their pooled mean JCT over all classes; each is also given as a ratio to a
+baseline method (default sed, when present). Only completed requests have a JCT; failed ones count in the
+error rate.
+
+Figures (PNG, matplotlib's Agg backend, no display needed):
+    jct_cdf.png          JCT CDF per method (log time axis)
+    jct_over_time.png    mean JCT per second of run time, per method
+    busy_workers.png     distribution of busy Apache workers per server group, per method (CIKM'22 Fig. 9)
+    flow_share.png       share of requests each server received, per method
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from marllb_cli.errors import ConfigError, RunDirError
+from marllb_cli.runs import Run, load_run
+
+__all__ = ["Report", "build_report", "find_runs", "write_report"]
+
+ALL = "all"
+
+
+@dataclass
+class Report:
+    """The aggregated comparison: one row per method × class, ranked."""
+
+    runs: list[Run]
+    baseline: str | None
+    rows: list[dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "baseline": self.baseline,
+            "runs": [
+                {"path": str(r.path), "method": r.method, "seed": r.meta.get("seed"), "complete": r.complete}
+                for r in self.runs
+            ],
+            "rows": self.rows,
+            "warnings": self.warnings,
+        }
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Run directories from the arguments; a directory of runs (such as `runs/`) stands for all runs in it."""
+    runs: list[Run] = []
+    for path in paths:
+        if path.is_dir() and not (path / "meta.json").exists():
+            inner = sorted(p for p in path.iterdir() if (p / "meta.json").is_file())
+            if inner:
+                runs.extend(load_run(p) for p in inner)
+                continue
+        runs.append(load_run(path))
+    if not runs:
+        raise RunDirError("no run directory given", hint="pass run directories, or a directory that holds runs")
+    return runs
+
+
+def build_report(runs: list[Run], baseline: str | None = None) -> Report:
+    """Aggregate runs per method and class; `baseline` must be one of the methods when given."""
+    methods = sorted({r.method for r in runs})
+    if baseline is not None and baseline not in methods:
+        raise ConfigError(f"--baseline {baseline}: no run of that method", hint=f"choose one of {', '.join(methods)}")
+    if baseline is None and "sed" in methods:
+        baseline = "sed"
+    warnings = [
+        f"{r.path}: incomplete run ({r.meta.get('failure') or 'did not finish'})" for r in runs if not r.complete
+    ]
+    frames = {method: [(r, r.requests()) for r in runs if r.method == method] for method in methods}
+    rows = []
+    for method in methods:
+        classes = sorted({c for _, f in frames[method] for c in f["class"].dropna().unique()})
+        for cls in [ALL, *classes]:
+            rows.append(_row(method, cls, frames[method]))
+    _rank_and_compare(rows, baseline)
+    return Report(runs, baseline, rows, warnings)
+
+
+def _row(method: str, cls: str, runs: list[tuple[Run, pd.DataFrame]]) -> dict[str, Any]:
+    picked = [(run, f if cls == ALL else f[f["class"] == cls]) for run, f in runs]
+    pooled = pd.concat([f for _, f in picked], ignore_index=True)
+    ok = (pooled["error"] == "") & pooled["status"].between(200, 399)
+    jct = pooled.loc[ok, "jct_s"].to_numpy(np.float64)
+    per_run_means = [
+        float(f.loc[(f["error"] == "") & f["status"].between(200, 399), "jct_s"].mean()) for _, f in picked if len(f)
+    ]
+    per_run_means = [m for m in per_run_means if not math.isnan(m)]
+    duration = sum(float(run.summary.get("duration_s") or 0.0) for run, _ in picked)
+    quantiles = np.quantile(jct, [0.5, 0.9, 0.99]) if len(jct) else [None] * 3
+    return {
+        "method": method,
+        "class": cls,
+        "runs": len(picked),
+        "requests": int(len(pooled)),
+        "completed": int(ok.sum()),
+        "error_rate": float(1 - ok.mean()) if len(pooled) else 0.0,
+        "throughput_per_s": float(ok.sum() / duration) if duration > 0 else None,
+        "jct_mean_s": float(jct.mean()) if len(jct) else None,
+        "jct_std_s": float(jct.std()) if len(jct) else None,
+        "jct_mean_spread_s": float(np.std(per_run_means)) if len(per_run_means) >= 2 else None,
+        "jct_p50_s": _float(quantiles[0]),
+        "jct_p90_s": _float(quantiles[1]),
+        "jct_p99_s": _float(quantiles[2]),
+    }
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _rank_and_compare(rows: list[dict[str, Any]], baseline: str | None) -> None:
+    """Rank methods by overall mean JCT (1 = best) and add each row's ratio to the baseline's same class."""
+    overall = {r["method"]: r["jct_mean_s"] for r in rows if r["class"] == ALL}
+    order = sorted(overall, key=lambda m: (overall[m] is None, overall[m] or 0.0))
+    ranks = {method: i + 1 for i, method in enumerate(order)}
+    base = {r["class"]: r for r in rows if r["method"] == baseline}
+    for row in rows:
+        row["rank"] = ranks[row["method"]]
+        ref = base.get(row["class"])
+        for stat in ("jct_mean_s", "jct_p99_s"):
+            ratio = None
+            if ref and ref[stat] and row[stat] is not None:
+                ratio = row[stat] / ref[stat]
+            row[f"{stat.removesuffix('_s')}_ratio"] = ratio
+    rows.sort(key=lambda r: (r["rank"], r["class"] != ALL, r["class"]))
+
+
+# -- Markdown and figures -----------------------------------------------------------------------------
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value * 1000:.0f}"
+
+
+def _mean_cell(row: dict[str, Any]) -> str:
+    cell = f"{_ms(row['jct_mean_s'])} ± {_ms(row['jct_std_s'])}"
+    if row["jct_mean_spread_s"] is not None:
+        cell += f" (runs ± {_ms(row['jct_mean_spread_s'])})"
+    return cell
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+#: Every column of the table: header → cell text of a row.
+COLUMNS: dict[str, Any] = {
+    "rank": lambda r: str(r["rank"]),
+    "method": lambda r: r["method"],
+    "class": lambda r: r["class"],
+    "runs": lambda r: str(r["runs"]),
+    "requests": lambda r: f"{r['requests']:,}",
+    "JCT mean ± std (ms)": _mean_cell,
+    "mean": lambda r: _ms(r["jct_mean_s"]),
+    "std": lambda r: _ms(r["jct_std_s"]),
+    "runs ±": lambda r: _ms(r["jct_mean_spread_s"]),
+    "p50": lambda r: _ms(r["jct_p50_s"]),
+    "p90": lambda r: _ms(r["jct_p90_s"]),
+    "p99": lambda r: _ms(r["jct_p99_s"]),
+    "throughput/s": lambda r: "—" if r["throughput_per_s"] is None else f"{r['throughput_per_s']:.1f}",
+    "errors": lambda r: f"{r['error_rate']:.1%}",
+    "mean / baseline": lambda r: _ratio(r["jct_mean_ratio"]),
+    "p99 / baseline": lambda r: _ratio(r["jct_p99_ratio"]),
+}
+MARKDOWN_COLUMNS = (
+    "rank",
+    "method",
+    "class",
+    "runs",
+    "requests",
+    "JCT mean ± std (ms)",
+    "p50",
+    "p90",
+    "p99",
+    "throughput/s",
+    "errors",
+    "mean / baseline",
+    "p99 / baseline",
+)
+#: The terminal's narrower selection (fits 80 columns).
+TERMINAL_COLUMNS = (
+    "rank",
+    "method",
+    "class",
+    "runs",
+    "requests",
+    "mean",
+    "std",
+    "p50",
+    "p99",
+    "errors",
+    "mean / baseline",
+    "p99 / baseline",
+)
+
+
+def table_cells(row: dict[str, Any], columns: tuple[str, ...]) -> list[str]:
+    """One table row as text, for `columns`; shared by the terminal and the Markdown table."""
+    return [COLUMNS[name](row) for name in columns]
+
+
+def shown_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows worth printing: per-class rows only where a method's runs have more than one class."""
+    classes: dict[str, int] = {}
+    for row in rows:
+        classes[row["method"]] = classes.get(row["method"], 0) + (row["class"] != ALL)
+    return [r for r in rows if r["class"] == ALL or classes[r["method"]] > 1]
+
+
+def write_report(report: Report, out: Path) -> list[Path]:
+    """Write `report.md` and the figures into `out`; return the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = _figures(report.runs, out)
+    lines = ["# marllb report", ""]
+    if report.baseline:
+        lines += [f"Baseline for the ratios: **{report.baseline}**. JCT in milliseconds, completed requests only.", ""]
+    lines += ["| " + " | ".join(MARKDOWN_COLUMNS) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
+    lines += ["| " + " | ".join(table_cells(row, MARKDOWN_COLUMNS)) + " |" for row in shown_rows(report.rows)]
+    lines += ["", "## Runs", "", "| run | method | seed | kind | complete |", "|---|---|---|---|---|"]
+    for run in report.runs:
+        lines.append(
+            f"| {run.path} | {run.method} | {run.meta.get('seed', '')} | {run.meta.get('kind', '')} "
+            f"| {'yes' if run.complete else '**no**'} |"
+        )
+    if report.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
+    lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return [path, *figures]
+
+
+def _figures(runs: list[Run], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r.method for r in runs})
+    requests = {m: pd.concat([r.requests() for r in runs if r.method == m], ignore_index=True) for m in methods}
+    done = {m: f[(f["error"] == "") & f["status"].between(200, 399)] for m, f in requests.items()}
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in methods:
+        jct = np.sort(done[method]["jct_s"].to_numpy())
+        if len(jct):
+            ax.plot(jct, np.arange(1, len(jct) + 1) / len(jct), label=method)
+    ax.set(xscale="log", xlabel="job completion time (s)", ylabel="CDF", title="JCT CDF")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, out / "jct_cdf.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in methods:
+        frame = done[method]
+        if len(frame):
+            per_second = frame.groupby(np.floor(frame["intended_s"]))["jct_s"].mean()
+            ax.plot(per_second.index, per_second.to_numpy(), label=method)
+    ax.set(xlabel="run time (s)", ylabel="mean JCT (s)", title="JCT over time (1 s bins)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, out / "jct_over_time.png"))
+
+    servers = pd.concat([r.servers().assign(method=r.method) for r in runs], ignore_index=True).dropna(subset=["busy"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if len(servers):
+        groups = sorted(servers["group"].unique())
+        data, labels = [], []
+        for group in groups:
+            for method in methods:
+                data.append(servers.loc[(servers["group"] == group) & (servers["method"] == method), "busy"].to_numpy())
+                labels.append(f"{group}\n{method}")
+        ax.boxplot(data, showfliers=False)
+        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
+    ax.set(ylabel="busy Apache workers", title="Busy workers per server group")
+    ax.grid(alpha=0.3, axis="y")
+    written.append(_save(fig, out / "busy_workers.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = sorted({s for f in requests.values() for s in f["server"].dropna().unique() if s}, key=_natural)
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        shares = requests[method]["server"].value_counts(normalize=True)
+        ax.bar(np.arange(len(names)) + i * width, [shares.get(n, 0.0) for n in names], width, label=method)
+    ax.set_xticks(np.arange(len(names)) + width * (len(methods) - 1) / 2, names)
+    ax.set(ylabel="share of requests", title="Requests per server")
+    ax.legend()
+    written.append(_save(fig, out / "flow_share.png"))
+    return written
+
+
+def _natural(name: str) -> tuple[str, int]:
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem) :] or 0)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

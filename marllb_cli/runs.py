@@ -1,0 +1,234 @@
+"""The run directory: everything one experiment run (testbed replay or simulation) leaves behind.
+
+    runs/<run-id>/
+      config.yaml          the resolved config (every default filled in)
+      meta.json            kind, method, seeds, trace, git sha, package versions, host, start/end, complete
+      requests.parquet     one row per request sent (`REQUEST_COLUMNS`)
+      servers.parquet      busy Apache workers per server over time (t_s, server, group, busy)
+      agents/lb<i>.parquet one row per agent step (weights, q_j, features, reward candidates)
+      summary.json         counts and JCT statistics, overall and per class (`summarize`)
+
+`meta.json` is written first with `complete: false` and rewritten at the end, so a run that crashed or was
+interrupted says so. `marllb report` reads only these files. JSON is written to a temporary file and
+renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from marllb_cli import __version__
+from marllb_cli.errors import RunDirError
+
+__all__ = [
+    "REQUEST_COLUMNS",
+    "Run",
+    "create_run_dir",
+    "empty_requests",
+    "environment",
+    "load_run",
+    "now_iso",
+    "summarize",
+    "write_json",
+]
+
+#: requests.parquet: times are seconds since the run's intended time 0; NaN where a stage was not reached.
+REQUEST_COLUMNS = {
+    "intended_s": "float64",  # when the request was due
+    "send_lag_s": "float64",  # how late it actually left
+    "connect_s": "float64",  # connection established
+    "first_byte_s": "float64",  # first response byte
+    "done_s": "float64",  # response complete
+    "jct_s": "float64",  # done_s - intended_s, for completed requests
+    "status": "int64",  # HTTP status, 0 when there was no response
+    "bytes": "int64",  # response body bytes received
+    "server": "string",  # X-Server of the response ("" unknown)
+    "lb": "string",  # LB that forwarded it ("" when the client cannot tell: DSR responses bypass LBs)
+    "class": "string",  # cpu | static | wiki
+    "path": "string",
+    "error": "string",  # "" or timeout, econnreset, econnrefused, interrupted, rejected, ...
+}
+_VERSIONED = ("numpy", "pandas", "pyarrow", "torch", "pettingzoo", "pydantic", "uvloop")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def create_run_dir(runs_dir: Path, *, method: str, testbed: str, seed: int) -> Path:
+    """A new, unique `runs_dir/<UTC time>-<testbed>-<method>-s<seed>[-n]` directory with `agents/` inside."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    base = f"{stamp}-{testbed}-{method}-s{seed}"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1000):
+        path = runs_dir / (base if attempt == 0 else f"{base}-{attempt}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        (path / "agents").mkdir()
+        return path
+    raise RunDirError(f"{runs_dir}: cannot find a free run directory name for {base}")
+
+
+def environment() -> dict[str, Any]:
+    """Where and with what a run ran: git sha of the source tree, package versions, host."""
+    versions = {"marllb": __version__, "python": platform.python_version()}
+    for package in _VERSIONED:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "git_sha": _git_sha(),
+        "versions": versions,
+        "host": {"name": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count()},
+    }
+
+
+def _git_sha() -> str | None:
+    source = Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    sha = result.stdout.strip()
+    return sha if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
+def empty_requests(n: int) -> pd.DataFrame:
+    """A requests frame of `n` rows with every column of `REQUEST_COLUMNS` at its 'not reached' value."""
+    data: dict[str, Any] = {}
+    for column, dtype in REQUEST_COLUMNS.items():
+        if dtype == "float64":
+            data[column] = np.full(n, np.nan)
+        elif dtype == "int64":
+            data[column] = np.zeros(n, dtype=np.int64)
+        else:
+            data[column] = pd.array([""] * n, dtype="string")
+    return pd.DataFrame(data)
+
+
+def _completed(requests: pd.DataFrame) -> pd.Series:
+    return (requests["error"] == "") & (requests["status"] >= 200) & (requests["status"] < 400)
+
+
+def _jct_stats(jct: pd.Series) -> dict[str, float | None]:
+    if jct.empty:
+        return {"jct_mean_s": None, "jct_std_s": None, "jct_p50_s": None, "jct_p90_s": None, "jct_p99_s": None}
+    q = jct.quantile([0.5, 0.9, 0.99])
+    return {
+        "jct_mean_s": float(jct.mean()),
+        "jct_std_s": float(jct.std(ddof=0)),
+        "jct_p50_s": float(q[0.5]),
+        "jct_p90_s": float(q[0.9]),
+        "jct_p99_s": float(q[0.99]),
+    }
+
+
+def summarize(requests: pd.DataFrame, *, method: str, duration_s: float) -> dict[str, Any]:
+    """Counts and JCT statistics of a run, overall and per class. JCT is over completed requests only."""
+    ok = _completed(requests)
+
+    def block(frame: pd.DataFrame, done: pd.Series) -> dict[str, Any]:
+        return {
+            "requests": int(len(frame)),
+            "completed": int(done.sum()),
+            "errors": int(len(frame) - done.sum()),
+            "error_rate": float(1 - done.mean()) if len(frame) else 0.0,
+            **_jct_stats(frame.loc[done, "jct_s"]),
+        }
+
+    lags = requests["send_lag_s"].dropna()
+    errors = requests.loc[requests["error"] != "", "error"].value_counts()
+    return {
+        "method": method,
+        **block(requests, ok),
+        "throughput_per_s": float(ok.sum() / duration_s) if duration_s > 0 else None,
+        "duration_s": float(duration_s),
+        "send_lag_p99_s": float(lags.quantile(0.99)) if len(lags) else None,
+        "error_kinds": {str(k): int(v) for k, v in errors.items()},
+        "by_class": {
+            str(name): block(frame, ok[frame.index])
+            for name, frame in requests.groupby("class", sort=True, observed=True)
+        },
+    }
+
+
+class Run:
+    """A run directory, read back (for `marllb report`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.meta: dict[str, Any] = _read_json(path / "meta.json")
+        self.summary: dict[str, Any] = _read_json(path / "summary.json")
+        self.method: str = self.summary.get("method") or self.meta.get("method", "?")
+        self.complete: bool = bool(self.meta.get("complete"))
+
+    def requests(self) -> pd.DataFrame:
+        return _read_parquet(self.path / "requests.parquet")
+
+    def servers(self) -> pd.DataFrame:
+        path = self.path / "servers.parquet"
+        return _read_parquet(path) if path.exists() else pd.DataFrame(columns=["t_s", "server", "group", "busy"])
+
+    def agents(self) -> pd.DataFrame:
+        frames = [_read_parquet(p) for p in sorted((self.path / "agents").glob("lb*.parquet"))]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_run(path: Path) -> Run:
+    """A run directory, or a `RunDirError` naming what is missing."""
+    if not path.is_dir():
+        raise RunDirError(f"{path}: no such run directory", hint="pass directories written by replay-trace or simulate")
+    for name in ("meta.json", "summary.json", "requests.parquet"):
+        if not (path / name).is_file():
+            raise RunDirError(
+                f"{path}: not a run directory (no {name})", hint="pass directories written by replay-trace or simulate"
+            )
+    return Run(path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{path}: unreadable ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{path}: unreadable Parquet ({exc.__class__.__name__})") from None
