@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,fast]'
 	touch $(STAMP)
 
 # Installs only what is missing; needs root and apt-get (Debian/Ubuntu).
@@ -44,20 +44,22 @@ test-kvm: install system-deps
 # Benchmarks (root): figures go into docs/benchmarks.md with the command that produced them.
 bench: install system-deps
 	$(MARLLB) bench dataplane
+	$(MARLLB) bench replay
 
 DEMO_CONFIG ?= configs/local-small.yaml
-# Deploy the small testbed, start SED LBs, send 40 concurrent requests to the VIP from the client namespace
-# (they spread over the servers by SED), show the LBs' view, and tear down (also on failure or Ctrl-C).
+DEMO_TRACE ?= traces/rate_200_steady_30s.tsv
+DEMO_SECONDS ?= 60
+# Deploy the small testbed, replay the shipped trace open loop (4× slower, ≈ 50 requests/s) through ECMP
+# and then SED LBs, print the report, and tear down (also on failure or Ctrl-C). Runs stay in runs/demo-*.
 demo: install system-deps
 	@set -e; trap '$(MARLLB) teardown $(DEMO_CONFIG)' EXIT; \
+	runs=runs/demo-$$(date +%Y%m%dT%H%M%S); \
 	$(MARLLB) deploy $(DEMO_CONFIG); \
-	$(MARLLB) lb start $(DEMO_CONFIG) --method sed; \
-	eval $$($(MARLLB) status $(DEMO_CONFIG) --json | $(PY) -c 'import json,sys; s=json.load(sys.stdin); print("client=" + next(n["namespace"] for n in s["nodes"] if n["role"]=="client"), "vip=" + s["vip"])'); \
-	echo "40 concurrent GET http://$$vip/dummy.php/?n=2000000 from $$client:"; \
-	ip netns exec $$client curl -s --no-progress-meter --parallel --parallel-immediate --parallel-max 40 -w '%{http_code} %header{x-server}\n' \
-	  $$(for i in $$(seq 40); do echo "-o /dev/null http://$$vip/dummy.php/?n=2000000&i=$$i"; done) | sort | uniq -c; \
-	$(MARLLB) lb stats $(DEMO_CONFIG)
-
+	for method in ecmp sed; do \
+	  $(MARLLB) replay-trace $(DEMO_CONFIG) --trace $(DEMO_TRACE) --method $$method --speed 0.25 \
+	    --duration $(DEMO_SECONDS) --runs-dir $$runs; \
+	done; \
+	$(MARLLB) report $$runs --out $$runs/report
 
 lint: install
 	$(VENV)/bin/ruff check marllb_cli tests

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from marllb_cli.cli_support import JsonOption, console, reports_errors
 from marllb_cli.errors import ConfigError
-from marllb_cli.traces import poisson, read_trace, trace_stats, write_parquet
+from marllb_cli.traces import poisson, read_trace, trace_stats, wiki, write_parquet
 from marllb_cli.traces.generate import PAPER_WORK_MEAN, parse_mix
 
 trace_app = typer.Typer(help="Inspect or generate request traces.", no_args_is_help=True)
@@ -65,8 +65,47 @@ def gen_poisson(
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same trace.")] = 0,
 ) -> None:
     """Poisson arrivals with exponential CPU work (the papers' for-loop traces), written as Parquet."""
+    _check_out(out)
+    trace = poisson(rate=rate, duration=duration, work_mean=work_mean, mix=parse_mix(mix), seed=seed)
+    _write(trace, out, duration)
+
+
+@gen_app.command("wiki")
+@reports_errors
+def gen_wiki(
+    rate: Annotated[float, typer.Option(help="Mean requests per second over a day.")],
+    duration: Annotated[float, typer.Option(help="Seconds of traffic.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")],
+    day: Annotated[float, typer.Option(help="Length of one diurnal cycle in seconds (compress a day).")] = 86_400.0,
+    amplitude: Annotated[float, typer.Option(help="Diurnal swing: rate × (1 ± amplitude).")] = 0.4,
+    pages: Annotated[int, typer.Option(help="Number of distinct wiki pages.")] = 10_000,
+    zipf: Annotated[float, typer.Option(help="Zipf exponent of page popularity.")] = 1.0,
+    static_share: Annotated[float, typer.Option(help="Share of static-file requests.")] = 0.35,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same trace.")] = 0,
+) -> None:
+    """A synthetic Wikipedia-shaped trace (diurnal rate, Zipf pages, static files), written as Parquet.
+
+    Synthetic, not measured traffic: for real Wikipedia requests, read a WikiBench file instead.
+    """
+    _check_out(out)
+    trace = wiki(
+        rate=rate,
+        duration=duration,
+        day_s=day,
+        amplitude=amplitude,
+        pages=pages,
+        zipf=zipf,
+        static_share=static_share,
+        seed=seed,
+    )
+    _write(trace, out, duration)
+
+
+def _check_out(out: Path) -> None:
     if out.suffix != ".parquet":
         raise ConfigError(f"--out {out}: write a .parquet file")
-    trace = poisson(rate=rate, duration=duration, work_mean=work_mean, mix=parse_mix(mix), seed=seed)
+
+
+def _write(trace, out: Path, duration: float) -> None:
     write_parquet(trace, out)
     console.print(f"wrote {len(trace):,} requests over {duration:g} s to {out}")

@@ -15,7 +15,7 @@ from marllb_cli.traces.formats import (
     trace_stats,
     write_parquet,
 )
-from marllb_cli.traces.generate import poisson
+from marllb_cli.traces.generate import poisson, wiki
 
 __all__ = [
     "TRACE_CLASSES",
@@ -26,5 +26,6 @@ __all__ = [
     "read_trace",
     "read_wikibench",
     "trace_stats",
+    "wiki",
     "write_parquet",
 ]

@@ -1,5 +1,12 @@
-"""Synthetic traces. Poisson: exponential inter-arrival times and exponential CPU work (the papers' for-loop
-traces have exponential work with mean ≈ 3.67 M iterations), with an optional mix of request classes.
+"""Synthetic traces.
+
+- Poisson: exponential inter-arrival times and exponential CPU work (the papers' for-loop traces have
+  exponential work with mean ≈ 3.67 M iterations), with an optional mix of request classes.
+- Wiki: a *synthetic* Wikipedia-shaped trace for the testbed's wiki pages: a diurnal rate curve
+  (sinusoidal, peak-to-trough ratio (1 + a)/(1 − a), a day compressed to `day_s` seconds), Zipf page
+  popularity (exponent ≈ 1, as measured for Wikipedia page views), and a share of static files with
+  small files far more common than large ones. Not a real trace: for real Wikipedia traffic read a
+  WikiBench file.
 
 Reproducible: the same seed gives the same trace, and one generator stream is used per quantity
 (arrivals, classes, work, files), so changing the mix does not change the arrival times.
@@ -13,11 +20,13 @@ import pandas as pd
 from marllb_cli.errors import ConfigError
 from marllb_cli.traces.formats import TRACE_CLASSES
 
-__all__ = ["poisson", "parse_mix", "PAPER_WORK_MEAN"]
+__all__ = ["poisson", "wiki", "parse_mix", "PAPER_WORK_MEAN"]
 
 #: Mean for-loop iterations of the papers' Poisson traces.
 PAPER_WORK_MEAN = 3_670_000
 _STATIC_FILES = ("/static/1k.bin", "/static/10k.bin", "/static/100k.bin")
+#: Static file sizes of the wiki trace and how often each is asked for (small objects dominate).
+_WIKI_STATIC = {"/static/1k.bin": 0.60, "/static/10k.bin": 0.30, "/static/100k.bin": 0.09, "/static/1m.bin": 0.01}
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -70,5 +79,49 @@ def poisson(
             "path": paths,
             "class": pd.Categorical(classes, categories=TRACE_CLASSES),
             "work": np.where(classes == "cpu", work, np.nan),
+        }
+    )
+
+
+def wiki(
+    *,
+    rate: float,
+    duration: float,
+    day_s: float = 86_400.0,
+    amplitude: float = 0.4,
+    pages: int = 10_000,
+    zipf: float = 1.0,
+    static_share: float = 0.35,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """A synthetic Wikipedia-shaped trace: mean `rate` requests/s over `duration` s.
+
+    The rate follows rate·(1 + amplitude·sin(2π t/day_s − π/2)) (the trough at t = 0, the peak half a day
+    later), drawn by thinning a Poisson process at the peak rate. Page k (1-based) is asked for with
+    probability ∝ k^−zipf; `static_share` of requests are static files.
+    """
+    if rate <= 0 or duration <= 0 or day_s <= 0 or pages < 1 or zipf < 0:
+        raise ConfigError("rate, duration and day must be positive, pages ≥ 1 and the Zipf exponent ≥ 0")
+    if not 0 <= amplitude < 1 or not 0 <= static_share <= 1:
+        raise ConfigError("amplitude must be in [0, 1) and the static share in [0, 1]")
+    arrivals, thinning, kinds, page_rng, file_rng = (np.random.default_rng([seed, 10 + k]) for k in range(5))
+    peak = rate * (1 + amplitude)
+    expected = peak * duration
+    t = np.cumsum(arrivals.exponential(1.0 / peak, size=int(expected + 10 * np.sqrt(expected) + 10)))
+    t = t[t < duration]
+    relative = (1 + amplitude * np.sin(2 * np.pi * t / day_s - np.pi / 2)) / (1 + amplitude)
+    t = t[thinning.random(len(t)) < relative]
+    static = kinds.random(len(t)) < static_share
+    popularity = np.arange(1, pages + 1, dtype=np.float64) ** -zipf
+    page = page_rng.choice(pages, size=len(t), p=popularity / popularity.sum()) + 1
+    files = list(_WIKI_STATIC)
+    chosen = file_rng.choice(len(files), size=len(t), p=list(_WIKI_STATIC.values()))
+    paths = [files[f] if s else f"/wiki/index.php/Page_{p}" for s, p, f in zip(static, page, chosen, strict=True)]
+    return pd.DataFrame(
+        {
+            "t": t,
+            "path": paths,
+            "class": pd.Categorical(np.where(static, "static", "wiki"), categories=TRACE_CLASSES),
+            "work": np.full(len(t), np.nan),
         }
     )

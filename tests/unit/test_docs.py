@@ -29,3 +29,27 @@ def test_every_config_field_is_in_the_readme():
     assert len(fields) > 20
     missing = [field for field in fields if f"`{field}`" not in readme]
     assert not missing, f"document these in README.md's configuration reference: {missing}"
+
+
+def _commands(group, prefix: str) -> list[str]:
+    import click
+
+    out = []
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            out.extend(_commands(command, f"{prefix}{name} "))
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def test_every_command_is_in_the_readme():
+    import typer.main
+
+    from marllb_cli.cli import app
+
+    readme = (REPO / "README.md").read_text()
+    commands = _commands(typer.main.get_command(app), "marllb ")
+    assert "marllb replay-trace" in commands and "marllb trace gen wiki" in commands
+    missing = [c for c in commands if f"`{c} " not in readme and f"`{c}`" not in readme]
+    assert not missing, f"document these commands in README.md: {missing}"

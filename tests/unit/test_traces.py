@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from marllb_cli.errors import ConfigError, TraceFormatError
-from marllb_cli.traces import classify, poisson, read_trace, write_parquet
+from marllb_cli.traces import classify, poisson, read_trace, wiki, write_parquet
 from marllb_cli.traces.generate import parse_mix
 from tests.conftest import SHARED_TRACES
 
@@ -136,3 +136,28 @@ def test_poisson_is_reproducible_and_mixes_classes():
 def test_bad_mix_is_refused(text):
     with pytest.raises(ConfigError):
         parse_mix(text)
+
+
+def test_wiki_trace_is_diurnal_zipf_and_mixed():
+    trace = wiki(rate=100, duration=1000, day_s=1000, amplitude=0.4, pages=1000, zipf=1.0, static_share=0.35, seed=2)
+    assert len(trace) == pytest.approx(100_000, rel=0.02)  # the mean rate over a whole day
+    counts, _ = np.histogram(trace["t"], bins=10, range=(0, 1000))
+    # Trough at t = 0, peak at half a day: (1 + a)/(1 − a) = 2.33 between the outer and middle bins.
+    middle, edges = counts[4:6].mean(), (counts[0] + counts[9]) / 2
+    assert middle / edges == pytest.approx(1.4 / 0.6, rel=0.1)
+    assert (trace["class"] == "static").mean() == pytest.approx(0.35, abs=0.01)
+    pages = trace.loc[trace["class"] == "wiki", "path"].value_counts()
+    # Zipf(1) over 1000 pages: page 1 has share 1/H(1000) = 0.1336, twice page 2's.
+    share = pages / pages.sum()
+    assert share["/wiki/index.php/Page_1"] == pytest.approx(1 / np.sum(1 / np.arange(1, 1001)), rel=0.05)
+    assert pages["/wiki/index.php/Page_1"] / pages["/wiki/index.php/Page_2"] == pytest.approx(2.0, rel=0.1)
+    static = trace.loc[trace["class"] == "static", "path"].value_counts(normalize=True)
+    assert static["/static/1k.bin"] > static["/static/10k.bin"] > static["/static/100k.bin"]
+    assert wiki(rate=10, duration=100, seed=5).equals(wiki(rate=10, duration=100, seed=5))
+    assert all(classify(p)[0] == c for p, c in zip(trace["path"][:500], trace["class"][:500], strict=True))
+
+
+@pytest.mark.parametrize("bad", [{"rate": 0}, {"amplitude": 1.0}, {"static_share": 1.5}, {"pages": 0}])
+def test_wiki_refuses_bad_parameters(bad):
+    with pytest.raises(ConfigError):
+        wiki(**{"rate": 10, "duration": 10, **bad})

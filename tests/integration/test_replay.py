@@ -1,0 +1,158 @@
+"""`marllb replay-trace` and `marllb report` for real: the shipped trace, open loop, through our LBs to
+Apache on servers of 1, 1, 2 and 2 units, with the CLI run as a user runs it.
+
+Testbed name `itrp` (configs/local-small.yaml renamed), so it never meets a user's testbed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from marllb_cli.config import load_config
+from marllb_cli.deploy import LocalTestbed
+from marllb_cli.deploy.lb_services import SHM_DIR
+from marllb_cli.hosts import LocalNamespace
+from tests.conftest import REPO
+from tests.integration.helpers import NOTHING, leftovers
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local testbed needs root"),
+]
+NAME = "itrp"
+TRACE = REPO / "traces" / "rate_200_steady_30s.tsv"
+SPEED, DURATION = 0.25, 25.0
+MARLLB = [sys.executable, "-m", "marllb_cli"]
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    testbed = LocalTestbed(load_config(REPO / "configs" / "local-small.yaml", [f"testbed.name={NAME}"]))
+    testbed.deploy()
+    try:
+        yield testbed
+    finally:
+        testbed.teardown()
+    assert leftovers(NAME) == NOTHING
+
+
+def replay(method: str, runs_dir: Path, *extra: str, **kwargs) -> subprocess.Popen:
+    args = [
+        *MARLLB,
+        "replay-trace",
+        str(REPO / "configs" / "local-small.yaml"),
+        "--set",
+        f"testbed.name={NAME}",
+        "--trace",
+        str(TRACE),
+        "--method",
+        method,
+        "--speed",
+        str(SPEED),
+        "--runs-dir",
+        str(runs_dir),
+        *extra,
+    ]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, **kwargs)
+
+
+def expected_requests(duration: float) -> int:
+    times = pd.read_csv(TRACE, sep="\t")["time"]
+    return int((times / SPEED < duration).sum())
+
+
+def nothing_running_in(testbed: LocalTestbed) -> list[int]:
+    """PIDs in the LB and client namespaces (the run's processes live there; Apache lives elsewhere)."""
+    topology = testbed.topology
+    return [pid for node in (topology.client, *topology.lbs) for pid in LocalNamespace(node.namespace).pids()]
+
+
+def test_ecmp_and_sed_runs_are_complete_and_sed_wins_on_heterogeneous_servers(testbed, tmp_path):
+    runs_dir = tmp_path / "runs"
+    summaries = {}
+    for method in ("ecmp", "sed"):
+        process = replay(method, runs_dir, "--duration", str(DURATION))
+        out, err = process.communicate(timeout=DURATION + 60)
+        assert process.returncode == 0, err
+        run = next(p for p in runs_dir.iterdir() if f"-{method}-" in p.name)
+        meta = json.loads((run / "meta.json").read_text())
+        summary = json.loads((run / "summary.json").read_text())
+        requests = pd.read_parquet(run / "requests.parquet")
+        assert meta["complete"] is True and meta["failure"] is None
+        assert len(requests) == meta["scheduled_requests"] == expected_requests(DURATION) == summary["requests"]
+        assert requests["intended_s"].is_monotonic_increasing
+        assert summary["send_lag_p99_s"] < 0.05 and "send lag p99" in out
+        assert (requests["done_s"].dropna() >= requests["intended_s"][requests["done_s"].notna()]).all()
+        servers = pd.read_parquet(run / "servers.parquet")
+        assert set(servers["server"]) == {"srv0", "srv1", "srv2", "srv3"}
+        assert servers.groupby("server").size().min() >= 0.8 * DURATION / 0.25
+        for lb in ("lb0", "lb1"):
+            steps = pd.read_parquet(run / "agents" / f"{lb}.parquet")
+            assert len(steps) >= 0.8 * DURATION / 0.25
+            assert list(steps["weights"].iloc[-1]) == [1.0, 1.0, 2.0, 2.0]  # ∝ cpus (ecmp ignores them)
+            assert (steps["method"] == method).all()
+            assert steps["flows"].map(sum).max() > 0
+        shares = requests["server"].value_counts(normalize=True)
+        if method == "ecmp":  # equal split whatever the capacity
+            assert max(abs(shares[s] - 0.25) for s in shares.index) < 0.06
+        else:  # SED favours the 2-unit servers
+            assert shares["srv2"] + shares["srv3"] > 0.6
+            assert summary["error_rate"] < 0.01
+        summaries[method] = summary
+        assert nothing_running_in(testbed) == []
+        assert not list(SHM_DIR.glob(f"marllb-{NAME}-*"))
+    assert summaries["sed"]["jct_p99_s"] < summaries["ecmp"]["jct_p99_s"]
+    assert summaries["sed"]["jct_mean_s"] < summaries["ecmp"]["jct_mean_s"]
+
+    report = subprocess.run(
+        [*MARLLB, "report", str(runs_dir), "--out", str(tmp_path / "report"), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert report.returncode == 0, report.stderr
+    rows = [r for r in json.loads(report.stdout)["rows"] if r["class"] == "all"]
+    assert [r["method"] for r in rows] == ["sed", "ecmp"]
+    assert rows[1]["jct_p99_ratio"] > 1.0
+    assert (tmp_path / "report" / "jct_cdf.png").stat().st_size > 5000
+
+
+def test_ctrl_c_keeps_every_sent_request_and_leaves_nothing_running(testbed, tmp_path):
+    runs_dir = tmp_path / "runs"
+    process = replay("sed", runs_dir)
+    deadline = time.monotonic() + 30
+    csv = None
+    while time.monotonic() < deadline:
+        csv = next(runs_dir.glob("*/requests.csv"), None)
+        if csv is not None and len(csv.read_text().splitlines()) > 150:
+            break
+        time.sleep(0.2)
+    assert csv is not None, "the replay never started"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "incomplete" in out
+    run = csv.parent
+    meta = json.loads((run / "meta.json").read_text())
+    requests = pd.read_parquet(run / "requests.parquet")
+    assert meta["complete"] is False and meta["failure"] == "interrupted"
+    assert 150 < len(requests) == meta["replayed_requests"] < meta["scheduled_requests"]
+    # The rows are a prefix of the schedule, every finished request has its timings, the rest say why not.
+    schedule = pd.read_parquet(run / "schedule.parquet")
+    assert requests["path"].tolist() == schedule["path"].iloc[: len(requests)].tolist()
+    finished = requests["error"] == ""
+    assert finished.sum() > 150 and requests.loc[finished, "done_s"].notna().all()
+    assert set(requests.loc[~finished, "error"]) <= {"interrupted"}
+    assert json.loads((run / "summary.json").read_text())["requests"] == len(requests)
+    assert not (run / "requests.csv").exists()
+    assert nothing_running_in(testbed) == []
+    assert not list(SHM_DIR.glob(f"marllb-{NAME}-*"))

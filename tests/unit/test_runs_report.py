@@ -1,0 +1,128 @@
+"""Run directories and `marllb report` on synthetic runs whose statistics are known in advance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from marllb_cli.report import build_report, find_runs, write_report
+from marllb_cli.runs import create_run_dir, empty_requests, load_run, summarize, write_json
+
+
+def _requests(jct: np.ndarray, classes: list[str], *, errors: int = 0) -> pd.DataFrame:
+    """Requests one per 10 ms with the given JCTs; the last `errors` of them failed (timeout)."""
+    n = len(jct)
+    frame = empty_requests(n)
+    frame["intended_s"] = np.arange(n) * 0.01
+    frame["send_lag_s"] = 0.0005
+    frame["done_s"] = frame["intended_s"] + jct
+    frame["jct_s"] = jct
+    frame["status"] = 200
+    frame["class"] = pd.array([classes[i % len(classes)] for i in range(n)], dtype="string")
+    frame["server"] = pd.array([f"srv{i % 3}" for i in range(n)], dtype="string")
+    if errors:
+        frame.loc[n - errors :, ["status", "error"]] = [0, "timeout"]
+        frame.loc[n - errors :, ["done_s", "jct_s"]] = np.nan
+    return frame
+
+
+def _run(runs_dir, method: str, seed: int, jct: np.ndarray, *, classes=("cpu",), complete=True, errors=0):
+    path = create_run_dir(runs_dir, method=method, testbed="syn", seed=seed)
+    requests = _requests(jct, list(classes), errors=errors)
+    requests.to_parquet(path / "requests.parquet", index=False)
+    servers = pd.DataFrame({"t_s": [0.0, 0.25], "server": ["srv0"] * 2, "group": ["g"] * 2, "busy": [1.0, 3.0]})
+    servers.to_parquet(path / "servers.parquet", index=False)
+    write_json(path / "summary.json", summarize(requests, method=method, duration_s=len(jct) * 0.01))
+    write_json(path / "meta.json", {"kind": "testbed", "method": method, "seed": seed, "complete": complete})
+    return path
+
+
+def test_summarize_counts_errors_and_percentiles():
+    jct = np.linspace(0.001, 1.0, 1000)
+    requests = _requests(jct, ["cpu", "static"], errors=100)
+    summary = summarize(requests, method="sed", duration_s=10.0)
+    assert summary["requests"] == 1000 and summary["completed"] == 900 and summary["errors"] == 100
+    assert summary["error_kinds"] == {"timeout": 100}
+    done = jct[:900]
+    assert summary["jct_mean_s"] == pytest.approx(done.mean())
+    assert summary["jct_p99_s"] == pytest.approx(np.quantile(done, 0.99))
+    assert summary["throughput_per_s"] == pytest.approx(90.0)
+    assert summary["send_lag_p99_s"] == pytest.approx(0.0005)
+    assert set(summary["by_class"]) == {"cpu", "static"}
+    assert summary["by_class"]["cpu"]["requests"] == 500
+    assert summary["by_class"]["static"]["jct_mean_s"] == pytest.approx(done[1::2].mean())
+
+
+def test_report_pools_seeds_ranks_and_compares_to_the_baseline(tmp_path):
+    rng = np.random.default_rng(0)
+    runs_dir = tmp_path / "runs"
+    a1 = rng.exponential(0.1, 4000)
+    a2 = rng.exponential(0.12, 4000)
+    b = rng.exponential(0.3, 4000)
+    _run(runs_dir, "sed", 0, a1, classes=("cpu", "static"))
+    _run(runs_dir, "sed", 1, a2, classes=("cpu", "static"))
+    _run(runs_dir, "ecmp", 0, b, classes=("cpu", "static"), complete=False, errors=40)
+
+    report = build_report(find_runs([runs_dir]))
+    assert report.baseline == "sed"
+    assert len(report.runs) == 3
+    assert len(report.warnings) == 1 and "incomplete" in report.warnings[0]
+    rows = {(r["method"], r["class"]): r for r in report.rows}
+    sed, ecmp = rows[("sed", "all")], rows[("ecmp", "all")]
+    assert (sed["rank"], ecmp["rank"]) == (1, 2)
+    assert sed["runs"] == 2 and sed["requests"] == 8000
+    pooled = np.concatenate([a1, a2])
+    assert sed["jct_mean_s"] == pytest.approx(pooled.mean())
+    assert sed["jct_p99_s"] == pytest.approx(np.quantile(pooled, 0.99))
+    assert sed["jct_mean_spread_s"] == pytest.approx(np.std([a1.mean(), a2.mean()]))
+    assert ecmp["jct_mean_spread_s"] is None
+    assert ecmp["error_rate"] == pytest.approx(0.01)
+    assert ecmp["jct_mean_ratio"] == pytest.approx(b[:-40].mean() / pooled.mean())
+    assert sed["jct_mean_ratio"] == pytest.approx(1.0)
+    cpu = rows[("sed", "cpu")]
+    assert cpu["jct_mean_s"] == pytest.approx(np.concatenate([a1[::2], a2[::2]]).mean())
+
+    files = write_report(report, tmp_path / "out")
+    names = {f.name for f in files}
+    assert names == {"report.md", "jct_cdf.png", "jct_over_time.png", "busy_workers.png", "flow_share.png"}
+    for f in files[1:]:
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| 1 | sed | all | 2 | 8,000 |" in markdown
+    assert "| 2 | ecmp | all | 1 | 4,000 |" in markdown
+
+    # An explicit baseline changes the ratios.
+    flipped = {(r["method"], r["class"]): r for r in build_report(report.runs, "ecmp").rows}
+    assert flipped[("ecmp", "all")]["jct_mean_ratio"] == pytest.approx(1.0)
+    assert flipped[("sed", "all")]["jct_mean_ratio"] == pytest.approx(pooled.mean() / b[:-40].mean())
+
+
+def test_report_cli_json_and_bad_input(cli, tmp_path):
+    rng = np.random.default_rng(1)
+    runs_dir = tmp_path / "runs"
+    good = _run(runs_dir, "lsq", 0, rng.exponential(0.2, 500))
+    _run(runs_dir, "sed", 0, rng.exponential(0.1, 500))
+    result = cli("report", runs_dir, "--out", tmp_path / "rep", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [r["method"] for r in data["rows"] if r["class"] == "all"] == ["sed", "lsq"]
+    assert data["rows"][-1]["jct_mean_ratio"] > 1.5
+
+    table = cli("report", good, "--out", tmp_path / "rep2")
+    assert table.exit_code == 0 and "lsq" in table.stdout
+
+    for args, expected in (
+        ((tmp_path / "nothing",), "no such run directory"),
+        ((tmp_path,), "not a run directory"),
+        ((runs_dir, "--baseline", "qmix"), "no run of that method"),
+    ):
+        bad = cli("report", *args, "--out", tmp_path / "rep3")
+        assert bad.exit_code == 2, bad.output
+        assert expected in bad.stderr and "Traceback" not in bad.output
+    (good / "requests.parquet").write_text("not parquet")
+    broken = cli("report", good, "--out", tmp_path / "rep3")
+    assert broken.exit_code == 2 and "unreadable Parquet" in broken.stderr
+    assert load_run(good).method == "lsq"
