@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Annotated
 
@@ -9,6 +10,7 @@ import typer
 from rich.table import Table
 
 from marllb_cli.bench.dataplane import decision_benchmark, forwarding_benchmark, report_json
+from marllb_cli.bench.replay import replay_benchmark
 from marllb_cli.cli_support import JsonOption, console, err_console, reports_errors
 from marllb_cli.errors import MissingTool
 
@@ -58,4 +60,39 @@ def dataplane(
     for d in decisions:
         table.add_row(d.method, str(d.servers), f"{d.choose_ns:,.0f}", f"{d.syn_ns:,.0f}")
     console.print(table)
+    err_console.print("record these figures with the command line in docs/benchmarks.md")
+
+
+@bench_app.command()
+@reports_errors
+def replay(
+    seconds: Annotated[float, typer.Option("--seconds", help="Seconds of traffic per offered rate.", min=0.5)] = 3.0,
+    json_: JsonOption = False,
+) -> None:
+    """Highest open-loop rate of the replayer on one core with p99 send lag < 2 ms, next to wrk (needs root)."""
+    if os.geteuid() != 0:
+        raise MissingTool("the replay benchmark deploys a bench testbed and needs root", hint="run it with sudo")
+    with console.status("replay benchmark") as status:
+        result = replay_benchmark(seconds, progress=status.update)
+    if json_:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title="open-loop replayer, 1 KiB static page, new connection per request, CPU 0")
+    for column in ("generator", "offered/s", "completed/s", "send lag p99 (ms)", "failed", "p99 < 2 ms"):
+        table.add_column(column, justify="left" if column == "generator" else "right")
+    for p in result["replayer"]:
+        table.add_row(
+            p["generator"],
+            f"{p['offered_per_s']:,.0f}",
+            f"{p['completed_per_s']:,.0f}",
+            f"{p['lag_p99_ms']:.2f}",
+            f"{p['errors']:.1%}",
+            "yes" if p["passed"] else "[red]no[/]",
+        )
+    wrk = result["wrk"]
+    rate = wrk["requests_per_s"]
+    table.add_row(wrk["generator"], "", "" if rate is None else f"{rate:,.0f}", "", wrk["errors"] or "", "")
+    console.print(table)
+    for loop, rate in result["max_rate"].items():
+        console.print(f"max open-loop rate with p99 send lag < 2 ms ({loop}): {rate:,.0f} requests/s")
     err_console.print("record these figures with the command line in docs/benchmarks.md")

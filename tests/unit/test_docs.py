@@ -32,11 +32,9 @@ def test_every_config_field_is_in_the_readme():
 
 
 def _commands(group, prefix: str) -> list[str]:
-    import click
-
     out = []
     for name, command in group.commands.items():
-        if isinstance(command, click.Group):
+        if hasattr(command, "commands"):  # a command group
             out.extend(_commands(command, f"{prefix}{name} "))
         else:
             out.append(f"{prefix}{name}")
