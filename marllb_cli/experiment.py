@@ -245,7 +245,8 @@ def agent_steps(steps_log: Path, t0: float) -> pd.DataFrame:
 
 
 class ServerSampler:
-    """Every `period` s, each server's BusyWorkers (mod_status), probed from the client namespace."""
+    """Every `period` s, each server's busy workers (mod_status BusyWorkers less the probe's own worker),
+    probed from the client namespace."""
 
     def __init__(self, ns: LocalNamespace, servers: tuple[Node, ...], status_port: int, period: float) -> None:
         self.ns, self.servers, self.port, self.period = ns, servers, status_port, period
@@ -266,7 +267,9 @@ class ServerSampler:
                     busy = busy_workers(None, str(server.ip), self.port, timeout=self.period)
                 except OSError:
                     busy = None
-                self.rows.append((now, server.name, server.group or "", np.nan if busy is None else float(busy)))
+                # mod_status counts the worker answering the probe itself: leave it out.
+                value = np.nan if busy is None else float(max(0, busy - 1))
+                self.rows.append((now, server.name, server.group or "", value))
             next_tick += self.period
             self._stop.wait(max(0.0, next_tick - time.monotonic()))
 
