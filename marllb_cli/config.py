@@ -34,7 +34,10 @@ __all__ = [
     "Experiment",
     "NetworkSettings",
     "ServerGroup",
+    "Sim",
+    "SimTraffic",
     "Testbed",
+    "WorkDistribution",
     "load_config",
     "nested_model",
     "parse_override",
@@ -80,6 +83,12 @@ class ServerGroup(_Strict):
     count: int = Field(ge=1, le=150, description="Number of servers in the group.")
     cpus: float = Field(gt=0, le=256, description="Capacity of each server in CPU units.")
     app: Literal["php"] = Field("php", description="Application stack on the server.")
+    speed: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Simulator only: work units per core-second (heterogeneity beyond cores); 1 on testbeds.",
+    )
     apache: ApacheSettings = Field(default_factory=ApacheSettings, description="Apache prefork settings.")
 
 
@@ -185,11 +194,52 @@ class Experiment(_Strict):
     seed: int = Field(0, ge=0, description="Seed of every random draw of a run.")
 
 
+class WorkDistribution(_Strict):
+    """CPU work of one simulated request, in core-seconds at speed 1."""
+
+    distribution: Literal["exponential", "lognormal", "pareto", "deterministic"] = Field(
+        "exponential", description="Shape of the work distribution."
+    )
+    mean_s: float = Field(0.1, gt=0, description="Mean work (core-seconds at speed 1).")
+    sigma: float = Field(1.0, gt=0, le=5, description="lognormal: σ of the underlying normal.")
+    shape: float = Field(1.5, gt=1, le=100, description="pareto: tail index α (> 1 for a finite mean).")
+
+
+class SimTraffic(_Strict):
+    """The simulator's requests: a Poisson generator, or a trace file."""
+
+    kind: Literal["poisson", "trace"] = Field("poisson", description="poisson: generated; trace: read `trace`.")
+    load: float = Field(
+        0.9, gt=0, le=2, description="poisson: offered load as a share of Σ cpus × speed (sets the rate)."
+    )
+    rate: float | None = Field(None, gt=0, description="poisson: requests/s; overrides `load` when set.")
+    duration_s: float = Field(300.0, gt=0, description="Simulated seconds of arrivals.")
+    work: WorkDistribution = Field(default_factory=WorkDistribution, description="poisson: CPU work per request.")
+    io_share: float = Field(
+        0.0, ge=0, lt=1, description="Share of each request's service time spent in IO (holds a worker, no CPU)."
+    )
+    trace: Path | None = Field(None, description="trace: a trace file (papers' TSV, WikiBench or Parquet).")
+    trace_speed: float = Field(1.0, gt=0, description="trace: time compression, as replay-trace --speed.")
+    iteration_s: float = Field(
+        7e-9, gt=0, description="trace: core-seconds per for-loop iteration of a CPU request (× work_scale)."
+    )
+    static_work_s: float = Field(0.001, gt=0, description="trace: core-seconds of a static-file request.")
+    wiki_work_s: float = Field(0.05, gt=0, description="trace: core-seconds of a wiki page request.")
+
+
+class Sim(_Strict):
+    """The event-driven simulator (`marllb simulate`): traffic and LB details; servers come from `testbed`."""
+
+    traffic: SimTraffic = Field(default_factory=SimTraffic, description="The requests.")
+    idle_timeout_s: float = Field(40.0, gt=0, description="An LB ends a flow with no packet for this long.")
+
+
 class Config(_Strict):
     """One marllb YAML file."""
 
     testbed: Testbed
     experiment: Experiment = Field(default_factory=Experiment)
+    sim: Sim = Field(default_factory=Sim)
     source: Path | None = Field(None, exclude=True, description="The file this config was loaded from.")
 
     def resolved_yaml(self) -> str:

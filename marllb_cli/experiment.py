@@ -35,7 +35,15 @@ from marllb_cli.deploy.local import LocalTestbed
 from marllb_cli.errors import ConfigError, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.replay import ReplaySpec
-from marllb_cli.runs import create_run_dir, empty_requests, environment, now_iso, summarize, write_json
+from marllb_cli.runs import (
+    create_run_dir,
+    empty_requests,
+    environment,
+    now_iso,
+    save_results,
+    steps_frame,
+    write_json,
+)
 from marllb_cli.topology import Node
 from marllb_cli.traces import read_trace
 
@@ -171,15 +179,15 @@ def _finish(
     """Turn what the processes streamed into the run directory's Parquet and JSON files."""
     t0 = replayer.t0 if replayer is not None and replayer.t0 is not None else time.monotonic()
     requests = _requests(run / "requests.csv", schedule)
-    requests.to_parquet(run / "requests.parquet", index=False)
-    sampler.frame(t0).to_parquet(run / "servers.parquet", index=False)
-    for lb in services.topology.lbs:
-        steps = services.steps_log(lb)
-        if steps.exists():
-            agent_steps(steps, t0).to_parquet(run / "agents" / f"{lb.name}.parquet", index=False)
+    agents = {
+        lb.name: agent_steps(services.steps_log(lb), t0)
+        for lb in services.topology.lbs
+        if services.steps_log(lb).exists()
+    }
     duration = float(requests["intended_s"].max()) if finished and len(requests) else _elapsed(requests)
-    summary = summarize(requests, method=meta["method"], duration_s=duration)
-    write_json(run / "summary.json", summary)
+    summary = save_results(
+        run, method=meta["method"], requests=requests, servers=sampler.frame(t0), agents=agents, duration_s=duration
+    )
     warnings = []
     lag = summary["send_lag_p99_s"]
     if lag is not None and lag > LAG_WARNING_S:
@@ -229,19 +237,15 @@ def _requests(csv_path: Path, schedule: pd.DataFrame) -> pd.DataFrame:
 
 
 def agent_steps(steps_log: Path, t0: float) -> pd.DataFrame:
-    """An agent's JSONL step log as a frame: `t_s` relative to the run, rewards flattened to `reward_<name>`."""
+    """An agent's JSONL step log as a frame (`runs.steps_frame`); a line cut by a kill is skipped."""
     rows = []
     with steps_log.open() as lines:
         for line in lines:
             try:
-                row = json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            rewards = row.pop("rewards", {})
-            row["t_s"] = row.pop("t") - t0
-            row.update({f"reward_{name}": value for name, value in rewards.items()})
-            rows.append(row)
-    return pd.DataFrame(rows)
+                continue
+    return steps_frame(rows, t0)
 
 
 class ServerSampler:
@@ -281,7 +285,7 @@ class ServerSampler:
     def frame(self, t0: float) -> pd.DataFrame:
         frame = pd.DataFrame(self.rows, columns=["t_s", "server", "group", "busy"])
         frame["t_s"] -= t0
-        return frame.astype({"server": "string", "group": "string"})
+        return frame
 
 
 class ReplayerProcess:

@@ -39,6 +39,8 @@ __all__ = [
     "environment",
     "load_run",
     "now_iso",
+    "save_results",
+    "steps_frame",
     "summarize",
     "write_json",
 ]
@@ -181,6 +183,38 @@ def summarize(requests: pd.DataFrame, *, method: str, duration_s: float) -> dict
             for name, frame in requests.groupby("class", sort=True, observed=True)
         },
     }
+
+
+def steps_frame(rows: list[dict[str, Any]], t0: float) -> pd.DataFrame:
+    """Agent step records (`agents.runner.step_record`) as a frame: `t_s` relative to the run's time 0,
+    rewards flattened to `reward_<name>` columns."""
+    flat = []
+    for row in rows:
+        row = dict(row)
+        rewards = row.pop("rewards", {})
+        row["t_s"] = row.pop("t") - t0
+        row.update({f"reward_{name}": value for name, value in rewards.items()})
+        flat.append(row)
+    return pd.DataFrame(flat)
+
+
+def save_results(
+    run: Path,
+    *,
+    method: str,
+    requests: pd.DataFrame,
+    servers: pd.DataFrame,
+    agents: dict[str, pd.DataFrame],
+    duration_s: float,
+) -> dict[str, Any]:
+    """Write requests.parquet, servers.parquet, agents/<lb>.parquet and summary.json; return the summary."""
+    requests.to_parquet(run / "requests.parquet", index=False)
+    servers.astype({"server": "string", "group": "string"}).to_parquet(run / "servers.parquet", index=False)
+    for lb, frame in agents.items():
+        frame.to_parquet(run / "agents" / f"{lb}.parquet", index=False)
+    summary = summarize(requests, method=method, duration_s=duration_s)
+    write_json(run / "summary.json", summary)
+    return summary
 
 
 class Run:

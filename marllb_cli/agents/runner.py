@@ -14,8 +14,10 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from marllb_cli.agents.base import Agent
@@ -26,7 +28,7 @@ from marllb_cli.features import observe
 from marllb_cli.rewards import all_rewards
 from marllb_cli.services import until_signalled
 
-__all__ = ["AgentSpec", "run_agent", "main"]
+__all__ = ["AgentSpec", "run_agent", "step_record", "main"]
 
 log = logging.getLogger("marllb.agent")
 
@@ -69,6 +71,28 @@ def _attach(path: Path, timeout_s: float = 10.0) -> Channel:
             time.sleep(0.05)
 
 
+def step_record(
+    now: float, step: int, lb: str, agent: Agent, obs: np.ndarray, weights: Sequence[float], new_flows: Sequence[int]
+) -> dict:
+    """One agent step as logged on the testbed and in simulation (`agents/lb<i>.parquet` rows)."""
+    row = {
+        "t": now,
+        "step": step,
+        "lb": lb,
+        "method": agent.method,
+        "weights": [round(float(w), 6) for w in weights],
+        "flows": obs[:, 0].astype(int).tolist(),
+        "fd_mean": obs[:, 1].tolist(),
+        "fd_decayed_mean": obs[:, 4].tolist(),
+        "new_flows": [int(x) for x in new_flows],
+        "rewards": all_rewards(obs[:, 4]),
+    }
+    busy = getattr(agent, "last_busy", None)
+    if busy is not None:
+        row["busy_workers"] = busy
+    return row
+
+
 def run_agent(spec: AgentSpec, agent: Agent, channel: Channel, should_run) -> int:
     """Step `agent` every `spec.period` until `should_run()` is false; return the number of steps."""
     step = 0
@@ -81,22 +105,7 @@ def run_agent(spec: AgentSpec, agent: Agent, channel: Channel, should_run) -> in
             weights = agent.act(obs)
             channel.write_control(agent.method, list(map(float, weights)))
             channel.heartbeat()
-            row = {
-                "t": now,
-                "step": step,
-                "lb": spec.lb,
-                "method": agent.method,
-                "weights": [round(float(w), 6) for w in weights],
-                "flows": obs[:, 0].astype(int).tolist(),
-                "fd_mean": obs[:, 1].tolist(),
-                "fd_decayed_mean": obs[:, 4].tolist(),
-                "new_flows": stats.new_flows.tolist(),
-                "rewards": all_rewards(obs[:, 4]),
-            }
-            busy = getattr(agent, "last_busy", None)
-            if busy is not None:
-                row["busy_workers"] = busy
-            steps.write(json.dumps(row) + "\n")
+            steps.write(json.dumps(step_record(now, step, spec.lb, agent, obs, weights, stats.new_flows)) + "\n")
             step += 1
             next_tick += spec.period
             now = time.monotonic()

@@ -4,7 +4,8 @@ One server model covers everything we need, by its three limits:
 
     cpus         cores; every active job runs at speed × min(1, cpus / active) — processor sharing in which
                  one job can use at most one core (an Apache worker is one process)
-    max_workers  jobs served at once (Apache prefork: 32); the rest wait in a FIFO backlog
+    max_workers  jobs served at once (Apache prefork: 32); the rest wait in a FIFO backlog (a job in an IO
+                 phase holds its worker but uses no CPU: it joins processor sharing when its IO is done)
     backlog      waiting room (Apache: 128); a job arriving to a full backlog is rejected (a failed request)
 
 so M/M/1 FCFS is (cpus 1, workers 1, backlog ∞), M/M/c is (c, c, ∞), an egalitarian PS server is
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ServerModel", "Result", "simulate", "APACHE_WORKERS", "APACHE_BACKLOG"]
+__all__ = ["ServerModel", "ServerState", "Result", "simulate", "APACHE_WORKERS", "APACHE_BACKLOG"]
 
 APACHE_WORKERS = 32
 APACHE_BACKLOG = 128
@@ -64,10 +65,10 @@ class Result:
         return self.finish[done] - self.arrival[done]
 
 
-class _Server:
-    """Mutable state of one server during a run."""
+class ServerState:
+    """Mutable state of one server during a run; the LB layer reads it for probes and oracles."""
 
-    __slots__ = ("model", "virtual", "clock", "active", "waiting", "version")
+    __slots__ = ("model", "virtual", "clock", "active", "waiting", "waiting_work", "in_io", "version")
 
     def __init__(self, model: ServerModel) -> None:
         self.model = model
@@ -75,7 +76,13 @@ class _Server:
         self.clock = 0.0  # when V was last brought up to date
         self.active: list[tuple[float, int]] = []  # heap of (finish value of V, job)
         self.waiting: deque[int] = deque()
+        self.waiting_work: deque[float] = deque()
+        self.in_io = 0  # jobs holding a worker in their IO phase
         self.version = 0
+
+    def workers(self) -> int:
+        """Workers in use: jobs computing plus jobs in IO."""
+        return len(self.active) + self.in_io
 
     def rate(self) -> float:
         k = len(self.active)
@@ -86,16 +93,24 @@ class _Server:
             self.virtual += (now - self.clock) * self.rate()
         self.clock = now
 
+    def remaining(self, now: float) -> tuple[list[float], list[float]]:
+        """(remaining work of each active job, work of each waiting job, in FIFO order) at `now`."""
+        virtual = self.virtual + (now - self.clock) * self.rate() if self.active else self.virtual
+        return [max(0.0, v - virtual) for v, _ in self.active], list(self.waiting_work)
+
     def next_completion(self) -> float:
         if not self.active:
             return INF
         return self.clock + max(0.0, self.active[0][0] - self.virtual) / self.rate()
 
 
-#: `dispatch(job, now)` → the server index of a new job; `on_finish(job, server, now)` is told when a job
-#: leaves its server, completed or rejected (its finish time is then NaN).
+#: `dispatch(job, now)` → the server index of a new job; `on_finish(job, server, now, completed)` is told
+#: when a job leaves its server, completed or rejected (`completed` False; its finish time stays NaN);
+#: `on_tick(now)` runs every `tick_period` simulated seconds, before any arrival or completion at the same
+#: time (agent steps).
 Dispatch = Callable[[int, float], int]
-OnFinish = Callable[[int, int, float], None]
+OnFinish = Callable[[int, int, float, bool], None]
+OnTick = Callable[[float], None]
 
 
 def simulate(
@@ -105,46 +120,78 @@ def simulate(
     dispatch: Dispatch,
     *,
     on_finish: OnFinish | None = None,
+    on_tick: OnTick | None = None,
+    tick_period: float = INF,
     until: float = INF,
+    states: list[ServerState] | None = None,
+    io: np.ndarray | None = None,
 ) -> Result:
-    """Run the jobs (sorted `arrival` times, `work` in core-seconds at speed 1) through `servers`."""
+    """Run the jobs (sorted `arrival` times, `work` in core-seconds at speed 1) through `servers`.
+
+    `io` (seconds per job, optional): an IO phase at the start of service that holds a worker but no CPU.
+
+    `states` lets the caller hold the servers' live state (for probes and oracles); it must be fresh
+    `ServerState(model)` objects for `servers`, in order."""
     n = len(arrival)
-    state = [_Server(model) for model in servers]
+    state = states if states is not None else [ServerState(model) for model in servers]
     server_of = np.full(n, -1, dtype=np.int64)
     start = np.full(n, np.nan)
     finish = np.full(n, np.nan)
     arrivals = arrival.tolist()
     works = work.tolist()
-    events: list[tuple[float, int, int]] = []  # (time, server, version)
+    ios = io.tolist() if io is not None else None
+    events: list[tuple[float, int, int]] = []  # (time, server, version ≥ 0 | −1 − job for an IO end)
     push, pop = heapq.heappush, heapq.heappop
 
-    def admit(s: _Server, job: int, now: float) -> None:
-        heapq.heappush(s.active, (s.virtual + works[job], job))
+    def admit(index: int, s: ServerState, job: int, now: float) -> bool:
+        """Give `job` a worker; False when it starts with IO (no CPU yet, nothing to reschedule)."""
         start[job] = now
+        if ios is not None and ios[job] > 0:
+            s.in_io += 1
+            push(events, (now + ios[job], index, -1 - job))
+            return False
+        heapq.heappush(s.active, (s.virtual + works[job], job))
+        return True
 
-    def reschedule(index: int, s: _Server) -> None:
+    def reschedule(index: int, s: ServerState) -> None:
         s.version += 1
         t = s.next_completion()
         if t < INF:
             push(events, (t, index, s.version))
 
     next_job = 0
+    next_tick = 0.0 if on_tick is not None else INF
     while True:
         t_arrival = arrivals[next_job] if next_job < n else INF
-        if events and events[0][0] <= t_arrival:
+        t_event = events[0][0] if events else INF
+        if next_tick <= t_arrival and next_tick <= t_event and next_tick <= until and next_tick < INF:
+            if next_job >= n and not events:
+                break
+            on_tick(next_tick)  # type: ignore[misc]
+            next_tick += tick_period
+            continue
+        if events and t_event <= t_arrival:
             now, index, version = pop(events)
             s = state[index]
-            if version != s.version:
-                continue  # superseded by a later change at this server
             if now > until:
                 break
+            if version < 0:  # a job's IO phase ended: it starts computing
+                job = -1 - version
+                s.advance(now)
+                s.in_io -= 1
+                heapq.heappush(s.active, (s.virtual + works[job], job))
+                reschedule(index, s)
+                continue
+            if version != s.version:
+                continue  # superseded by a later change at this server
             s.advance(now)
             _, job = heapq.heappop(s.active)
             finish[job] = now
             if on_finish is not None:
-                on_finish(job, index, now)
+                on_finish(job, index, now, True)
             if s.waiting:
-                admit(s, s.waiting.popleft(), now)
+                s.waiting_work.popleft()
+                admit(index, s, s.waiting.popleft(), now)
             reschedule(index, s)
             continue
         if t_arrival == INF or t_arrival > until:
@@ -155,11 +202,12 @@ def simulate(
         server_of[job] = index
         s = state[index]
         s.advance(now)
-        if len(s.active) < s.model.max_workers:
-            admit(s, job, now)
-            reschedule(index, s)
+        if s.workers() < s.model.max_workers:
+            if admit(index, s, job, now):
+                reschedule(index, s)
         elif len(s.waiting) < s.model.backlog:
             s.waiting.append(job)
+            s.waiting_work.append(works[job])
         elif on_finish is not None:  # rejected (a reset connection): start and finish stay NaN, the flow ends
-            on_finish(job, index, now)
+            on_finish(job, index, now, False)
     return Result(arrival=arrival, server=server_of, start=start, finish=finish)

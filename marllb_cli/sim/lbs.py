@@ -1,0 +1,167 @@
+"""The LB layer of the simulator: an edge router hashing flows over m LBs, each LB with the dataplane's own
+`FlowTable` (q_j as that LB sees it, the flow-duration reservoirs) and `Selector`, and one agent per LB
+stepping every period through the same `Agent` interface, `features.observe` and step record as on the
+testbed.
+
+A request is one flow. An LB sees only the client's segments, and in simulation they are, with zero RTT:
+
+    arrival   SYN (opens the flow: the selector picks the server, q_j += 1), then the handshake ACK
+    finish    the ACK of the response (samples the flow duration), then FIN (q_j −= 1, completion sample)
+
+so the reservoirs fill with the same mixture of near-zero and full-length durations as on the wire, and a
+request running longer than the idle timeout ends by timeout exactly as it would there (the table is
+expired every second, as the dataplane does). A rejected request (full backlog) is a reset: RST.
+
+Oracle policies see what no LB can (the servers' true state) and skip the flow tables:
+    oracle-srt   the server that would finish the new job first if nothing else arrived (exact PS
+                 drain of its remaining work, backlog and worker limit included)
+    oracle-gsq   global shortest expected delay: argmin (n_j + 1) / (cpus_j × speed_j) over the jobs n_j
+                 each server really holds, summed over all LBs
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from marllb_cli.agents.base import Agent
+from marllb_cli.agents.heuristics import HEURISTICS, heuristic
+from marllb_cli.agents.runner import step_record
+from marllb_cli.dataplane.flows import FlowTable
+from marllb_cli.dataplane.packets import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from marllb_cli.dataplane.selection import Selector
+from marllb_cli.features import observe
+from marllb_cli.sim.engine import ServerState
+
+__all__ = ["ORACLES", "SIM_METHODS", "LbLayer", "finish_if_added"]
+
+ORACLES = ("oracle-srt", "oracle-gsq")
+SIM_METHODS = (*HEURISTICS, *ORACLES)
+_ACK, _FIN, _RST = TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST
+
+
+class LbLayer:
+    """Dispatch, finish and tick callbacks for `engine.simulate`, and what the run records."""
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        n_lbs: int,
+        states: list[ServerState],
+        cpus: Sequence[float],
+        idle_timeout: float = 40.0,
+        work: Sequence[float],
+        seed: int = 0,
+        agents: list[Agent] | None = None,
+    ) -> None:
+        if method not in SIM_METHODS:
+            raise ValueError(f"unknown method {method!r}")
+        self.method = method
+        self.work = work
+        self.states = states
+        self.n = len(states)
+        self.n_lbs = n_lbs
+        self.capacity = np.array([c * s.model.speed for c, s in zip(cpus, states, strict=True)])
+        self.oracle = method in ORACLES
+        probe = self._busy_probe
+        self.agents: list[Agent] = agents or [
+            heuristic("sed" if self.oracle else method, list(cpus), probe) for _ in range(n_lbs)
+        ]
+        self.tables = []
+        for i, agent in enumerate(self.agents):
+            rng = random.Random(seed * 1_000 + i)
+            selector = Selector(self.n, method=agent.method, weights=list(agent.weights), rng=rng)
+            self.tables.append(FlowTable(selector, idle_timeout=idle_timeout, rng=rng))
+        self.lb_of: list[int] = []
+        self.steps: list[list[dict]] = [[] for _ in range(n_lbs)]
+        self.busy: list[tuple[float, int, int]] = []  # (t, server, jobs holding a worker)
+        self._step = 0
+        self._next_expire = 1.0
+
+    # -- engine callbacks -------------------------------------------------------------------------------
+    def dispatch(self, job: int, now: float) -> int:
+        key = job.to_bytes(12, "little")
+        lb = zlib.crc32(key) % self.n_lbs  # the edge router's per-flow ECMP hash
+        self.lb_of.append(lb)
+        if self.oracle:
+            return self._oracle(job, now)
+        table = self.tables[lb]
+        server = table.server_for(key, TCP_SYN, now)
+        table.server_for(key, _ACK, now)
+        return server
+
+    def finish(self, job: int, server: int, now: float, completed: bool) -> None:
+        if self.oracle:
+            return
+        key = job.to_bytes(12, "little")
+        table = self.tables[self.lb_of[job]]
+        if completed:
+            table.server_for(key, _ACK, now)
+            table.server_for(key, _FIN, now)
+        else:
+            table.server_for(key, _RST, now)
+
+    def tick(self, now: float) -> None:
+        """An agent step on every LB, the busy-workers sample, and the 1 s flow-table expiry."""
+        if now >= self._next_expire:
+            for table in self.tables:
+                table.expire(now)
+            self._next_expire += 1.0
+        for j, state in enumerate(self.states):
+            self.busy.append((now, j, len(state.active)))
+        for lb, (agent, table) in enumerate(zip(self.agents, self.tables, strict=True)):
+            obs = observe(table.flows, [r.samples() for r in table.durations], now)
+            weights = agent.act(obs)
+            if not self.oracle:
+                table.selector.set_weights([float(w) for w in weights])
+            self.steps[lb].append(step_record(now, self._step, f"lb{lb}", agent, obs, weights, table.new_flows))
+        self._step += 1
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def _busy_probe(self) -> list[int | None]:
+        """What mod_status would report: the workers in use plus the probe's own."""
+        return [len(s.active) + 1 for s in self.states]
+
+    def _oracle(self, job: int, now: float) -> int:
+        if self.method == "oracle-gsq":
+            jobs = np.array([len(s.active) + len(s.waiting) for s in self.states], dtype=np.float64)
+            return int(np.argmin((jobs + 1) / self.capacity))
+        work = self.work[job]
+        return min(range(self.n), key=lambda j: finish_if_added(self.states[j], work, now))
+
+
+def finish_if_added(state: ServerState, work: float, now: float) -> float:
+    """When a new job of `work` would finish at this server if nothing else arrived (∞ if rejected).
+
+    Drains the server exactly: the k active jobs each get speed × min(1, cpus/k); a finished job's worker
+    goes to the next waiting job (FIFO); the new job joins the active set, or the end of the backlog."""
+    model = state.model
+    active, waiting = state.remaining(now)
+    if len(active) < model.max_workers:
+        active.append(work)
+        new = len(active) - 1
+    elif len(waiting) < model.backlog:
+        waiting.append(work)
+        new = len(active) + len(waiting) - 1  # ids: active first, then the waiting line in order
+    else:
+        return np.inf
+    remaining = dict(enumerate(active))
+    line = list(enumerate(waiting, start=len(active)))
+    line.reverse()  # pop() from the end = FIFO
+    t = now
+    while True:
+        rate = model.speed * min(1.0, model.cpus / len(remaining))
+        first = min(remaining, key=remaining.__getitem__)
+        served = remaining.pop(first)
+        t += served / rate
+        for i in remaining:
+            remaining[i] -= served
+        if first == new:
+            return t
+        if line:
+            i, w = line.pop()
+            remaining[i] = w

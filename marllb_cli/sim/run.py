@@ -1,0 +1,193 @@
+"""`marllb simulate`: one simulated run of a method on the config's servers, written as a run directory in
+exactly the format of `marllb replay-trace`, so `marllb report` reads both.
+
+    traffic (common random numbers per seed) → servers (cpus × speed, Apache workers and backlog from the
+    config) → LB layer (edge hash, flow tables, agents every agent period) → engine → requests, busy
+    workers per server per step, agent steps → run directory
+
+What differs from a testbed run, by construction: no network (zero RTT, no send lag), so `send_lag_s` is
+0 and `connect_s` is the arrival; `first_byte_s` is the finish (CPU-bound pages answer at the end); the
+`lb` column is known; a request the server's full backlog refuses has status 0 and error `rejected`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from marllb_cli.config import Config
+from marllb_cli.errors import ConfigError
+from marllb_cli.runs import create_run_dir, empty_requests, environment, now_iso, save_results, steps_frame, write_json
+from marllb_cli.sim.engine import ServerModel, ServerState, simulate
+from marllb_cli.sim.lbs import SIM_METHODS, LbLayer
+from marllb_cli.sim.traffic import Traffic, capacity, traffic
+
+__all__ = ["SimOutcome", "SimRun", "run_simulation", "simulate_to_run_dir"]
+
+
+@dataclass
+class SimRun:
+    """Everything one simulation produced, as frames in the run directory's shapes."""
+
+    method: str
+    requests: pd.DataFrame
+    servers: pd.DataFrame
+    agents: dict[str, pd.DataFrame]
+    duration_s: float
+    rate: float
+    wall_s: float
+
+
+@dataclass
+class SimOutcome:
+    path: Path
+    summary: dict[str, Any]
+    wall_s: float
+    jobs_per_wall_s: float
+
+
+def server_models(config: Config) -> tuple[list[ServerModel], list[str], list[str], list[float]]:
+    """Per server: its model, name, group and cpus, in the testbed's order (srv0, srv1, ...)."""
+    models, names, groups, cpus = [], [], [], []
+    for group in config.testbed.servers:
+        for _ in range(group.count):
+            names.append(f"srv{len(names)}")
+            groups.append(group.name)
+            cpus.append(group.cpus)
+            models.append(
+                ServerModel(
+                    cpus=group.cpus,
+                    speed=group.speed,
+                    max_workers=group.apache.max_request_workers,
+                    backlog=group.apache.listen_backlog,
+                )
+            )
+    return models, names, groups, cpus
+
+
+def run_simulation(
+    config: Config,
+    method: str,
+    *,
+    seed: int | None = None,
+    duration_s: float | None = None,
+    load: Traffic | None = None,
+) -> SimRun:
+    """Simulate `method` on the config's servers and LBs; pure (no files)."""
+    if method not in SIM_METHODS:
+        raise ConfigError(f"--method {method!r}: unknown", hint=f"choose one of {', '.join(SIM_METHODS)}")
+    seed = config.experiment.seed if seed is None else seed
+    requests_in = load if load is not None else traffic(config, seed=seed, duration_s=duration_s)
+    models, names, groups, cpus = server_models(config)
+    states = [ServerState(m) for m in models]
+    lbs = LbLayer(
+        method=method,
+        n_lbs=config.testbed.lbs,
+        states=states,
+        cpus=cpus,
+        work=requests_in.work,
+        idle_timeout=config.sim.idle_timeout_s,
+        seed=seed,
+    )
+    period = config.experiment.agent_period_ms / 1000
+    started = time.perf_counter()
+    result = simulate(
+        requests_in.arrival,
+        requests_in.work,
+        models,
+        lbs.dispatch,
+        on_finish=lbs.finish,
+        on_tick=lbs.tick,
+        tick_period=period,
+        states=states,
+        io=requests_in.io,
+    )
+    wall = time.perf_counter() - started
+    n = len(requests_in)
+    requests = empty_requests(n)
+    done = ~np.isnan(result.finish)
+    requests["intended_s"] = requests_in.arrival
+    requests["send_lag_s"] = 0.0
+    requests["connect_s"] = requests_in.arrival
+    requests["first_byte_s"] = result.finish
+    requests["done_s"] = result.finish
+    requests["jct_s"] = result.finish - requests_in.arrival
+    requests["status"] = np.where(done, 200, 0)
+    requests["server"] = pd.array(np.asarray(names, dtype=object)[result.server], dtype="string")
+    requests["lb"] = pd.array([f"lb{i}" for i in lbs.lb_of], dtype="string")
+    requests["class"] = pd.array(requests_in.classes, dtype="string")
+    requests["path"] = pd.array(requests_in.paths, dtype="string")
+    requests["error"] = pd.array(np.where(done, "", "rejected"), dtype="string")
+    busy = np.asarray(lbs.busy, dtype=np.float64).reshape(-1, 3)
+    index = busy[:, 1].astype(int)
+    servers = pd.DataFrame(
+        {
+            "t_s": busy[:, 0],
+            "server": np.asarray(names, dtype=object)[index],
+            "group": np.asarray(groups, dtype=object)[index],
+            "busy": busy[:, 2],
+        }
+    )
+    agents = {} if lbs.oracle else {f"lb{i}": steps_frame(rows, 0.0) for i, rows in enumerate(lbs.steps)}
+    duration = float(requests_in.arrival[-1]) if n else 0.0
+    return SimRun(method, requests, servers, agents, duration, requests_in.rate, wall)
+
+
+def simulate_to_run_dir(
+    config: Config,
+    method: str,
+    *,
+    runs_dir: Path,
+    seed: int | None = None,
+    duration_s: float | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> SimOutcome:
+    """Simulate and write a run directory (`meta.json` first with complete=false, as a testbed run)."""
+    seed = config.experiment.seed if seed is None else seed
+    if method not in SIM_METHODS:
+        raise ConfigError(f"--method {method!r}: unknown", hint=f"choose one of {', '.join(SIM_METHODS)}")
+    run = create_run_dir(runs_dir, method=method, testbed=f"{config.testbed.name}-sim", seed=seed)
+    (run / "config.yaml").write_text(config.resolved_yaml())
+    spec = config.sim.traffic
+    meta: dict[str, Any] = {
+        "kind": "sim",
+        "method": method,
+        "testbed": config.testbed.name,
+        "seed": seed,
+        "traffic": spec.model_dump(mode="json"),
+        "duration_s": duration_s if duration_s is not None else spec.duration_s,
+        "capacity_core_s_per_s": capacity(config),
+        "started": now_iso(),
+        "complete": False,
+        **environment(),
+    }
+    write_json(run / "meta.json", meta)
+    progress("simulating")
+    sim = run_simulation(config, method, seed=seed, duration_s=duration_s)
+    progress("writing the run directory")
+    summary = save_results(
+        run,
+        method=method,
+        requests=sim.requests,
+        servers=sim.servers,
+        agents=sim.agents,
+        duration_s=sim.duration_s,
+    )
+    jobs_per_s = len(sim.requests) / sim.wall_s if sim.wall_s > 0 else float("inf")
+    meta.update(
+        complete=True,
+        ended=now_iso(),
+        failure=None,
+        requests=len(sim.requests),
+        rate_per_s=sim.rate,
+        wall_s=sim.wall_s,
+        simulated_requests_per_wall_s=jobs_per_s,
+    )
+    write_json(run / "meta.json", meta)
+    return SimOutcome(run, summary, sim.wall_s, jobs_per_s)
