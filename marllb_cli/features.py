@@ -116,6 +116,24 @@ def observe(flows: Sequence[float], durations: Sequence[tuple[np.ndarray, np.nda
         raise ValueError(f"{len(flows)} flow counters but {len(durations)} reservoirs")
     out = np.zeros((len(flows), N_FEATURES), dtype=np.float32)
     out[:, 0] = flows
+    sizes = {len(values) for _, values in durations}
+    if len(sizes) == 1 and 0 not in sizes:  # the usual case (full reservoirs): one vectorised reduction
+        out[:, 1:] = _summarize_rows(np.stack([t for t, _ in durations]), np.stack([v for _, v in durations]), now)
+        return out
     for j, (times, values) in enumerate(durations):
         out[j, 1:] = summarize(times, values, now).as_tuple()
     return out
+
+
+def _summarize_rows(times: np.ndarray, values: np.ndarray, now: float, decay: float = DECAY_PER_SECOND) -> np.ndarray:
+    """`summarize` of every row of equally filled reservoirs at once: [servers, 5]."""
+    decayed = values * np.power(decay, np.maximum(now - times, 0.0))
+    return np.column_stack(
+        (
+            values.mean(axis=1),
+            np.percentile(values, 90, axis=1),
+            values.std(axis=1),
+            decayed.mean(axis=1),
+            np.percentile(decayed, 90, axis=1),
+        )
+    )

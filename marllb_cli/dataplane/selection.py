@@ -15,6 +15,7 @@ The weights only change future choices: a flow's server is fixed by the flow tab
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import struct
@@ -39,8 +40,11 @@ def flow_hash(key: bytes) -> int:
     return zlib.crc32(key)
 
 
-def maglev_table(n: int, size: int = MAGLEV_TABLE_SIZE) -> list[int]:
-    """Maglev lookup table for servers 0..n-1: entry c is the server of flows whose hash ≡ c (mod size)."""
+@functools.lru_cache(maxsize=32)
+def maglev_table(n: int, size: int = MAGLEV_TABLE_SIZE) -> tuple[int, ...]:
+    """Maglev lookup table for servers 0..n-1: entry c is the server of flows whose hash ≡ c (mod size).
+
+    Cached: it depends only on (n, size), and the simulator builds one selector per LB per run."""
     if n < 1:
         raise ValueError("maglev needs at least one server")
     offsets, skips = [], []
@@ -62,7 +66,7 @@ def maglev_table(n: int, size: int = MAGLEV_TABLE_SIZE) -> list[int]:
             next_index[j] += 1
             filled += 1
             if filled == size:
-                return table
+                return tuple(table)
 
 
 class AliasTable:
