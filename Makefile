@@ -45,6 +45,7 @@ test-kvm: install system-deps
 bench: install system-deps
 	$(MARLLB) bench dataplane
 	$(MARLLB) bench replay
+	$(MARLLB) bench sim
 
 DEMO_CONFIG ?= configs/local-small.yaml
 DEMO_TRACE ?= traces/rate_200_steady_30s.tsv

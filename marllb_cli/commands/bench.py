@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,7 +12,8 @@ from rich.table import Table
 
 from marllb_cli.bench.dataplane import decision_benchmark, forwarding_benchmark, report_json
 from marllb_cli.bench.replay import replay_benchmark
-from marllb_cli.cli_support import JsonOption, console, err_console, reports_errors
+from marllb_cli.bench.sim import as_dicts, sim_benchmark
+from marllb_cli.cli_support import ConfigArg, JsonOption, console, err_console, load, reports_errors
 from marllb_cli.errors import MissingTool
 
 bench_app = typer.Typer(help="Benchmarks; their figures are recorded in docs/benchmarks.md.", no_args_is_help=True)
@@ -95,4 +97,33 @@ def replay(
     console.print(table)
     for loop, rate in result["max_rate"].items():
         console.print(f"max open-loop rate with p99 send lag < 2 ms ({loop}): {rate:,.0f} requests/s")
+    err_console.print("record these figures with the command line in docs/benchmarks.md")
+
+
+@bench_app.command()
+@reports_errors
+def sim(
+    config: ConfigArg = Path("configs/sim-moderate.yaml"),
+    duration: Annotated[float, typer.Option(help="Simulated seconds of arrivals.", min=1)] = 300.0,
+    json_: JsonOption = False,
+) -> None:
+    """Simulated requests per wall second: marllb (full and engine only) next to SimPy, same requests."""
+    with console.status("simulation benchmark"):
+        results = sim_benchmark(load(config, None), duration)
+    if json_:
+        print(json.dumps(as_dicts(results), indent=2))
+        return
+    table = Table(title=f"{config}: {results[0].requests:,} requests over {duration:g} simulated s")
+    for column in ("simulator", "wall s", "requests / wall s", "× SimPy", "mean JCT (ms)"):
+        table.add_column(column, justify="left" if column == "simulator" else "right")
+    simpy_rate = results[-1].requests_per_wall_s
+    for r in results:
+        table.add_row(
+            r.simulator,
+            f"{r.wall_s:.2f}",
+            f"{r.requests_per_wall_s:,.0f}",
+            f"{r.requests_per_wall_s / simpy_rate:.1f}",
+            f"{r.jct_mean_s * 1e3:.2f}",
+        )
+    console.print(table)
     err_console.print("record these figures with the command line in docs/benchmarks.md")

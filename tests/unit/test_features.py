@@ -69,3 +69,18 @@ def test_observation_layout():
     assert not obs[[0, 2], 1:].any()
     with pytest.raises(ValueError):
         observe(np.array([1, 2]), [r.samples() for r in reservoirs], now=0.0)
+
+
+def test_full_reservoirs_take_the_vectorised_path_with_the_same_numbers():
+    rng = random.Random(2)
+    reservoirs = [Reservoir(16, rng=rng) for _ in range(5)]
+    for k in range(200):
+        reservoirs[k % 5].add(k * 0.01, rng.expovariate(1 + k % 5))
+    samples = [r.samples() for r in reservoirs]
+    assert {len(v) for _, v in samples} == {16}
+    obs = observe([1, 2, 3, 4, 5], samples, now=2.5)
+    for j, (times, values) in enumerate(samples):
+        assert obs[j, 1:] == pytest.approx(np.float32(summarize(times, values, 2.5).as_tuple()), rel=1e-6)
+    # Unequal fills fall back to the per-server reduction.
+    mixed = observe([0, 0], [samples[0], (samples[1][0][:3], samples[1][1][:3])], now=2.5)
+    assert mixed[1, 1] == pytest.approx(samples[1][1][:3].mean(), rel=1e-6)

@@ -144,3 +144,26 @@ def test_simulate_cli_writes_a_run_that_report_reads(cli, tmp_path):
     assert rows[0]["requests"] == meta["requests"]
     bad = cli("simulate", MODERATE, "--method", "qmix")
     assert bad.exit_code == 2 and "unknown" in bad.stderr
+
+
+def test_the_simpy_reference_model_agrees_with_the_engine_job_by_job():
+    """The benchmark's SimPy model is the same model: identical finish times on the same requests."""
+    from marllb_cli.bench.sim import _simpy_run
+    from marllb_cli.dataplane.selection import sed
+    from marllb_cli.sim.run import server_models
+    from marllb_cli.sim.traffic import traffic
+
+    config = load_config(MODERATE, ["sim.traffic.load=1.5"])  # overloaded: backlogs and rejections too
+    load = traffic(config, seed=1, duration_s=20)
+    models, _, _, cpus = server_models(config)
+    states = [ServerState(m) for m in models]
+    engine = simulate(
+        load.arrival,
+        load.work,
+        models,
+        lambda job, now: sed([len(s.active) + len(s.waiting) for s in states], cpus),
+        states=states,
+    )
+    reference = _simpy_run(load.arrival, load.work, models, cpus)
+    assert np.allclose(engine.finish, reference, rtol=1e-9, equal_nan=True)
+    assert np.isnan(engine.finish).sum() == np.isnan(reference).sum() > 100
