@@ -210,7 +210,7 @@ class SimTraffic(_Strict):
 
     kind: Literal["poisson", "trace"] = Field("poisson", description="poisson: generated; trace: read `trace`.")
     load: float = Field(
-        0.9, gt=0, le=2, description="poisson: offered load as a share of Σ cpus × speed (sets the rate)."
+        0.9, gt=0, le=2, description="poisson: offered CPU load, a share of Σ cpus × speed (sets the rate)."
     )
     rate: float | None = Field(None, gt=0, description="poisson: requests/s; overrides `load` when set.")
     duration_s: float = Field(300.0, gt=0, description="Simulated seconds of arrivals.")

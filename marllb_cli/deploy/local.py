@@ -35,7 +35,7 @@ from marllb_cli.deploy.apache import (
 from marllb_cli.deploy.cgroups import CpuCgroup, cgroup_root
 from marllb_cli.deploy.manifest import Manifest, state_root
 from marllb_cli.deploy.network import Progress, build_network
-from marllb_cli.errors import MissingTool, NamespaceExists, TestbedError
+from marllb_cli.errors import ConfigError, MissingTool, NamespaceExists, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.processes import kill_pids
 from marllb_cli.services import Service, start_service
@@ -92,6 +92,7 @@ class LocalTestbed:
     # -- public operations -----------------------------------------------------------------------------
     def deploy(self, progress: Progress = _no_progress) -> DeployOutcome:
         """Bring the testbed up; a no-op when it is already up with this config, a clean rebuild otherwise."""
+        self._refuse_sim_only_settings()
         _preflight()
         manifest = Manifest.load(self.manifest_path)
         self._refuse_foreign(manifest)
@@ -252,6 +253,15 @@ class LocalTestbed:
 
     def _group(self, server: Node) -> ServerGroup:
         return next(group for group in self.config.testbed.servers if group.name == server.group)
+
+    def _refuse_sim_only_settings(self) -> None:
+        """A core cannot be made slower here: `speed` exists in the simulator only."""
+        for i, group in enumerate(self.config.testbed.servers):
+            if group.speed != 1.0:
+                raise ConfigError(
+                    f"{self.config.source or 'config'}: testbed.servers[{i}].speed: {group.speed:g} is simulator-only",
+                    hint="express capacity with cpus on a testbed (or use marllb simulate)",
+                )
 
     def _digest(self) -> str:
         return hashlib.sha256(self.config.testbed.model_dump_json().encode()).hexdigest()[:16]

@@ -68,8 +68,9 @@ class LbLayer:
         self.capacity = np.array([c * s.model.speed for c, s in zip(cpus, states, strict=True)])
         self.oracle = method in ORACLES
         probe = self._busy_probe
+        # Static weights ∝ capacity (cpus × speed): the testbed's cpus, and faster servers count for more.
         self.agents: list[Agent] = agents or [
-            heuristic("sed" if self.oracle else method, list(cpus), probe) for _ in range(n_lbs)
+            heuristic("sed" if self.oracle else method, self.capacity.tolist(), probe) for _ in range(n_lbs)
         ]
         self.tables = []
         for i, agent in enumerate(self.agents):
@@ -110,7 +111,7 @@ class LbLayer:
         if now >= self._next_expire:
             for table in self.tables:
                 table.expire(now)
-            self._next_expire += 1.0
+            self._next_expire = now + 1.0
         for j, state in enumerate(self.states):
             self.busy.append((now, j, len(state.active)))
         for lb, (agent, table) in enumerate(zip(self.agents, self.tables, strict=True)):

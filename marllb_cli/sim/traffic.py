@@ -4,7 +4,8 @@ Common random numbers: arrivals, work and classes each draw from their own gener
 (seed, stream), so every method simulated with the same seed sees exactly the same requests, and
 changing the work distribution does not move the arrivals.
 
-Poisson: rate = load × Σ cpus × speed / mean work, unless `rate` is given. Work distributions all have
+Poisson: rate = load × Σ cpus × speed / mean CPU work (`load` is the offered CPU load, IO excluded),
+unless `rate` is given. Work distributions all have
 mean `mean_s`: exponential; lognormal with σ (μ = ln mean − σ²/2); Pareto with tail index α and scale
 mean × (α − 1)/α; deterministic.
 
@@ -67,7 +68,8 @@ def traffic(config: Config, *, seed: int, duration_s: float | None = None) -> Tr
     duration = duration_s if duration_s is not None else spec.duration_s
     arrivals_rng, work_rng = (np.random.default_rng([seed, k]) for k in range(2))
     if spec.kind == "poisson":
-        rate = spec.rate if spec.rate is not None else spec.load * capacity(config) / spec.work.mean_s
+        cpu_mean = spec.work.mean_s * (1 - spec.io_share)
+        rate = spec.rate if spec.rate is not None else spec.load * capacity(config) / cpu_mean
         expected = rate * duration
         gaps = arrivals_rng.exponential(1.0 / rate, int(expected + 10 * np.sqrt(expected) + 10))
         arrival = np.cumsum(gaps)

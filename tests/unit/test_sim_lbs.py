@@ -167,3 +167,9 @@ def test_the_simpy_reference_model_agrees_with_the_engine_job_by_job():
     reference = _simpy_run(load.arrival, load.work, models, cpus)
     assert np.allclose(engine.finish, reference, rtol=1e-9, equal_nan=True)
     assert np.isnan(engine.finish).sum() == np.isnan(reference).sum() > 100
+
+
+def test_deploy_refuses_a_simulator_only_speed(cli):
+    result = cli("deploy", REPO / "configs" / "sim-park.yaml")
+    assert result.exit_code == 2
+    assert "testbed.servers[0].speed" in result.stderr and "simulator-only" in result.stderr
