@@ -219,7 +219,7 @@ def _requests(csv_path: Path, schedule: pd.DataFrame) -> pd.DataFrame:
     try:
         rows = pd.read_csv(csv_path, keep_default_na=False, dtype={"server": str, "error": str})
     except (FileNotFoundError, pd.errors.EmptyDataError):
-        rows = pd.DataFrame(columns=["index"])
+        return empty_requests(0)  # the replayer never started (the LBs failed first, say)
     rows = rows.sort_values("index").drop_duplicates("index")
     requests = empty_requests(len(rows))
     index = rows["index"].to_numpy(np.int64)

@@ -28,7 +28,13 @@ from marllb_cli.sim.engine import ServerModel, ServerState, simulate
 from marllb_cli.sim.lbs import SIM_METHODS, LbLayer
 from marllb_cli.sim.traffic import Traffic, capacity, traffic
 
-__all__ = ["SimOutcome", "SimRun", "run_simulation", "simulate_to_run_dir"]
+__all__ = ["SimOutcome", "SimRun", "require_sim_method", "run_simulation", "simulate_to_run_dir"]
+
+
+def require_sim_method(method: str) -> None:
+    """A `ConfigError` (exit 2) naming the choices unless `method` is one the simulator runs."""
+    if method not in SIM_METHODS:
+        raise ConfigError(f"--method {method!r}: unknown", hint=f"choose one of {', '.join(SIM_METHODS)}")
 
 
 @dataclass
@@ -80,8 +86,7 @@ def run_simulation(
     load: Traffic | None = None,
 ) -> SimRun:
     """Simulate `method` on the config's servers and LBs; pure (no files)."""
-    if method not in SIM_METHODS:
-        raise ConfigError(f"--method {method!r}: unknown", hint=f"choose one of {', '.join(SIM_METHODS)}")
+    require_sim_method(method)
     seed = config.experiment.seed if seed is None else seed
     requests_in = load if load is not None else traffic(config, seed=seed, duration_s=duration_s)
     models, names, groups, cpus = server_models(config)
@@ -150,8 +155,7 @@ def simulate_to_run_dir(
 ) -> SimOutcome:
     """Simulate and write a run directory (`meta.json` first with complete=false, as a testbed run)."""
     seed = config.experiment.seed if seed is None else seed
-    if method not in SIM_METHODS:
-        raise ConfigError(f"--method {method!r}: unknown", hint=f"choose one of {', '.join(SIM_METHODS)}")
+    require_sim_method(method)
     run = create_run_dir(runs_dir, method=method, testbed=f"{config.testbed.name}-sim", seed=seed)
     (run / "config.yaml").write_text(config.resolved_yaml())
     spec = config.sim.traffic
