@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ServerModel", "ServerState", "Result", "simulate", "APACHE_WORKERS", "APACHE_BACKLOG"]
+__all__ = ["Engine", "ServerModel", "ServerState", "Result", "simulate", "APACHE_WORKERS", "APACHE_BACKLOG"]
 
 APACHE_WORKERS = 32
 APACHE_BACKLOG = 128
@@ -113,6 +113,117 @@ OnFinish = Callable[[int, int, float, bool], None]
 OnTick = Callable[[float], None]
 
 
+class Engine:
+    """A simulation that can be advanced in steps (`run(until)`), for the PettingZoo environment; `simulate`
+    runs one to the end. The arguments are those of `simulate`."""
+
+    def __init__(
+        self,
+        arrival: np.ndarray,
+        work: np.ndarray,
+        servers: Sequence[ServerModel],
+        dispatch: Dispatch,
+        *,
+        on_finish: OnFinish | None = None,
+        on_tick: OnTick | None = None,
+        tick_period: float = INF,
+        states: list[ServerState] | None = None,
+        io: np.ndarray | None = None,
+    ) -> None:
+        n = len(arrival)
+        self.arrival = arrival
+        self.states = states if states is not None else [ServerState(model) for model in servers]
+        self.server = np.full(n, -1, dtype=np.int64)
+        self.start = np.full(n, np.nan)
+        self.finish = np.full(n, np.nan)
+        self.dispatch, self.on_finish, self.on_tick, self.tick_period = dispatch, on_finish, on_tick, tick_period
+        self._arrivals = arrival.tolist()
+        self._works = work.tolist()
+        self._ios = io.tolist() if io is not None else None
+        self._events: list[tuple[float, int, int]] = []  # (time, server, version ≥ 0 | −1 − job for an IO end)
+        self.next_job = 0
+        self.next_tick = 0.0 if on_tick is not None else INF
+
+    def result(self) -> Result:
+        return Result(arrival=self.arrival, server=self.server, start=self.start, finish=self.finish)
+
+    def run(self, until: float = INF) -> None:
+        """Process every tick, completion and arrival at or before `until`, in time order (ticks first)."""
+        state, events, works, ios = self.states, self._events, self._works, self._ios
+        arrivals, n = self._arrivals, len(self._arrivals)
+        start, finish, server_of = self.start, self.finish, self.server
+        dispatch, on_finish, on_tick, tick_period = self.dispatch, self.on_finish, self.on_tick, self.tick_period
+        push, pop = heapq.heappush, heapq.heappop
+        next_job, next_tick = self.next_job, self.next_tick
+
+        def admit(index: int, s: ServerState, job: int, now: float) -> bool:
+            """Give `job` a worker; False when it starts with IO (no CPU yet, nothing to reschedule)."""
+            start[job] = now
+            if ios is not None and ios[job] > 0:
+                s.in_io += 1
+                push(events, (now + ios[job], index, -1 - job))
+                return False
+            heapq.heappush(s.active, (s.virtual + works[job], job))
+            return True
+
+        def reschedule(index: int, s: ServerState) -> None:
+            s.version += 1
+            t = s.next_completion()
+            if t < INF:
+                push(events, (t, index, s.version))
+
+        while True:
+            t_arrival = arrivals[next_job] if next_job < n else INF
+            t_event = events[0][0] if events else INF
+            if next_tick <= t_arrival and next_tick <= t_event:
+                if next_tick > until or (next_job >= n and not events):
+                    break
+                on_tick(next_tick)  # type: ignore[misc]
+                next_tick += tick_period
+                continue
+            if events and t_event <= t_arrival:
+                if t_event > until:
+                    break
+                now, index, version = pop(events)
+                s = state[index]
+                if version < 0:  # a job's IO phase ended: it starts computing
+                    job = -1 - version
+                    s.advance(now)
+                    s.in_io -= 1
+                    heapq.heappush(s.active, (s.virtual + works[job], job))
+                    reschedule(index, s)
+                    continue
+                if version != s.version:
+                    continue  # superseded by a later change at this server
+                s.advance(now)
+                _, job = heapq.heappop(s.active)
+                finish[job] = now
+                if on_finish is not None:
+                    on_finish(job, index, now, True)
+                if s.waiting:
+                    s.waiting_work.popleft()
+                    admit(index, s, s.waiting.popleft(), now)
+                reschedule(index, s)
+                continue
+            if t_arrival == INF or t_arrival > until:
+                break
+            job, now = next_job, t_arrival
+            next_job += 1
+            index = dispatch(job, now)
+            server_of[job] = index
+            s = state[index]
+            s.advance(now)
+            if s.workers() < s.model.max_workers:
+                if admit(index, s, job, now):
+                    reschedule(index, s)
+            elif len(s.waiting) < s.model.backlog:
+                s.waiting.append(job)
+                s.waiting_work.append(works[job])
+            elif on_finish is not None:  # rejected (a reset connection): start and finish stay NaN, the flow ends
+                on_finish(job, index, now, False)
+        self.next_job, self.next_tick = next_job, next_tick
+
+
 def simulate(
     arrival: np.ndarray,
     work: np.ndarray,
@@ -132,82 +243,16 @@ def simulate(
 
     `states` lets the caller hold the servers' live state (for probes and oracles); it must be fresh
     `ServerState(model)` objects for `servers`, in order."""
-    n = len(arrival)
-    state = states if states is not None else [ServerState(model) for model in servers]
-    server_of = np.full(n, -1, dtype=np.int64)
-    start = np.full(n, np.nan)
-    finish = np.full(n, np.nan)
-    arrivals = arrival.tolist()
-    works = work.tolist()
-    ios = io.tolist() if io is not None else None
-    events: list[tuple[float, int, int]] = []  # (time, server, version ≥ 0 | −1 − job for an IO end)
-    push, pop = heapq.heappush, heapq.heappop
-
-    def admit(index: int, s: ServerState, job: int, now: float) -> bool:
-        """Give `job` a worker; False when it starts with IO (no CPU yet, nothing to reschedule)."""
-        start[job] = now
-        if ios is not None and ios[job] > 0:
-            s.in_io += 1
-            push(events, (now + ios[job], index, -1 - job))
-            return False
-        heapq.heappush(s.active, (s.virtual + works[job], job))
-        return True
-
-    def reschedule(index: int, s: ServerState) -> None:
-        s.version += 1
-        t = s.next_completion()
-        if t < INF:
-            push(events, (t, index, s.version))
-
-    next_job = 0
-    next_tick = 0.0 if on_tick is not None else INF
-    while True:
-        t_arrival = arrivals[next_job] if next_job < n else INF
-        t_event = events[0][0] if events else INF
-        if next_tick <= t_arrival and next_tick <= t_event and next_tick <= until and next_tick < INF:
-            if next_job >= n and not events:
-                break
-            on_tick(next_tick)  # type: ignore[misc]
-            next_tick += tick_period
-            continue
-        if events and t_event <= t_arrival:
-            now, index, version = pop(events)
-            s = state[index]
-            if now > until:
-                break
-            if version < 0:  # a job's IO phase ended: it starts computing
-                job = -1 - version
-                s.advance(now)
-                s.in_io -= 1
-                heapq.heappush(s.active, (s.virtual + works[job], job))
-                reschedule(index, s)
-                continue
-            if version != s.version:
-                continue  # superseded by a later change at this server
-            s.advance(now)
-            _, job = heapq.heappop(s.active)
-            finish[job] = now
-            if on_finish is not None:
-                on_finish(job, index, now, True)
-            if s.waiting:
-                s.waiting_work.popleft()
-                admit(index, s, s.waiting.popleft(), now)
-            reschedule(index, s)
-            continue
-        if t_arrival == INF or t_arrival > until:
-            break
-        job, now = next_job, t_arrival
-        next_job += 1
-        index = dispatch(job, now)
-        server_of[job] = index
-        s = state[index]
-        s.advance(now)
-        if s.workers() < s.model.max_workers:
-            if admit(index, s, job, now):
-                reschedule(index, s)
-        elif len(s.waiting) < s.model.backlog:
-            s.waiting.append(job)
-            s.waiting_work.append(works[job])
-        elif on_finish is not None:  # rejected (a reset connection): start and finish stay NaN, the flow ends
-            on_finish(job, index, now, False)
-    return Result(arrival=arrival, server=server_of, start=start, finish=finish)
+    engine = Engine(
+        arrival,
+        work,
+        servers,
+        dispatch,
+        on_finish=on_finish,
+        on_tick=on_tick,
+        tick_period=tick_period,
+        states=states,
+        io=io,
+    )
+    engine.run(until)
+    return engine.result()
