@@ -108,24 +108,33 @@ class LbLayer:
 
     def tick(self, now: float) -> None:
         """An agent step on every LB, the busy-workers sample, and the 1 s flow-table expiry."""
-        if now >= self._next_expire:
-            for table in self.tables:
-                table.expire(now)
-            self._next_expire = now + 1.0
-        for j, state in enumerate(self.states):
-            self.busy.append((now, j, len(state.active)))
+        self.housekeeping(now)
         for lb, (agent, table) in enumerate(zip(self.agents, self.tables, strict=True)):
-            obs = observe(table.flows, [r.samples() for r in table.durations], now)
+            obs = self.observe(lb, now)
             weights = agent.act(obs)
             if not self.oracle:
                 table.selector.set_weights([float(w) for w in weights])
             self.steps[lb].append(step_record(now, self._step, f"lb{lb}", agent, obs, weights, table.new_flows))
         self._step += 1
 
+    def housekeeping(self, now: float) -> None:
+        """What happens every step whoever acts: the 1 s flow-table expiry and the busy-workers sample."""
+        if now >= self._next_expire:
+            for table in self.tables:
+                table.expire(now)
+            self._next_expire = now + 1.0
+        for j, state in enumerate(self.states):
+            self.busy.append((now, j, len(state.active) + state.in_io))
+
+    def observe(self, lb: int, now: float) -> np.ndarray:
+        """LB `lb`'s observation, exactly as its agent on the testbed computes it: [servers, 6]."""
+        table = self.tables[lb]
+        return observe(table.flows, [r.samples() for r in table.durations], now)
+
     # -- helpers ----------------------------------------------------------------------------------------
     def _busy_probe(self) -> list[int | None]:
         """What mod_status would report: the workers in use plus the probe's own."""
-        return [len(s.active) + 1 for s in self.states]
+        return [s.workers() + 1 for s in self.states]
 
     def _oracle(self, job: int, now: float) -> int:
         if self.method == "oracle-gsq":

@@ -1,0 +1,60 @@
+"""The PettingZoo environment over the simulator: the API test, and that actions and seeds do what they say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pettingzoo.test import parallel_api_test
+
+from marllb_cli.config import load_config
+from marllb_cli.sim.env import LoadBalancingEnv
+from tests.conftest import REPO
+
+MODERATE = REPO / "configs" / "sim-moderate.yaml"
+
+
+@pytest.mark.parametrize("action", ["discrete", "continuous"])
+def test_passes_the_pettingzoo_parallel_api_test(action):
+    parallel_api_test(LoadBalancingEnv(load_config(MODERATE), action=action, episode_s=10), num_cycles=100)
+
+
+def _episode(env: LoadBalancingEnv, seed: int, levels_per_server: list[int]) -> tuple[float, int, list]:
+    observations, _ = env.reset(seed=seed)
+    steps, rewards = 0, []
+    while env.agents:
+        observations, reward, _, truncations, infos = env.step({a: np.array(levels_per_server) for a in env.agents})
+        rewards.append(reward)
+        steps += 1
+    result = env.engine.result()
+    done = ~np.isnan(result.finish)
+    return float((result.finish[done] - result.arrival[done]).mean()), steps, rewards
+
+
+def test_weights_steer_the_load_and_seeds_repeat():
+    env = LoadBalancingEnv(load_config(MODERATE), episode_s=30)
+    # Servers 0–3 have 2 CPUs, 4–6 have 4: weights by capacity (1.0 vs 2.0) against the reverse.
+    by_capacity, steps, rewards = _episode(env, 3, [0, 0, 0, 0, 2, 2, 2])
+    reversed_, _, _ = _episode(env, 3, [2, 2, 2, 2, 0, 0, 0])
+    assert steps == 30 / 0.25
+    assert by_capacity < 0.8 * reversed_
+    assert set(rewards[-1]) == {"lb0", "lb1"} and all(0 < r <= 1 for r in rewards[-1].values())  # Jain index
+    again, _, _ = _episode(env, 3, [0, 0, 0, 0, 2, 2, 2])
+    assert again == by_capacity
+    other_seed, _, _ = _episode(env, 4, [0, 0, 0, 0, 2, 2, 2])
+    assert other_seed != by_capacity
+
+
+def test_observations_are_each_lbs_own_flows():
+    env = LoadBalancingEnv(load_config(MODERATE), episode_s=5)
+    env.reset(seed=0)
+    for _ in range(8):
+        observations, *_ = env.step({a: np.zeros(7, dtype=np.int64) for a in env.agents})
+    engine_jobs = sum(s.workers() + len(s.waiting) for s in env.lbs.states)
+    seen = sum(int(o[:, 0].sum()) for o in observations.values())
+    assert seen == engine_jobs > 0  # together the LBs see every open flow, each only its own
+    assert all(o.shape == (7, 6) and o.dtype == np.float32 for o in observations.values())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown reward"):
+        LoadBalancingEnv(load_config(MODERATE), reward="happiness")
