@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
@@ -13,7 +14,7 @@ from marllb_cli.agents.runner import AgentSpec, run_agent
 from marllb_cli.dataplane.channel import COUNTERS, Channel
 from marllb_cli.dataplane.flows import FlowTable
 from marllb_cli.dataplane.selection import Selector, flow_key
-from marllb_cli.rewards import all_rewards, jain, ms, vbf
+from marllb_cli.rewards import EPS, REWARDS, all_rewards, jain, ms, pbf, team, vbf, vbf_log
 
 
 def test_static_heuristics_use_capacity_weights():
@@ -41,7 +42,21 @@ def test_rewards_on_hand_computed_vectors():
     assert jain(np.zeros(3)) == 1.0
     assert vbf(load) == pytest.approx(-2 / 3)
     assert ms(load) == -3.0
-    assert all_rewards(np.array([2.0, 2.0])) == {"jain": 1.0, "vbf": 0.0, "ms": -2.0}
+    assert pbf(load) == pytest.approx(6 / 3)
+    assert pbf(np.array([0.0, 1.0])) == 0.0
+    assert vbf_log(load) == pytest.approx(-2 / 3 - math.log(2 / 3 + EPS))
+    r = all_rewards(load)
+    assert r["jain-log"] == pytest.approx(math.log(36 / 42))
+    assert r["pbf-log"] == pytest.approx(math.log(1) + math.log(2) + math.log(3) - math.log(3))
+    assert r["vbf-exp"] == pytest.approx(math.exp(-2 / 3))
+    assert r["ms-exp"] == pytest.approx(math.exp(-3))
+    even = all_rewards(np.array([2.0, 2.0]))
+    assert even["jain"] == 1.0 and even["vbf"] == 0.0 and even["ms"] == -2.0
+    assert even["vbf-log"] == pytest.approx(-math.log(EPS))  # the most even load is by far the best
+    # Larger is better: a more even load scores higher on every fairness reward.
+    uneven, fairer = all_rewards(np.array([0.1, 0.5, 0.9])), all_rewards(np.array([0.4, 0.5, 0.6]))
+    assert all(fairer[name] > uneven[name] for name in REWARDS)
+    assert team("vbf", [np.array([1.0, 3.0]), np.array([2.0, 2.0])]) == pytest.approx((-1.0 + 0.0) / 2)
 
 
 def test_the_agent_loop_reads_stats_writes_weights_and_logs_each_step(tmp_path):
@@ -64,4 +79,4 @@ def test_the_agent_loop_reads_stats_writes_weights_and_logs_each_step(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "steps").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2, 3]
     assert rows[0]["flows"] == [2, 1] and rows[0]["weights"] == [0.5, 1.0] and rows[0]["busy_workers"] == [1, 1]
-    assert set(rows[0]["rewards"]) == {"jain", "vbf", "ms"}
+    assert set(rows[0]["rewards"]) == set(REWARDS)
