@@ -14,6 +14,7 @@
 - reward: a fairness function of the LB's own decayed mean flow durations (`rewards.REWARDS`; default jain).
 - episode: `episode_s` simulated seconds of `sim.traffic` requests; every agent is truncated at the end
   (there is no terminal state). A reset with a seed draws new requests; the same seed, the same requests.
+  `reset(options={"load": x})` sets that episode's offered CPU load.
 """
 
 from __future__ import annotations
@@ -90,7 +91,13 @@ class LoadBalancingEnv(ParallelEnv):
             self._seed, self._episodes = seed, 0
         episode_seed = self._seed * 100_003 + self._episodes
         self._episodes += 1
-        load = traffic(self.config, seed=episode_seed, duration_s=self.episode_s)
+        config = self.config
+        if options and "load" in options:  # this episode's offered load (training varies it)
+            sim = config.sim.model_copy(
+                update={"traffic": config.sim.traffic.model_copy(update={"load": float(options["load"]), "rate": None})}
+            )
+            config = config.model_copy(update={"sim": sim})
+        load = traffic(config, seed=episode_seed, duration_s=self.episode_s)
         states = [ServerState(m) for m in self.models]
         self.lbs = LbLayer(
             method="sed",

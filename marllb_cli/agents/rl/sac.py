@@ -1,0 +1,245 @@
+"""SAC-discrete with a GRU, one learner per LB: `isac` (own reward), `ssac` (a single LB that sees all
+traffic) and `distr` (Distr-LB: independent learners with the per-LB VBF or VBF+log reward, the Markov
+potential game of NeurIPS'22). Read top to bottom: hyperparameters, networks, the replay buffer of whole
+episodes, acting, and the update.
+
+Action: one categorical head per server over the weight levels (the LB's SED weight of that server).
+Q is decomposed over heads, Q(o, a) = (1/N) Σ_j Q_j(o, a_j): each critic outputs N × L values, and the
+soft value, the target and the policy loss are exact expectations over each head's categorical —
+the policy loss E_j Σ_a π_j(a|o) (α log π_j(a|o) − min(Q1_j, Q2_j)(o, a)) carries the Q gradient to the
+policy (the papers' artefact sampled an integer action and trained the policy on entropy alone).
+
+Observation normalisation: a fixed log scale, log1p(x / scale) with scale 1 for on-going flows and 10 ms for
+the five flow-duration statistics (the artefact fed raw seconds and counts). The input also carries the
+previous action (one-hot per head), as in CIKM'22.
+
+Sequences: the GRU is trained on whole episodes from a zero hidden state, as it acts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SacHyper", "SacLearner", "Recurrent", "normalise"]
+
+DURATION_SCALE_S = 0.01
+
+
+@dataclass
+class SacHyper:
+    """CIKM'22 Table 2 defaults (moderate scale); every value can be overridden by `marllb train --hyper`."""
+
+    hidden: int = 128
+    lr_actor: float = 3e-4
+    lr_critic: float = 1e-3
+    lr_alpha: float = 3e-4
+    gamma: float = 0.99
+    tau: float = 0.005  # soft target update
+    buffer_episodes: int = 3000
+    batch_episodes: int = 4
+    updates_per_episode: int = 25
+    warmup_episodes: int = 2  # act uniformly at random, no updates, for the first episodes
+    target_entropy_scale: float = 0.5  # per head: scale × log L (L = weight levels)
+    levels: tuple[float, ...] = field(default=(1.0, 1.5, 2.0))
+
+
+def normalise(obs: np.ndarray) -> np.ndarray:
+    """[servers, 6] features → the network's scale (see the module docstring)."""
+    scaled = np.array(obs, dtype=np.float32)
+    scaled[:, 1:] /= DURATION_SCALE_S
+    return np.log1p(np.maximum(scaled, 0.0))
+
+
+class Recurrent(nn.Module):
+    """FC → FC → GRU → FC → FC (ReLU), `heads` × `levels` outputs. Used for the actor and each critic."""
+
+    def __init__(self, n_in: int, hidden: int, heads: int, levels: int) -> None:
+        super().__init__()
+        self.heads, self.levels = heads, levels
+        self.fc1, self.fc2 = nn.Linear(n_in, hidden), nn.Linear(hidden, hidden)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.fc3, self.out = nn.Linear(hidden, hidden), nn.Linear(hidden, heads * levels)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [batch, time, n_in] → ([batch, time, heads, levels], final hidden state)."""
+        z = F.relu(self.fc2(F.relu(self.fc1(x))))
+        z, h = self.gru(z, h)
+        y = self.out(F.relu(self.fc3(z)))
+        return y.view(*y.shape[:-1], self.heads, self.levels), h
+
+
+class SacLearner:
+    """One LB's SAC-discrete learner: actor, twin critics with targets, temperature, episode buffer."""
+
+    def __init__(self, n_servers: int, hyper: SacHyper, seed: int) -> None:
+        self.hyper, self.n = hyper, n_servers
+        self.n_levels = len(hyper.levels)
+        self.n_in = n_servers * 6 + n_servers * self.n_levels
+        torch.manual_seed(seed)
+        make = lambda: Recurrent(self.n_in, hyper.hidden, n_servers, self.n_levels)  # noqa: E731
+        self.actor, self.q1, self.q2 = make(), make(), make()
+        self.q1_target, self.q2_target = make(), make()
+        self.q1_target.load_state_dict(self.q1.state_dict())
+        self.q2_target.load_state_dict(self.q2.state_dict())
+        self.log_alpha = torch.zeros(1, requires_grad=True)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=hyper.lr_actor)
+        self.critic_opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=hyper.lr_critic)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=hyper.lr_alpha)
+        self.target_entropy = hyper.target_entropy_scale * float(np.log(self.n_levels))
+        self.episodes: list[dict[str, np.ndarray]] = []  # the replay buffer: whole episodes
+        self.rng = np.random.default_rng(seed)
+        self.reset()
+
+    # -- acting -----------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start of an episode: zero GRU state, previous action = the middle level everywhere."""
+        self.hidden: torch.Tensor | None = None
+        self.prev_action = np.full(self.n, self.n_levels // 2, dtype=np.int64)
+
+    def features(self, obs: np.ndarray, prev_action: np.ndarray) -> np.ndarray:
+        one_hot = np.eye(self.n_levels, dtype=np.float32)[prev_action].reshape(-1)
+        return np.concatenate([normalise(obs).reshape(-1), one_hot])
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, *, greedy: bool = False, uniform: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(action per server, network input used); samples from the policy unless `greedy`."""
+        x = self.features(obs, self.prev_action)
+        logits, self.hidden = self.actor(torch.from_numpy(x).view(1, 1, -1), self.hidden)
+        logits = logits[0, 0]
+        if uniform:
+            action = self.rng.integers(self.n_levels, size=self.n)
+        elif greedy:
+            action = logits.argmax(-1).numpy()
+        else:
+            probs = torch.softmax(logits, -1).numpy().astype(np.float64)
+            probs /= probs.sum(-1, keepdims=True)
+            action = np.array([self.rng.choice(self.n_levels, p=p) for p in probs])
+        self.prev_action = action
+        return action, x
+
+    def weights(self, action: np.ndarray) -> list[float]:
+        return [self.hyper.levels[a] for a in action]
+
+    # -- replay -----------------------------------------------------------------------------------------
+    def store(self, inputs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_input: np.ndarray) -> None:
+        """One finished episode: inputs [T, n_in], actions [T, N], rewards [T], and the input after the last
+        step (the episode is truncated, not terminated, so its last value is bootstrapped)."""
+        self.episodes.append(
+            {
+                "x": np.concatenate([inputs, next_input[None]]).astype(np.float32),
+                "a": actions.astype(np.int64),
+                "r": rewards.astype(np.float32),
+            }
+        )
+        del self.episodes[: -self.hyper.buffer_episodes]
+
+    # -- update -----------------------------------------------------------------------------------------
+    def update(self) -> dict[str, float]:
+        """One gradient step of the critics, the actor and the temperature on a batch of whole episodes."""
+        hyper = self.hyper
+        picks = self.rng.integers(len(self.episodes), size=hyper.batch_episodes)
+        x = torch.from_numpy(np.stack([self.episodes[i]["x"] for i in picks]))  # [B, T+1, n_in]
+        a = torch.from_numpy(np.stack([self.episodes[i]["a"] for i in picks]))  # [B, T, N]
+        r = torch.from_numpy(np.stack([self.episodes[i]["r"] for i in picks]))  # [B, T]
+        alpha = self.log_alpha.exp().detach()
+
+        with torch.no_grad():
+            logits, _ = self.actor(x)
+            log_pi = torch.log_softmax(logits[:, 1:], -1)  # at o_{t+1}: [B, T, N, L]
+            q_next = torch.min(self.q1_target(x)[0][:, 1:], self.q2_target(x)[0][:, 1:])
+            v_next = (log_pi.exp() * (q_next - alpha * log_pi)).sum(-1).mean(-1)  # E_j Σ_a π (Q − α log π)
+            target = r + hyper.gamma * v_next
+
+        def q_taken(q: nn.Module) -> torch.Tensor:
+            values = q(x)[0][:, :-1]  # [B, T, N, L]
+            return values.gather(-1, a.unsqueeze(-1)).squeeze(-1).mean(-1)  # Q(o, a) = mean over heads
+
+        critic_loss = F.mse_loss(q_taken(self.q1), target) + F.mse_loss(q_taken(self.q2), target)
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+
+        logits, _ = self.actor(x[:, :-1])
+        log_pi = torch.log_softmax(logits, -1)
+        pi = log_pi.exp()
+        with torch.no_grad():
+            q_min = torch.min(self.q1(x)[0][:, :-1], self.q2(x)[0][:, :-1])
+        actor_loss = (pi * (alpha * log_pi - q_min)).sum(-1).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        self.actor_opt.step()
+
+        entropy = -(pi.detach() * log_pi.detach()).sum(-1).mean()
+        alpha_loss = self.log_alpha * (entropy - self.target_entropy)
+        self.alpha_opt.zero_grad()
+        alpha_loss.backward()
+        self.alpha_opt.step()
+
+        with torch.no_grad():
+            for net, target_net in ((self.q1, self.q1_target), (self.q2, self.q2_target)):
+                for p, tp in zip(net.parameters(), target_net.parameters(), strict=True):
+                    tp.mul_(1 - hyper.tau).add_(hyper.tau * p)
+        return {
+            "critic_loss": float(critic_loss.detach()),
+            "actor_loss": float(actor_loss.detach()),
+            "alpha": float(alpha),
+            "entropy": float(entropy),
+        }
+
+    # -- checkpoints (state dicts and tensors only: loadable with torch.load(weights_only=True)) ---------
+    def hyper_state(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.hyper).items()}
+
+    def state(self) -> dict:
+        return {
+            "hyper": self.hyper_state(),
+            "n_servers": self.n,
+            "actor": self.actor.state_dict(),
+            "q1": self.q1.state_dict(),
+            "q2": self.q2.state_dict(),
+            "q1_target": self.q1_target.state_dict(),
+            "q2_target": self.q2_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "alpha_opt": self.alpha_opt.state_dict(),
+            "episodes": [{k: torch.from_numpy(v) for k, v in e.items()} for e in self.episodes],
+            "rng": _generator_state(self.rng),
+        }
+
+    def load(self, state: dict) -> None:
+        for name in ("actor", "q1", "q2", "q1_target", "q2_target"):
+            getattr(self, name).load_state_dict(state[name])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        for name in ("actor_opt", "critic_opt", "alpha_opt"):
+            getattr(self, name).load_state_dict(state[name])
+        self.episodes = [{k: v.numpy() for k, v in e.items()} for e in state["episodes"]]
+        self.rng = _generator(state["rng"])
+
+
+def _generator_state(rng: np.random.Generator) -> dict:
+    """A numpy Generator's state as plain ints (PCG64), for a weights_only checkpoint."""
+    bit = rng.bit_generator.state
+    return {
+        "state": str(bit["state"]["state"]),
+        "inc": str(bit["state"]["inc"]),
+        "has_uint32": bit["has_uint32"],
+        "uinteger": bit["uinteger"],
+    }
+
+
+def _generator(saved: dict) -> np.random.Generator:
+    rng = np.random.default_rng()
+    rng.bit_generator.state = {
+        "bit_generator": "PCG64",
+        "state": {"state": int(saved["state"]), "inc": int(saved["inc"])},
+        "has_uint32": saved["has_uint32"],
+        "uinteger": saved["uinteger"],
+    }
+    return rng
