@@ -23,6 +23,7 @@ from marllb_cli.commands.replay import replay_trace_command
 from marllb_cli.commands.report import report_command
 from marllb_cli.commands.simulate import simulate_command
 from marllb_cli.commands.trace import trace_app
+from marllb_cli.commands.train import train_command
 from marllb_cli.deploy import LocalTestbed, TestbedStatus
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ app.add_typer(bench_app, name="bench")
 app.command("replay-trace")(replay_trace_command)
 app.command("report")(report_command)
 app.command("simulate")(simulate_command)
+app.command("train")(train_command)
 
 
 def _version(value: bool) -> None:
