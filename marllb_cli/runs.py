@@ -86,7 +86,7 @@ def _jsonable(value: Any) -> Any:
 def create_run_dir(runs_dir: Path, *, method: str, testbed: str, seed: int) -> Path:
     """A new, unique `runs_dir/<UTC time>-<testbed>-<method>-s<seed>[-n]` directory with `agents/` inside."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    base = f"{stamp}-{testbed}-{method}-s{seed}"
+    base = f"{stamp}-{testbed}-{re.sub(r'[^A-Za-z0-9]+', '-', method).strip('-')}-s{seed}"
     runs_dir.mkdir(parents=True, exist_ok=True)
     for attempt in range(1000):
         path = runs_dir / (base if attempt == 0 else f"{base}-{attempt}")

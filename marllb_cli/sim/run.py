@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from marllb_cli.agents.rl.policy import is_rl_method, load_policies
 from marllb_cli.config import Config
 from marllb_cli.errors import ConfigError
 from marllb_cli.runs import create_run_dir, empty_requests, environment, now_iso, save_results, steps_frame, write_json
@@ -33,8 +34,10 @@ __all__ = ["SimOutcome", "SimRun", "require_sim_method", "run_simulation", "simu
 
 def require_sim_method(method: str) -> None:
     """A `ConfigError` (exit 2) naming the choices unless `method` is one the simulator runs."""
-    if method not in SIM_METHODS:
-        raise ConfigError(f"--method {method!r}: unknown", hint=f"choose one of {', '.join(SIM_METHODS)}")
+    if method not in SIM_METHODS and not is_rl_method(method):
+        raise ConfigError(
+            f"--method {method!r}: unknown", hint=f"choose one of {', '.join(SIM_METHODS)}, or rl:DIR (marllb train)"
+        )
 
 
 @dataclass
@@ -91,8 +94,10 @@ def run_simulation(
     requests_in = load if load is not None else traffic(config, seed=seed, duration_s=duration_s)
     models, names, groups, cpus = server_models(config)
     states = [ServerState(m) for m in models]
+    agents = load_policies(method, config.testbed.lbs, len(models)) if is_rl_method(method) else None
     lbs = LbLayer(
-        method=method,
+        method="sed" if agents else method,
+        agents=agents,
         n_lbs=config.testbed.lbs,
         states=states,
         cpus=cpus,

@@ -72,3 +72,31 @@ def test_train_cli_bad_input(cli, tmp_path):
         result = cli("train", config, *args, "--out", tmp_path / "t")
         assert result.exit_code == 2, result.output
         assert expected in result.stderr and "Traceback" not in result.output
+
+
+def test_a_trained_policy_runs_in_simulate(cli, tmp_path):
+    config = REPO / "configs" / "sim-moderate.yaml"
+    trained = cli(
+        "train",
+        config,
+        "--algo",
+        "isac",
+        "--episodes",
+        "1",
+        "--episode-s",
+        "2",
+        "--out",
+        tmp_path / "t",
+        "--hyper",
+        "hidden=8",
+    )
+    assert trained.exit_code == 0, trained.output
+    runs = tmp_path / "runs"
+    result = cli("simulate", config, "--method", f"rl:{tmp_path / 't'}", "--duration", "10", "--runs-dir", runs)
+    assert result.exit_code == 0, result.output
+    run = next(runs.iterdir())
+    steps = __import__("pandas").read_parquet(run / "agents" / "lb0.parquet")
+    assert len(steps) >= 40  # every 250 ms over 10 s of arrivals, and on until the last request ends
+    assert {w for ws in steps["weights"] for w in ws} <= {1.0, 1.5, 2.0}
+    missing = cli("simulate", config, "--method", f"rl:{tmp_path / 'none'}")
+    assert missing.exit_code == 2 and "policy.pt" in missing.stderr
