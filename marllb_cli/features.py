@@ -62,7 +62,7 @@ class Reservoir:
             slot = self.filled
             self.filled += 1
         else:
-            slot = self.rng.randrange(self.slots)
+            slot = int(self.rng.random() * self.slots)  # randrange costs 3× more on the per-packet path
         self.times[slot] = t
         self.values[slot] = value
 
