@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from marllb_cli.agents.heuristics import HEURISTICS
+from marllb_cli.agents.factory import resolve_method
 from marllb_cli.config import Config
 from marllb_cli.deploy.apache import busy_workers
 from marllb_cli.deploy.lb_services import LbServices
@@ -99,8 +99,7 @@ def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgres
     is raised after the run directory has been written."""
     testbed = LocalTestbed(config)
     services = LbServices(testbed)
-    if options.method not in HEURISTICS:
-        raise ConfigError(f"--method {options.method!r}: unknown", hint=f"choose one of {', '.join(HEURISTICS)}")
+    resolve_method(options.method)
     services.require_deployed()
     if options.duration_s is not None and options.duration_s <= 0:
         raise ConfigError(f"--duration {options.duration_s:g}: must be positive")

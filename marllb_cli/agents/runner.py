@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from marllb_cli.agents.base import Agent
-from marllb_cli.agents.heuristics import heuristic
+from marllb_cli.agents.factory import make_agent
 from marllb_cli.dataplane.channel import Channel
 from marllb_cli.deploy.apache import busy_workers
 from marllb_cli.features import observe
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     spec = AgentSpec.model_validate_json(args.spec.read_text())
-    agent = heuristic(spec.method, spec.cpus, _probe(spec.servers, spec.status_port, timeout=spec.period * 0.8))
+    probe = _probe(spec.servers, spec.status_port, timeout=spec.period * 0.8)
+    agent = make_agent(spec.method, spec.cpus, probe, int(spec.lb.removeprefix("lb")))
     channel = _attach(spec.channel)
     should_run = until_signalled()
     log.info("%s: %s every %.0f ms, pid %d", spec.lb, spec.method, spec.period * 1000, os.getpid())

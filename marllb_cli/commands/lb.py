@@ -16,7 +16,10 @@ from marllb_cli.deploy.lb_services import LbServices, LbSnapshot
 lb_app = typer.Typer(help="Start, stop and inspect the load balancers of a deployed testbed.", no_args_is_help=True)
 
 MethodOption = Annotated[
-    str, typer.Option("--method", "-m", help=f"How each LB picks servers: {', '.join(HEURISTICS)}.")
+    str,
+    typer.Option(
+        "--method", "-m", help=f"How each LB picks servers: {', '.join(HEURISTICS)}, or rl:DIR (a trained policy)."
+    ),
 ]
 
 

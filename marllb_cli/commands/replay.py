@@ -17,7 +17,9 @@ from marllb_cli.experiment import ReplayOptions, replay_trace
 def replay_trace_command(
     config: ConfigArg,
     trace: Annotated[Path, typer.Option("--trace", "-t", help="Trace file: the papers' TSV, WikiBench or Parquet.")],
-    method: Annotated[str, typer.Option("--method", "-m", help=f"LB policy: {', '.join(HEURISTICS)}.")] = "sed",
+    method: Annotated[
+        str, typer.Option("--method", "-m", help=f"LB policy: {', '.join(HEURISTICS)}, or rl:DIR (a trained policy).")
+    ] = "sed",
     speed: Annotated[float, typer.Option(help="Replay speed: 0.25 sends the trace 4× slower.")] = 1.0,
     duration: Annotated[
         float | None, typer.Option(help="Replay only requests due in the first S seconds (after --speed).")

@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from marllb_cli.agents.heuristics import HEURISTICS, heuristic
+from marllb_cli.agents.factory import make_agent, resolve_method
 from marllb_cli.agents.runner import AgentSpec
 from marllb_cli.dataplane.channel import Channel, Stats
 from marllb_cli.dataplane.fastpath import DataplaneSpec, ServerSpec
 from marllb_cli.deploy.local import LocalTestbed
 from marllb_cli.deploy.manifest import Manifest, Resource
-from marllb_cli.errors import ConfigError, TestbedError
+from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.services import Service, start_service
 from marllb_cli.topology import Node
@@ -67,8 +67,7 @@ class LbServices:
     # -- start -------------------------------------------------------------------------------------------
     def start(self, method: str, *, period: float = 0.25, idle_timeout: float = 40.0, seed: int = 0) -> int:
         """Start a dataplane and an agent on every LB; return how many LBs were already running (replaced)."""
-        if method not in HEURISTICS:
-            raise ConfigError(f"unknown method {method!r}", hint=f"choose one of {', '.join(HEURISTICS)}")
+        method = resolve_method(method)
         manifest = self._manifest()
         replaced = len({r.data.get("lb") for r in self._resources(manifest)})
         self.stop()
@@ -86,7 +85,7 @@ class LbServices:
         servers = self.topology.servers
         cpus = [float(server.cpus or 1.0) for server in servers]
         # Built here only for its method and first weights; the agent process probes for real.
-        agent = heuristic(method, cpus, probe=lambda: [None] * len(cpus))
+        agent = make_agent(method, cpus, probe=lambda: [None] * len(cpus), lb_index=lb.index)
         channel = self.channel_path(lb)
         if channel.exists() and str(channel) not in {r.data.get("path") for r in manifest.of_kind("file")}:
             raise TestbedError(

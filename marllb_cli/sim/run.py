@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from marllb_cli.agents.rl.policy import is_rl_method, load_policies
+from marllb_cli.agents.factory import RL_PREFIX, resolve_method
 from marllb_cli.config import Config
-from marllb_cli.errors import ConfigError
 from marllb_cli.runs import create_run_dir, empty_requests, environment, now_iso, save_results, steps_frame, write_json
 from marllb_cli.sim.engine import ServerModel, ServerState, simulate
 from marllb_cli.sim.lbs import SIM_METHODS, LbLayer
@@ -34,10 +33,7 @@ __all__ = ["SimOutcome", "SimRun", "require_sim_method", "run_simulation", "simu
 
 def require_sim_method(method: str) -> None:
     """A `ConfigError` (exit 2) naming the choices unless `method` is one the simulator runs."""
-    if method not in SIM_METHODS and not is_rl_method(method):
-        raise ConfigError(
-            f"--method {method!r}: unknown", hint=f"choose one of {', '.join(SIM_METHODS)}, or rl:DIR (marllb train)"
-        )
+    resolve_method(method, SIM_METHODS)
 
 
 @dataclass
@@ -94,7 +90,11 @@ def run_simulation(
     requests_in = load if load is not None else traffic(config, seed=seed, duration_s=duration_s)
     models, names, groups, cpus = server_models(config)
     states = [ServerState(m) for m in models]
-    agents = load_policies(method, config.testbed.lbs, len(models)) if is_rl_method(method) else None
+    agents = None
+    if method.startswith(RL_PREFIX):
+        from marllb_cli.agents.rl.policy import load_policies
+
+        agents = load_policies(resolve_method(method), config.testbed.lbs, len(models))
     lbs = LbLayer(
         method="sed" if agents else method,
         agents=agents,

@@ -156,3 +156,69 @@ def test_ctrl_c_keeps_every_sent_request_and_leaves_nothing_running(testbed, tmp
     assert not (run / "requests.csv").exists()
     assert nothing_running_in(testbed) == []
     assert not list(SHM_DIR.glob(f"marllb-{NAME}-*"))
+
+
+def test_a_policy_trained_in_simulation_runs_on_the_testbed(tmp_path):
+    """Sim-to-real in one command: train on sim-moderate (tiny), replay on local-moderate with rl:DIR."""
+    name = "itrl"
+    trained = subprocess.run(
+        [
+            *MARLLB,
+            "train",
+            str(REPO / "configs" / "sim-moderate.yaml"),
+            "--algo",
+            "distr",
+            "--episodes",
+            "1",
+            "--episode-s",
+            "2",
+            "--hyper",
+            "hidden=16",
+            "--out",
+            str(tmp_path / "policy"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert trained.returncode == 0, trained.stderr
+    testbed = LocalTestbed(load_config(REPO / "configs" / "local-moderate.yaml", [f"testbed.name={name}"]))
+    testbed.deploy()
+    try:
+        runs = tmp_path / "runs"
+        result = subprocess.run(
+            [
+                *MARLLB,
+                "replay-trace",
+                str(REPO / "configs" / "local-moderate.yaml"),
+                "--set",
+                f"testbed.name={name}",
+                "--trace",
+                str(TRACE),
+                "--method",
+                f"rl:{tmp_path / 'policy'}",
+                "--speed",
+                str(SPEED),
+                "--duration",
+                "8",
+                "--runs-dir",
+                str(runs),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        run = next(runs.iterdir())
+        assert json.loads((run / "meta.json").read_text())["complete"] is True
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["requests"] == expected_requests(8) and summary["error_rate"] < 0.01
+        for lb in ("lb0", "lb1"):
+            steps = pd.read_parquet(run / "agents" / f"{lb}.parquet")
+            assert len(steps) >= 0.8 * 8 / 0.25
+            assert {w for ws in steps["weights"] for w in ws} <= {1.0, 1.5, 2.0}
+            assert (steps["method"] == "sed").all()  # the policy sets SED weights
+    finally:
+        testbed.teardown()
+    assert leftovers(name) == NOTHING

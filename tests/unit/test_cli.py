@@ -49,7 +49,9 @@ def test_lb_commands_reject_bad_input_in_one_line(cli, write_config, tmp_path, m
     config = write_config(minimal_testbed("unitlb"))
     result = cli("lb", "start", config, "--method", "fastest")
     assert result.exit_code == 2
-    assert "unknown method 'fastest'" in result.stderr and "sed" in result.stderr
+    assert "--method 'fastest': unknown" in result.stderr and "sed" in result.stderr
+    result = cli("lb", "start", config, "--method", f"rl:{tmp_path / 'untrained'}")
+    assert result.exit_code == 2 and "policy.pt" in result.stderr and "marllb train" in result.stderr
     result = cli("lb", "stats", config)
     assert result.exit_code == 1
     assert "testbed unitlb is not deployed" in result.stderr and "Traceback" not in result.stderr

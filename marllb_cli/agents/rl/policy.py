@@ -12,16 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from marllb_cli.agents.factory import RL_PREFIX
 from marllb_cli.agents.rl.sac import SacHyper, SacLearner
 from marllb_cli.errors import ConfigError
 
-__all__ = ["RlPolicy", "is_rl_method", "load_policies"]
-
-PREFIX = "rl:"
-
-
-def is_rl_method(method: str) -> bool:
-    return method.startswith(PREFIX)
+__all__ = ["RlPolicy", "load_policies"]
 
 
 class RlPolicy:
@@ -42,13 +37,14 @@ class RlPolicy:
 
 def load_policies(method: str, n_lbs: int, n_servers: int) -> list[RlPolicy]:
     """`rl:DIR` → one policy per LB (a single-LB policy, such as ssac's, serves every LB)."""
-    path = Path(method.removeprefix(PREFIX)) / "policy.pt"
+    path = Path(method.removeprefix(RL_PREFIX)) / "policy.pt"
     if not path.is_file():
         raise ConfigError(f"--method {method}: no {path}", hint="train one with `marllb train ... --out DIR`")
     saved = torch.load(path, weights_only=True)
     if saved["n_servers"] != n_servers:
         raise ConfigError(f"--method {method}: trained for {saved['n_servers']} servers, this config has {n_servers}")
     hyper = SacHyper(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["hyper"].items()})
+    torch.set_num_threads(1)  # one small GRU per step: threads only add contention with the dataplane
     policies = []
     for i in range(n_lbs):
         learner = SacLearner(n_servers, hyper, seed=i)
