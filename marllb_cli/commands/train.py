@@ -33,7 +33,7 @@ def train_command(
     with `marllb simulate CONFIG --method rl:OUT`.
     """
     cfg = load(config, set_)
-    overrides = parse_hyper(hyper or [])
+    overrides = parse_hyper(algo, hyper or [])
     with Progress(
         TextColumn(f"training {algo}"),
         BarColumn(),

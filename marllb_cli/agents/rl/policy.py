@@ -1,8 +1,9 @@
 """A trained policy as an `Agent`: `--method rl:DIR` loads DIR/policy.pt (written by `marllb train`) and
-acts greedily — the most probable weight level per server — every agent period, keeping its GRU state.
+acts greedily — the most useful weight level per server — every agent period, keeping its GRU state.
 
 The same class serves the simulator and the testbed's agent process, so a policy trained in simulation
-runs unchanged on real LBs.
+runs unchanged on real LBs. SAC policies have one actor per LB (a single-LB policy, such as ssac's,
+serves every LB); QMIX has one shared agent network that also takes the LB's id.
 """
 
 from __future__ import annotations
@@ -13,41 +14,45 @@ import numpy as np
 import torch
 
 from marllb_cli.agents.factory import RL_PREFIX
-from marllb_cli.agents.rl.sac import SacHyper, SacLearner
+from marllb_cli.agents.rl.common import GreedyPolicy, Recurrent
 from marllb_cli.errors import ConfigError
 
 __all__ = ["RlPolicy", "load_policies"]
 
 
 class RlPolicy:
-    """One LB's greedy policy."""
+    """One LB's greedy policy, with the `Agent` interface (SED weights)."""
 
     method = "sed"
 
-    def __init__(self, learner: SacLearner) -> None:
-        self.learner = learner
-        self.learner.reset()
-        self.weights = np.asarray(learner.weights(learner.prev_action), dtype=np.float64)
+    def __init__(self, policy: GreedyPolicy) -> None:
+        self.policy = policy
+        self.weights = policy.levels[policy.prev_action]
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        action, _ = self.learner.act(obs, greedy=True)
-        self.weights = np.asarray(self.learner.weights(action), dtype=np.float64)
+        self.weights = self.policy.act(obs)
         return self.weights
 
 
 def load_policies(method: str, n_lbs: int, n_servers: int) -> list[RlPolicy]:
-    """`rl:DIR` → one policy per LB (a single-LB policy, such as ssac's, serves every LB)."""
+    """`rl:DIR` → one policy per LB."""
     path = Path(method.removeprefix(RL_PREFIX)) / "policy.pt"
     if not path.is_file():
         raise ConfigError(f"--method {method}: no {path}", hint="train one with `marllb train ... --out DIR`")
     saved = torch.load(path, weights_only=True)
     if saved["n_servers"] != n_servers:
         raise ConfigError(f"--method {method}: trained for {saved['n_servers']} servers, this config has {n_servers}")
-    hyper = SacHyper(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["hyper"].items()})
     torch.set_num_threads(1)  # one small GRU per step: threads only add contention with the dataplane
+    hyper = saved["hyper"]
+    levels = tuple(hyper["levels"])
+    qmix = saved.get("kind") == "qmix"
+    if qmix and saved["n_agents"] != n_lbs:
+        raise ConfigError(f"--method {method}: QMIX trained for {saved['n_agents']} LBs, this config has {n_lbs}")
+    n_in = n_servers * 6 + n_servers * len(levels) + (n_lbs if qmix else 0)
     policies = []
     for i in range(n_lbs):
-        learner = SacLearner(n_servers, hyper, seed=i)
-        learner.actor.load_state_dict(saved["actors"][i % len(saved["actors"])])
-        policies.append(RlPolicy(learner))
+        net = Recurrent(n_in, hyper["hidden"], n_servers, len(levels))
+        net.load_state_dict(saved["actors"][i % len(saved["actors"])])
+        extra = np.eye(n_lbs, dtype=np.float32)[i] if qmix else None
+        policies.append(RlPolicy(GreedyPolicy(net, levels, extra)))
     return policies

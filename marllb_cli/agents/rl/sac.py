@@ -9,9 +9,8 @@ soft value, the target and the policy loss are exact expectations over each head
 the policy loss E_j Σ_a π_j(a|o) (α log π_j(a|o) − min(Q1_j, Q2_j)(o, a)) carries the Q gradient to the
 policy (the papers' artefact sampled an integer action and trained the policy on entropy alone).
 
-Observation normalisation: a fixed log scale, log1p(x / scale) with scale 1 for on-going flows and 10 ms for
-the five flow-duration statistics (the artefact fed raw seconds and counts). The input also carries the
-previous action (one-hot per head), as in CIKM'22.
+Input: the normalised observation (`common.normalise`) and the previous action (one-hot per head), as in
+CIKM'22.
 
 Sequences: the GRU is trained on whole episodes from a zero hidden state, as it acts.
 """
@@ -25,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SacHyper", "SacLearner", "Recurrent", "normalise"]
+from marllb_cli.agents.rl.common import Recurrent, generator, generator_state, normalise
 
-DURATION_SCALE_S = 0.01
+__all__ = ["SacHyper", "SacLearner"]
 
 
 @dataclass
@@ -46,31 +45,6 @@ class SacHyper:
     warmup_episodes: int = 2  # act uniformly at random, no updates, for the first episodes
     target_entropy_scale: float = 0.5  # per head: scale × log L (L = weight levels)
     levels: tuple[float, ...] = field(default=(1.0, 1.5, 2.0))
-
-
-def normalise(obs: np.ndarray) -> np.ndarray:
-    """[servers, 6] features → the network's scale (see the module docstring)."""
-    scaled = np.array(obs, dtype=np.float32)
-    scaled[:, 1:] /= DURATION_SCALE_S
-    return np.log1p(np.maximum(scaled, 0.0))
-
-
-class Recurrent(nn.Module):
-    """FC → FC → GRU → FC → FC (ReLU), `heads` × `levels` outputs. Used for the actor and each critic."""
-
-    def __init__(self, n_in: int, hidden: int, heads: int, levels: int) -> None:
-        super().__init__()
-        self.heads, self.levels = heads, levels
-        self.fc1, self.fc2 = nn.Linear(n_in, hidden), nn.Linear(hidden, hidden)
-        self.gru = nn.GRU(hidden, hidden, batch_first=True)
-        self.fc3, self.out = nn.Linear(hidden, hidden), nn.Linear(hidden, heads * levels)
-
-    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [batch, time, n_in] → ([batch, time, heads, levels], final hidden state)."""
-        z = F.relu(self.fc2(F.relu(self.fc1(x))))
-        z, h = self.gru(z, h)
-        y = self.out(F.relu(self.fc3(z)))
-        return y.view(*y.shape[:-1], self.heads, self.levels), h
 
 
 class SacLearner:
@@ -209,7 +183,7 @@ class SacLearner:
             "critic_opt": self.critic_opt.state_dict(),
             "alpha_opt": self.alpha_opt.state_dict(),
             "episodes": [{k: torch.from_numpy(v) for k, v in e.items()} for e in self.episodes],
-            "rng": _generator_state(self.rng),
+            "rng": generator_state(self.rng),
         }
 
     def load(self, state: dict) -> None:
@@ -220,26 +194,4 @@ class SacLearner:
         for name in ("actor_opt", "critic_opt", "alpha_opt"):
             getattr(self, name).load_state_dict(state[name])
         self.episodes = [{k: v.numpy() for k, v in e.items()} for e in state["episodes"]]
-        self.rng = _generator(state["rng"])
-
-
-def _generator_state(rng: np.random.Generator) -> dict:
-    """A numpy Generator's state as plain ints (PCG64), for a weights_only checkpoint."""
-    bit = rng.bit_generator.state
-    return {
-        "state": str(bit["state"]["state"]),
-        "inc": str(bit["state"]["inc"]),
-        "has_uint32": bit["has_uint32"],
-        "uinteger": bit["uinteger"],
-    }
-
-
-def _generator(saved: dict) -> np.random.Generator:
-    rng = np.random.default_rng()
-    rng.bit_generator.state = {
-        "bit_generator": "PCG64",
-        "state": {"state": int(saved["state"]), "inc": int(saved["inc"])},
-        "has_uint32": saved["has_uint32"],
-        "uinteger": saved["uinteger"],
-    }
-    return rng
+        self.rng = generator(state["rng"])

@@ -1,11 +1,14 @@
 """`marllb train`: episodes on the simulator's PettingZoo environment, a checkpoint after every episode,
-a learning curve, and a policy file that `simulate --method rl:DIR` (and the testbed's agents) can run.
+a learning curve, and a policy file that `--method rl:DIR` runs in simulation and on the testbed.
 
     for each episode: offered load drawn from `load_range` and requests from the episode's seed (traffic
-    varies per episode, reproducibly) → every LB acts from its own observation each 250 ms → each
-    learner stores the episode and makes `updates_per_episode` updates → curve.parquet gets a row
-    (reward, mean and p99 JCT, losses) → checkpoint.pt (nets, optimisers, replay buffers, RNG state) and
-    policy.pt (the actors) are replaced atomically.
+    varies per episode, reproducibly) → every LB acts from its own observation each 250 ms → the learners
+    store the episode and make `updates_per_episode` updates → curve.parquet gets a row (reward, mean
+    and p99 JCT, losses) → checkpoint.pt (nets, optimisers, replay buffers, RNG state) and policy.pt
+    (what acting needs) are replaced atomically.
+
+Algorithms: `isac`, `ssac`, `distr` (independent SAC-discrete learners, `sac.py`; ssac runs one LB that
+sees all traffic) and `qmix` (`qmix.py`, one learner for all LBs on the team reward).
 
 `--resume` continues from checkpoint.pt exactly: the same seed gives the same checkpoints whether a run
 was interrupted or not. Everything saved is tensors and plain values (torch.load(weights_only=True)).
@@ -25,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from marllb_cli.agents.rl.qmix import QmixHyper, QmixLearner
 from marllb_cli.agents.rl.sac import SacHyper, SacLearner
 from marllb_cli.config import Config
 from marllb_cli.errors import ConfigError
@@ -34,26 +38,125 @@ from marllb_cli.sim.env import LoadBalancingEnv
 __all__ = ["ALGOS", "parse_hyper", "train"]
 
 #: Algorithm → default reward. isac: independent learners; ssac: one LB that sees all traffic;
-#: distr: Distr-LB, independent learners on the per-LB VBF+log (the Markov potential game).
-ALGOS = {"isac": "jain", "ssac": "jain", "distr": "vbf-log"}
+#: distr: Distr-LB, independent learners on the per-LB VBF+log (the Markov potential game);
+#: qmix: QMIX on the team (mean) reward.
+ALGOS = {"isac": "jain", "ssac": "jain", "distr": "vbf-log", "qmix": "vbf-log"}
 CHECKPOINT, POLICY, CURVE = "checkpoint.pt", "policy.pt", "curve.parquet"
 
 
-def parse_hyper(items: list[str]) -> dict[str, Any]:
-    """`lr_actor=1e-4` … → typed overrides of `SacHyper`; a ConfigError names the bad one."""
-    known = {f.name: f for f in fields(SacHyper)}
+class IndependentSac:
+    """One SAC learner per LB, each on its own reward."""
+
+    def __init__(self, n_lbs: int, n_servers: int, hyper: SacHyper, seed: int) -> None:
+        self.hyper = hyper
+        self.learners = [SacLearner(n_servers, hyper, seed * 1_000 + i) for i in range(n_lbs)]
+
+    def reset(self) -> None:
+        self.inputs: list[list[np.ndarray]] = [[] for _ in self.learners]
+        self.actions: list[list[np.ndarray]] = [[] for _ in self.learners]
+        for learner in self.learners:
+            learner.reset()
+
+    def act(self, observations: list[np.ndarray], warm: bool) -> list[np.ndarray]:
+        out = []
+        for i, (learner, obs) in enumerate(zip(self.learners, observations, strict=True)):
+            action, x = learner.act(obs, uniform=warm)
+            self.inputs[i].append(x)
+            self.actions[i].append(action)
+            out.append(action)
+        return out
+
+    def end_episode(self, observations: list[np.ndarray], rewards: np.ndarray) -> None:
+        """rewards [T, n_lbs]: each LB learns from its own column."""
+        for i, learner in enumerate(self.learners):
+            next_input = learner.features(observations[i], learner.prev_action)
+            learner.store(np.stack(self.inputs[i]), np.stack(self.actions[i]), rewards[:, i], next_input)
+
+    def update(self) -> list[dict[str, float]]:
+        return [learner.update() for learner in self.learners]
+
+    def state(self) -> list[dict]:
+        return [learner.state() for learner in self.learners]
+
+    def load(self, state: list[dict]) -> None:
+        for learner, saved in zip(self.learners, state, strict=True):
+            learner.load(saved)
+
+    def policy(self) -> dict:
+        first = self.learners[0]
+        return {
+            "kind": "sac",
+            "n_servers": first.n,
+            "hyper": first.hyper_state(),
+            "actors": [learner.actor.state_dict() for learner in self.learners],
+        }
+
+
+class Qmix:
+    """One QMIX learner for all LBs, on the team reward."""
+
+    def __init__(self, n_lbs: int, n_servers: int, hyper: QmixHyper, seed: int) -> None:
+        self.hyper = hyper
+        self.learner = QmixLearner(n_lbs, n_servers, hyper, seed)
+
+    def reset(self) -> None:
+        self.inputs: list[np.ndarray] = []
+        self.actions: list[np.ndarray] = []
+        self.states: list[np.ndarray] = []
+        self.learner.reset()
+
+    def act(self, observations: list[np.ndarray], warm: bool) -> list[np.ndarray]:
+        actions, x = self.learner.act(observations)
+        self.inputs.append(x)
+        self.actions.append(actions)
+        self.states.append(_state(observations))
+        return list(actions)
+
+    def end_episode(self, observations: list[np.ndarray], rewards: np.ndarray) -> None:
+        next_inputs = self.learner.features(observations, self.learner.prev_actions)
+        states = np.stack([*self.states, _state(observations)])
+        self.learner.store(np.stack(self.inputs), np.stack(self.actions), rewards.mean(axis=1), next_inputs, states)
+
+    def update(self) -> list[dict[str, float]]:
+        return [self.learner.update()]
+
+    def state(self) -> list[dict]:
+        return [self.learner.state()]
+
+    def load(self, state: list[dict]) -> None:
+        self.learner.load(state[0])
+
+    def policy(self) -> dict:
+        return {
+            "kind": "qmix",
+            "n_servers": self.learner.n,
+            "n_agents": self.learner.m,
+            "hyper": self.learner.hyper_state(),
+            "actors": [self.learner.agent.state_dict()],
+        }
+
+
+def _state(observations: list[np.ndarray]) -> np.ndarray:
+    from marllb_cli.agents.rl.common import normalise
+
+    return np.concatenate([normalise(obs).reshape(-1) for obs in observations])
+
+
+def parse_hyper(algo: str, items: list[str]) -> dict[str, Any]:
+    """`lr=1e-4` … → typed overrides of the algorithm's hyperparameters; a ConfigError names the bad one."""
+    cls = QmixHyper if algo == "qmix" else SacHyper
+    known = {f.name for f in fields(cls)}
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
-            raise ConfigError(f"--hyper {item!r}: expected NAME=VALUE with NAME in {', '.join(known)}")
-        default = getattr(SacHyper(), key)
+            raise ConfigError(f"--hyper {item!r}: expected NAME=VALUE with NAME in {', '.join(sorted(known))}")
+        default = getattr(cls(), key)
         try:
-            out[key] = (
-                tuple(float(v) for v in value.split(","))
-                if isinstance(default, tuple)
-                else type(default)(float(value) if isinstance(default, float) else int(value))
-            )
+            if isinstance(default, tuple):
+                out[key] = tuple(float(v) for v in value.split(","))
+            else:
+                out[key] = float(value) if isinstance(default, float) else int(value)
         except ValueError:
             raise ConfigError(f"--hyper {item!r}: {value!r} is not a valid {type(default).__name__}") from None
     return out
@@ -81,10 +184,10 @@ def train(
         raise ConfigError(f"--reward {reward!r}: unknown", hint=f"choose one of {', '.join(REWARDS)}")
     if algo == "ssac":
         config = config.model_copy(update={"testbed": config.testbed.model_copy(update={"lbs": 1})})
-    settings = SacHyper(**(hyper or {}))
+    settings = (QmixHyper if algo == "qmix" else SacHyper)(**(hyper or {}))
     env = LoadBalancingEnv(config, reward=reward, levels=settings.levels, episode_s=episode_s)
-    n_servers = len(env.models)
-    learners = [SacLearner(n_servers, settings, seed * 1_000 + i) for i in range(len(env.possible_agents))]
+    n_lbs, n_servers = len(env.possible_agents), len(env.models)
+    team = (Qmix if algo == "qmix" else IndependentSac)(n_lbs, n_servers, settings, seed)  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
     meta = {"algo": algo, "reward": reward, "seed": seed, "episode_s": episode_s, "load_range": list(load_range)}
     start, rows = 0, []
@@ -92,8 +195,7 @@ def train(
         saved = torch.load(out / CHECKPOINT, weights_only=True)
         if saved["meta"] != meta:
             raise ConfigError(f"{out}: --resume with different settings ({saved['meta']})", hint="use another --out")
-        for learner, state in zip(learners, saved["learners"], strict=True):
-            learner.load(state)
+        team.load(saved["learners"])
         start = int(saved["episode"]) + 1
         rows = pd.read_parquet(out / CURVE).to_dict("records") if (out / CURVE).exists() else []
     (out / "train.json").write_text(
@@ -103,63 +205,48 @@ def train(
         started = time.perf_counter()
         load = float(np.random.default_rng([seed, episode]).uniform(*load_range))
         observations, _ = env.reset(seed=seed * 100_003 + episode, options={"load": load})
-        for learner in learners:
-            learner.reset()
+        team.reset()
         warm = episode < settings.warmup_episodes
-        inputs: list[list[np.ndarray]] = [[] for _ in learners]
-        actions: list[list[np.ndarray]] = [[] for _ in learners]
-        rewards: list[list[float]] = [[] for _ in learners]
+        rewards: list[list[float]] = []
         while env.agents:
-            step_actions = {}
-            for i, agent in enumerate(env.possible_agents):
-                action, x = learners[i].act(observations[agent], uniform=warm)
-                inputs[i].append(x)
-                actions[i].append(action)
-                step_actions[agent] = action
-            observations, reward_now, *_ = env.step(step_actions)
-            for i, agent in enumerate(env.possible_agents):
-                rewards[i].append(reward_now[agent])
+            actions = team.act([observations[a] for a in env.possible_agents], warm)
+            observations, reward_now, *_ = env.step(dict(zip(env.possible_agents, actions, strict=True)))
+            rewards.append([reward_now[a] for a in env.possible_agents])
+        team.end_episode([observations[a] for a in env.possible_agents], np.asarray(rewards))
         losses: list[dict[str, float]] = []
-        for i, (learner, agent) in enumerate(zip(learners, env.possible_agents, strict=True)):
-            next_input = learner.features(observations[agent], learner.prev_action)
-            learner.store(np.stack(inputs[i]), np.stack(actions[i]), np.asarray(rewards[i]), next_input)
-            if episode + 1 >= settings.warmup_episodes:
-                losses += [learner.update() for _ in range(settings.updates_per_episode)]
+        if episode + 1 >= settings.warmup_episodes:
+            for _ in range(settings.updates_per_episode):
+                losses += team.update()
         result = env.engine.result()
         done = ~np.isnan(result.finish)
         jct = result.finish[done] - result.arrival[done]
         row = {
             "episode": episode,
             "load": load,
-            "reward": float(np.mean([np.mean(r) for r in rewards])),
+            "reward": float(np.mean(rewards)),
             "jct_mean_s": float(jct.mean()) if len(jct) else float("nan"),
             "jct_p99_s": float(np.quantile(jct, 0.99)) if len(jct) else float("nan"),
             "requests": int(len(result.finish)),
             "rejected": int((~done).sum()),
             "wall_s": time.perf_counter() - started,
-            **{
-                k: float(np.mean([x[k] for x in losses])) if losses else float("nan")
-                for k in ("critic_loss", "actor_loss", "alpha", "entropy")
-            },
+            **{k: _mean_finite([x[k] for x in losses]) for k in ("critic_loss", "actor_loss", "alpha", "entropy")},
         }
         rows.append(row)
-        _save(out, episode, meta, learners, algo, reward, rows)
+        _save(out, episode, meta, team, algo, reward, rows)
         progress(row)
     return pd.DataFrame(rows)
 
 
-def _save(out: Path, episode: int, meta: dict, learners: list[SacLearner], algo: str, reward: str, rows) -> None:
+def _mean_finite(values: list[float]) -> float:
+    """Mean of the finite values (QMIX has no actor loss), NaN when there are none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _save(out: Path, episode: int, meta: dict, team, algo: str, reward: str, rows: list[dict]) -> None:
     """Checkpoint, policy and curve, each replaced atomically (a kill leaves the previous episode's)."""
-    _atomic_torch({"episode": episode, "meta": meta, "learners": [ln.state() for ln in learners]}, out / CHECKPOINT)
-    policy = {
-        "algo": algo,
-        "reward": reward,
-        "episode": episode,
-        "n_servers": learners[0].n,
-        "hyper": learners[0].hyper_state(),
-        "actors": [ln.actor.state_dict() for ln in learners],
-    }
-    _atomic_torch(policy, out / POLICY)
+    _atomic_torch({"episode": episode, "meta": meta, "learners": team.state()}, out / CHECKPOINT)
+    _atomic_torch({"algo": algo, "reward": reward, "episode": episode, **team.policy()}, out / POLICY)
     tmp = out / (CURVE + ".tmp")
     pd.DataFrame(rows).to_parquet(tmp, index=False)
     os.replace(tmp, out / CURVE)

@@ -1,0 +1,86 @@
+"""What the learning agents share: the recurrent network, observation normalisation, the greedy policy
+that runs a trained network on an LB, and RNG state in a form a weights_only checkpoint can hold.
+
+Observation normalisation: a fixed log scale, log1p(x / scale) with scale 1 for on-going flows and 10 ms for
+the five flow-duration statistics (the papers' artefact fed raw seconds and counts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GreedyPolicy", "Recurrent", "generator", "generator_state", "normalise"]
+
+DURATION_SCALE_S = 0.01
+
+
+def normalise(obs: np.ndarray) -> np.ndarray:
+    """[servers, 6] features → the network's scale (see the module docstring)."""
+    scaled = np.array(obs, dtype=np.float32)
+    scaled[:, 1:] /= DURATION_SCALE_S
+    return np.log1p(np.maximum(scaled, 0.0))
+
+
+class Recurrent(nn.Module):
+    """FC → FC → GRU → FC → FC (ReLU), `heads` × `levels` outputs. Used for the actor and each critic."""
+
+    def __init__(self, n_in: int, hidden: int, heads: int, levels: int) -> None:
+        super().__init__()
+        self.heads, self.levels = heads, levels
+        self.fc1, self.fc2 = nn.Linear(n_in, hidden), nn.Linear(hidden, hidden)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.fc3, self.out = nn.Linear(hidden, hidden), nn.Linear(hidden, heads * levels)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [batch, time, n_in] → ([batch, time, heads, levels], final hidden state)."""
+        z = F.relu(self.fc2(F.relu(self.fc1(x))))
+        z, h = self.gru(z, h)
+        y = self.out(F.relu(self.fc3(z)))
+        return y.view(*y.shape[:-1], self.heads, self.levels), h
+
+
+class GreedyPolicy:
+    """A trained network acting for one LB: input = normalised observation, previous action (one-hot per
+    head) and `extra` (QMIX's agent id, empty for SAC); output = the most useful level per server."""
+
+    def __init__(self, net: Recurrent, levels: tuple[float, ...], extra: np.ndarray | None = None) -> None:
+        self.net, self.levels = net, np.asarray(levels, dtype=np.float64)
+        self.extra = extra if extra is not None else np.zeros(0, dtype=np.float32)
+        self.reset()
+
+    def reset(self) -> None:
+        self.hidden: torch.Tensor | None = None
+        self.prev_action = np.full(self.net.heads, self.net.levels // 2, dtype=np.int64)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        one_hot = np.eye(self.net.levels, dtype=np.float32)[self.prev_action].reshape(-1)
+        x = np.concatenate([normalise(obs).reshape(-1), one_hot, self.extra]).astype(np.float32)
+        out, self.hidden = self.net(torch.from_numpy(x).view(1, 1, -1), self.hidden)
+        self.prev_action = out[0, 0].argmax(-1).numpy()
+        return self.levels[self.prev_action]
+
+
+def generator_state(rng: np.random.Generator) -> dict:
+    """A numpy Generator's state as plain ints (PCG64), for a weights_only checkpoint."""
+    bit = rng.bit_generator.state
+    return {
+        "state": str(bit["state"]["state"]),
+        "inc": str(bit["state"]["inc"]),
+        "has_uint32": bit["has_uint32"],
+        "uinteger": bit["uinteger"],
+    }
+
+
+def generator(saved: dict) -> np.random.Generator:
+    rng = np.random.default_rng()
+    rng.bit_generator.state = {
+        "bit_generator": "PCG64",
+        "state": {"state": int(saved["state"]), "inc": int(saved["inc"])},
+        "has_uint32": saved["has_uint32"],
+        "uinteger": saved["uinteger"],
+    }
+    return rng
