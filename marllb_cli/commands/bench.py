@@ -11,10 +11,12 @@ import typer
 from rich.table import Table
 
 from marllb_cli.bench.dataplane import decision_benchmark, forwarding_benchmark, report_json
+from marllb_cli.bench.policies import as_dicts as policy_dicts
+from marllb_cli.bench.policies import evaluate
 from marllb_cli.bench.replay import replay_benchmark
 from marllb_cli.bench.sim import as_dicts, sim_benchmark
-from marllb_cli.cli_support import ConfigArg, JsonOption, console, err_console, load, reports_errors
-from marllb_cli.errors import MissingTool
+from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, err_console, load, reports_errors
+from marllb_cli.errors import ConfigError, MissingTool
 
 bench_app = typer.Typer(help="Benchmarks; their figures are recorded in docs/benchmarks.md.", no_args_is_help=True)
 
@@ -125,5 +127,40 @@ def sim(
             f"{r.requests_per_wall_s / simpy_rate:.1f}",
             f"{r.jct_mean_s * 1e3:.2f}",
         )
+    console.print(table)
+    err_console.print("record these figures with the command line in docs/benchmarks.md")
+
+
+@bench_app.command()
+@reports_errors
+def policies(
+    config: ConfigArg,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option("--policy", "-p", metavar="NAME=DIR", help="A trained policy (marllb train --out DIR)."),
+    ] = None,
+    duration: Annotated[float, typer.Option(help="Simulated seconds per evaluation run.", min=1)] = 60.0,
+    set_: SetOption = None,
+    json_: JsonOption = False,
+) -> None:
+    """Oracles, heuristics and trained policies on the same 5 unseen request seeds: mean and p99 JCT."""
+    trained = {}
+    for item in policy or []:
+        name, sep, directory = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--policy {item!r}: expected NAME=DIR")
+        trained[name] = Path(directory)
+    with console.status("evaluating"):
+        results = evaluate(load(config, set_), trained, duration_s=duration)
+    if json_:
+        print(json.dumps(policy_dicts(results), indent=2))
+        return
+    table = Table(title=f"{config}: 5 unseen seeds × {duration:g} s")
+    for column in ("policy", "mean JCT (ms)", "p99 JCT (ms)", "mean / sed", "training"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for r in results:
+        training = f"{r.train_episodes} ep, {r.train_wall_s / 60:.1f} min" if r.train_wall_s is not None else ""
+        ratio = "" if r.mean_vs_sed is None else f"{r.mean_vs_sed:.3f}"
+        table.add_row(r.name, f"{r.jct_mean_ms:.1f}", f"{r.jct_p99_ms:.0f}", ratio, training)
     console.print(table)
     err_console.print("record these figures with the command line in docs/benchmarks.md")

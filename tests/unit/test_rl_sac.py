@@ -79,3 +79,35 @@ def test_a_trained_policy_runs_in_simulate(cli, tmp_path):
     assert {w for ws in steps["weights"] for w in ws} <= {1.0, 1.5, 2.0}
     missing = cli("simulate", config, "--method", f"rl:{tmp_path / 'none'}")
     assert missing.exit_code == 2 and "policy.pt" in missing.stderr
+
+
+def test_bench_policies_compares_a_trained_policy_on_unseen_seeds(cli, tmp_path):
+    import json
+
+    config = REPO / "configs" / "sim-moderate.yaml"
+    assert (
+        cli(
+            "train",
+            config,
+            "--algo",
+            "distr",
+            "--episodes",
+            "1",
+            "--episode-s",
+            "2",
+            "--out",
+            tmp_path / "d",
+            "--hyper",
+            "hidden=8",
+        ).exit_code
+        == 0
+    )
+    result = cli("bench", "policies", config, "--duration", "5", "-p", f"distr={tmp_path / 'd'}", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert set(rows) == {"oracle-srt", "oracle-gsq", "sed", "lsq", "wcmp", "ecmp", "distr"}
+    assert rows["sed"]["mean_vs_sed"] == 1.0
+    assert rows["oracle-srt"]["jct_mean_ms"] < rows["ecmp"]["jct_mean_ms"]
+    assert rows["distr"]["train_episodes"] == 1 and rows["distr"]["train_wall_s"] > 0
+    bad = cli("bench", "policies", config, "-p", "nodir")
+    assert bad.exit_code == 2 and "NAME=DIR" in bad.stderr
