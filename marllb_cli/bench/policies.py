@@ -1,9 +1,9 @@
 """`marllb bench policies`: heuristics, oracles and trained policies on the same unseen requests.
 
 Every method runs on `seeds` (by default 10 000 … 10 004; training draws every episode's requests from
-a multiple of 100 003 — `LoadBalancingEnv.reset` — so these requests never appear in training) for `duration_s` simulated seconds at the config's load;
-the table gives the mean over seeds of each run's mean and p99 JCT, and, for trained policies, the
-training wall time summed from their learning curve.
+a multiple of 100 003 — `LoadBalancingEnv.reset` — so these requests never appear in training) for
+`duration_s` simulated seconds at the config's load. The table gives the mean over seeds of each run's
+mean and p99 JCT, and, for trained policies, the training wall time summed from their learning curve.
 """
 
 from __future__ import annotations

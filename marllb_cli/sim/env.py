@@ -149,7 +149,3 @@ class LoadBalancingEnv(ParallelEnv):
         return {
             agent: self.lbs.observe(i, self.now) for i, agent in enumerate(self.possible_agents) if agent in self.agents
         }
-
-    def jobs_completed(self) -> int:
-        """Requests finished so far in this episode."""
-        return int(np.sum(~np.isnan(self.engine.finish)))

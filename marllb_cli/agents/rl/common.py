@@ -7,12 +7,15 @@ the five flow-duration statistics (the papers' artefact fed raw seconds and coun
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GreedyPolicy", "Recurrent", "generator", "generator_state", "normalise"]
+__all__ = ["GreedyPolicy", "Recurrent", "generator", "generator_state", "normalise", "plain"]
 
 DURATION_SCALE_S = 0.01
 
@@ -84,3 +87,8 @@ def generator(saved: dict) -> np.random.Generator:
         "uinteger": saved["uinteger"],
     }
     return rng
+
+
+def plain(hyper: Any) -> dict:
+    """A hyperparameter dataclass as plain values (tuples as lists), for a weights_only checkpoint."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(hyper).items()}

@@ -16,14 +16,14 @@ Not the artefact's softmax-of-Q: actions are ε-greedy on the utilities.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marllb_cli.agents.rl.common import Recurrent, generator, generator_state, normalise
+from marllb_cli.agents.rl.common import Recurrent, generator, generator_state, normalise, plain
 
 __all__ = ["Mixer", "QmixHyper", "QmixLearner", "td_lambda"]
 
@@ -135,9 +135,6 @@ class QmixLearner:
         self.prev_actions = actions
         return actions, x
 
-    def weights(self, actions: np.ndarray) -> list[list[float]]:
-        return [[self.hyper.levels[a] for a in row] for row in actions]
-
     # -- replay and update ------------------------------------------------------------------------------
     def store(
         self, inputs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_inputs: np.ndarray, states: np.ndarray
@@ -193,7 +190,7 @@ class QmixLearner:
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def hyper_state(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.hyper).items()}
+        return plain(self.hyper)
 
     def state(self) -> dict:
         return {

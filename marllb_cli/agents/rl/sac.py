@@ -17,14 +17,14 @@ Sequences: the GRU is trained on whole episodes from a zero hidden state, as it 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marllb_cli.agents.rl.common import Recurrent, generator, generator_state, normalise
+from marllb_cli.agents.rl.common import Recurrent, generator, generator_state, normalise, plain
 
 __all__ = ["SacHyper", "SacLearner"]
 
@@ -96,9 +96,6 @@ class SacLearner:
         self.prev_action = action
         return action, x
 
-    def weights(self, action: np.ndarray) -> list[float]:
-        return [self.hyper.levels[a] for a in action]
-
     # -- replay -----------------------------------------------------------------------------------------
     def store(self, inputs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_input: np.ndarray) -> None:
         """One finished episode: inputs [T, n_in], actions [T, N], rewards [T], and the input after the last
@@ -167,7 +164,7 @@ class SacLearner:
 
     # -- checkpoints (state dicts and tensors only: loadable with torch.load(weights_only=True)) ---------
     def hyper_state(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.hyper).items()}
+        return plain(self.hyper)
 
     def state(self) -> dict:
         return {
