@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -57,10 +58,12 @@ class LbLayer:
         work: Sequence[float],
         seed: int = 0,
         agents: list[Agent] | None = None,
+        joint: Any = None,
     ) -> None:
         if method not in SIM_METHODS:
             raise ValueError(f"unknown method {method!r}")
         self.method = method
+        self.joint = joint  # Centr-LB: act_all(observations of every LB) → weights of every LB
         self.work = work
         self.states = states
         self.n = len(states)
@@ -109,9 +112,11 @@ class LbLayer:
     def tick(self, now: float) -> None:
         """An agent step on every LB, the busy-workers sample, and the 1 s flow-table expiry."""
         self.housekeeping(now)
+        observations = [self.observe(lb, now) for lb in range(self.n_lbs)]
+        joint = self.joint.act_all(observations) if self.joint is not None else None
         for lb, (agent, table) in enumerate(zip(self.agents, self.tables, strict=True)):
-            obs = self.observe(lb, now)
-            weights = agent.act(obs)
+            obs = observations[lb]
+            weights = joint[lb] if joint is not None else agent.act(obs)
             if not self.oracle:
                 table.selector.set_weights([float(w) for w in weights])
             self.steps[lb].append(step_record(now, self._step, f"lb{lb}", agent, obs, weights, table.new_flows))

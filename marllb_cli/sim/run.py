@@ -90,14 +90,18 @@ def run_simulation(
     requests_in = load if load is not None else traffic(config, seed=seed, duration_s=duration_s)
     models, names, groups, cpus = server_models(config)
     states = [ServerState(m) for m in models]
-    agents = None
+    agents, joint = None, None
     if method.startswith(RL_PREFIX):
-        from marllb_cli.agents.rl.policy import load_policies
+        from marllb_cli.agents.rl.policy import load_joint_policy, load_policies
 
-        agents = load_policies(resolve_method(method), config.testbed.lbs, len(models))
+        resolved = resolve_method(method)
+        joint = load_joint_policy(resolved, config.testbed.lbs, len(models))
+        if joint is None:
+            agents = load_policies(resolved, config.testbed.lbs, len(models))
     lbs = LbLayer(
-        method="sed" if agents else method,
+        method="sed" if method.startswith(RL_PREFIX) else method,
         agents=agents,
+        joint=joint,
         n_lbs=config.testbed.lbs,
         states=states,
         cpus=cpus,

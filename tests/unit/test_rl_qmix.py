@@ -1,4 +1,5 @@
-"""QMIX: the mixer is monotonic, TD(λ) equals a hand computation, training runs and resumes exactly."""
+"""QMIX: the mixer is monotonic, TD(λ) equals a hand computation; QMIX, Distr-LB and Centr-LB training
+resumes exactly; their policies run where they can."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_td_lambda_equals_a_hand_computed_example():
     assert td_lambda(rewards, next_values, gamma, 1.0).tolist()[0][0] == pytest.approx(1 + 0.9 * (0 + 0.9 * g2))
 
 
-@pytest.mark.parametrize("algo", ["qmix", "distr"])
+@pytest.mark.parametrize("algo", ["qmix", "distr", "centr"])
 def test_resume_equals_an_uninterrupted_run(tmp_path, algo):
     config = load_config(REPO / "configs" / "sim-moderate.yaml")
     settings = {"hidden": 16, "updates_per_episode": 2, "batch_episodes": 2, "warmup_episodes": 1}
@@ -68,7 +69,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, algo):
                 assert all(torch.equal(value[k], right[name][k]) for k in value), name
         assert len(left["episodes"]) == len(right["episodes"]) == 3
     policy = torch.load(tmp_path / "whole" / "policy.pt", weights_only=True)
-    assert policy["algo"] == algo and policy["kind"] == ("qmix" if algo == "qmix" else "sac")
+    assert policy["algo"] == algo and policy["kind"] == {"qmix": "qmix", "centr": "centr"}.get(algo, "sac")
 
 
 def test_a_qmix_policy_runs_in_simulate(cli, tmp_path):
@@ -94,3 +95,32 @@ def test_a_qmix_policy_runs_in_simulate(cli, tmp_path):
     assert result.exit_code == 0, result.output
     one_lb = cli("simulate", config, "--method", f"rl:{tmp_path / 'q'}", "--set", "testbed.lbs=1")
     assert one_lb.exit_code == 2 and "QMIX trained for 2 LBs" in one_lb.stderr
+
+
+def test_a_centr_policy_runs_in_simulation_only(cli, tmp_path):
+    from marllb_cli.agents.rl.policy import load_policies
+    from marllb_cli.errors import ConfigError
+
+    config = REPO / "configs" / "sim-moderate.yaml"
+    trained = cli(
+        "train",
+        config,
+        "--algo",
+        "centr",
+        "--episodes",
+        "1",
+        "--episode-s",
+        "2",
+        "--out",
+        tmp_path / "c",
+        "--hyper",
+        "hidden=8",
+    )
+    assert trained.exit_code == 0, trained.output
+    runs = tmp_path / "r"
+    result = cli("simulate", config, "--method", f"rl:{tmp_path / 'c'}", "--duration", "5", "--runs-dir", runs)
+    assert result.exit_code == 0, result.output
+    steps = __import__("pandas").read_parquet(next(runs.iterdir()) / "agents" / "lb1.parquet")
+    assert {w for ws in steps["weights"] for w in ws} <= {1.0, 1.5, 2.0}
+    with pytest.raises(ConfigError, match="every LB's observation"):
+        load_policies(f"rl:{tmp_path / 'c'}", 2, 7)  # what a testbed agent process would do

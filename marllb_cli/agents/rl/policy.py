@@ -17,7 +17,7 @@ from marllb_cli.agents.factory import RL_PREFIX
 from marllb_cli.agents.rl.common import GreedyPolicy, Recurrent
 from marllb_cli.errors import ConfigError
 
-__all__ = ["RlPolicy", "load_policies"]
+__all__ = ["JointPolicy", "RlPolicy", "load_joint_policy", "load_policies"]
 
 
 class RlPolicy:
@@ -34,8 +34,19 @@ class RlPolicy:
         return self.weights
 
 
-def load_policies(method: str, n_lbs: int, n_servers: int) -> list[RlPolicy]:
-    """`rl:DIR` → one policy per LB."""
+class JointPolicy:
+    """Centr-LB: one network that reads every LB's observation and sets every LB's weights."""
+
+    method = "sed"
+
+    def __init__(self, policy: GreedyPolicy, n_lbs: int) -> None:
+        self.policy, self.m = policy, n_lbs
+
+    def act_all(self, observations: list[np.ndarray]) -> list[np.ndarray]:
+        return list(self.policy.act(np.concatenate(observations)).reshape(self.m, -1))
+
+
+def _load(method: str, n_servers: int) -> dict:
     path = Path(method.removeprefix(RL_PREFIX)) / "policy.pt"
     if not path.is_file():
         raise ConfigError(f"--method {method}: no {path}", hint="train one with `marllb train ... --out DIR`")
@@ -43,6 +54,31 @@ def load_policies(method: str, n_lbs: int, n_servers: int) -> list[RlPolicy]:
     if saved["n_servers"] != n_servers:
         raise ConfigError(f"--method {method}: trained for {saved['n_servers']} servers, this config has {n_servers}")
     torch.set_num_threads(1)  # one small GRU per step: threads only add contention with the dataplane
+    return saved
+
+
+def load_joint_policy(method: str, n_lbs: int, n_servers: int) -> JointPolicy | None:
+    """The Centr-LB policy of `rl:DIR`, or None when DIR holds per-LB policies."""
+    saved = _load(method, n_servers)
+    if saved.get("kind") != "centr":
+        return None
+    if saved["n_agents"] != n_lbs:
+        raise ConfigError(f"--method {method}: Centr-LB trained for {saved['n_agents']} LBs, this config has {n_lbs}")
+    levels = tuple(saved["hyper"]["levels"])
+    heads = n_lbs * n_servers
+    net = Recurrent(heads * 6 + heads * len(levels), saved["hyper"]["hidden"], heads, len(levels))
+    net.load_state_dict(saved["actors"][0])
+    return JointPolicy(GreedyPolicy(net, levels), n_lbs)
+
+
+def load_policies(method: str, n_lbs: int, n_servers: int) -> list[RlPolicy]:
+    """`rl:DIR` → one policy per LB (not for Centr-LB, which needs every LB's observation)."""
+    saved = _load(method, n_servers)
+    if saved.get("kind") == "centr":
+        raise ConfigError(
+            f"--method {method}: a Centr-LB policy needs every LB's observation at once",
+            hint="run it in the simulator (marllb simulate); each testbed LB sees only its own",
+        )
     hyper = saved["hyper"]
     levels = tuple(hyper["levels"])
     qmix = saved.get("kind") == "qmix"

@@ -8,7 +8,8 @@ a learning curve, and a policy file that `--method rl:DIR` runs in simulation an
     (what acting needs) are replaced atomically.
 
 Algorithms: `isac`, `ssac`, `distr` (independent SAC-discrete learners, `sac.py`; ssac runs one LB that
-sees all traffic) and `qmix` (`qmix.py`, one learner for all LBs on the team reward).
+sees all traffic), `centr` (Centr-LB: one SAC learner for all LBs' weights) and `qmix` (`qmix.py`, one
+learner for all LBs on the team reward).
 
 `--resume` continues from checkpoint.pt exactly: the same seed gives the same checkpoints whether a run
 was interrupted or not. Everything saved is tensors and plain values (torch.load(weights_only=True)).
@@ -39,8 +40,9 @@ __all__ = ["ALGOS", "parse_hyper", "train"]
 
 #: Algorithm → default reward. isac: independent learners; ssac: one LB that sees all traffic;
 #: distr: Distr-LB, independent learners on the per-LB VBF+log (the Markov potential game);
-#: qmix: QMIX on the team (mean) reward.
-ALGOS = {"isac": "jain", "ssac": "jain", "distr": "vbf-log", "qmix": "vbf-log"}
+#: qmix: QMIX on the team (mean) reward; centr: Centr-LB, one SAC learner that sees every LB's observation
+#: and sets every LB's weights (m × n heads), on the team reward.
+ALGOS = {"isac": "jain", "ssac": "jain", "distr": "vbf-log", "qmix": "vbf-log", "centr": "vbf-log"}
 CHECKPOINT, POLICY, CURVE = "checkpoint.pt", "policy.pt", "curve.parquet"
 
 
@@ -90,6 +92,36 @@ class IndependentSac:
             "hyper": first.hyper_state(),
             "actors": [learner.actor.state_dict() for learner in self.learners],
         }
+
+
+class Centralised:
+    """Centr-LB: one SAC learner over the LBs' stacked observations, one head per (LB, server)."""
+
+    def __init__(self, n_lbs: int, n_servers: int, hyper: SacHyper, seed: int) -> None:
+        self.hyper, self.m, self.n = hyper, n_lbs, n_servers
+        self.sac = IndependentSac(1, n_lbs * n_servers, hyper, seed)
+
+    def reset(self) -> None:
+        self.sac.reset()
+
+    def act(self, observations: list[np.ndarray], warm: bool) -> list[np.ndarray]:
+        (action,) = self.sac.act([np.concatenate(observations)], warm)
+        return list(action.reshape(self.m, self.n))
+
+    def end_episode(self, observations: list[np.ndarray], rewards: np.ndarray) -> None:
+        self.sac.end_episode([np.concatenate(observations)], rewards.mean(axis=1, keepdims=True))
+
+    def update(self) -> list[dict[str, float]]:
+        return self.sac.update()
+
+    def state(self) -> list[dict]:
+        return self.sac.state()
+
+    def load(self, state: list[dict]) -> None:
+        self.sac.load(state)
+
+    def policy(self) -> dict:
+        return {**self.sac.policy(), "kind": "centr", "n_servers": self.n, "n_agents": self.m}
 
 
 class Qmix:
@@ -187,7 +219,8 @@ def train(
     settings = (QmixHyper if algo == "qmix" else SacHyper)(**(hyper or {}))
     env = LoadBalancingEnv(config, reward=reward, levels=settings.levels, episode_s=episode_s)
     n_lbs, n_servers = len(env.possible_agents), len(env.models)
-    team = (Qmix if algo == "qmix" else IndependentSac)(n_lbs, n_servers, settings, seed)  # type: ignore[arg-type]
+    kind = {"qmix": Qmix, "centr": Centralised}.get(algo, IndependentSac)
+    team = kind(n_lbs, n_servers, settings, seed)  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
     meta = {"algo": algo, "reward": reward, "seed": seed, "episode_s": episode_s, "load_range": list(load_range)}
     start, rows = 0, []
