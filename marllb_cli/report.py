@@ -16,6 +16,7 @@ Figures (PNG, matplotlib's Agg backend, no display needed):
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,11 +218,60 @@ def shown_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r["class"] == ALL or classes[r["method"]] > 1]
 
 
-def write_report(report: Report, out: Path) -> list[Path]:
-    """Write `report.md` and the figures into `out`; return the files written."""
+def is_training_dir(path: Path) -> bool:
+    """A directory written by `marllb train` (it has a learning curve)."""
+    return (path / "curve.parquet").is_file()
+
+
+def learning_curves(trainings: list[Path], out: Path) -> tuple[Path, list[str]]:
+    """`learning_curves.png` (episode reward and mean JCT per training directory) and a Markdown table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    lines = [
+        "| training | algo | reward | episodes | last 5: mean JCT (ms) | best mean JCT (ms) | wall (min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in trainings:
+        try:
+            curve = pd.read_parquet(path / "curve.parquet")
+            meta = json.loads((path / "train.json").read_text()) if (path / "train.json").exists() else {}
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{path}: unreadable learning curve ({exc.__class__.__name__})") from None
+        label = f"{path.name} ({meta.get('algo', '?')})"
+        top.plot(curve["episode"], curve["reward"], label=label)
+        bottom.plot(curve["episode"], curve["jct_mean_s"] * 1e3, label=label)
+        lines.append(
+            f"| {path} | {meta.get('algo', '?')} | {meta.get('reward', '?')} | {len(curve)} "
+            f"| {curve['jct_mean_s'].tail(5).mean() * 1e3:.1f} | {curve['jct_mean_s'].min() * 1e3:.1f} "
+            f"| {curve['wall_s'].sum() / 60:.1f} |"
+        )
+    top.set(ylabel="mean step reward", title="Learning curves")
+    bottom.set(xlabel="episode", ylabel="mean JCT (ms)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=7)
+    return _save(fig, out / "learning_curves.png"), lines
+
+
+def write_report(report: Report | None, out: Path, trainings: list[Path] | None = None) -> list[Path]:
+    """Write `report.md` and the figures into `out` (runs compared, training directories' learning curves);
+    return the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    figures = _figures(report.runs, out)
     lines = ["# marllb report", ""]
+    written: list[Path] = []
+    if trainings:
+        figure, table = learning_curves(trainings, out)
+        written.append(figure)
+        lines += ["## Learning curves", "", *table, "", f"![learning curves]({figure.name})", ""]
+    if report is None:
+        path = out / "report.md"
+        path.write_text("\n".join(lines) + "\n")
+        return [path, *written]
+    figures = _figures(report.runs, out) + written
     if report.baseline:
         lines += [f"Baseline for the ratios: **{report.baseline}**. JCT in milliseconds, completed requests only.", ""]
     lines += ["| " + " | ".join(MARKDOWN_COLUMNS) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
@@ -234,7 +284,7 @@ def write_report(report: Report, out: Path) -> list[Path]:
         )
     if report.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
-    lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
+    lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures if p not in written]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return [path, *figures]

@@ -11,7 +11,15 @@ from rich import box
 from rich.table import Table
 
 from marllb_cli.cli_support import JsonOption, console, err_console, reports_errors
-from marllb_cli.report import TERMINAL_COLUMNS, build_report, find_runs, shown_rows, table_cells, write_report
+from marllb_cli.report import (
+    TERMINAL_COLUMNS,
+    build_report,
+    find_runs,
+    is_training_dir,
+    shown_rows,
+    table_cells,
+    write_report,
+)
 
 
 @reports_errors
@@ -30,10 +38,15 @@ def report_command(
 
     Runs of the same method (seeds) are pooled; their spread is shown as the std of the per-run means.
     Writes report.md and PNG figures (JCT CDF, JCT over time, busy workers per server group, requests per
-    server) into --out.
+    server) into --out. Training directories (`marllb train --out`) add learning curves.
     """
-    report = build_report(find_runs(runs), baseline)
-    files = write_report(report, out)
+    trainings = [path for path in runs if is_training_dir(path)]
+    if trainings and len(trainings) == len(runs):  # learning curves only
+        files = write_report(None, out, trainings)
+        console.print(f"report: {files[0]} (learning curves of {len(trainings)} trainings)")
+        return
+    report = build_report(find_runs([path for path in runs if path not in trainings]), baseline)
+    files = write_report(report, out, trainings)
     for warning in report.warnings:
         err_console.print(f"[bold yellow]warning:[/] {warning}")
     if json_:

@@ -126,3 +126,28 @@ def test_report_cli_json_and_bad_input(cli, tmp_path):
     broken = cli("report", good, "--out", tmp_path / "rep3")
     assert broken.exit_code == 2 and "unreadable Parquet" in broken.stderr
     assert load_run(good).method == "lsq"
+
+
+def test_report_draws_learning_curves_of_training_directories(cli, tmp_path):
+    training = tmp_path / "train-distr"
+    training.mkdir()
+    curve = pd.DataFrame(
+        {
+            "episode": range(10),
+            "reward": np.linspace(7, 9, 10),
+            "jct_mean_s": np.linspace(0.2, 0.1, 10),
+            "wall_s": [6.0] * 10,
+        }
+    )
+    curve.to_parquet(training / "curve.parquet")
+    (training / "train.json").write_text(json.dumps({"algo": "distr", "reward": "vbf-log"}))
+    only = cli("report", training, "--out", tmp_path / "curves")
+    assert only.exit_code == 0, only.output
+    markdown = (tmp_path / "curves" / "report.md").read_text()
+    assert f"| {training} | distr | vbf-log | 10 | 122.2 | 100.0 | 1.0 |" in markdown
+    assert (tmp_path / "curves" / "learning_curves.png").stat().st_size > 5000
+    run = _run(tmp_path / "runs", "sed", 0, np.full(100, 0.1))
+    both = cli("report", run, training, "--out", tmp_path / "both")
+    assert both.exit_code == 0, both.output
+    text = (tmp_path / "both" / "report.md").read_text()
+    assert "## Learning curves" in text and "| 1 | sed | all |" in text
