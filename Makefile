@@ -6,8 +6,9 @@ MARLLB := $(VENV)/bin/marllb
 STAMP := $(VENV)/.installed
 # The CPU build of PyTorch; an unpinned `torch` would pull several GB of CUDA wheels.
 TORCH_PIN ?= torch==2.13.0
-# Debian packages the local testbed needs (Apache + PHP in namespaces, iproute2, nftables, ethtool, curl).
-APT_PACKAGES := apache2 libapache2-mod-php php-cli iproute2 nftables ethtool curl procps psmisc
+# Debian packages the testbeds need (Apache + PHP in namespaces, iproute2, nftables, ethtool, curl; sshd for
+# the SSH tests; wrk for `make bench`).
+APT_PACKAGES := apache2 libapache2-mod-php php-cli iproute2 nftables ethtool curl procps psmisc openssh-server wrk
 
 .PHONY: install system-deps test test-unit test-integration test-kvm bench demo lint clean
 

@@ -1,0 +1,126 @@
+"""A host reached over SSH (paramiko, key authentication): the executor of `kind: ssh` testbeds and of KVM
+guests once they are up.
+
+Safety, by construction:
+- host keys are checked against a known_hosts file; an unknown host is refused unless the caller asked
+  for `accept_new_host_keys` (then its key is recorded), and a changed key is always refused;
+- commands are argv lists, joined with `shlex.join`, so a config value such as `srv1; rm -rf /` reaches
+  the remote program as one literal argument and never as shell syntax.
+
+`sock` lets the caller hand over an already connected socket (e.g. one made inside a network namespace by
+`LocalNamespace.connect`), which is how the tests reach sshd running in a namespace.
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from marllb_cli.errors import TestbedError
+
+__all__ = ["SshHost", "SshTarget"]
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where and as whom to log in."""
+
+    host: str
+    port: int = 22
+    user: str = "root"
+    key_file: Path | None = None
+    known_hosts: Path = Path("~/.ssh/known_hosts")
+
+
+class SshHost:
+    """One connection to one host; `run` executes an argv there."""
+
+    def __init__(
+        self,
+        target: SshTarget,
+        *,
+        accept_new_host_keys: bool = False,
+        sock: socket.socket | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.target = target
+        self.name = f"{target.user}@{target.host}:{target.port}"
+        known_hosts = target.known_hosts.expanduser()
+        client = paramiko.SSHClient()
+        if known_hosts.exists():
+            client.load_host_keys(str(known_hosts))
+        if accept_new_host_keys:
+            known_hosts.parent.mkdir(parents=True, exist_ok=True)
+            known_hosts.touch(exist_ok=True)
+            client.load_host_keys(str(known_hosts))  # so that new keys are saved to this file
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        else:
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            client.connect(
+                target.host,
+                port=target.port,
+                username=target.user,
+                key_filename=str(target.key_file) if target.key_file else None,
+                look_for_keys=target.key_file is None,
+                allow_agent=False,
+                sock=sock,
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+            )
+        except paramiko.BadHostKeyException:
+            client.close()
+            raise TestbedError(
+                f"{self.name}: host key differs from {known_hosts}",
+                hint="the host was reinstalled, or this is not the host you think; check before removing the entry",
+            ) from None
+        except paramiko.SSHException as exc:
+            client.close()
+            if "not found in known_hosts" in str(exc):
+                raise TestbedError(
+                    f"{self.name}: unknown host key (not in {known_hosts})",
+                    hint="verify the host, then pass --accept-new-host-keys to record its key",
+                ) from None
+            raise TestbedError(f"{self.name}: SSH failed: {exc}") from None
+        except OSError as exc:
+            client.close()
+            raise TestbedError(f"{self.name}: cannot connect: {exc.strerror or exc}") from None
+        self.client = client
+
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 60.0, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `argv` on the host (quoted with shlex.join); on failure raise a `TestbedError` with its output."""
+        command = shlex.join(argv)
+        try:
+            stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
+            if input is not None:
+                stdin.write(input)
+            stdin.channel.shutdown_write()
+            out = stdout.read().decode(errors="replace")
+            err = stderr.read().decode(errors="replace")
+            code = stdout.channel.recv_exit_status()
+        except (paramiko.SSHException, TimeoutError, OSError) as exc:
+            raise TestbedError(f"{self.name}: `{command}` failed: {exc}") from None
+        if check and code != 0:
+            lines = (err or out).strip().splitlines()
+            raise TestbedError(
+                f"{self.name}: `{command}` failed with exit {code}: {lines[-1] if lines else 'no output'}"
+            )
+        return subprocess.CompletedProcess(list(argv), code, out, err)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> SshHost:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
