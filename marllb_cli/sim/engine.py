@@ -68,7 +68,7 @@ class Result:
 class ServerState:
     """Mutable state of one server during a run; the LB layer reads it for probes and oracles."""
 
-    __slots__ = ("model", "virtual", "clock", "active", "waiting", "waiting_work", "in_io", "version")
+    __slots__ = ("model", "virtual", "clock", "active", "waiting", "waiting_work", "in_io", "version", "r")
 
     def __init__(self, model: ServerModel) -> None:
         self.model = model
@@ -79,29 +79,30 @@ class ServerState:
         self.waiting_work: deque[float] = deque()
         self.in_io = 0  # jobs holding a worker in their IO phase
         self.version = 0
+        self.r = 0.0  # service rate of each active job; `rerate()` after every change of `active`
 
     def workers(self) -> int:
         """Workers in use: jobs computing plus jobs in IO."""
         return len(self.active) + self.in_io
 
-    def rate(self) -> float:
+    def rerate(self) -> None:
         k = len(self.active)
-        return self.model.speed * min(1.0, self.model.cpus / k) if k else 0.0
+        self.r = self.model.speed * min(1.0, self.model.cpus / k) if k else 0.0
 
     def advance(self, now: float) -> None:
         if self.active:
-            self.virtual += (now - self.clock) * self.rate()
+            self.virtual += (now - self.clock) * self.r
         self.clock = now
 
     def remaining(self, now: float) -> tuple[list[float], list[float]]:
         """(remaining work of each active job, work of each waiting job, in FIFO order) at `now`."""
-        virtual = self.virtual + (now - self.clock) * self.rate() if self.active else self.virtual
+        virtual = self.virtual + (now - self.clock) * self.r if self.active else self.virtual
         return [max(0.0, v - virtual) for v, _ in self.active], list(self.waiting_work)
 
     def next_completion(self) -> float:
         if not self.active:
             return INF
-        return self.clock + max(0.0, self.active[0][0] - self.virtual) / self.rate()
+        return self.clock + max(0.0, self.active[0][0] - self.virtual) / self.r
 
 
 #: `dispatch(job, now)` → the server index of a new job; `on_finish(job, server, now, completed)` is told
@@ -164,6 +165,7 @@ class Engine:
                 push(events, (now + ios[job], index, -1 - job))
                 return False
             heapq.heappush(s.active, (s.virtual + works[job], job))
+            s.rerate()
             return True
 
         def reschedule(index: int, s: ServerState) -> None:
@@ -191,12 +193,14 @@ class Engine:
                     s.advance(now)
                     s.in_io -= 1
                     heapq.heappush(s.active, (s.virtual + works[job], job))
+                    s.rerate()
                     reschedule(index, s)
                     continue
                 if version != s.version:
                     continue  # superseded by a later change at this server
                 s.advance(now)
                 _, job = heapq.heappop(s.active)
+                s.rerate()
                 finish[job] = now
                 if on_finish is not None:
                     on_finish(job, index, now, True)
