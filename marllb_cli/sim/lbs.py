@@ -14,9 +14,10 @@ expired every second, as the dataplane does). A rejected request (full backlog) 
 
 Oracle policies see what no LB can (the servers' true state) and skip the flow tables:
     oracle-srt   the server that would finish the new job first if nothing else arrived (exact PS
-                 drain of its remaining work, backlog and worker limit included)
+                 drain of its remaining work, backlog and worker limit included). With IO phases it is
+                 approximate: jobs in IO are not in the drain, and the new job's own IO is ignored.
     oracle-gsq   global shortest expected delay: argmin (n_j + 1) / (cpus_j × speed_j) over the jobs n_j
-                 each server really holds, summed over all LBs
+                 each server really holds (computing, in IO, or waiting), summed over all LBs
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class LbLayer:
 
     def _oracle(self, job: int, now: float) -> int:
         if self.method == "oracle-gsq":
-            jobs = np.array([len(s.active) + len(s.waiting) for s in self.states], dtype=np.float64)
+            jobs = np.array([s.workers() + len(s.waiting) for s in self.states], dtype=np.float64)
             return int(np.argmin((jobs + 1) / self.capacity))
         work = self.work[job]
         return min(range(self.n), key=lambda j: finish_if_added(self.states[j], work, now))
