@@ -10,11 +10,21 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from marllb_cli.config import Config, load_config
 from marllb_cli.errors import MarllbError
 
-__all__ = ["ConfigArg", "JsonOption", "SetOption", "console", "err_console", "load", "reports_errors"]
+__all__ = [
+    "ConfigArg",
+    "JsonOption",
+    "SetOption",
+    "console",
+    "detail_progress",
+    "err_console",
+    "load",
+    "reports_errors",
+]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -58,3 +68,15 @@ def reports_errors(command: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def detail_progress(label: str) -> Progress:
+    """A progress bar for long work with live figures: `label`, bar, done/total, the task's `detail` field."""
+    return Progress(
+        TextColumn(label.replace("[", r"\[").replace("{", "{{").replace("}", "}}")),  # a literal label
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+    )

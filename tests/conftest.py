@@ -45,3 +45,29 @@ def cli():
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
+
+
+@pytest.fixture
+def trained(cli, tmp_path):
+    """Train a tiny policy through the CLI (1 episode of 2 s, hidden 8) on sim-moderate; returns its directory."""
+
+    def train(algo: str, name: str | None = None) -> Path:
+        out = tmp_path / (name or f"train-{algo}")
+        result = cli(
+            "train",
+            REPO / "configs" / "sim-moderate.yaml",
+            "--algo",
+            algo,
+            "--episodes",
+            "1",
+            "--episode-s",
+            "2",
+            "--out",
+            out,
+            "--hyper",
+            "hidden=8",
+        )
+        assert result.exit_code == 0, result.output
+        return out
+
+    return train

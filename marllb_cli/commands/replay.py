@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from marllb_cli.agents.heuristics import HEURISTICS
-from marllb_cli.cli_support import ConfigArg, SetOption, console, err_console, load, reports_errors
+from marllb_cli.cli_support import ConfigArg, SetOption, console, detail_progress, err_console, load, reports_errors
 from marllb_cli.experiment import ReplayOptions, replay_trace
 
 
@@ -47,15 +46,8 @@ def replay_trace_command(
         timeout_s=timeout,
         skip_bad=skip_bad,
     )
-    with Progress(
-        TextColumn("replaying {task.fields[method]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-        console=err_console,
-    ) as bar:
-        task = bar.add_task("replay", total=None, method=method, detail="starting LBs")
+    with detail_progress(f"replaying {method}") as bar:
+        task = bar.add_task("replay", total=None, detail="starting LBs")
 
         def progress(data: dict[str, Any]) -> None:
             detail = f"sent {data['sent']:,}  errors {data['errors']:,}  send lag p99 {data['lag_p99_s'] * 1e3:.1f} ms"

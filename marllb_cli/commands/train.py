@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from marllb_cli.agents.rl.train import ALGOS, parse_hyper, train
-from marllb_cli.cli_support import ConfigArg, SetOption, console, err_console, load, reports_errors
+from marllb_cli.cli_support import ConfigArg, SetOption, console, detail_progress, load, reports_errors
 
 
 @reports_errors
@@ -34,14 +33,7 @@ def train_command(
     """
     cfg = load(config, set_)
     overrides = parse_hyper(algo, hyper or [])
-    with Progress(
-        TextColumn(f"training {algo}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-        console=err_console,
-    ) as bar:
+    with detail_progress(f"training {algo}") as bar:
         task = bar.add_task("train", total=episodes, detail="")
 
         def progress(row: dict) -> None:

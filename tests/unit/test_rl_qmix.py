@@ -72,55 +72,25 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, algo):
     assert policy["algo"] == algo and policy["kind"] == {"qmix": "qmix", "centr": "centr"}.get(algo, "sac")
 
 
-def test_a_qmix_policy_runs_in_simulate(cli, tmp_path):
+def test_a_qmix_policy_runs_in_simulate(cli, trained, tmp_path):
     config = REPO / "configs" / "sim-moderate.yaml"
-    trained = cli(
-        "train",
-        config,
-        "--algo",
-        "qmix",
-        "--episodes",
-        "1",
-        "--episode-s",
-        "2",
-        "--out",
-        tmp_path / "q",
-        "--hyper",
-        "hidden=8",
-    )
-    assert trained.exit_code == 0, trained.output
-    result = cli(
-        "simulate", config, "--method", f"rl:{tmp_path / 'q'}", "--duration", "5", "--runs-dir", tmp_path / "r"
-    )
+    policy = trained("qmix")
+    result = cli("simulate", config, "--method", f"rl:{policy}", "--duration", "5", "--runs-dir", tmp_path / "r")
     assert result.exit_code == 0, result.output
-    one_lb = cli("simulate", config, "--method", f"rl:{tmp_path / 'q'}", "--set", "testbed.lbs=1")
+    one_lb = cli("simulate", config, "--method", f"rl:{policy}", "--set", "testbed.lbs=1")
     assert one_lb.exit_code == 2 and "QMIX trained for 2 LBs" in one_lb.stderr
 
 
-def test_a_centr_policy_runs_in_simulation_only(cli, tmp_path):
+def test_a_centr_policy_runs_in_simulation_only(cli, trained, tmp_path):
     from marllb_cli.agents.rl.policy import load_policies
     from marllb_cli.errors import ConfigError
 
     config = REPO / "configs" / "sim-moderate.yaml"
-    trained = cli(
-        "train",
-        config,
-        "--algo",
-        "centr",
-        "--episodes",
-        "1",
-        "--episode-s",
-        "2",
-        "--out",
-        tmp_path / "c",
-        "--hyper",
-        "hidden=8",
-    )
-    assert trained.exit_code == 0, trained.output
+    policy = trained("centr")
     runs = tmp_path / "r"
-    result = cli("simulate", config, "--method", f"rl:{tmp_path / 'c'}", "--duration", "5", "--runs-dir", runs)
+    result = cli("simulate", config, "--method", f"rl:{policy}", "--duration", "5", "--runs-dir", runs)
     assert result.exit_code == 0, result.output
     steps = __import__("pandas").read_parquet(next(runs.iterdir()) / "agents" / "lb1.parquet")
     assert {w for ws in steps["weights"] for w in ws} <= {1.0, 1.5, 2.0}
     with pytest.raises(ConfigError, match="every LB's observation"):
-        load_policies(f"rl:{tmp_path / 'c'}", 2, 7)  # what a testbed agent process would do
+        load_policies(f"rl:{policy}", 2, 7)  # what a testbed agent process would do

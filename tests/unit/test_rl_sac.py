@@ -53,25 +53,11 @@ def test_train_cli_bad_input(cli, tmp_path):
         assert expected in result.stderr and "Traceback" not in result.output
 
 
-def test_a_trained_policy_runs_in_simulate(cli, tmp_path):
+def test_a_trained_policy_runs_in_simulate(cli, trained, tmp_path):
     config = REPO / "configs" / "sim-moderate.yaml"
-    trained = cli(
-        "train",
-        config,
-        "--algo",
-        "isac",
-        "--episodes",
-        "1",
-        "--episode-s",
-        "2",
-        "--out",
-        tmp_path / "t",
-        "--hyper",
-        "hidden=8",
-    )
-    assert trained.exit_code == 0, trained.output
+    policy = trained("isac")
     runs = tmp_path / "runs"
-    result = cli("simulate", config, "--method", f"rl:{tmp_path / 't'}", "--duration", "10", "--runs-dir", runs)
+    result = cli("simulate", config, "--method", f"rl:{policy}", "--duration", "10", "--runs-dir", runs)
     assert result.exit_code == 0, result.output
     run = next(runs.iterdir())
     steps = __import__("pandas").read_parquet(run / "agents" / "lb0.parquet")
@@ -81,28 +67,12 @@ def test_a_trained_policy_runs_in_simulate(cli, tmp_path):
     assert missing.exit_code == 2 and "policy.pt" in missing.stderr
 
 
-def test_bench_policies_compares_a_trained_policy_on_unseen_seeds(cli, tmp_path):
+def test_bench_policies_compares_a_trained_policy_on_unseen_seeds(cli, trained, tmp_path):
     import json
 
     config = REPO / "configs" / "sim-moderate.yaml"
-    assert (
-        cli(
-            "train",
-            config,
-            "--algo",
-            "distr",
-            "--episodes",
-            "1",
-            "--episode-s",
-            "2",
-            "--out",
-            tmp_path / "d",
-            "--hyper",
-            "hidden=8",
-        ).exit_code
-        == 0
-    )
-    result = cli("bench", "policies", config, "--duration", "5", "-p", f"distr={tmp_path / 'd'}", "--json")
+    policy = trained("distr")
+    result = cli("bench", "policies", config, "--duration", "5", "-p", f"distr={policy}", "--json")
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.stdout)}
     assert set(rows) == {"oracle-srt", "oracle-gsq", "sed", "lsq", "wcmp", "ecmp", "distr"}
