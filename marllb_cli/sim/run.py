@@ -28,12 +28,7 @@ from marllb_cli.sim.engine import ServerModel, ServerState, simulate
 from marllb_cli.sim.lbs import SIM_METHODS, LbLayer
 from marllb_cli.sim.traffic import Traffic, capacity, traffic
 
-__all__ = ["SimOutcome", "SimRun", "require_sim_method", "run_simulation", "simulate_to_run_dir"]
-
-
-def require_sim_method(method: str) -> None:
-    """A `ConfigError` (exit 2) naming the choices unless `method` is one the simulator runs."""
-    resolve_method(method, SIM_METHODS)
+__all__ = ["SimOutcome", "SimRun", "run_simulation", "simulate_to_run_dir"]
 
 
 @dataclass
@@ -85,19 +80,16 @@ def run_simulation(
     load: Traffic | None = None,
 ) -> SimRun:
     """Simulate `method` on the config's servers and LBs; pure (no files)."""
-    require_sim_method(method)
+    resolved = resolve_method(method, SIM_METHODS)
     seed = config.experiment.seed if seed is None else seed
     requests_in = load if load is not None else traffic(config, seed=seed, duration_s=duration_s)
     models, names, groups, cpus = server_models(config)
     states = [ServerState(m) for m in models]
-    agents, joint = None, None
-    if method.startswith(RL_PREFIX):
-        from marllb_cli.agents.rl.policy import load_joint_policy, load_policies
+    joint, agents = None, None
+    if resolved.startswith(RL_PREFIX):
+        from marllb_cli.agents.rl.policy import load_for_simulation
 
-        resolved = resolve_method(method)
-        joint = load_joint_policy(resolved, config.testbed.lbs, len(models))
-        if joint is None:
-            agents = load_policies(resolved, config.testbed.lbs, len(models))
+        joint, agents = load_for_simulation(resolved, config.testbed.lbs, len(models))
     lbs = LbLayer(
         method="sed" if method.startswith(RL_PREFIX) else method,
         agents=agents,
@@ -164,7 +156,7 @@ def simulate_to_run_dir(
 ) -> SimOutcome:
     """Simulate and write a run directory (`meta.json` first with complete=false, as a testbed run)."""
     seed = config.experiment.seed if seed is None else seed
-    require_sim_method(method)
+    resolve_method(method, SIM_METHODS)
     run = create_run_dir(runs_dir, method=method, testbed=f"{config.testbed.name}-sim", seed=seed)
     (run / "config.yaml").write_text(config.resolved_yaml())
     spec = config.sim.traffic

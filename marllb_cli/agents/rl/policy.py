@@ -17,7 +17,7 @@ from marllb_cli.agents.factory import RL_PREFIX
 from marllb_cli.agents.rl.common import GreedyPolicy, Recurrent
 from marllb_cli.errors import ConfigError
 
-__all__ = ["JointPolicy", "RlPolicy", "load_joint_policy", "load_policies"]
+__all__ = ["JointPolicy", "RlPolicy", "load_for_simulation", "load_policies"]
 
 
 class RlPolicy:
@@ -57,11 +57,15 @@ def _load(method: str, n_servers: int) -> dict:
     return saved
 
 
-def load_joint_policy(method: str, n_lbs: int, n_servers: int) -> JointPolicy | None:
-    """The Centr-LB policy of `rl:DIR`, or None when DIR holds per-LB policies."""
+def load_for_simulation(method: str, n_lbs: int, n_servers: int) -> tuple[JointPolicy | None, list[RlPolicy]]:
+    """`rl:DIR` for the simulator, read once: (the Centr-LB joint policy, []) or (None, one policy per LB)."""
     saved = _load(method, n_servers)
-    if saved.get("kind") != "centr":
-        return None
+    if saved.get("kind") == "centr":
+        return _joint(saved, method, n_lbs, n_servers), []
+    return None, _per_lb(saved, method, n_lbs, n_servers)
+
+
+def _joint(saved: dict, method: str, n_lbs: int, n_servers: int) -> JointPolicy:
     if saved["n_agents"] != n_lbs:
         raise ConfigError(f"--method {method}: Centr-LB trained for {saved['n_agents']} LBs, this config has {n_lbs}")
     levels = tuple(saved["hyper"]["levels"])
@@ -73,7 +77,10 @@ def load_joint_policy(method: str, n_lbs: int, n_servers: int) -> JointPolicy | 
 
 def load_policies(method: str, n_lbs: int, n_servers: int) -> list[RlPolicy]:
     """`rl:DIR` → one policy per LB (not for Centr-LB, which needs every LB's observation)."""
-    saved = _load(method, n_servers)
+    return _per_lb(_load(method, n_servers), method, n_lbs, n_servers)
+
+
+def _per_lb(saved: dict, method: str, n_lbs: int, n_servers: int) -> list[RlPolicy]:
     if saved.get("kind") == "centr":
         raise ConfigError(
             f"--method {method}: a Centr-LB policy needs every LB's observation at once",
