@@ -232,6 +232,12 @@ class Sim(_Strict):
 
     traffic: SimTraffic = Field(default_factory=SimTraffic, description="The requests.")
     idle_timeout_s: float = Field(40.0, gt=0, description="An LB ends a flow with no packet for this long.")
+    io_speed: float | None = Field(
+        None,
+        gt=0,
+        description="IO-seconds each server's IO device serves per second, one IO phase at a time (FIFO); the "
+        "same on every server whatever its cpus (NeurIPS'22: equal IO speed). Unset: IO phases never queue.",
+    )
 
 
 class Config(_Strict):

@@ -7,6 +7,8 @@ One server model covers everything we need, by its three limits:
     max_workers  jobs served at once (Apache prefork: 32); the rest wait in a FIFO backlog (a job in an IO
                  phase holds its worker but uses no CPU: it joins processor sharing when its IO is done)
     backlog      waiting room (Apache: 128); a job arriving to a full backlog is rejected (a failed request)
+    io_speed     IO-seconds the server's IO device completes per second, one IO phase at a time in arrival
+                 order (a FIFO disk); infinite (the default): IO phases never wait for each other, a pure delay
 
 so M/M/1 FCFS is (cpus 1, workers 1, backlog ∞), M/M/c is (c, c, ∞), an egalitarian PS server is
 (1, ∞, ∞), and an Apache server is (cpus, 32, 128).
@@ -37,12 +39,13 @@ INF = math.inf
 
 @dataclass(frozen=True)
 class ServerModel:
-    """A server's capacity: cores, speed factor (work units per core-second), workers and backlog."""
+    """A server's capacity: cores, speed factor (work units per core-second), workers, backlog, IO device."""
 
     cpus: float = 1.0
     speed: float = 1.0
     max_workers: float = APACHE_WORKERS
     backlog: float = APACHE_BACKLOG
+    io_speed: float = INF
 
 
 @dataclass
@@ -68,7 +71,7 @@ class Result:
 class ServerState:
     """Mutable state of one server during a run; the LB layer reads it for probes and oracles."""
 
-    __slots__ = ("model", "virtual", "clock", "active", "waiting", "waiting_work", "in_io", "version", "r")
+    __slots__ = ("model", "virtual", "clock", "active", "waiting", "waiting_work", "in_io", "io_free", "version", "r")
 
     def __init__(self, model: ServerModel) -> None:
         self.model = model
@@ -77,7 +80,8 @@ class ServerState:
         self.active: list[tuple[float, int]] = []  # heap of (finish value of V, job)
         self.waiting: deque[int] = deque()
         self.waiting_work: deque[float] = deque()
-        self.in_io = 0  # jobs holding a worker in their IO phase
+        self.in_io = 0  # jobs holding a worker in their IO phase (waiting for the IO device or using it)
+        self.io_free = 0.0  # when the IO device finishes the last IO phase handed to it
         self.version = 0
         self.r = 0.0  # service rate of each active job; `rerate()` after every change of `active`
 
@@ -162,7 +166,12 @@ class Engine:
             start[job] = now
             if ios is not None and ios[job] > 0:
                 s.in_io += 1
-                push(events, (now + ios[job], index, -1 - job))
+                io_speed = s.model.io_speed
+                if io_speed == INF:
+                    done = now + ios[job]
+                else:  # FIFO device: this phase starts when the ones handed over before it are done
+                    done = s.io_free = max(now, s.io_free) + ios[job] / io_speed
+                push(events, (done, index, -1 - job))
                 return False
             heapq.heappush(s.active, (s.virtual + works[job], job))
             s.rerate()

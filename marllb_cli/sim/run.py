@@ -12,6 +12,8 @@ What differs from a testbed run, by construction: no network (zero RTT, no send 
 
 from __future__ import annotations
 
+import math
+
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +68,7 @@ def server_models(config: Config) -> tuple[list[ServerModel], list[str], list[st
                     speed=group.speed,
                     max_workers=group.apache.max_request_workers,
                     backlog=group.apache.listen_backlog,
+                    io_speed=config.sim.io_speed if config.sim.io_speed is not None else math.inf,
                 )
             )
     return models, names, groups, cpus

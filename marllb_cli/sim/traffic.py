@@ -26,7 +26,7 @@ from marllb_cli.config import Config, WorkDistribution
 from marllb_cli.errors import ConfigError
 from marllb_cli.traces import read_trace
 
-__all__ = ["Traffic", "capacity", "draw_work", "traffic"]
+__all__ = ["Traffic", "capacity", "draw_work", "offered_load", "traffic"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,14 @@ class Traffic:
 def capacity(config: Config) -> float:
     """Σ cpus × speed over every server: core-seconds of work the cluster does per second."""
     return sum(g.count * g.cpus * g.speed for g in config.testbed.servers)
+
+
+def offered_load(config: Config) -> float:
+    """The Poisson generator's offered CPU load: `load`, or what `rate` amounts to when that is set."""
+    spec = config.sim.traffic
+    if spec.rate is None:
+        return spec.load
+    return spec.rate * spec.work.mean_s * (1 - spec.io_share) / capacity(config)
 
 
 def draw_work(dist: WorkDistribution, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -44,6 +44,23 @@ def test_fcfs_equals_the_lindley_recursion_exactly():
     np.testing.assert_allclose(result.finish, finish, rtol=1e-9)
 
 
+def test_io_device_is_a_fifo_queue_at_its_speed():
+    """IO phases queue for the server's IO device one at a time (Lindley at io / io_speed); the CPU phase
+    that follows is negligible here, and with io_speed unset the same phases overlap freely (pure delay)."""
+    arrival, io = poisson_jobs(0.9, 20_000, seed=12, work=lambda rng, n: rng.exponential(2.0, n))
+    work = np.full(len(arrival), 1e-12)
+    disk = ServerModel(cpus=INF, max_workers=INF, backlog=INF, io_speed=2.0)
+    result = simulate(arrival, work, [disk], lambda job, now: 0, io=io)
+    finish, previous = np.empty_like(arrival), 0.0
+    for i, (a, d) in enumerate(zip(arrival, io, strict=True)):
+        previous = max(a, previous) + d / 2.0
+        finish[i] = previous
+    np.testing.assert_allclose(result.finish, finish, rtol=1e-9, atol=1e-9)
+    assert result.response.mean() == pytest.approx(10.0, rel=0.1)  # M/M/1 at ρ = 0.9: 1 / (μ − λ)
+    free = simulate(arrival, work, [ServerModel(cpus=INF, max_workers=INF, backlog=INF)], lambda j, t: 0, io=io)
+    np.testing.assert_allclose(free.response, io, rtol=1e-9, atol=1e-9)
+
+
 def test_mm1_fcfs_mean_response_time():
     assert mean_response(0.9, FCFS_1) == pytest.approx(10.0, rel=0.03)  # E[T] = 1 / (μ − λ)
 

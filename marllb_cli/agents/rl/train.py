@@ -1,7 +1,8 @@
 """`marllb train`: episodes on the simulator's PettingZoo environment, a checkpoint after every episode,
 a learning curve, and a policy file that `--method rl:DIR` runs in simulation and on the testbed.
 
-    for each episode: offered load drawn from `load_range` and requests from the episode's seed (traffic
+    for each episode: offered load drawn from `load_range` (default: 0.8–1.05 × the config's own offered
+    load, so a config sets the regime it trains in) and requests from the episode's seed (traffic
     varies per episode, reproducibly) → every LB acts from its own observation each 250 ms → the learners
     store the episode and make `updates_per_episode` updates → curve.parquet gets a row (reward, mean
     and p99 JCT, losses) → checkpoint.pt (nets, optimisers, replay buffers, RNG state) and policy.pt
@@ -35,6 +36,7 @@ from marllb_cli.config import Config
 from marllb_cli.errors import ConfigError
 from marllb_cli.rewards import REWARDS
 from marllb_cli.sim.env import LoadBalancingEnv
+from marllb_cli.sim.traffic import offered_load
 
 __all__ = ["ALGOS", "parse_hyper", "train"]
 
@@ -44,6 +46,8 @@ __all__ = ["ALGOS", "parse_hyper", "train"]
 #: and sets every LB's weights (m × n heads), on the team reward.
 ALGOS = {"isac": "jain", "ssac": "jain", "distr": "vbf-log", "qmix": "vbf-log", "centr": "vbf-log"}
 CHECKPOINT, POLICY, CURVE = "checkpoint.pt", "policy.pt", "curve.parquet"
+#: Episode loads are drawn from this range times the config's offered load: a bit below to a bit above it.
+LOAD_SPREAD = (0.8, 1.05)
 
 
 class IndependentSac:
@@ -205,7 +209,7 @@ def train(
     seed: int = 0,
     resume: bool = False,
     hyper: dict[str, Any] | None = None,
-    load_range: tuple[float, float] = (0.7, 0.95),
+    load_range: tuple[float, float] | None = None,
     progress: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> pd.DataFrame:
     """Train `algo` for `episodes` episodes into `out`; return the learning curve."""
@@ -222,6 +226,7 @@ def train(
     kind = {"qmix": Qmix, "centr": Centralised}.get(algo, IndependentSac)
     team = kind(n_lbs, n_servers, settings, seed)  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
+    load_range = load_range or tuple(factor * offered_load(config) for factor in LOAD_SPREAD)
     meta = {"algo": algo, "reward": reward, "seed": seed, "episode_s": episode_s, "load_range": list(load_range)}
     start, rows = 0, []
     if resume and (out / CHECKPOINT).exists():
