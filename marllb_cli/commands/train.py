@@ -28,8 +28,8 @@ def train_command(
 ) -> None:
     """Train per-LB policies in the simulator; writes checkpoint.pt, policy.pt and curve.parquet into OUT.
 
-    Each episode draws its offered load from 0.8–1.05 × the config's load and its requests from its own seed. Run the result
-    with `marllb simulate CONFIG --method rl:OUT`.
+    Each episode draws its offered load from 0.8–1.05 × the config's load and its requests from its own
+    seed. Run the result with `marllb simulate CONFIG --method rl:OUT`.
     """
     cfg = load(config, set_)
     overrides = parse_hyper(algo, hyper or [])

@@ -13,7 +13,6 @@ What differs from a testbed run, by construction: no network (zero RTT, no send 
 from __future__ import annotations
 
 import math
-
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
