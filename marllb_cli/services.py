@@ -1,4 +1,4 @@
-"""Long-running marllb processes in testbed namespaces (dataplanes, agents, GRE terminators).
+"""Long-running marllb processes on testbed nodes (dataplanes, agents, GRE terminators).
 
 A service is remembered by pid *and* kernel start time (field 22 of /proc/<pid>/stat), so stopping it
 later never signals an unrelated process that happens to reuse the pid.
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from marllb_cli.hosts.local import LocalNamespace
+from marllb_cli.hosts.local import LocalHost
 
 __all__ = ["Service", "start_service", "until_signalled"]
 
@@ -79,8 +79,9 @@ class Service:
         return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def start_service(ns: LocalNamespace, name: str, module: str, args: Sequence[str], log: Path) -> Service:
-    """Start `python -m module args…` inside `ns`, detached, with stdout and stderr appended to `log`."""
+def start_service(ns: LocalHost, name: str, module: str, args: Sequence[str], log: Path) -> Service:
+    """Start `python -m module args…` on node `ns` (a namespace, or this host), detached, with stdout and
+    stderr appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         process = ns.popen(

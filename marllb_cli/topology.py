@@ -54,6 +54,7 @@ class Node:
     group: str | None = None
     cpus: float | None = None
     cores: float | None = None
+    gateway: str | None = None  # kind ssh, client: where it routes the VIP (the router's address)
 
     @property
     def ip(self) -> ipaddress.IPv4Address:

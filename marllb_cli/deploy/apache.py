@@ -23,7 +23,7 @@ from string import Template
 from marllb_cli.config import ServerGroup, Testbed
 from marllb_cli.deploy.cgroups import CpuCgroup
 from marllb_cli.errors import MissingTool, TestbedError
-from marllb_cli.hosts.local import LocalNamespace
+from marllb_cli.hosts.local import LocalHost, host_for
 from marllb_cli.processes import kill_pids
 from marllb_cli.topology import Node
 
@@ -99,8 +99,9 @@ class ApacheInstance:
         return self.root / "apache2.conf"
 
     @property
-    def namespace(self) -> LocalNamespace:
-        return LocalNamespace(self.node.namespace)
+    def namespace(self) -> LocalHost:
+        """Where the instance runs: the server's namespace, or this host (`kind: ssh`)."""
+        return host_for(self.node.namespace)
 
     def render(self, testbed: Testbed) -> str:
         """The instance's apache2.conf."""
@@ -184,7 +185,7 @@ def stop_apache(cgroup: CpuCgroup, pidfile: Path, *, grace_s: float = 5.0) -> No
 
 
 def http_get(
-    ns: LocalNamespace | None, host: str, port: int, path: str, *, timeout: float = 2.0
+    ns: LocalHost | None, host: str, port: int, path: str, *, timeout: float = 2.0
 ) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.0 GET from inside namespace `ns` (None: the caller's own): (status, headers, body)."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -200,7 +201,7 @@ def http_get(
         conn.close()
 
 
-def busy_workers(ns: LocalNamespace | None, host: str, status_port: int, *, timeout: float = 2.0) -> int | None:
+def busy_workers(ns: LocalHost | None, host: str, status_port: int, *, timeout: float = 2.0) -> int | None:
     """BusyWorkers from an Apache's mod_status (`?auto`), fetched from namespace `ns` (None: our own)."""
     code, _, body = http_get(ns, host, status_port, "/server-status?auto", timeout=timeout)
     if code != 200:

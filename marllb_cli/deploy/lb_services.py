@@ -1,4 +1,4 @@
-"""Start, stop and read the LBs of a deployed local testbed: one dataplane and one agent process per LB.
+"""Start, stop and read the LBs of a deployed testbed: one dataplane and one agent process per LB.
 
     start   refuse unless the testbed is up → stop LBs already running → per LB: write the dataplane and
             agent specs, record the channel file and start the dataplane, wait for its first stats
@@ -6,28 +6,41 @@
     stop    stop the agents, then the dataplanes (SIGTERM, then SIGKILL), remove the channel files
     stats   one consistent snapshot per LB from its channel
 
-All of it is recorded in the testbed's manifest, so `marllb teardown` also removes LBs left running.
-Specs, logs and step logs live under `<state dir>/<testbed>/lb/`.
+`lb_specs` (what an LB runs with), `start_lb` and `stop_lbs` (run where the LB is) serve both kinds: the
+local testbed calls them here for each LB namespace; on a `kind: ssh` LB host `marllb node lb-start` and
+`lb-stop` call them. All of it is recorded in a manifest, so a teardown also removes LBs left running.
+Locally, specs, logs and step logs live under `<state dir>/<testbed>/lb/`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from marllb_cli.agents.factory import make_agent, resolve_method
 from marllb_cli.agents.runner import AgentSpec
+from marllb_cli.config import Config
 from marllb_cli.dataplane.channel import Channel, Stats
 from marllb_cli.dataplane.fastpath import DataplaneSpec, ServerSpec
 from marllb_cli.deploy.local import LocalTestbed
 from marllb_cli.deploy.manifest import Manifest, Resource
 from marllb_cli.errors import TestbedError
-from marllb_cli.hosts.local import LocalNamespace
+from marllb_cli.hosts.local import LocalHost, LocalNamespace
 from marllb_cli.services import Service, start_service
-from marllb_cli.topology import Node
+from marllb_cli.topology import Node, Topology
 
-__all__ = ["LbServices", "LbSnapshot", "SHM_DIR"]
+__all__ = [
+    "LbServices",
+    "LbSnapshot",
+    "SHM_DIR",
+    "channel_path",
+    "lb_resources",
+    "lb_specs",
+    "start_lb",
+    "stop_lbs",
+]
 
 SHM_DIR = Path("/dev/shm")
 
@@ -54,11 +67,11 @@ class LbServices:
         self.dir = testbed.state_dir / "lb"
 
     def channel_path(self, lb: Node) -> Path:
-        return SHM_DIR / f"marllb-{self.topology.testbed}-{lb.name}"
+        return channel_path(self.topology.testbed, lb.name)
 
     def steps_log(self, lb: Node) -> Path:
         """The agent's per-step JSON lines of the current (or last) `start`."""
-        return self.dir / f"{lb.name}.steps.jsonl"
+        return steps_log(self.dir, lb.name)
 
     def require_deployed(self) -> None:
         """Raise a `TestbedError` with the fix unless the testbed is deployed."""
@@ -69,115 +82,37 @@ class LbServices:
         """Start a dataplane and an agent on every LB; return how many LBs were already running (replaced)."""
         method = resolve_method(method)
         manifest = self._manifest()
-        replaced = len({r.data.get("lb") for r in self._resources(manifest)})
+        replaced = len({r.data.get("lb") for r in lb_resources(manifest)})
         self.stop()
         manifest = self._manifest()
-        self.dir.mkdir(parents=True, exist_ok=True)
         try:
             for index, lb in enumerate(self.topology.lbs):
-                self._start_lb(manifest, lb, method, period, idle_timeout, seed + index)
+                dataplane, agent = lb_specs(
+                    self.testbed.config,
+                    self.topology,
+                    lb,
+                    method,
+                    period=period,
+                    idle_timeout=idle_timeout,
+                    seed=seed + index,
+                    directory=self.dir,
+                )
+                start_lb(LocalNamespace(lb.namespace), manifest, dataplane, agent, self.dir)
         except BaseException:
             self.stop()
             raise
         return replaced
 
-    def _start_lb(self, manifest: Manifest, lb: Node, method: str, period: float, idle: float, seed: int) -> None:
-        servers = self.topology.servers
-        cpus = [float(server.cpus or 1.0) for server in servers]
-        # Built here only for its method and first weights; the agent process probes for real.
-        agent = make_agent(method, cpus, probe=lambda: [None] * len(cpus), lb_index=lb.index)
-        channel = self.channel_path(lb)
-        if channel.exists() and str(channel) not in {r.data.get("path") for r in manifest.of_kind("file")}:
-            raise TestbedError(
-                f"{channel} exists but testbed {self.topology.testbed} did not create it",
-                hint=f"if no marllb process uses it, remove it yourself: rm {channel}",
-            )
-        channel.unlink(missing_ok=True)
-        dataplane = DataplaneSpec(
-            lb=lb.name,
-            vip=str(self.topology.vip),
-            lb_ip=str(lb.ip),
-            lb_mac=lb.mac,
-            forwarding=self.topology.forwarding,  # type: ignore[arg-type]
-            servers=[ServerSpec(name=s.name, ip=str(s.ip), mac=s.mac) for s in servers],
-            method=agent.method,
-            weights=[float(w) for w in agent.weights],
-            channel=channel,
-            idle_timeout=idle,
-            seed=seed,
-        )
-        agent_spec = AgentSpec(
-            lb=lb.name,
-            channel=channel,
-            method=method,
-            cpus=cpus,
-            servers=[str(s.ip) for s in servers],
-            status_port=self.testbed.config.testbed.servers[0].apache.status_port,
-            period=period,
-            steps_log=self.steps_log(lb),
-        )
-        self.steps_log(lb).unlink(missing_ok=True)  # each start logs afresh
-        dataplane_file = self.dir / f"{lb.name}.dataplane.json"
-        agent_file = self.dir / f"{lb.name}.agent.json"
-        dataplane_file.write_text(dataplane.model_dump_json(indent=1))
-        agent_file.write_text(agent_spec.model_dump_json(indent=1))
-        ns = LocalNamespace(lb.namespace)
-
-        manifest.record("file", f"{lb.name}-channel", path=str(channel), lb=lb.name)
-        service = start_service(
-            ns,
-            f"{lb.name}-dataplane",
-            "marllb_cli.dataplane.fastpath",
-            [str(dataplane_file)],
-            self.dir / f"{lb.name}.dataplane.log",
-        )
-        manifest.record("process", service.name, lb=lb.name, **service.as_record())
-        self._wait(service, lambda: _published(channel), "publish its first statistics")
-
-        service = start_service(
-            ns, f"{lb.name}-agent", "marllb_cli.agents.runner", [str(agent_file)], self.dir / f"{lb.name}.agent.log"
-        )
-        manifest.record("process", service.name, lb=lb.name, **service.as_record())
-        self._wait(service, lambda: _heartbeat(channel) > 0, "take its first step")
-
-    def _wait(self, service: Service, ready, what: str, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if ready():
-                return
-            if not service.running():
-                break
-            time.sleep(0.05)
-        reason = service.log_tail(1) or ("exited" if not service.running() else f"no sign after {timeout_s:.0f} s")
-        raise TestbedError(f"{service.name} did not {what}: {reason}", hint=f"see {service.log}")
-
     # -- stop --------------------------------------------------------------------------------------------
     def stop(self) -> int:
         """Stop every LB process and remove the channels; return how many processes were running."""
         manifest = Manifest.load(self.testbed.manifest_path)
-        if manifest is None:
-            return 0
-        resources = self._resources(manifest)
-        running = 0
-        for role in ("agent", "dataplane", "channel"):  # an agent never outlives its dataplane's channel
-            for resource in resources:
-                if not resource.name.endswith(f"-{role}"):
-                    continue
-                if resource.kind == "process":
-                    service = Service.from_record(resource.name, resource.data)
-                    running += service.running()
-                    service.stop()
-                else:
-                    Path(resource.data["path"]).unlink(missing_ok=True)
-        manifest.forget(resources)
-        return running
+        return 0 if manifest is None else stop_lbs(manifest)
 
     # -- stats -------------------------------------------------------------------------------------------
     def snapshots(self) -> list[LbSnapshot]:
         manifest = self._manifest()
-        services = {
-            r.name: Service.from_record(r.name, r.data) for r in self._resources(manifest) if r.kind == "process"
-        }
+        services = {r.name: Service.from_record(r.name, r.data) for r in lb_resources(manifest) if r.kind == "process"}
         out = []
         for lb in self.topology.lbs:
             dataplane, agent = services.get(f"{lb.name}-dataplane"), services.get(f"{lb.name}-agent")
@@ -210,9 +145,121 @@ class LbServices:
             )
         return manifest
 
-    @staticmethod
-    def _resources(manifest: Manifest) -> list[Resource]:
-        return [r for r in manifest.resources if r.kind in ("process", "file") and "lb" in r.data]
+
+def channel_path(testbed: str, lb: str) -> Path:
+    """The shared-memory channel between an LB's dataplane and its agent."""
+    return SHM_DIR / f"marllb-{testbed}-{lb}"
+
+
+def steps_log(directory: Path, lb: str) -> Path:
+    return directory / f"{lb}.steps.jsonl"
+
+
+def lb_specs(
+    config: Config,
+    topology: Topology,
+    lb: Node,
+    method: str,
+    *,
+    period: float,
+    idle_timeout: float,
+    seed: int,
+    directory: Path,
+) -> tuple[DataplaneSpec, AgentSpec]:
+    """What LB `lb`'s dataplane and agent run with; `directory` is where they keep files on the LB."""
+    servers = topology.servers
+    cpus = [float(server.cpus or 1.0) for server in servers]
+    # Built here only for its method and first weights; the agent process probes for real.
+    agent = make_agent(method, cpus, probe=lambda: [None] * len(cpus), lb_index=lb.index)
+    channel = channel_path(topology.testbed, lb.name)
+    dataplane = DataplaneSpec(
+        lb=lb.name,
+        interface=lb.interfaces[0].name,
+        vip=str(topology.vip),
+        lb_ip=str(lb.ip),
+        lb_mac=lb.mac,
+        forwarding=topology.forwarding,  # type: ignore[arg-type]
+        servers=[ServerSpec(name=s.name, ip=str(s.ip), mac=s.mac) for s in servers],
+        method=agent.method,
+        weights=[float(w) for w in agent.weights],
+        channel=channel,
+        idle_timeout=idle_timeout,
+        seed=seed,
+    )
+    agent_spec = AgentSpec(
+        lb=lb.name,
+        channel=channel,
+        method=method,
+        cpus=cpus,
+        servers=[str(s.ip) for s in servers],
+        status_port=config.testbed.servers[0].apache.status_port,
+        period=period,
+        steps_log=steps_log(directory, lb.name),
+    )
+    return dataplane, agent_spec
+
+
+def start_lb(host: LocalHost, manifest: Manifest, dataplane: DataplaneSpec, agent: AgentSpec, directory: Path) -> None:
+    """Start one LB's dataplane, wait for its first statistics, then its agent, and wait for its first step.
+
+    Runs where the LB is: in its namespace (local testbed) or on the LB host itself (`marllb node lb-start`).
+    The channel and every process are recorded in `manifest` before they exist."""
+    name, channel = dataplane.lb, dataplane.channel
+    if channel.exists() and str(channel) not in {r.data.get("path") for r in manifest.of_kind("file")}:
+        raise TestbedError(
+            f"{channel} exists but testbed {manifest.testbed} did not create it",
+            hint=f"if no marllb process uses it, remove it yourself: rm {channel}",
+        )
+    channel.unlink(missing_ok=True)
+    agent.steps_log.unlink(missing_ok=True)  # each start logs afresh
+    directory.mkdir(parents=True, exist_ok=True)
+    dataplane_file, agent_file = directory / f"{name}.dataplane.json", directory / f"{name}.agent.json"
+    dataplane_file.write_text(dataplane.model_dump_json(indent=1))
+    agent_file.write_text(agent.model_dump_json(indent=1))
+
+    manifest.record("file", f"{name}-channel", path=str(channel), lb=name)
+    for role, module, spec_file, ready, what in (
+        ("dataplane", "marllb_cli.dataplane.fastpath", dataplane_file, lambda: _published(channel), "publish stats"),
+        ("agent", "marllb_cli.agents.runner", agent_file, lambda: _heartbeat(channel) > 0, "take its first step"),
+    ):
+        service = start_service(host, f"{name}-{role}", module, [str(spec_file)], directory / f"{name}.{role}.log")
+        manifest.record("process", service.name, lb=name, **service.as_record())
+        _wait(service, ready, what)
+
+
+def stop_lbs(manifest: Manifest) -> int:
+    """Stop every LB process `manifest` lists and remove the channels; return how many were running."""
+    resources = lb_resources(manifest)
+    running = 0
+    for role in ("agent", "dataplane", "channel"):  # an agent never outlives its dataplane's channel
+        for resource in resources:
+            if not resource.name.endswith(f"-{role}"):
+                continue
+            if resource.kind == "process":
+                service = Service.from_record(resource.name, resource.data)
+                running += service.running()
+                service.stop()
+            else:
+                Path(resource.data["path"]).unlink(missing_ok=True)
+    manifest.forget(resources)
+    return running
+
+
+def lb_resources(manifest: Manifest) -> list[Resource]:
+    """The LB processes and channel files among a manifest's resources."""
+    return [r for r in manifest.resources if r.kind in ("process", "file") and "lb" in r.data]
+
+
+def _wait(service: Service, ready: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        if not service.running():
+            break
+        time.sleep(0.05)
+    reason = service.log_tail(1) or ("exited" if not service.running() else f"no sign after {timeout_s:.0f} s")
+    raise TestbedError(f"{service.name} did not {what}: {reason}", hint=f"see {service.log}")
 
 
 def _published(channel: Path) -> bool:

@@ -30,14 +30,13 @@ from marllb_cli.deploy.apache import (
     http_get,
     install_docroot,
     php_module,
-    stop_apache,
 )
 from marllb_cli.deploy.cgroups import CpuCgroup, cgroup_root
 from marllb_cli.deploy.manifest import Manifest, state_root
 from marllb_cli.deploy.network import Progress, build_network
+from marllb_cli.deploy.undo import remove_resources
 from marllb_cli.errors import ConfigError, MissingTool, NamespaceExists, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
-from marllb_cli.processes import kill_pids
 from marllb_cli.services import Service, start_service
 from marllb_cli.topology import Node, Topology, plan
 
@@ -121,33 +120,12 @@ class LocalTestbed:
         manifest = Manifest.load(self.manifest_path)
         if manifest is None:
             return 0
-        resources = list(reversed(manifest.resources))
-        errors: list[str] = []
-        for done, resource in enumerate(resources, 1):
-            try:
-                if resource.kind == "process":
-                    Service.from_record(resource.name, resource.data).stop()
-                elif resource.kind == "file":
-                    Path(resource.data["path"]).unlink(missing_ok=True)
-                elif resource.kind == "apache":
-                    cgroup = CpuCgroup(Path(resource.data["cgroup"]), resource.data["version"])
-                    stop_apache(cgroup, Path(resource.data["pidfile"]))
-                elif resource.kind == "cgroup":
-                    CpuCgroup(Path(resource.data["path"]), resource.data["version"]).remove()
-                elif resource.kind == "namespace":
-                    ns = LocalNamespace(resource.name)
-                    if ns.exists():
-                        kill_pids(ns.pids)
-                        ns.remove()
-                elif resource.kind == "directory":
-                    shutil.rmtree(resource.data["path"], ignore_errors=True)
-            except TestbedError as exc:
-                errors.append(exc.message)
-            progress("teardown", done, len(resources))
+        resources = len(manifest.resources)
+        errors = remove_resources(manifest, progress)
         if errors:
             raise TestbedError(f"teardown of {manifest.testbed} incomplete: {'; '.join(errors)}")
         shutil.rmtree(self.state_dir, ignore_errors=True)
-        return len(resources)
+        return resources
 
     def status(self, *, probe: bool = True) -> TestbedStatus:
         """Which nodes exist and, with `probe`, whether each server answers HTTP (and how busy it is)."""

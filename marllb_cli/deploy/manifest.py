@@ -16,7 +16,11 @@ from typing import Any, Literal
 
 __all__ = ["Manifest", "Resource", "state_root"]
 
-ResourceKind = Literal["namespace", "cgroup", "apache", "directory", "process", "file"]
+#: namespace … file: what a testbed creates; route … offloads: changes to a real host's network settings,
+#: recorded with what was there before (`deploy.roles`).
+ResourceKind = Literal[
+    "namespace", "cgroup", "apache", "directory", "process", "file", "route", "address", "sysctl", "nft", "offloads"
+]
 
 
 def state_root() -> Path:

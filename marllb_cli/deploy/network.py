@@ -16,23 +16,22 @@ from pathlib import Path
 from pyroute2 import NetNS
 
 from marllb_cli.deploy.manifest import Manifest
+from marllb_cli.deploy.roles import OFFLOADS_OFF, apply_role
 from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.topology import Interface, Node, Topology
 
-__all__ = ["build_network", "OFFLOADS_OFF", "Progress"]
-
-#: A raw-socket LB re-sends frames the kernel handed it. With checksum offload the sender's veth leaves
-#: TCP checksums unfinished (the server then drops the segment), and with TSO/GSO/GRO one frame can exceed
-#: the MTU; so every veth of the testbed gets these features off.
-OFFLOADS_OFF = ("tx", "off", "sg", "off", "tso", "off", "gso", "off", "gro", "off")
+__all__ = ["build_network", "Progress"]
 
 #: `progress(stage, done, total)`: how deploy and teardown report their steps (the CLI draws bars).
 Progress = Callable[[str, int, int], None]
 
 
-def build_network(topology: Topology, manifest: Manifest, progress: Progress) -> None:
-    """Create namespaces, the bridge, veths, addresses, routes and sysctls of `topology`."""
+def build_network(topology: Topology, manifest: Manifest, progress: Progress, *, roles: bool = True) -> None:
+    """Create namespaces, the bridge, veths, addresses, routes and sysctls of `topology`.
+
+    `roles=False` builds bare machines on a wire (addresses and default routes only): the stand-in for real
+    hosts that the `kind: ssh` tests then set up over SSH."""
     namespaces = topology.namespaces
     for done, name in enumerate(namespaces, 1):
         manifest.record("namespace", name)
@@ -53,7 +52,7 @@ def build_network(topology: Topology, manifest: Manifest, progress: Progress) ->
 
     nodes = topology.nodes
     for done, node in enumerate(nodes, 1):
-        _configure_node(topology, node)
+        _configure_node(topology, node, roles)
         progress("addresses, routes, sysctls", done, len(nodes))
     switch_ns = LocalNamespace(topology.switch_namespace)
     for port in (node.name for node in topology.data_nodes):
@@ -71,44 +70,21 @@ def _plain_switch(ns: LocalNamespace) -> None:
         ns.sysctl(f"net.bridge.bridge-nf-call-{table}", 0)
 
 
-def _configure_node(topology: Topology, node: Node) -> None:
+def _configure_node(topology: Topology, node: Node, role: bool) -> None:
+    """Wire one node (interfaces, addresses, default route), then give it its role (`roles.apply_role`)."""
     ns = LocalNamespace(node.namespace)
     with NetNS(node.namespace) as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
         for iface in node.interfaces:
             _bring_up(ipr, iface)
-        if node.role == "client":
-            ipr.route("add", dst="0.0.0.0/0", gateway=str(topology.router.interfaces[1].ip.ip))
-        elif node.role == "router":
-            ipr.route("add", dst=f"{topology.vip}/32", multipath=[{"gateway": str(lb.ip)} for lb in topology.lbs])
-        else:
-            ipr.route("add", dst="0.0.0.0/0", gateway=str(topology.router.ip))
-        if node.role == "server":
-            ipr.addr("add", index=lo, address=str(topology.vip), prefixlen=32)
+        gateway = topology.router.interfaces[1].ip.ip if node.role == "client" else topology.router.ip
+        if node.role != "router":
+            ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway))
     for iface in node.interfaces:
         _offloads_off(ns, iface.name)
-    for key, value in _sysctls(node):
-        ns.sysctl(key, value)
-    if node.role == "lb":
-        _kernel_ignores_vip(ns, str(topology.vip))
-
-
-def _kernel_ignores_vip(ns: LocalNamespace, vip: str) -> None:
-    """The LB's own kernel must never answer or reset a VIP connection: drop VIP packets at prerouting.
-
-    Priority -300 runs before connection tracking. The dataplane's packet socket still gets every frame,
-    since packet taps see frames before netfilter does.
-    """
-    ruleset = (
-        "table ip marllb {\n"
-        "  chain vip {\n"
-        "    type filter hook prerouting priority -300; policy accept;\n"
-        f"    ip daddr {vip} counter drop\n"
-        "  }\n"
-        "}\n"
-    )
-    ns.run(["nft", "-f", "-"], input=ruleset)
+    if role:
+        apply_role(ns, topology, node)
 
 
 def _bring_up(ipr: NetNS, iface: Interface) -> None:
@@ -118,36 +94,6 @@ def _bring_up(ipr: NetNS, iface: Interface) -> None:
     index = found[0]
     ipr.link("set", index=index, address=iface.mac, mtu=iface.mtu, state="up")
     ipr.addr("add", index=index, address=str(iface.ip.ip), prefixlen=iface.ip.network.prefixlen)
-
-
-def _sysctls(node: Node) -> list[tuple[str, int]]:
-    """Per-role kernel settings (each namespace has its own copy of these)."""
-    if node.role == "router":
-        return [
-            ("net.ipv4.ip_forward", 1),
-            # Hash on the 5-tuple, so each flow sticks to one LB and flows spread over all LBs (ECMP).
-            ("net.ipv4.fib_multipath_hash_policy", 1),
-            ("net.ipv4.conf.all.rp_filter", 0),
-            ("net.ipv4.conf.default.rp_filter", 0),
-            ("net.ipv4.conf.all.send_redirects", 0),
-        ]
-    if node.role == "server":
-        return [
-            # Hold the VIP on lo without answering ARP for it: only LBs may attract VIP traffic.
-            ("net.ipv4.conf.all.arp_ignore", 1),
-            ("net.ipv4.conf.all.arp_announce", 2),
-            ("net.ipv4.conf.eth0.arp_ignore", 1),
-            ("net.ipv4.conf.eth0.arp_announce", 2),
-            # GRE packets arrive on the tunnel while the client is routed via eth0: loose reverse path.
-            ("net.ipv4.conf.all.rp_filter", 0),
-            # A full accept queue resets the connection (a failed request), as on the papers' servers.
-            ("net.ipv4.tcp_abort_on_overflow", 1),
-            ("net.core.somaxconn", 4096),
-        ]
-    if node.role == "lb":
-        # The LB only relays VIP traffic through its dataplane; its kernel never routes it.
-        return [("net.ipv4.ip_forward", 0)]
-    return []
 
 
 def _offloads_off(ns: LocalNamespace, ifname: str) -> None:

@@ -1,9 +1,11 @@
-"""A node of the local testbed: one network namespace on this machine.
+"""A node on this machine: `LocalHost` is the machine itself (a `kind: ssh` node running `marllb node`),
+`LocalNamespace` one network namespace of a local testbed. Both offer the same operations, so the code that
+sets a node up is written once and runs in either.
 
-Commands run through `ip netns exec` (argv lists, never shell strings). Python code that must live in the
-namespace — sockets for probes, /proc/sys/net writes — runs in a short-lived thread that has entered it with
-setns(2): the setns is per thread, so the calling thread never changes namespace, and a socket keeps the
-namespace it was created in after the thread exits.
+In a namespace, commands run through `ip netns exec` (argv lists, never shell strings). Python code that must
+live in the namespace — sockets for probes, /proc/sys/net writes — runs in a short-lived thread that has
+entered it with setns(2): the setns is per thread, so the calling thread never changes namespace, and a
+socket keeps the namespace it was created in after the thread exits.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pyroute2 import netns
 
 from marllb_cli.errors import TestbedError
 
-__all__ = ["LocalNamespace", "list_namespaces", "NETNS_DIR"]
+__all__ = ["LocalHost", "LocalNamespace", "host_for", "list_namespaces", "NETNS_DIR"]
 
 NETNS_DIR = Path("/var/run/netns")
 _CLONE_NEWNET = 0x40000000
@@ -34,7 +36,83 @@ def list_namespaces() -> set[str]:
     return set(netns.listnetns())
 
 
-class LocalNamespace:
+def host_for(namespace: str) -> LocalHost:
+    """The node a topology names: its namespace, or this machine itself when it names none (`kind: ssh`)."""
+    return LocalNamespace(namespace) if namespace else LocalHost()
+
+
+class LocalHost:
+    """Run commands and Python callables on this machine, in the caller's own network namespace."""
+
+    name = "localhost"
+
+    def __repr__(self) -> str:
+        return "LocalHost()"
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """`argv` as it must be run to execute on this node."""
+        return list(argv)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on this node; here, directly."""
+        return fn(*args)
+
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 60, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command to completion on the node; on failure raise `TestbedError` with its output."""
+        try:
+            result = subprocess.run(
+                self.argv(argv), capture_output=True, text=True, timeout=timeout, check=False, input=input
+            )
+        except subprocess.TimeoutExpired:
+            raise TestbedError(f"{self.name}: `{' '.join(argv)}` did not finish within {timeout:.0f} s") from None
+        if check and result.returncode != 0:
+            output = (result.stderr or result.stdout).strip().splitlines()
+            raise TestbedError(
+                f"{self.name}: `{' '.join(argv)}` failed with exit {result.returncode}: "
+                f"{output[-1] if output else 'no output'}"
+            )
+        return result
+
+    def popen(
+        self, argv: Sequence[str], *, preexec_fn: Callable[[], None] | None = None, **kwargs: Any
+    ) -> subprocess.Popen:
+        """Start a long-running command on the node, in a session of its own (no terminal signals)."""
+        return subprocess.Popen(self.argv(argv), preexec_fn=preexec_fn, start_new_session=True, **kwargs)
+
+    def sysctl(self, key: str, value: int | str) -> None:
+        """Set a per-namespace sysctl (`net.ipv4.ip_forward`) and read it back to confirm it took."""
+        path = Path("/proc/sys") / key.replace(".", "/")
+
+        def write_and_read() -> str:
+            path.write_text(f"{value}\n")
+            return path.read_text().strip()
+
+        try:
+            got = self.call(write_and_read)
+        except OSError as exc:
+            raise TestbedError(f"{self.name}: cannot set {key}={value}: {exc.strerror}") from None
+        if got.split() != str(value).split():
+            raise TestbedError(f"{self.name}: set {key}={value} but the kernel reports {got}")
+
+    def connect(self, address: str, port: int, *, timeout: float = 2.0) -> socket.socket:
+        """A TCP socket created on the node (inside its namespace) and connected to `address:port`."""
+
+        def open_socket() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect((address, port))
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+        return self.call(open_socket)
+
+
+class LocalNamespace(LocalHost):
     """Run commands and Python callables inside the named network namespace `name`."""
 
     def __init__(self, name: str) -> None:
@@ -65,30 +143,6 @@ class LocalNamespace:
         """`argv` wrapped to run inside this namespace."""
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def run(
-        self, argv: Sequence[str], *, check: bool = True, timeout: float = 60, input: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a command to completion in the namespace; on failure raise `TestbedError` with its output."""
-        try:
-            result = subprocess.run(
-                self.argv(argv), capture_output=True, text=True, timeout=timeout, check=False, input=input
-            )
-        except subprocess.TimeoutExpired:
-            raise TestbedError(f"{self.name}: `{' '.join(argv)}` did not finish within {timeout:.0f} s") from None
-        if check and result.returncode != 0:
-            output = (result.stderr or result.stdout).strip().splitlines()
-            raise TestbedError(
-                f"{self.name}: `{' '.join(argv)}` failed with exit {result.returncode}: "
-                f"{output[-1] if output else 'no output'}"
-            )
-        return result
-
-    def popen(
-        self, argv: Sequence[str], *, preexec_fn: Callable[[], None] | None = None, **kwargs: Any
-    ) -> subprocess.Popen:
-        """Start a long-running command in the namespace, in a session of its own (no terminal signals)."""
-        return subprocess.Popen(self.argv(argv), preexec_fn=preexec_fn, start_new_session=True, **kwargs)
-
     # -- Python inside the namespace -------------------------------------------------------------------
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` in a thread that has entered this namespace; return its result or raise its error."""
@@ -117,33 +171,3 @@ class LocalNamespace:
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]
-
-    def sysctl(self, key: str, value: int | str) -> None:
-        """Set a per-namespace sysctl (`net.ipv4.ip_forward`) and read it back to confirm it took."""
-        path = Path("/proc/sys") / key.replace(".", "/")
-
-        def write_and_read() -> str:
-            path.write_text(f"{value}\n")
-            return path.read_text().strip()
-
-        try:
-            got = self.call(write_and_read)
-        except OSError as exc:
-            raise TestbedError(f"{self.name}: cannot set {key}={value}: {exc.strerror}") from None
-        if got.split() != str(value).split():
-            raise TestbedError(f"{self.name}: set {key}={value} but the kernel reports {got}")
-
-    def connect(self, address: str, port: int, *, timeout: float = 2.0) -> socket.socket:
-        """A TCP socket created inside the namespace and connected to `address:port`."""
-
-        def open_socket() -> socket.socket:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect((address, port))
-            except OSError:
-                sock.close()
-                raise
-            return sock
-
-        return self.call(open_socket)
