@@ -24,7 +24,7 @@ from marllb_cli.commands.report import report_command
 from marllb_cli.commands.simulate import simulate_command
 from marllb_cli.commands.trace import trace_app
 from marllb_cli.commands.train import train_command
-from marllb_cli.deploy import LocalTestbed, TestbedStatus
+from marllb_cli.deploy import TestbedStatus, testbed_for
 
 app = typer.Typer(
     name="marllb",
@@ -81,10 +81,20 @@ def _progress() -> Iterator[Callable[[str, int, int], None]]:
 
 @app.command()
 @reports_errors
-def deploy(config: ConfigArg, set_: SetOption = None) -> None:
-    """Bring the testbed up: namespaces, links, routes, cgroups and one Apache per server. Idempotent."""
+def deploy(
+    config: ConfigArg,
+    accept_new_host_keys: Annotated[
+        bool,
+        typer.Option(
+            "--accept-new-host-keys", help="kind ssh: trust and record host keys not yet in known_hosts (verify first)."
+        ),
+    ] = False,
+    set_: SetOption = None,
+) -> None:
+    """Bring the testbed up: namespaces, links, routes, cgroups and one Apache per server (kind local), or
+    the listed hosts over SSH (kind ssh: marllb installed into a venv there, roles, Apache). Idempotent."""
     cfg = load(config, set_)
-    testbed = LocalTestbed(cfg)
+    testbed = testbed_for(cfg, accept_new_host_keys=accept_new_host_keys)
     with _progress() as progress:
         outcome = testbed.deploy(progress)
     status = testbed.status()
@@ -96,7 +106,7 @@ def deploy(config: ConfigArg, set_: SetOption = None) -> None:
 @reports_errors
 def status(config: ConfigArg, json_: JsonOption = False, set_: SetOption = None) -> None:
     """Show every node of the testbed and whether each server answers HTTP."""
-    result = LocalTestbed(load(config, set_)).status()
+    result = testbed_for(load(config, set_)).status()
     if json_:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     else:
@@ -106,8 +116,9 @@ def status(config: ConfigArg, json_: JsonOption = False, set_: SetOption = None)
 @app.command()
 @reports_errors
 def teardown(config: ConfigArg, set_: SetOption = None) -> None:
-    """Remove every namespace, link, cgroup and process of the testbed, and nothing else."""
-    testbed = LocalTestbed(load(config, set_))
+    """Remove every namespace, link, cgroup and process of the testbed, and nothing else (kind ssh: what
+    marllb set up on each host; the venv it installed stays for the next deploy)."""
+    testbed = testbed_for(load(config, set_))
     with _progress() as progress:
         removed = testbed.teardown(progress)
     name = testbed.topology.testbed

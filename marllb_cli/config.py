@@ -35,6 +35,8 @@ __all__ = [
     "NetworkSettings",
     "ServerGroup",
     "Sim",
+    "SshHostEntry",
+    "SshSettings",
     "SimTraffic",
     "Testbed",
     "WorkDistribution",
@@ -120,6 +122,40 @@ class ClientSettings(_Strict):
     )
 
 
+class SshHostEntry(_Strict):
+    """One existing host of a `kind: ssh` testbed, reached over SSH with a key. Hosts of a role are numbered
+    in the order listed: the first `lb` host is lb0, the first `server` host srv0 (in server-group order)."""
+
+    role: Literal["client", "router", "lb", "server"] = Field(description="What the host does in the testbed.")
+    address: str = Field(min_length=1, max_length=253, description="Host name or address that SSH connects to.")
+    port: int = Field(22, ge=1, le=65535, description="SSH port.")
+    user: str = Field("root", pattern=r"^[a-z_][a-z0-9_.-]*$", max_length=32, description="SSH user (needs root).")
+    key_file: Path | None = Field(None, description="Private key; unset: the user's default keys (~/.ssh/id_*).")
+    data_iface: str = Field(
+        "eth0", pattern=r"^[A-Za-z0-9_.:-]{1,15}$", description="Interface on the data segment (LBs, servers)."
+    )
+    data_ip: ipaddress.IPv4Interface = Field(description="The host's address on its testbed segment, with prefix.")
+    gateway: ipaddress.IPv4Address | None = Field(
+        None, description="client: the router address the VIP is routed to (unset: the client's own routes)."
+    )
+    workdir: str = Field(
+        "/var/lib/marllb",
+        pattern=r"^/[A-Za-z0-9_./-]*$",
+        description="Where marllb lives on the host: its venv and each testbed's state.",
+    )
+    python: str = Field("python3", pattern=r"^[A-Za-z0-9_./-]+$", description="Python ≥ 3.11 on the host.")
+
+
+class SshSettings(_Strict):
+    """How marllb logs in to `kind: ssh` hosts."""
+
+    known_hosts: Path = Field(
+        Path("~/.ssh/known_hosts"),
+        description="Host keys are checked against this file; unknown ones refused without --accept-new-host-keys.",
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, le=300, description="SSH connect and authentication timeout.")
+
+
 class Testbed(_Strict):
     """Where the experiment runs: the nodes, their capacities and the network between them."""
 
@@ -128,7 +164,9 @@ class Testbed(_Strict):
         max_length=10,
         description="Prefix of every namespace, cgroup and state directory of this testbed.",
     )
-    kind: Literal["local"] = Field("local", description="local: network namespaces on this machine.")
+    kind: Literal["local", "ssh"] = Field(
+        "local", description="local: network namespaces on this machine; ssh: existing hosts (`hosts`)."
+    )
     vip: ipaddress.IPv4Address = Field(
         ipaddress.IPv4Address("10.99.255.1"), description="Virtual IP that clients connect to."
     )
@@ -149,6 +187,8 @@ class Testbed(_Strict):
     work_scale: float = Field(
         1.0, gt=0, le=1000, description="Multiplier on the for-loop iterations of /dummy.php (?n=...)."
     )
+    hosts: list[SshHostEntry] = Field(default_factory=list, description="kind ssh: the hosts, by role.")
+    ssh: SshSettings = Field(default_factory=SshSettings, description="kind ssh: logging in.")
 
     @field_validator("servers")
     @classmethod
@@ -159,6 +199,21 @@ class Testbed(_Strict):
                 raise ValueError(f"duplicate server group name {group.name!r}; give each group its own name")
             seen.add(group.name)
         return groups
+
+    @model_validator(mode="after")
+    def _hosts_match_the_roles(self) -> Testbed:
+        if self.kind != "ssh":
+            if self.hosts:
+                raise ValueError("hosts are for kind: ssh; remove them or set kind: ssh")
+            return self
+        if self.forwarding != "l2dsr":
+            raise ValueError("kind ssh supports forwarding l2dsr for now (kernel GRE on hosts is not built yet)")
+        wanted = {"client": 1, "router": 1, "lb": self.lbs, "server": self.n_servers}
+        for role, count in wanted.items():
+            have = sum(host.role == role for host in self.hosts)
+            if have != count:
+                raise ValueError(f"kind ssh needs {count} host(s) with role {role} (lbs, servers), found {have}")
+        return self
 
     @model_validator(mode="after")
     def _addresses_and_quotas(self) -> Testbed:

@@ -22,7 +22,7 @@ from typing import Literal
 
 from marllb_cli.config import LB_HOST_BASE, ROUTER_HOST, SERVER_HOST_BASE, Testbed
 
-__all__ = ["Interface", "Node", "Role", "Topology", "plan"]
+__all__ = ["Interface", "Node", "Role", "Topology", "host_node_names", "plan"]
 
 Role = Literal["client", "router", "lb", "server"]
 _ROLE_CODE = {"client": 1, "router": 2, "lb": 3, "server": 4}
@@ -108,8 +108,13 @@ def mac_address(testbed: str, role_code: int, index: int) -> str:
     return f"02:4d:{tb:02x}:{role_code:02x}:{index >> 8:02x}:{index & 0xFF:02x}"
 
 
-def plan(testbed: Testbed) -> Topology:
-    """Turn a validated `Testbed` into names, addresses, MACs and capacities."""
+def plan(testbed: Testbed, macs: dict[str, str] | None = None) -> Topology:
+    """Turn a validated `Testbed` into names, addresses, MACs and capacities.
+
+    `kind: ssh` nodes are the listed hosts, in their own namespaces (none named); their MACs are not in the
+    config but learnt at deploy (`macs`: node name → MAC of its data interface)."""
+    if testbed.kind == "ssh":
+        return _plan_hosts(testbed, macs or {})
     name = testbed.name
     data = testbed.network.data_subnet
     client_net = testbed.network.client_subnet
@@ -180,4 +185,50 @@ def plan(testbed: Testbed) -> Topology:
         router=router,
         lbs=lbs,
         servers=tuple(servers),
+    )
+
+
+def host_node_names(testbed: Testbed) -> list[str]:
+    """The node name of each of a `kind: ssh` testbed's hosts, in the order listed (lb0, srv0, ...)."""
+    seen = {"client": 0, "router": 0, "lb": 0, "server": 0}
+    names = []
+    for host in testbed.hosts:
+        index = seen[host.role]
+        seen[host.role] += 1
+        names.append({"client": "client", "router": "router", "lb": f"lb{index}", "server": f"srv{index}"}[host.role])
+    return names
+
+
+def _plan_hosts(testbed: Testbed, macs: dict[str, str]) -> Topology:
+    nodes: dict[str, list[Node]] = {"client": [], "router": [], "lb": [], "server": []}
+    groups = [group for group in testbed.servers for _ in range(group.count)]
+    for host, name in zip(testbed.hosts, host_node_names(testbed), strict=True):
+        index = len(nodes[host.role])
+        group = groups[index] if host.role == "server" else None
+        iface = Interface(
+            host.data_iface, host.data_ip, macs.get(name, ""), "client" if host.role == "client" else "data"
+        )
+        nodes[host.role].append(
+            Node(
+                name,
+                host.role,
+                index,
+                "",
+                (iface,),
+                group=group.name if group else None,
+                cpus=group.cpus if group else None,
+                cores=group.cpus * testbed.cpu_unit if group else None,
+                gateway=str(host.gateway) if host.gateway else None,
+            )
+        )
+    return Topology(
+        testbed=testbed.name,
+        vip=testbed.vip,
+        forwarding=testbed.forwarding,
+        switch_namespace="",
+        bridge="",
+        client=nodes["client"][0],
+        router=nodes["router"][0],
+        lbs=tuple(nodes["lb"]),
+        servers=tuple(nodes["server"]),
     )

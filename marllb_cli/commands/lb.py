@@ -10,8 +10,9 @@ from rich.table import Table
 
 from marllb_cli.agents.heuristics import HEURISTICS
 from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, load, reports_errors
-from marllb_cli.deploy import LocalTestbed
+from marllb_cli.deploy import LocalTestbed, lb_services_for
 from marllb_cli.deploy.lb_services import LbServices, LbSnapshot
+from marllb_cli.errors import TestbedError
 
 lb_app = typer.Typer(help="Start, stop and inspect the load balancers of a deployed testbed.", no_args_is_help=True)
 
@@ -36,7 +37,7 @@ def start(
 ) -> None:
     """Start a packet dataplane and an agent on every LB (replacing any already running)."""
     cfg = load(config, set_)
-    services = LbServices(LocalTestbed(cfg))
+    services = lb_services_for(cfg)
     replaced = services.start(method, period=period_ms / 1000, idle_timeout=idle_timeout, seed=cfg.experiment.seed)
     lbs = len(services.topology.lbs)
     note = f" (replaced {replaced} running)" if replaced else ""
@@ -47,7 +48,7 @@ def start(
 @reports_errors
 def stop(config: ConfigArg, set_: SetOption = None) -> None:
     """Stop every LB's agent and dataplane and remove their shared memory."""
-    services = LbServices(LocalTestbed(load(config, set_)))
+    services = lb_services_for(load(config, set_))
     stopped = services.stop()
     console.print(f"stopped {stopped} LB processes" if stopped else "no LB process was running")
 
@@ -56,7 +57,10 @@ def stop(config: ConfigArg, set_: SetOption = None) -> None:
 @reports_errors
 def stats(config: ConfigArg, json_: JsonOption = False, set_: SetOption = None) -> None:
     """Per-LB counters and, per server, on-going flows q_j, new flows and the current weights."""
-    services = LbServices(LocalTestbed(load(config, set_)))
+    cfg = load(config, set_)
+    if cfg.testbed.kind != "local":
+        raise TestbedError("lb stats reads the LBs' shared memory: kind local only for now")
+    services = LbServices(LocalTestbed(cfg))
     snapshots = services.snapshots()
     if json_:
         print(json.dumps([_as_json(s, services) for s in snapshots], indent=2))

@@ -72,6 +72,12 @@ def php_module() -> Path:
 
 def install_docroot(www: Path) -> None:
     """Copy the PHP apps into `www` and write the static files; readable by the unprivileged Apache user."""
+    for parent in www.resolve().parents:
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            raise TestbedError(
+                f"{www}: Apache's unprivileged user cannot reach it ({parent} is not searchable by others)",
+                hint=f"choose a state directory or workdir whose parents are (chmod o+x {parent})",
+            )
     if www.exists():
         shutil.rmtree(www)
     shutil.copytree(testbed_files() / "www", www)

@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import BaseModel
 from pyroute2 import IPRoute
 
-from marllb_cli.config import Config, ServerGroup
+from marllb_cli.config import Config, ServerGroup, Testbed
 from marllb_cli.dataplane.gre_terminator import TUN_NAME
 from marllb_cli.deploy.apache import (
     ApacheInstance,
@@ -40,7 +40,7 @@ from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.services import Service, start_service
 from marllb_cli.topology import Node, Topology, plan
 
-__all__ = ["LocalTestbed", "NodeStatus", "TestbedStatus", "DeployOutcome"]
+__all__ = ["LocalTestbed", "NodeStatus", "TestbedStatus", "DeployOutcome", "start_server"]
 
 DeployOutcome = Literal["created", "unchanged", "rebuilt"]
 
@@ -84,6 +84,13 @@ class LocalTestbed:
     config: Config
 
     def __post_init__(self) -> None:
+        if self.config.testbed.kind != "local":
+            raise ConfigError(
+                f"{self.config.source or 'config'}: testbed.kind: {self.config.testbed.kind} — this command "
+                "works on kind local testbeds only for now",
+                hint="use a local config (e.g. configs/local-small.yaml); kind ssh has deploy, status, lb start|stop "
+                "and teardown",
+            )
         self.topology: Topology = plan(self.config.testbed)
         self.state_dir: Path = state_root() / self.config.testbed.name
         self.manifest_path = self.state_dir / "manifest.json"
@@ -160,15 +167,7 @@ class LocalTestbed:
         manifest.record("cgroup", parent.path.name, path=str(parent.path), version=parent.version)
         parent.create()
         for done, server in enumerate(servers, 1):
-            instance = self.apache(server)
-            cg = instance.cgroup
-            manifest.record("cgroup", server.name, path=str(cg.path), version=cg.version)
-            cg.create()
-            cg.set_cores(server.cores or 0.0, testbed.cpu_period_us)
-            manifest.record(
-                "apache", server.name, cgroup=str(cg.path), version=cg.version, pidfile=str(instance.pidfile)
-            )
-            instance.start(testbed)
+            start_server(self.apache(server), testbed, manifest)
             progress("apache servers", done, len(servers))
         if testbed.forwarding == "gre":
             for done, server in enumerate(servers, 1):
@@ -261,6 +260,16 @@ class LocalTestbed:
                 f"cgroup {parent} exists but testbed {self.topology.testbed} did not create it",
                 hint="choose another testbed.name, or remove that cgroup yourself",
             )
+
+
+def start_server(instance: ApacheInstance, testbed: Testbed, manifest: Manifest) -> None:
+    """One server's CPU cgroup (cores = cpus × cpu_unit) and Apache inside it, recorded before they exist."""
+    cgroup, name = instance.cgroup, instance.node.name
+    manifest.record("cgroup", name, path=str(cgroup.path), version=cgroup.version)
+    cgroup.create()
+    cgroup.set_cores(instance.node.cores or 0.0, testbed.cpu_period_us)
+    manifest.record("apache", name, cgroup=str(cgroup.path), version=cgroup.version, pidfile=str(instance.pidfile))
+    instance.start(testbed)
 
 
 def _has_link(name: str) -> bool:

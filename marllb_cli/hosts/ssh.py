@@ -116,6 +116,22 @@ class SshHost:
             )
         return subprocess.CompletedProcess(list(argv), code, out, err)
 
+    def put(self, local: Path, remote: str) -> None:
+        """Copy a local file to `remote` on the host (SFTP), replacing it atomically (upload, then rename)."""
+        self.put_bytes(local.read_bytes(), remote)
+
+    def put_bytes(self, data: bytes, remote: str) -> None:
+        """Write `data` to the file `remote` on the host, atomically; its directory must exist."""
+        partial = f"{remote}.partial"
+        try:
+            with self.client.open_sftp() as sftp:
+                with sftp.open(partial, "wb") as handle:
+                    handle.set_pipelined(True)
+                    handle.write(data)
+                sftp.posix_rename(partial, remote)
+        except (OSError, paramiko.SSHException) as exc:
+            raise TestbedError(f"{self.name}: cannot write {remote}: {exc}") from None
+
     def close(self) -> None:
         self.client.close()
 

@@ -10,6 +10,8 @@ from marllb_cli.config import load_config
 from marllb_cli.errors import ConfigError
 from tests.conftest import REPO, minimal_testbed
 
+SSH_HOST = {"role": "client", "address": "10.96.0.2", "data_ip": "10.99.1.2/24"}
+
 
 def test_minimal_config_fills_defaults(write_config):
     config = load_config(write_config(minimal_testbed("abc")))
@@ -76,7 +78,14 @@ BAD = [
     ("bad-ip", minimal_testbed(vip="10.99.300.1"), "testbed.vip"),
     ("overlapping-subnets", minimal_testbed(network={"client_subnet": "10.99.0.128/25"}), "overlaps"),
     ("bad-forwarding", minimal_testbed(forwarding="nat"), "testbed.forwarding"),
-    ("unsupported-kind", minimal_testbed(kind="ssh"), "testbed.kind"),
+    ("unsupported-kind", minimal_testbed(kind="cloud"), "testbed.kind"),
+    ("ssh-without-hosts", minimal_testbed(kind="ssh"), "kind ssh needs 1 host(s) with role client"),
+    ("hosts-on-local", minimal_testbed(hosts=[SSH_HOST]), "hosts are for kind: ssh"),
+    (
+        "shell-in-an-ssh-field",
+        minimal_testbed(kind="ssh", hosts=[{**SSH_HOST, "data_iface": "eth0; rm -rf /"}]),
+        "testbed.hosts[0].data_iface",
+    ),
     ("bad-name", minimal_testbed(name="Bad_Name"), "testbed.name"),
     ("missing-servers", {"testbed": {"name": "a"}}, "testbed.servers: required field is missing"),
     ("missing-testbed", {"experiment": {"seed": 1}}, "testbed: required field is missing"),

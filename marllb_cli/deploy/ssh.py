@@ -1,0 +1,301 @@
+"""A `kind: ssh` testbed: existing hosts, set up over SSH by running `python -m marllb_cli.node` on each.
+
+    deploy    per host, all hosts at once: connect (host key checked) → provision (marllb's wheel into
+              `<workdir>/venv`, skipped when already there) → upload the resolved config → `node up`
+              (its role, and Apache on servers; idempotent) → the host's facts (its data MAC)
+    lb start  per LB host: the specs (`lb_services.lb_specs`, with the servers' MACs) → `node lb-start`
+    status    per host `node status`
+    teardown  per host `node down` (everything its record lists, LB processes included); the venv stays
+
+A failing step names the host, the step and the command's last output line; the other hosts finish their
+step, and every host's record says what it holds, so `marllb teardown` (or a new deploy) always knows
+what to do. The controller keeps `<state dir>/<testbed>/ssh.json`: whether the deploy completed, the config
+digest and the facts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from marllb_cli.agents.factory import resolve_method
+from marllb_cli.config import Config, SshHostEntry
+from marllb_cli.deploy.lb_services import lb_specs
+from marllb_cli.deploy.local import DeployOutcome, NodeStatus, TestbedStatus
+from marllb_cli.deploy.manifest import state_root
+from marllb_cli.deploy.network import Progress
+from marllb_cli.errors import TestbedError
+from marllb_cli.hosts.provision import Bundle, bundle, provision
+from marllb_cli.hosts.ssh import SshHost, SshTarget
+from marllb_cli.topology import Node, Topology, host_node_names, plan
+
+__all__ = ["SshTestbed", "SshLbServices"]
+
+T = TypeVar("T")
+DEPLOY_STEPS = ("connect", "provision", "upload config", "set up")
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class _Host:
+    """One inventory entry with its node name and where its state lives on the host."""
+
+    node: str
+    entry: SshHostEntry
+    testbed: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.node} ({self.entry.address})"
+
+    @property
+    def state(self) -> str:
+        return f"{self.entry.workdir}/{self.testbed}"
+
+    @property
+    def python(self) -> str:
+        return f"{self.entry.workdir}/venv/bin/python"
+
+    def node_command(self, *args: str) -> list[str]:
+        return [self.python, "-m", "marllb_cli.node", *args]
+
+
+class SshTestbed:
+    """The hosts of a `kind: ssh` config, driven over SSH."""
+
+    __test__ = False
+
+    def __init__(self, config: Config, *, accept_new_host_keys: bool = False) -> None:
+        self.config = config
+        self.accept_new_host_keys = accept_new_host_keys
+        testbed = config.testbed
+        self.hosts = [
+            _Host(name, entry, testbed.name)
+            for name, entry in zip(host_node_names(testbed), testbed.hosts, strict=True)
+        ]
+        self.state_dir: Path = state_root() / testbed.name
+        self.state_path = self.state_dir / "ssh.json"
+        self.topology: Topology = plan(testbed, self._saved().get("macs", {}))
+
+    # -- public operations -----------------------------------------------------------------------------
+    def deploy(self, progress: Progress = _no_progress) -> DeployOutcome:
+        """Set every host up (in parallel); a no-op on hosts already set up with this config."""
+        previous = self._saved()
+        wheels = bundle()
+        config_text = self.config.resolved_yaml().encode()
+        self._save({"complete": False, "digest": self._digest(), "macs": previous.get("macs", {})})
+        results = self.on_all_hosts(lambda host, ssh: self._deploy_host(host, ssh, wheels, config_text, progress))
+        macs = {host.node: facts["mac"] for host, facts in results.items()}
+        self._save({"complete": True, "digest": self._digest(), "macs": macs})
+        self.topology = plan(self.config.testbed, macs)
+        if not previous:
+            return "created"
+        changed = any(facts.get("changed", True) for facts in results.values())
+        return "rebuilt" if changed or previous.get("digest") != self._digest() else "unchanged"
+
+    def teardown(self, progress: Progress = _no_progress) -> int:
+        """Undo everything on every host; return how many resources the hosts removed."""
+        if not self.state_path.exists():
+            return 0
+        done = [0]
+        lock = threading.Lock()
+
+        def down(host: _Host, ssh: SshHost) -> int:
+            removed = json.loads(ssh.run(host.node_command("down", "--state", host.state), timeout=120).stdout)
+            with lock:
+                done[0] += 1
+                progress("teardown", done[0], len(self.hosts))
+            return int(removed["removed"])
+
+        removed = sum(self.on_all_hosts(down).values())
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        return removed
+
+    def status(self, *, probe: bool = True) -> TestbedStatus:
+        """Each host's `node status` (servers probe their own Apache)."""
+        saved = self._saved()
+        nodes = {node.name: node for node in self.topology.nodes}
+        statuses = {host.node: _node_status(nodes[host.node]) for host in self.hosts}
+        if saved:
+
+            def ask(host: _Host, ssh: SshHost) -> dict[str, Any]:
+                args = ("status", "--config", f"{host.state}/config.yaml", "--node", host.node, "--state", host.state)
+                return json.loads(ssh.run(host.node_command(*args)).stdout)
+
+            for host, report in self.on_all_hosts(ask, tolerate_errors=True).items():
+                if isinstance(report, dict):
+                    statuses[host.node].up = bool(report["up"])
+                    statuses[host.node].http_status = report["http_status"]
+        if not saved:
+            state = "absent"
+        elif not saved.get("complete"):
+            state = "partial"
+        else:
+            state = "up" if all(status.up for status in statuses.values()) else "degraded"
+        ordered = [statuses[node.name] for node in self.topology.nodes]
+        return TestbedStatus(testbed=self.topology.testbed, vip=str(self.topology.vip), state=state, nodes=ordered)
+
+    def require_deployed(self) -> None:
+        if not self._saved().get("complete"):
+            raise TestbedError(
+                f"testbed {self.topology.testbed} is not deployed", hint="run `marllb deploy` with this config first"
+            )
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def _deploy_host(
+        self, host: _Host, ssh: SshHost, wheels: Bundle, config_text: bytes, progress: Progress
+    ) -> dict[str, Any]:
+        progress(host.label, 1, len(DEPLOY_STEPS))
+        _step(host, "provision", lambda: provision(ssh, host.entry.workdir, host.entry.python, wheels))
+        progress(host.label, 2, len(DEPLOY_STEPS))
+        _step(host, "upload config", lambda: ssh.run(["mkdir", "-p", host.state]))
+        _step(host, "upload config", lambda: ssh.put_bytes(config_text, f"{host.state}/config.yaml"))
+        progress(host.label, 3, len(DEPLOY_STEPS))
+        args = ("up", "--config", f"{host.state}/config.yaml", "--node", host.node, "--state", host.state)
+        out = _step(host, "set up", lambda: ssh.run(host.node_command(*args), timeout=300))
+        progress(host.label, 4, len(DEPLOY_STEPS))
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def connect(self, host: _Host) -> SshHost:
+        entry = host.entry
+        target = SshTarget(
+            host=entry.address,
+            port=entry.port,
+            user=entry.user,
+            key_file=Path(entry.key_file).expanduser() if entry.key_file else None,
+            known_hosts=self.config.testbed.ssh.known_hosts,
+        )
+        return _step(
+            host,
+            "connect",
+            lambda: SshHost(
+                target,
+                accept_new_host_keys=self.accept_new_host_keys,
+                timeout=self.config.testbed.ssh.connect_timeout_s,
+            ),
+        )
+
+    def on_all_hosts(
+        self, work: Callable[[_Host, SshHost], T], *, hosts: list[_Host] | None = None, tolerate_errors: bool = False
+    ) -> dict[_Host, T]:
+        """Run `work(host, ssh)` on every host at once; raise one error naming every host that failed."""
+        hosts = hosts if hosts is not None else self.hosts
+
+        def one(host: _Host) -> T:
+            with self.connect(host) as ssh:
+                return work(host, ssh)
+
+        results: dict[_Host, Any] = {}
+        errors: list[str] = []
+        with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+            futures = {host: pool.submit(one, host) for host in hosts}
+            for host, future in futures.items():
+                try:
+                    results[host] = future.result()
+                except TestbedError as exc:
+                    errors.append(exc.one_line())
+                    results[host] = exc
+        if errors and not tolerate_errors:
+            raise TestbedError("; ".join(errors))
+        return results
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _saved(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return {}
+
+    def _save(self, state: dict[str, Any]) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.state_path)
+
+    def _digest(self) -> str:
+        return hashlib.sha256(self.config.testbed.model_dump_json().encode()).hexdigest()[:16]
+
+
+class SshLbServices:
+    """The LB processes of a `kind: ssh` testbed, started and stopped on the LB hosts."""
+
+    def __init__(self, testbed: SshTestbed) -> None:
+        self.testbed = testbed
+        self.topology = testbed.topology
+        self.lb_hosts = [host for host in testbed.hosts if host.entry.role == "lb"]
+
+    def require_deployed(self) -> None:
+        self.testbed.require_deployed()
+
+    def start(self, method: str, *, period: float = 0.25, idle_timeout: float = 40.0, seed: int = 0) -> int:
+        """Start a dataplane and an agent on every LB host (replacing running ones); return 0."""
+        method = resolve_method(method)
+        self.require_deployed()
+        if method.startswith("rl:"):
+            raise TestbedError("rl: policies on SSH hosts are not supported yet", hint="use a heuristic method")
+        lbs = {lb.name: lb for lb in self.topology.lbs}
+
+        def start_one(host: _Host, ssh: SshHost) -> None:
+            lb = lbs[host.node]
+            directory = Path(host.state) / "lb"
+            dataplane, agent = lb_specs(
+                self.testbed.config,
+                self.topology,
+                lb,
+                method,
+                period=period,
+                idle_timeout=idle_timeout,
+                seed=seed + lb.index,
+                directory=directory,
+            )
+            _step(host, "lb start", lambda: ssh.run(["mkdir", "-p", str(directory)]))
+            files = {"dataplane": dataplane.model_dump_json(), "agent": agent.model_dump_json()}
+            for role, text in files.items():
+                _step(host, "lb start", lambda r=role, t=text: ssh.put_bytes(t.encode(), f"{host.state}/{r}.json"))
+            args = ("lb-start", "--state", host.state, "--dataplane", f"{host.state}/dataplane.json")
+            _step(host, "lb start", lambda: ssh.run(host.node_command(*args, "--agent", f"{host.state}/agent.json")))
+
+        try:
+            self.testbed.on_all_hosts(start_one, hosts=self.lb_hosts)
+        except TestbedError:
+            self.stop()
+            raise
+        return 0
+
+    def stop(self) -> int:
+        """Stop every LB host's processes; return how many were running."""
+
+        def stop_one(host: _Host, ssh: SshHost) -> int:
+            return int(json.loads(ssh.run(host.node_command("lb-stop", "--state", host.state)).stdout)["stopped"])
+
+        return sum(self.testbed.on_all_hosts(stop_one, hosts=self.lb_hosts).values())
+
+
+def _step(host: _Host, step: str, action: Callable[[], T]) -> T:
+    """Run one step of one host; a failure names the host and the step."""
+    try:
+        return action()
+    except TestbedError as exc:
+        raise TestbedError(f"{host.label}: {step}: {exc.message}", hint=exc.hint) from None
+
+
+def _node_status(node: Node) -> NodeStatus:
+    return NodeStatus(
+        name=node.name,
+        role=node.role,
+        namespace=node.namespace,
+        ip=str(node.ip),
+        cpus=node.cpus,
+        cores=node.cores,
+        group=node.group,
+    )

@@ -1,0 +1,187 @@
+"""`python -m marllb_cli.node`: what runs *on* a `kind: ssh` host, called by `marllb deploy`, `lb start`,
+`status` and `teardown` over SSH. Each command acts on this host only and keeps its record in the node's
+state directory (`<workdir>/<testbed>`, `--state`), so `down` removes exactly what `up` and `lb-start` made.
+
+    up        make this host the config's node NAME (`deploy.roles`: routes, VIP, sysctls, nftables), and on
+              a server Apache inside its CPU cgroup; idempotent (same config and healthy: nothing to do).
+              Prints the node's facts as JSON (the MAC of its data interface, which the LBs need).
+    lb-start  start this LB's dataplane and agent from the specs the controller uploaded
+    lb-stop   stop them
+    status    JSON: whether the node is set up, and for a server whether Apache answers
+    down      undo everything in the record, newest first, and remove the state directory
+
+The logic is the local testbed's own (`roles.apply_role`, `local.start_server`, `lb_services.start_lb`,
+`undo.remove_resources`), run on `LocalHost` instead of a namespace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pyroute2 import IPRoute
+
+from marllb_cli.agents.runner import AgentSpec
+from marllb_cli.cli_support import reports_errors
+from marllb_cli.config import Config, load_config
+from marllb_cli.dataplane.fastpath import DataplaneSpec
+from marllb_cli.deploy.apache import ApacheInstance, http_get, install_docroot
+from marllb_cli.deploy.cgroups import CpuCgroup
+from marllb_cli.deploy.lb_services import start_lb, stop_lbs
+from marllb_cli.deploy.local import start_server
+from marllb_cli.deploy.manifest import Manifest
+from marllb_cli.deploy.roles import apply_role
+from marllb_cli.deploy.undo import remove_resources
+from marllb_cli.errors import TestbedError
+from marllb_cli.hosts.local import LocalHost
+from marllb_cli.topology import Node, plan
+
+__all__ = ["app", "MANIFEST"]
+
+MANIFEST = "manifest.json"
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Node-level operations (run by marllb over SSH).")
+StateOption = Annotated[Path, typer.Option("--state", help="This node's state directory for the testbed.")]
+ConfigOption = Annotated[Path, typer.Option("--config", help="The testbed's resolved config, as uploaded.")]
+NodeOption = Annotated[str, typer.Option("--node", help="Which node of the config this host is (lb0, srv1, ...).")]
+
+
+@app.command()
+@reports_errors
+def up(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
+    """Set this host up as NODE; print its facts as JSON."""
+    cfg = load_config(config)
+    me = _node(cfg, node)
+    digest = hashlib.sha256(f"{node}\n{cfg.testbed.model_dump_json()}".encode()).hexdigest()[:16]
+    manifest = Manifest.load(state / MANIFEST)
+    if manifest is not None:
+        if manifest.complete and manifest.config_digest == digest and _healthy(cfg, me, state):
+            typer.echo(json.dumps({**_facts(me), "changed": False}))
+            return
+        _down(state)
+    manifest = Manifest(state / MANIFEST, cfg.testbed.name, config_digest=digest)
+    manifest.save()
+    try:
+        apply_role(LocalHost(), plan(cfg.testbed), me, manifest)
+        if me.role == "server":
+            manifest.record("directory", "www", path=str(state / "www"))
+            install_docroot(state / "www")
+            start_server(_apache(cfg, me, state), cfg.testbed, manifest)
+    except BaseException:
+        _down(state)
+        raise
+    manifest.complete = True
+    manifest.save()
+    typer.echo(json.dumps({**_facts(me), "changed": True}))
+
+
+@app.command("lb-start")
+@reports_errors
+def lb_start(
+    state: StateOption,
+    dataplane: Annotated[Path, typer.Option(help="The dataplane spec (JSON).")],
+    agent: Annotated[Path, typer.Option(help="The agent spec (JSON).")],
+) -> None:
+    """Start this LB's dataplane and agent (replacing running ones)."""
+    manifest = _deployed(state)
+    stop_lbs(manifest)
+    dataplane_spec = DataplaneSpec.model_validate_json(dataplane.read_text())
+    agent_spec = AgentSpec.model_validate_json(agent.read_text())
+    try:
+        start_lb(LocalHost(), manifest, dataplane_spec, agent_spec, state / "lb")
+    except BaseException:
+        stop_lbs(manifest)
+        raise
+
+
+@app.command("lb-stop")
+@reports_errors
+def lb_stop(state: StateOption) -> None:
+    """Stop this LB's dataplane and agent; print how many processes were running."""
+    manifest = Manifest.load(state / MANIFEST)
+    typer.echo(json.dumps({"stopped": stop_lbs(manifest) if manifest else 0}))
+
+
+@app.command()
+@reports_errors
+def status(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
+    """Print {"deployed": bool, "up": bool, "http_status": int|null} for this node."""
+    cfg = load_config(config)
+    me = _node(cfg, node)
+    manifest = Manifest.load(state / MANIFEST)
+    deployed = manifest is not None and manifest.complete
+    report: dict[str, object] = {"deployed": deployed, "up": deployed, "http_status": None}
+    if deployed and me.role == "server":
+        report["http_status"] = _http_status(me)
+        report["up"] = report["http_status"] == 200
+    typer.echo(json.dumps(report))
+
+
+@app.command()
+@reports_errors
+def down(state: StateOption) -> None:
+    """Undo everything this node's record lists and remove its state directory."""
+    typer.echo(json.dumps({"removed": _down(state)}))
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+def _node(cfg: Config, name: str) -> Node:
+    try:
+        return plan(cfg.testbed).node(name)
+    except KeyError:
+        raise TestbedError(f"node {name!r} is not in testbed {cfg.testbed.name}") from None
+
+
+def _apache(cfg: Config, server: Node, state: Path) -> ApacheInstance:
+    group = next(group for group in cfg.testbed.servers if group.name == server.group)
+    # One flat cgroup per node: hosts that share a cgroup tree (containers, tests) never share a parent.
+    cgroup = CpuCgroup.at(f"marllb-{cfg.testbed.name}-{server.name}")
+    return ApacheInstance(node=server, group=group, root=state / server.name, www=state / "www", cgroup=cgroup)
+
+
+def _deployed(state: Path) -> Manifest:
+    manifest = Manifest.load(state / MANIFEST)
+    if manifest is None or not manifest.complete:
+        raise TestbedError(f"this host has no deployed testbed under {state}", hint="run `marllb deploy` first")
+    return manifest
+
+
+def _down(state: Path) -> int:
+    manifest = Manifest.load(state / MANIFEST)
+    if manifest is None:
+        shutil.rmtree(state, ignore_errors=True)
+        return 0
+    errors = remove_resources(manifest, lambda *_: None)
+    if errors:
+        raise TestbedError(f"teardown of {manifest.testbed} incomplete on this host: {'; '.join(errors)}")
+    shutil.rmtree(state, ignore_errors=True)
+    return len(manifest.resources)
+
+
+def _healthy(cfg: Config, me: Node, state: Path) -> bool:
+    if me.role != "server":
+        return True
+    return bool(_apache(cfg, me, state).cgroup.pids()) and _http_status(me) == 200
+
+
+def _http_status(me: Node) -> int | None:
+    try:
+        return http_get(LocalHost(), str(me.ip), 80, "/", timeout=2.0)[0]
+    except OSError:
+        return None
+
+
+def _facts(me: Node) -> dict[str, str]:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=me.interfaces[0].name)
+        if not found:
+            raise TestbedError(f"{me.name}: interface {me.interfaces[0].name} does not exist on this host")
+        mac = ipr.get_links(found[0])[0].get_attr("IFLA_ADDRESS")
+    return {"node": me.name, "mac": mac}
+
+
+if __name__ == "__main__":
+    app(prog_name="marllb-node")

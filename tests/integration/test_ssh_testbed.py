@@ -1,0 +1,255 @@
+"""A `kind: ssh` testbed end to end, against real sshd (Debian's openssh-server) on stand-in hosts.
+
+The hosts are bare machines on a wire, built by the local testbed's own wiring (`build_network(roles=False)`:
+namespaces `mlbhosts-*` with addresses and default routes, nothing else) plus a management network from
+namespace `mlbhosts-ctl`, where `marllb` itself runs, to an sshd on every host. Each host gets its own
+workdir (they share this machine's filesystem), so provisioning really installs six venvs.
+
+Asserted: an unknown host key stops deploy before anything is installed; deploy provisions and sets up
+every host; `curl` from the client reaches the servers through the VIP with SED, then ECMP LBs; a second deploy
+changes nothing; teardown puts the hosts back (VIP, routes, sysctls, nftables, cgroups, processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from marllb_cli.config import Testbed as BedSpec
+from marllb_cli.deploy.cgroups import cgroup_root
+from marllb_cli.deploy.manifest import Manifest
+from marllb_cli.deploy.network import build_network
+from marllb_cli.deploy.undo import remove_resources
+from marllb_cli.hosts import LocalNamespace
+from marllb_cli.hosts.provision import bundle
+from marllb_cli.topology import plan
+from tests.conftest import REPO
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root"),
+    pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="openssh-server is not installed"),
+]
+HOSTS, TESTBED = "mlbhosts", "mlbssh"
+CTL = f"{HOSTS}-ctl"
+VIP = "10.98.255.1"
+PRIVSEP = Path("/run/sshd")
+MARLLB = str(Path(sys.executable).with_name("marllb"))
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def mgmt_ip(index: int) -> str:
+    return f"10.96.0.{10 + index}"
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    """Six stand-in hosts (client, router, lb0, lb1, srv0, srv1) with sshd, and the kind-ssh config for them."""
+    # Apache's unprivileged user must reach the servers' workdirs (pytest's own tmp is private to root).
+    tmp = Path(tempfile.mkdtemp(prefix="marllb-ssh-"))
+    tmp.chmod(0o755)
+    wiring = plan(
+        BedSpec(
+            name=HOSTS,
+            lbs=2,
+            vip=VIP,
+            network={"data_subnet": "10.98.0.0/24", "client_subnet": "10.98.1.0/24"},
+            servers=[{"name": "small", "count": 1, "cpus": 1}, {"name": "big", "count": 1, "cpus": 2}],
+        )
+    )
+    for name in (*wiring.namespaces, CTL):
+        assert not LocalNamespace(name).exists(), f"namespace {name} exists and is not ours"
+    manifest = Manifest(tmp / "hosts-manifest.json", HOSTS)
+    created_privsep = not PRIVSEP.exists()
+    bundle()  # fill the controller's wheel cache here, where a package index is reachable
+    try:
+        build_network(wiring, manifest, lambda *_: None, roles=False)
+        manifest.record("namespace", CTL)
+        LocalNamespace(CTL).create()
+        sh("ip", "-n", CTL, "link", "add", "mgmt", "type", "bridge")
+        sh("ip", "-n", CTL, "addr", "add", "10.96.0.1/24", "dev", "mgmt")
+        sh("ip", "-n", CTL, "link", "set", "mgmt", "up")
+        sh("ip", "-n", CTL, "link", "set", "lo", "up")
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "client_key"))
+        shutil.copy(tmp / "client_key.pub", tmp / "authorized_keys")
+        PRIVSEP.mkdir(mode=0o755, exist_ok=True)
+        entries = []
+        for index, node in enumerate(wiring.nodes):
+            port = f"m{index}"
+            sh("ip", "-n", CTL, "link", "add", port, "type", "veth", "peer", "name", "mgmt0", "netns", node.namespace)
+            sh("ip", "-n", CTL, "link", "set", port, "master", "mgmt", "up")
+            sh("ip", "-n", node.namespace, "addr", "add", f"{mgmt_ip(index)}/24", "dev", "mgmt0")
+            sh("ip", "-n", node.namespace, "link", "set", "mgmt0", "up")
+            key = tmp / f"host_key_{node.name}"
+            sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
+            (tmp / f"sshd_{node.name}").write_text(
+                f"ListenAddress {mgmt_ip(index)}\nHostKey {key}\nPidFile {tmp / f'sshd_{node.name}.pid'}\n"
+                f"AuthorizedKeysFile {tmp / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                "Subsystem sftp internal-sftp\n"
+            )
+            # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup tree a real host has.
+            subprocess.Popen(
+                [
+                    "nsenter",
+                    f"--net=/run/netns/{node.namespace}",
+                    "/usr/sbin/sshd",
+                    "-D",
+                    "-e",
+                    "-f",
+                    str(tmp / f"sshd_{node.name}"),
+                ],
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=open(tmp / f"sshd_{node.name}.log", "wb"),  # noqa: SIM115 - closed with the process
+            )
+            entry = {
+                "role": node.role,
+                "address": mgmt_ip(index),
+                "key_file": str(tmp / "client_key"),
+                "data_ip": str(node.interfaces[0].ip),
+                "workdir": str(tmp / "hostfs" / node.name),
+            }
+            if node.role == "client":
+                entry["gateway"] = str(wiring.router.interfaces[1].ip.ip)
+            entries.append(entry)
+        for index in range(len(wiring.nodes)):
+            _wait_for_port(mgmt_ip(index), 22)
+        config = {
+            "testbed": {
+                "name": TESTBED,
+                "kind": "ssh",
+                "lbs": 2,
+                "vip": VIP,
+                "cpu_unit": 0.25,
+                "servers": [{"name": "small", "count": 1, "cpus": 1}, {"name": "big", "count": 1, "cpus": 2}],
+                "hosts": entries,
+                "ssh": {"known_hosts": str(tmp / "known_hosts")},
+            }
+        }
+        path = tmp / "ssh.yaml"
+        path.write_text(yaml.safe_dump(config))
+        yield {"config": path, "tmp": tmp, "wiring": wiring, "state": tmp / "state"}
+    finally:
+        errors = remove_resources(manifest, lambda *_: None)  # the namespaces, and with them sshd and links
+        if created_privsep:
+            PRIVSEP.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert not errors, errors
+    left = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not {name for name in left if name.startswith(HOSTS)}
+
+
+def _wait_for_port(address: str, port: int) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            LocalNamespace(CTL).connect(address, port).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def marllb(hosts, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """The CLI, run from the management namespace (the controller's seat), with the test's state dir."""
+    env = {**os.environ, "MARLLB_STATE_DIR": str(hosts["state"]), "COLUMNS": "200"}
+    return subprocess.run(
+        ["ip", "netns", "exec", CTL, MARLLB, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def curl_vip(wiring, count: int) -> Counter:
+    """`count` requests from the client host to the VIP; how many each server answered."""
+    served: Counter = Counter()
+    client = LocalNamespace(wiring.client.namespace)
+    for _ in range(count):
+        out = client.run(["curl", "-s", "-m", "5", "-D", "-", "-o", "/dev/null", f"http://{VIP}/"]).stdout
+        assert out.startswith("HTTP/1.1 200"), out
+        served[next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("X-Server"))] += 1
+    return served
+
+
+def test_an_unknown_host_key_stops_deploy_before_anything_is_installed(hosts):
+    result = marllb(hosts, "deploy", str(hosts["config"]))
+    assert result.returncode == 1, result.stderr
+    assert "unknown host key" in result.stderr and "--accept-new-host-keys" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert not (hosts["tmp"] / "hostfs").exists()
+
+
+def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts):
+    wiring = hosts["wiring"]
+    router = LocalNamespace(wiring.router.namespace)
+    forward_before = router.run(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
+
+    try:
+        started = time.monotonic()
+        deployed = marllb(hosts, "deploy", str(hosts["config"]), "--accept-new-host-keys")
+        assert deployed.returncode == 0, deployed.stderr
+        deploy_s = time.monotonic() - started
+        status = json.loads(marllb(hosts, "status", str(hosts["config"]), "--json").stdout)
+        assert status["state"] == "up"
+        assert [n["http_status"] for n in status["nodes"] if n["role"] == "server"] == [200, 200]
+        for node in wiring.nodes:  # each host got its own venv with marllb in it
+            assert (hosts["tmp"] / "hostfs" / node.name / "venv" / ".bundle").is_file()
+
+        again = marllb(hosts, "deploy", str(hosts["config"]))  # keys are known now; nothing to change
+        assert again.returncode == 0, again.stderr
+        assert "unchanged" in again.stdout
+
+        started_lbs = marllb(hosts, "lb", "start", str(hosts["config"]), "--method", "sed")
+        assert started_lbs.returncode == 0, started_lbs.stderr
+        # One request at a time, so no flow is ever open: SED's (flows + 1) / weight picks the 2-unit server.
+        assert curl_vip(wiring, 20) == Counter({"srv1": 20})
+        restarted = marllb(hosts, "lb", "start", str(hosts["config"]), "--method", "ecmp")
+        assert restarted.returncode == 0, restarted.stderr
+        served = curl_vip(wiring, 40)  # ECMP: uniform over both (all on one server: p = 2⁻³⁹)
+        assert sum(served.values()) == 40 and set(served) == {"srv0", "srv1"}, served
+
+    finally:  # whatever failed above, the hosts must not keep our VIP, processes, cgroups or channels
+        removed = marllb(hosts, "teardown", str(hosts["config"]))
+    assert removed.returncode == 0, removed.stderr
+    print(f"ssh deploy (6 hosts, fresh venvs) took {deploy_s:.1f} s")
+    for server in wiring.servers:
+        addresses = LocalNamespace(server.namespace).run(["ip", "-4", "addr", "show", "dev", "lo"]).stdout
+        assert VIP not in addresses
+    assert VIP not in router.run(["ip", "route"]).stdout
+    assert router.run(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == forward_before
+    for lb in wiring.lbs:
+        assert "marllb_" not in LocalNamespace(lb.namespace).run(["nft", "list", "tables"]).stdout
+    root, _ = cgroup_root()
+    assert not list(root.glob(f"marllb-{TESTBED}-*"))
+    for node in wiring.nodes:  # only sshd is left on each host: no Apache, dataplane or agent
+        pids = LocalNamespace(node.namespace).pids()
+        commands = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids if Path(f"/proc/{pid}").exists()}
+        assert commands <= {"sshd"}, (node.name, commands)
+        assert not (hosts["tmp"] / "hostfs" / node.name / TESTBED).exists()
+    assert marllb(hosts, "status", str(hosts["config"]), "--json").returncode == 0
+
+
+def test_config_for_kind_ssh_is_refused_by_local_only_commands(hosts):
+    result = marllb(
+        hosts, "replay-trace", str(hosts["config"]), "--trace", str(REPO / "traces" / "rate_200_steady_30s.tsv")
+    )
+    assert result.returncode == 2
+    assert "kind local testbeds only" in result.stderr
