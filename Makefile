@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 # the SSH tests; wrk for `make bench`).
 APT_PACKAGES := apache2 libapache2-mod-php php-cli iproute2 nftables ethtool curl procps psmisc openssh-server wrk
 
-.PHONY: install system-deps test test-unit test-integration test-kvm bench demo lint clean
+.PHONY: install system-deps system-deps-kvm test test-unit test-integration test-kvm bench demo lint clean
 
 install: $(STAMP)
 
@@ -39,7 +39,13 @@ test-unit: install
 test-integration: install system-deps
 	$(PY) -m pytest -m "integration and not slow and not kvm" tests
 
-test-kvm: install system-deps
+# What `kind: kvm` needs besides: debootstrap builds the guests' image, qemu runs them.
+KVM_PACKAGES := debootstrap qemu-system-x86 qemu-utils
+
+system-deps-kvm:
+	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(KVM_PACKAGES)"
+
+test-kvm: install system-deps system-deps-kvm
 	$(PY) -m pytest -m kvm tests
 
 # Benchmarks (root): figures go into docs/benchmarks.md with the command that produced them.

@@ -35,6 +35,7 @@ __all__ = [
     "NetworkSettings",
     "ServerGroup",
     "Sim",
+    "KvmSettings",
     "SshHostEntry",
     "SshSettings",
     "SimTraffic",
@@ -156,6 +157,25 @@ class SshSettings(_Strict):
     connect_timeout_s: float = Field(10.0, gt=0, le=300, description="SSH connect and authentication timeout.")
 
 
+class KvmSettings(_Strict):
+    """How `kind: kvm` builds and boots its guests (the LBs and servers; client and router are namespaces)."""
+
+    memory_mb: int = Field(512, ge=256, le=65536, description="Memory of each guest.")
+    mgmt_subnet: ipaddress.IPv4Network = Field(
+        ipaddress.IPv4Network("10.99.254.0/24"), description="Guests' SSH network, inside the testbed only."
+    )
+    image_cache: Path = Field(Path("/var/cache/marllb"), description="Where the Debian base image is built once.")
+    mirror: str = Field(
+        "http://deb.debian.org/debian", pattern=r"^https?://\S+$", description="Debian archive for debootstrap."
+    )
+    boot_timeout_s: float = Field(600.0, gt=0, le=3600, description="How long to wait for every guest's sshd.")
+    accel: Literal["auto", "kvm", "tcg"] = Field(
+        "auto",
+        description="kvm: hardware virtualisation; tcg: qemu's emulation (slow, works anywhere); auto: kvm when "
+        "/dev/kvm is usable and the CPU shows vmx or svm.",
+    )
+
+
 class Testbed(_Strict):
     """Where the experiment runs: the nodes, their capacities and the network between them."""
 
@@ -164,8 +184,10 @@ class Testbed(_Strict):
         max_length=10,
         description="Prefix of every namespace, cgroup and state directory of this testbed.",
     )
-    kind: Literal["local", "ssh"] = Field(
-        "local", description="local: network namespaces on this machine; ssh: existing hosts (`hosts`)."
+    kind: Literal["local", "ssh", "kvm"] = Field(
+        "local",
+        description="local: network namespaces on this machine; ssh: existing hosts (`hosts`); kvm: LBs and "
+        "servers as KVM guests on this machine (`kvm`).",
     )
     vip: ipaddress.IPv4Address = Field(
         ipaddress.IPv4Address("10.99.255.1"), description="Virtual IP that clients connect to."
@@ -189,6 +211,7 @@ class Testbed(_Strict):
     )
     hosts: list[SshHostEntry] = Field(default_factory=list, description="kind ssh: the hosts, by role.")
     ssh: SshSettings = Field(default_factory=SshSettings, description="kind ssh: logging in.")
+    kvm: KvmSettings = Field(default_factory=KvmSettings, description="kind kvm: guests and their image.")
 
     @field_validator("servers")
     @classmethod

@@ -29,9 +29,10 @@ import pandas as pd
 
 from marllb_cli.agents.factory import resolve_method
 from marllb_cli.config import Config
+from marllb_cli.deploy import lb_services_for
 from marllb_cli.deploy.apache import busy_workers
 from marllb_cli.deploy.lb_services import LbServices
-from marllb_cli.deploy.local import LocalTestbed
+from marllb_cli.deploy.ssh import SshLbServices
 from marllb_cli.errors import ConfigError, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.replay import ReplaySpec
@@ -97,8 +98,13 @@ def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgres
 
     Ctrl-C (KeyboardInterrupt) stops the run early and returns it with `interrupted` set; any other error
     is raised after the run directory has been written."""
-    testbed = LocalTestbed(config)
-    services = LbServices(testbed)
+    if config.testbed.kind == "ssh":
+        raise ConfigError(
+            f"{config.source or 'config'}: testbed.kind: ssh — replay-trace runs its client in a namespace on this "
+            "machine: kind local and kvm testbeds only for now",
+            hint="use a local or kvm config",
+        )
+    services = lb_services_for(config)
     resolve_method(options.method)
     services.require_deployed()
     if options.duration_s is not None and options.duration_s <= 0:
@@ -108,7 +114,7 @@ def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgres
     if schedule.empty:
         raise ConfigError(f"{options.trace}: no request falls within --duration {options.duration_s:g} s")
     seed = config.experiment.seed if options.seed is None else options.seed
-    topology = testbed.topology
+    topology = services.topology
     run = create_run_dir(options.runs_dir, method=options.method, testbed=topology.testbed, seed=seed)
     (run / "config.yaml").write_text(config.resolved_yaml())
     schedule_path = run / "schedule.parquet"
@@ -171,7 +177,7 @@ def _finish(
     schedule: pd.DataFrame,
     sampler: ServerSampler,
     replayer: ReplayerProcess | None,
-    services: LbServices,
+    services: LbServices | SshLbServices,
     finished: bool,
     failure: str | None,
 ) -> RunOutcome:

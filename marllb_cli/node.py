@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -65,7 +66,7 @@ def up(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
     manifest = Manifest(state / MANIFEST, cfg.testbed.name, config_digest=digest)
     manifest.save()
     try:
-        apply_role(LocalHost(), plan(cfg.testbed), me, manifest)
+        apply_role(LocalHost(), plan(cfg.testbed), me, manifest, kernel_gre=cfg.testbed.forwarding == "gre")
         if me.role == "server":
             manifest.record("directory", "www", path=str(state / "www"))
             install_docroot(state / "www")
@@ -129,8 +130,9 @@ def down(state: StateOption) -> None:
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 def _node(cfg: Config, name: str) -> Node:
+    """The config's node `name`, as this host: its own network, whatever namespace a local plan names."""
     try:
-        return plan(cfg.testbed).node(name)
+        return replace(plan(cfg.testbed).node(name), namespace="")
     except KeyError:
         raise TestbedError(f"node {name!r} is not in testbed {cfg.testbed.name}") from None
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from marllb_cli.hosts.local import LocalHost
 
-__all__ = ["Service", "start_service", "until_signalled"]
+__all__ = ["Service", "start_process", "start_service", "until_signalled"]
 
 #: Popen handles of services this process started: kept so that a long-lived caller (a test session) can
 #: reap them, and so that dropping the handle does not warn about a process that is meant to outlive it.
@@ -82,11 +82,14 @@ class Service:
 def start_service(ns: LocalHost, name: str, module: str, args: Sequence[str], log: Path) -> Service:
     """Start `python -m module args…` on node `ns` (a namespace, or this host), detached, with stdout and
     stderr appended to `log`."""
+    return start_process(ns, name, [sys.executable, "-m", module, *args], log)
+
+
+def start_process(ns: LocalHost, name: str, argv: Sequence[str], log: Path) -> Service:
+    """Start `argv` on node `ns`, detached, output appended to `log`; remembered by pid and start time."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        process = ns.popen(
-            [sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-        )
+        process = ns.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     _launched[:] = [p for p in _launched if p.poll() is None]
     _launched.append(process)
     start_time = None

@@ -19,7 +19,18 @@ __all__ = ["Manifest", "Resource", "state_root"]
 #: namespace … file: what a testbed creates; route … offloads: changes to a real host's network settings,
 #: recorded with what was there before (`deploy.roles`).
 ResourceKind = Literal[
-    "namespace", "cgroup", "apache", "directory", "process", "file", "route", "address", "sysctl", "nft", "offloads"
+    "namespace",
+    "cgroup",
+    "apache",
+    "directory",
+    "process",
+    "file",
+    "route",
+    "address",
+    "sysctl",
+    "nft",
+    "offloads",
+    "link",
 ]
 
 

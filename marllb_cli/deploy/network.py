@@ -27,12 +27,21 @@ __all__ = ["build_network", "Progress"]
 Progress = Callable[[str, int, int], None]
 
 
-def build_network(topology: Topology, manifest: Manifest, progress: Progress, *, roles: bool = True) -> None:
+def build_network(
+    topology: Topology,
+    manifest: Manifest,
+    progress: Progress,
+    *,
+    roles: bool = True,
+    guests: frozenset[str] = frozenset(),
+) -> None:
     """Create namespaces, the bridge, veths, addresses, routes and sysctls of `topology`.
 
     `roles=False` builds bare machines on a wire (addresses and default routes only): the stand-in for real
-    hosts that the `kind: ssh` tests then set up over SSH."""
-    namespaces = topology.namespaces
+    hosts that the `kind: ssh` tests then set up over SSH. Nodes named in `guests` are KVM guests: they get
+    no namespace and no veth (their bridge port is the tap their qemu opens; `deploy.kvm`)."""
+    machines = [node for node in topology.nodes if node.name not in guests]
+    namespaces = [topology.switch_namespace, *(node.namespace for node in machines)]
     for done, name in enumerate(namespaces, 1):
         manifest.record("namespace", name)
         LocalNamespace(name).create()
@@ -42,7 +51,7 @@ def build_network(topology: Topology, manifest: Manifest, progress: Progress, *,
         switch.link("add", ifname=topology.bridge, kind="bridge")
         bridge = switch.link_lookup(ifname=topology.bridge)[0]
         switch.link("set", index=bridge, state="up")
-        for node in topology.data_nodes:
+        for node in (node for node in topology.data_nodes if node.name not in guests):
             # Switch-side port named after the node; the node side appears directly inside its namespace.
             switch.link("add", ifname=node.name, kind="veth", peer={"ifname": "eth0", "net_ns_fd": node.namespace})
             port = switch.link_lookup(ifname=node.name)[0]
@@ -50,12 +59,11 @@ def build_network(topology: Topology, manifest: Manifest, progress: Progress, *,
     with NetNS(topology.router.namespace) as router:
         router.link("add", ifname="eth1", kind="veth", peer={"ifname": "eth0", "net_ns_fd": topology.client.namespace})
 
-    nodes = topology.nodes
-    for done, node in enumerate(nodes, 1):
+    for done, node in enumerate(machines, 1):
         _configure_node(topology, node, roles)
-        progress("addresses, routes, sysctls", done, len(nodes))
+        progress("addresses, routes, sysctls", done, len(machines))
     switch_ns = LocalNamespace(topology.switch_namespace)
-    for port in (node.name for node in topology.data_nodes):
+    for port in (node.name for node in topology.data_nodes if node.name not in guests):
         _offloads_off(switch_ns, port)
     _plain_switch(switch_ns)
 

@@ -5,7 +5,9 @@ a namespace of the local testbed (`LocalNamespace`) and a real host running `mar
     router   the VIP routed over every LB, hashed per flow on the 5-tuple (ECMP), forwarding on
     lb       its kernel never routes nor answers VIP packets (the dataplane relays them); no GRO on the data
              interface, so the dataplane never sees a frame larger than the MTU
-    server   holds the VIP on `lo` without answering ARP for it; a full accept queue resets (a failed request)
+    server   holds the VIP on `lo` without answering ARP for it; a full accept queue resets (a failed request);
+             with `forwarding: gre` on a kernel that has `ip_gre` (a real host, a KVM guest), a GRE tunnel
+             `mlbgre` that takes packets from any LB (the local testbed terminates GRE in user space instead)
 
 On a real host every change is recorded in the node's manifest *before* it is made, with what was there
 before (a sysctl's old value, a feature's old state), so `marllb node down` puts the host back as it found
@@ -24,7 +26,7 @@ from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.topology import Node, Topology
 
-__all__ = ["apply_role", "nft_table", "role_sysctls", "OFFLOADS_OFF", "undo_network"]
+__all__ = ["GRE_DEVICE", "OFFLOADS_OFF", "apply_role", "nft_table", "role_sysctls", "undo_network"]
 
 #: A raw-socket LB re-sends frames the kernel handed it. With checksum offload the sender's veth leaves
 #: TCP checksums unfinished (the server then drops the segment), and with TSO/GSO/GRO one frame can exceed
@@ -70,7 +72,12 @@ def role_sysctls(node: Node) -> list[tuple[str, int]]:
     return []
 
 
-def apply_role(host: LocalHost, topology: Topology, node: Node, manifest: Manifest | None = None) -> None:
+GRE_DEVICE = "mlbgre"
+
+
+def apply_role(
+    host: LocalHost, topology: Topology, node: Node, manifest: Manifest | None = None, *, kernel_gre: bool = False
+) -> None:
     """Make `host` play `node`'s part; record every change in `manifest` first (None: nothing to undo)."""
     vip = str(topology.vip)
     if node.role == "router":
@@ -83,7 +90,14 @@ def apply_role(host: LocalHost, topology: Topology, node: Node, manifest: Manife
     elif node.role == "server":
         _record(manifest, "address", f"{vip}/32", iface="lo", address=vip, prefixlen=32)
         host.call(_address_add, "lo", vip, 32)
-    for key, value in role_sysctls(node):
+        if kernel_gre:
+            host.run(["modprobe", "ip_gre"])
+            _record(manifest, "link", GRE_DEVICE, ifname=GRE_DEVICE)
+            host.call(_gre_add, GRE_DEVICE, str(node.ip))
+    sysctls = role_sysctls(node)
+    if node.role == "server" and kernel_gre:  # decapsulated packets arrive on the tunnel: no reverse-path check
+        sysctls.append((f"net.ipv4.conf.{GRE_DEVICE}.rp_filter", 0))
+    for key, value in sysctls:
         if manifest is not None:
             _record(manifest, "sysctl", key, key=key, value=host.call(_sysctl_read, key))
         host.sysctl(key, value)
@@ -108,6 +122,8 @@ def undo_network(host: LocalHost, kind: str, data: dict) -> None:
         host.sysctl(data["key"], data["value"])
     elif kind == "nft":
         host.run(["nft", "delete", "table", "ip", data["table"]], check=False)
+    elif kind == "link":
+        host.call(_link_del, data["ifname"])
     elif kind == "offloads" and data["restore"]:
         host.run(["ethtool", "-K", data["iface"], *data["restore"]], check=False)
 
@@ -164,6 +180,21 @@ def _address_del(iface: str, address: str, prefixlen: int) -> None:
         found = ipr.link_lookup(ifname=iface)
         if found and ipr.get_addr(index=found[0], address=address):
             ipr.addr("del", index=found[0], address=address, prefixlen=prefixlen)
+
+
+def _gre_add(ifname: str, local: str) -> None:
+    """A keyless GRE tunnel bound to our address and open to any remote: every LB can send through it."""
+    with IPRoute() as ipr:
+        if not ipr.link_lookup(ifname=ifname):
+            ipr.link("add", ifname=ifname, kind="gre", gre_local=local)
+        ipr.link("set", index=_link(ipr, ifname), state="up")
+
+
+def _link_del(ifname: str) -> None:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if found:
+            ipr.link("del", index=found[0])
 
 
 def _link(ipr: IPRoute, iface: str) -> int:

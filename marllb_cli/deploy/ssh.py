@@ -19,6 +19,7 @@ import hashlib
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,11 +33,12 @@ from marllb_cli.deploy.local import DeployOutcome, NodeStatus, TestbedStatus
 from marllb_cli.deploy.manifest import state_root
 from marllb_cli.deploy.network import Progress
 from marllb_cli.errors import TestbedError
+from marllb_cli.hosts.local import LocalHost
 from marllb_cli.hosts.provision import Bundle, bundle, provision
 from marllb_cli.hosts.ssh import SshHost, SshTarget
 from marllb_cli.topology import Node, Topology, host_node_names, plan
 
-__all__ = ["SshTestbed", "SshLbServices"]
+__all__ = ["SshLbServices", "SshNode", "SshTestbed"]
 
 T = TypeVar("T")
 DEPLOY_STEPS = ("connect", "provision", "upload config", "set up")
@@ -47,7 +49,7 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 
 
 @dataclass(frozen=True)
-class _Host:
+class SshNode:
     """One inventory entry with its node name and where its state lives on the host."""
 
     node: str
@@ -75,12 +77,22 @@ class SshTestbed:
 
     __test__ = False
 
-    def __init__(self, config: Config, *, accept_new_host_keys: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        accept_new_host_keys: bool = False,
+        hosts: list[SshNode] | None = None,
+        via: LocalHost | None = None,
+    ) -> None:
+        """`hosts` and `via` are for KVM guests: the guests to drive (default: the config's `hosts`), and the
+        namespace whose sockets reach their sshd (default: this machine's own network)."""
         self.config = config
         self.accept_new_host_keys = accept_new_host_keys
+        self.via = via
         testbed = config.testbed
-        self.hosts = [
-            _Host(name, entry, testbed.name)
+        self.hosts = hosts or [
+            SshNode(name, entry, testbed.name)
             for name, entry in zip(host_node_names(testbed), testbed.hosts, strict=True)
         ]
         self.state_dir: Path = state_root() / testbed.name
@@ -110,7 +122,7 @@ class SshTestbed:
         done = [0]
         lock = threading.Lock()
 
-        def down(host: _Host, ssh: SshHost) -> int:
+        def down(host: SshNode, ssh: SshHost) -> int:
             removed = json.loads(ssh.run(host.node_command("down", "--state", host.state), timeout=120).stdout)
             with lock:
                 done[0] += 1
@@ -128,7 +140,7 @@ class SshTestbed:
         statuses = {host.node: _node_status(nodes[host.node]) for host in self.hosts}
         if saved:
 
-            def ask(host: _Host, ssh: SshHost) -> dict[str, Any]:
+            def ask(host: SshNode, ssh: SshHost) -> dict[str, Any]:
                 args = ("status", "--config", f"{host.state}/config.yaml", "--node", host.node, "--state", host.state)
                 return json.loads(ssh.run(host.node_command(*args)).stdout)
 
@@ -142,7 +154,7 @@ class SshTestbed:
             state = "partial"
         else:
             state = "up" if all(status.up for status in statuses.values()) else "degraded"
-        ordered = [statuses[node.name] for node in self.topology.nodes]
+        ordered = [statuses[node.name] for node in self.topology.nodes if node.name in statuses]
         return TestbedStatus(testbed=self.topology.testbed, vip=str(self.topology.vip), state=state, nodes=ordered)
 
     def require_deployed(self) -> None:
@@ -153,7 +165,7 @@ class SshTestbed:
 
     # -- steps -----------------------------------------------------------------------------------------
     def _deploy_host(
-        self, host: _Host, ssh: SshHost, wheels: Bundle, config_text: bytes, progress: Progress
+        self, host: SshNode, ssh: SshHost, wheels: Bundle, config_text: bytes, progress: Progress
     ) -> dict[str, Any]:
         progress(host.label, 1, len(DEPLOY_STEPS))
         _step(host, "provision", lambda: provision(ssh, host.entry.workdir, host.entry.python, wheels))
@@ -166,7 +178,7 @@ class SshTestbed:
         progress(host.label, 4, len(DEPLOY_STEPS))
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def connect(self, host: _Host) -> SshHost:
+    def connect(self, host: SshNode) -> SshHost:
         entry = host.entry
         target = SshTarget(
             host=entry.address,
@@ -182,20 +194,25 @@ class SshTestbed:
                 target,
                 accept_new_host_keys=self.accept_new_host_keys,
                 timeout=self.config.testbed.ssh.connect_timeout_s,
+                sock=self.via.connect(entry.address, entry.port, timeout=10.0) if self.via else None,
             ),
         )
 
     def on_all_hosts(
-        self, work: Callable[[_Host, SshHost], T], *, hosts: list[_Host] | None = None, tolerate_errors: bool = False
-    ) -> dict[_Host, T]:
+        self,
+        work: Callable[[SshNode, SshHost], T],
+        *,
+        hosts: list[SshNode] | None = None,
+        tolerate_errors: bool = False,
+    ) -> dict[SshNode, T]:
         """Run `work(host, ssh)` on every host at once; raise one error naming every host that failed."""
         hosts = hosts if hosts is not None else self.hosts
 
-        def one(host: _Host) -> T:
+        def one(host: SshNode) -> T:
             with self.connect(host) as ssh:
                 return work(host, ssh)
 
-        results: dict[_Host, Any] = {}
+        results: dict[SshNode, Any] = {}
         errors: list[str] = []
         with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
             futures = {host: pool.submit(one, host) for host in hosts}
@@ -245,7 +262,7 @@ class SshLbServices:
             raise TestbedError("rl: policies on SSH hosts are not supported yet", hint="use a heuristic method")
         lbs = {lb.name: lb for lb in self.topology.lbs}
 
-        def start_one(host: _Host, ssh: SshHost) -> None:
+        def start_one(host: SshNode, ssh: SshHost) -> None:
             lb = lbs[host.node]
             directory = Path(host.state) / "lb"
             dataplane, agent = lb_specs(
@@ -273,15 +290,43 @@ class SshLbServices:
         return 0
 
     def stop(self) -> int:
-        """Stop every LB host's processes; return how many were running."""
+        """Stop every LB host's processes and fetch their agents' step logs; return how many were running."""
 
-        def stop_one(host: _Host, ssh: SshHost) -> int:
-            return int(json.loads(ssh.run(host.node_command("lb-stop", "--state", host.state)).stdout)["stopped"])
+        def stop_one(host: SshNode, ssh: SshHost) -> int:
+            stopped = int(json.loads(ssh.run(host.node_command("lb-stop", "--state", host.state)).stdout)["stopped"])
+            self._fetch_steps(host, ssh)
+            return stopped
 
         return sum(self.testbed.on_all_hosts(stop_one, hosts=self.lb_hosts).values())
 
+    def steps_log(self, lb: Node) -> Path:
+        """Where `stop` put LB `lb`'s step log, its times moved onto this machine's monotonic clock."""
+        return self.testbed.state_dir / "lb" / f"{lb.name}.steps.jsonl"
 
-def _step(host: _Host, step: str, action: Callable[[], T]) -> T:
+    def _fetch_steps(self, host: SshNode, ssh: SshHost) -> None:
+        """Copy the agent's step log here. Its times are the LB host's CLOCK_MONOTONIC: shift them by the
+        offset between the two clocks, read over SSH (error: half a round trip, a few ms on a LAN)."""
+        local = self.testbed.state_dir / "lb" / f"{host.node}.steps.jsonl"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.unlink(missing_ok=True)
+        content = ssh.get_bytes(f"{host.state}/lb/{host.node}.steps.jsonl")
+        if content is None:
+            return
+        before = time.monotonic()
+        remote = float(ssh.run([host.python, "-c", "import time; print(time.monotonic())"]).stdout)
+        offset = (before + time.monotonic()) / 2 - remote
+        lines = []
+        for line in content.decode(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            row["t"] = row["t"] + offset
+            lines.append(json.dumps(row))
+        local.write_text("".join(f"{line}\n" for line in lines))
+
+
+def _step(host: SshNode, step: str, action: Callable[[], T]) -> T:
     """Run one step of one host; a failure names the host and the step."""
     try:
         return action()

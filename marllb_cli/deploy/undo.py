@@ -20,7 +20,7 @@ from marllb_cli.services import Service
 
 __all__ = ["remove_resources"]
 
-_NETWORK_CHANGES = ("route", "address", "sysctl", "nft", "offloads")
+_NETWORK_CHANGES = ("route", "address", "sysctl", "nft", "offloads", "link")
 
 
 def remove_resources(manifest: Manifest, progress: Progress, *, host: LocalHost | None = None) -> list[str]:

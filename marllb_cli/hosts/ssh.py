@@ -132,6 +132,17 @@ class SshHost:
         except (OSError, paramiko.SSHException) as exc:
             raise TestbedError(f"{self.name}: cannot write {remote}: {exc}") from None
 
+    def get_bytes(self, remote: str) -> bytes | None:
+        """The content of the file `remote` on the host (SFTP), or None when it does not exist."""
+        try:
+            with self.client.open_sftp() as sftp, sftp.open(remote, "rb") as handle:
+                handle.prefetch()
+                return handle.read()
+        except FileNotFoundError:
+            return None
+        except (OSError, paramiko.SSHException) as exc:
+            raise TestbedError(f"{self.name}: cannot read {remote}: {exc}") from None
+
     def close(self) -> None:
         self.client.close()
 

@@ -252,4 +252,4 @@ def test_config_for_kind_ssh_is_refused_by_local_only_commands(hosts):
         hosts, "replay-trace", str(hosts["config"]), "--trace", str(REPO / "traces" / "rate_200_steady_30s.tsv")
     )
     assert result.returncode == 2
-    assert "kind local testbeds only" in result.stderr
+    assert "kind local and kvm testbeds only" in result.stderr

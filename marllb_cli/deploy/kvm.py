@@ -1,0 +1,325 @@
+"""A `kind: kvm` testbed: the LBs and servers are KVM guests on this machine; the client, the edge router
+and the switch are namespaces, exactly as in the local testbed (so `replay-trace` runs from the same
+client namespace).
+
+    deploy    base image (`kvm.image`, built once) → the local network without LB and server namespaces
+              (`build_network(guests=...)`) plus a management bridge → per guest: host key, seed disk,
+              copy-on-write overlay, qemu-system-x86_64 -enable-kvm with one tap on the data bridge and one
+              on the management bridge → wait for every sshd → provision and set up the guests like
+              `kind: ssh` hosts (`deploy.ssh`: marllb's venv, roles, Apache, kernel GRE with
+              `forwarding: gre`), reached through sockets made in the switch namespace
+    teardown  stop the guests (qemu), remove overlays, seeds and keys, delete the namespaces (taps and bridges
+              go with them); the base image stays unless `--purge`
+
+Guest sizes: a server has ⌈cpus × cpu_unit⌉ vCPUs (its Apache cgroup still enforces cpus × cpu_unit cores),
+an LB one; memory is `kvm.memory_mb` each. Every guest's host key is made here and written to the testbed's
+own known_hosts before the guest boots, so host keys are checked from the first connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pyroute2 import NetNS
+
+from marllb_cli.config import Config, SshHostEntry, SshSettings
+from marllb_cli.deploy.local import DeployOutcome, NodeStatus, TestbedStatus
+from marllb_cli.deploy.manifest import Manifest, state_root
+from marllb_cli.deploy.network import Progress, build_network
+from marllb_cli.deploy.roles import OFFLOADS_OFF
+from marllb_cli.deploy.ssh import SshLbServices, SshNode, SshTestbed
+from marllb_cli.deploy.undo import remove_resources
+from marllb_cli.errors import MissingTool, NamespaceExists, TestbedError
+from marllb_cli.hosts.local import LocalNamespace
+from marllb_cli.kvm.image import BaseImage, base_image, seed_disk
+from marllb_cli.services import start_process
+from marllb_cli.topology import Node, mac_address, plan
+
+__all__ = ["KvmTestbed"]
+
+MGMT_BRIDGE = "mgmt"
+_MGMT_MAC_CODE = 6
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    return None
+
+
+class KvmTestbed:
+    """LB and server guests under KVM, client and router namespaces, all on this machine."""
+
+    __test__ = False
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.topology = plan(config.testbed)
+        self.state_dir: Path = state_root() / config.testbed.name
+        self.manifest_path = self.state_dir / "manifest.json"
+        self.guests: tuple[Node, ...] = (*self.topology.lbs, *self.topology.servers)
+        settings = config.testbed.kvm
+        self.mgmt_ips = {
+            guest.name: settings.mgmt_subnet.network_address + 10 + i for i, guest in enumerate(self.guests)
+        }
+        ssh_config = config.model_copy(
+            update={
+                "testbed": config.testbed.model_copy(
+                    update={"ssh": SshSettings(known_hosts=self.state_dir / "known_hosts", connect_timeout_s=20)}
+                )
+            }
+        )
+        nodes = [
+            SshNode(
+                guest.name,
+                SshHostEntry(
+                    role=guest.role,
+                    address=str(self.mgmt_ips[guest.name]),
+                    key_file=self.state_dir / "id_ed25519",
+                    data_ip=guest.interfaces[0].ip,
+                ),
+                config.testbed.name,
+            )
+            for guest in self.guests
+        ]
+        self.ssh = SshTestbed(ssh_config, hosts=nodes, via=LocalNamespace(self.topology.switch_namespace))
+        self.accel = settings.accel if settings.accel != "auto" else ("kvm" if kvm_usable() else "tcg")
+
+    # -- public operations -----------------------------------------------------------------------------
+    def deploy(self, progress: Progress = _no_progress) -> DeployOutcome:
+        """Boot and set up the guests; a no-op when the testbed is up with this config, else a clean rebuild."""
+        _preflight(self.accel)
+        if self.accel == "tcg":
+            progress("no hardware virtualisation: guests run under qemu's emulation (tcg)", 0, 1)
+        manifest = Manifest.load(self.manifest_path)
+        outcome: DeployOutcome = "created"
+        if manifest is not None:
+            if manifest.complete and manifest.config_digest == self._digest() and self.status().state == "up":
+                return "unchanged"
+            self.teardown(progress)
+            outcome = "rebuilt"
+        self._refuse_foreign()
+        settings = self.config.testbed.kvm
+        image = base_image(settings.image_cache, settings.mirror, lambda what: progress(what, 0, 1))
+        manifest = Manifest(self.manifest_path, self.config.testbed.name, config_digest=self._digest())
+        manifest.save()
+        try:
+            guest_names = frozenset(guest.name for guest in self.guests)
+            build_network(self.topology, manifest, progress, guests=guest_names)
+            self._management_bridge()
+            self._keys()
+            for done, guest in enumerate(self.guests, 1):
+                self._boot(guest, image, manifest)
+                progress("guests booting", done, len(self.guests))
+            self._wait_for_sshd(progress)
+            self.ssh.deploy(progress)
+        except BaseException:
+            self._keep_consoles()
+            self.teardown()
+            raise
+        manifest.complete = True
+        manifest.save()
+        return outcome
+
+    def teardown(self, progress: Progress = _no_progress, *, purge: bool = False) -> int:
+        """Stop the guests and remove everything the manifest lists; `purge` also removes the image cache."""
+        manifest = Manifest.load(self.manifest_path)
+        removed = 0
+        if manifest is not None:
+            removed = len(manifest.resources)
+            errors = remove_resources(manifest, progress)
+            if errors:
+                raise TestbedError(f"teardown of {manifest.testbed} incomplete: {'; '.join(errors)}")
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        if purge:
+            shutil.rmtree(self.config.testbed.kvm.image_cache, ignore_errors=True)
+        return removed
+
+    def status(self, *, probe: bool = True) -> TestbedStatus:
+        manifest = Manifest.load(self.manifest_path)
+        if manifest is None:
+            nodes = [_status(node, False) for node in self.topology.nodes]
+            return TestbedStatus(testbed=self.topology.testbed, vip=str(self.topology.vip), state="absent", nodes=nodes)
+        guests = {node.name: node for node in self.ssh.status(probe=probe).nodes}
+        nodes = [
+            guests[node.name] if node.name in guests else _status(node, LocalNamespace(node.namespace).exists())
+            for node in self.topology.nodes
+        ]
+        for node in nodes:
+            if node.name in guests:
+                node.namespace = f"kvm {self.mgmt_ips[node.name]}"
+        state = "partial" if not manifest.complete else ("up" if all(n.up for n in nodes) else "degraded")
+        return TestbedStatus(testbed=self.topology.testbed, vip=str(self.topology.vip), state=state, nodes=nodes)
+
+    def lb_services(self) -> SshLbServices:
+        return SshLbServices(self.ssh)
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def _management_bridge(self) -> None:
+        subnet = self.config.testbed.kvm.mgmt_subnet
+        with NetNS(self.topology.switch_namespace) as switch:
+            switch.link("add", ifname=MGMT_BRIDGE, kind="bridge")
+            index = switch.link_lookup(ifname=MGMT_BRIDGE)[0]
+            switch.addr("add", index=index, address=str(subnet.network_address + 1), prefixlen=subnet.prefixlen)
+            switch.link("set", index=index, state="up")
+
+    def _keys(self) -> None:
+        """The controller's key for the guests, and each guest's host key, known before first contact."""
+        keys = self.state_dir / "keys"
+        keys.mkdir(parents=True, exist_ok=True)
+        _keygen(self.state_dir / "id_ed25519")
+        lines = []
+        for guest in self.guests:
+            host_key = keys / f"{guest.name}_host_ed25519"
+            _keygen(host_key)
+            kind, key = host_key.with_suffix(".pub").read_text().split()[:2]
+            lines.append(f"{self.mgmt_ips[guest.name]} {kind} {key}\n")
+        (self.state_dir / "known_hosts").write_text("".join(lines))
+
+    def _boot(self, guest: Node, image: BaseImage, manifest: Manifest) -> None:
+        settings = self.config.testbed.kvm
+        directory = self.state_dir / "guests" / guest.name
+        directory.mkdir(parents=True, exist_ok=True)
+        mgmt_prefix = settings.mgmt_subnet.prefixlen
+        seed = directory / "seed.img"
+        manifest.record("file", f"{guest.name}-seed", path=str(seed))
+        seed_disk(
+            seed,
+            hostname=f"{self.topology.testbed}-{guest.name}",
+            addresses=[("eth0", str(guest.interfaces[0].ip)), ("eth1", f"{self.mgmt_ips[guest.name]}/{mgmt_prefix}")],
+            gateway=str(self.topology.router.ip),
+            authorized_key=(self.state_dir / "id_ed25519.pub").read_text(),
+            host_key=self.state_dir / "keys" / f"{guest.name}_host_ed25519",
+        )
+        overlay = directory / "disk.qcow2"
+        manifest.record("file", f"{guest.name}-disk", path=str(overlay))
+        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk), "-F", "qcow2", str(overlay)])
+        vcpus = max(1, math.ceil(guest.cores)) if guest.cores else 1
+        data_tap, mgmt_tap = f"d-{guest.name}", f"m-{guest.name}"
+        mgmt_mac = mac_address(self.topology.testbed, _MGMT_MAC_CODE, guest.index + (0 if guest.role == "lb" else 512))
+        argv = [
+            shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
+            "-name", f"marllb-{self.topology.testbed}-{guest.name}",
+            "-accel", self.accel, "-smp", str(vcpus), "-m", str(settings.memory_mb),
+            "-nodefaults", "-no-user-config", "-display", "none",
+            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+            "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0 biosdevname=0 quiet",
+            "-drive", f"file={overlay},if=virtio,format=qcow2",
+            "-drive", f"file={seed},if=virtio,format=raw,readonly=on",
+            "-netdev", f"tap,id=data,ifname={data_tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=data,mac={guest.mac}",
+            "-netdev", f"tap,id=mgmt,ifname={mgmt_tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=mgmt,mac={mgmt_mac}",
+            "-serial", f"file:{directory / 'console.log'}",
+        ]  # fmt: skip
+        switch = LocalNamespace(self.topology.switch_namespace)
+        service = start_process(switch, f"qemu-{guest.name}", argv, directory / "qemu.log")
+        manifest.record("process", service.name, **service.as_record())
+        deadline = time.monotonic() + 30
+        with NetNS(self.topology.switch_namespace) as ipr:
+            for tap, bridge in ((data_tap, self.topology.bridge), (mgmt_tap, MGMT_BRIDGE)):
+                while not ipr.link_lookup(ifname=tap):
+                    if not service.running() or time.monotonic() > deadline:
+                        raise TestbedError(f"{guest.name}: qemu did not start: {service.log_tail(1) or 'no output'}")
+                    time.sleep(0.05)
+                master = ipr.link_lookup(ifname=bridge)[0]
+                ipr.link("set", index=ipr.link_lookup(ifname=tap)[0], master=master, state="up")
+        switch.run(["ethtool", "-K", data_tap, *OFFLOADS_OFF], check=False)
+
+    def _wait_for_sshd(self, progress: Progress) -> None:
+        switch = LocalNamespace(self.topology.switch_namespace)
+        timeout = self.config.testbed.kvm.boot_timeout_s
+        started = time.monotonic()
+        up: list[str] = []
+
+        def wait(guest: Node) -> None:
+            address = str(self.mgmt_ips[guest.name])
+            while True:
+                try:
+                    sock = switch.connect(address, 22, timeout=2.0)
+                    banner = sock.recv(64)
+                    sock.close()
+                    if banner.startswith(b"SSH-"):
+                        up.append(guest.name)
+                        progress("guests up (sshd)", len(up), len(self.guests))
+                        return
+                except OSError:
+                    pass
+                if time.monotonic() - started > timeout:
+                    console = self.state_dir / "guests" / guest.name / "console.log"
+                    tail = console.read_text(errors="replace").strip().splitlines()[-1:] if console.exists() else []
+                    raise TestbedError(
+                        f"{guest.name}: no sshd at {address} after {timeout:.0f} s"
+                        + (f"; console: {tail[0]}" if tail else ""),
+                        hint=f"raise testbed.kvm.boot_timeout_s, or read {guest.name}.log in "
+                        f"{state_root() / (self.topology.testbed + '.failed-consoles')}",
+                    )
+                time.sleep(1.0)
+
+        with ThreadPoolExecutor(max_workers=len(self.guests)) as pool:
+            for future in [pool.submit(wait, guest) for guest in self.guests]:
+                future.result()
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _keep_consoles(self) -> None:
+        """A failed deploy removes everything, but the guests' serial consoles are what explains it."""
+        kept = state_root() / f"{self.topology.testbed}.failed-consoles"
+        shutil.rmtree(kept, ignore_errors=True)
+        for console in (self.state_dir / "guests").glob("*/console.log"):
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copy(console, kept / f"{console.parent.name}.log")
+
+    def _digest(self) -> str:
+        return hashlib.sha256(self.config.testbed.model_dump_json().encode()).hexdigest()[:16]
+
+    def _refuse_foreign(self) -> None:
+        for name in (self.topology.switch_namespace, self.topology.client.namespace, self.topology.router.namespace):
+            if LocalNamespace(name).exists():
+                raise NamespaceExists(
+                    f"namespace {name} exists but testbed {self.topology.testbed} did not create it",
+                    hint=f"choose another testbed.name, or remove it yourself (ip netns del {name})",
+                )
+
+
+def _status(node: Node, up: bool) -> NodeStatus:
+    return NodeStatus(name=node.name, role=node.role, namespace=node.namespace, ip=str(node.ip), up=up)
+
+
+def _keygen(path: Path) -> None:
+    if not path.exists():
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "marllb", "-f", str(path)])
+
+
+def _run(argv: list[str]) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise TestbedError(f"`{' '.join(argv)}` failed: {(result.stderr or result.stdout).strip()[-200:]}")
+
+
+def kvm_usable() -> bool:
+    """Whether guests can run with hardware virtualisation: /dev/kvm usable and the CPU shows vmx or svm.
+
+    (A machine may have /dev/kvm without the flags — nested virtualisation switched off — where qemu's KVM
+    guests never get past their first instructions.)"""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    flags = Path("/proc/cpuinfo").read_text().split()
+    return "vmx" in flags or "svm" in flags
+
+
+def _preflight(accel: str) -> None:
+    if os.geteuid() != 0:
+        raise MissingTool("a kvm testbed needs root (namespaces, taps, /dev/kvm)", hint="run marllb with sudo")
+    if accel == "kvm" and not kvm_usable():
+        raise MissingTool(
+            "hardware virtualisation is not usable here (/dev/kvm, or vmx/svm in /proc/cpuinfo)",
+            hint="set testbed.kvm.accel: tcg (emulation, slower) or auto",
+        )
+    for tool in ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            raise MissingTool(f"{tool} is not installed", hint="run `make system-deps-kvm`")

@@ -1,0 +1,193 @@
+"""The KVM guests' base image: Debian 12 built once with debootstrap from the Debian archive, then cached.
+
+    build    debootstrap (minbase + kernel, sshd, Apache + PHP, nftables, ethtool, Python) → configure:
+             fstab, no host keys of its own, Apache's stock service off (marllb starts its own instances),
+             `ip_gre` loaded at boot, the seed unit below → the kernel and initrd copied out → the root tree
+             packed into an ext4 file (`mkfs.ext4 -d`: no loop mount) → qcow2
+    seed     every guest boots the same base through a copy-on-write overlay; what makes it *this* node is
+             a small second disk (`seed_disk`): hostname, addresses, default route, the controller's SSH key
+             and the guest's own host key (made on the controller, so its key is known before first contact)
+
+Cache keys are digests of what goes in, so a change here builds a new image (from the cached debootstrap
+tree unless the package list changed); old ones stay until `marllb teardown --purge` removes the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from marllb_cli.errors import MissingTool, TestbedError
+
+__all__ = ["BaseImage", "PACKAGES", "base_image", "seed_disk"]
+
+SUITE = "bookworm"
+PACKAGES = (
+    "systemd-sysv",
+    "linux-image-amd64",
+    "openssh-server",
+    "apache2",
+    "libapache2-mod-php",
+    "php-cli",
+    "nftables",
+    "ethtool",
+    "iproute2",
+    "python3",
+    "python3-venv",
+    "curl",
+    "procps",
+    "kmod",
+    "udev",
+)
+IMAGE_SIZE = "3G"
+
+#: Runs before sshd on every boot: applies the seed disk (/dev/vdb).
+SEED_SCRIPT = """#!/bin/sh
+set -eux
+mkdir -p /run/seed
+mount -o ro /dev/vdb /run/seed
+cat /run/seed/hostname > /etc/hostname
+cat /run/seed/hostname > /proc/sys/kernel/hostname
+install -m 600 /run/seed/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key
+install -m 644 /run/seed/ssh_host_ed25519_key.pub /etc/ssh/ssh_host_ed25519_key.pub
+mkdir -p -m 700 /root/.ssh
+install -m 600 /run/seed/authorized_keys /root/.ssh/authorized_keys
+ip link set lo up
+while read -r iface address; do
+    ip link set "$iface" up
+    ip addr add "$address" dev "$iface"
+done < /run/seed/addresses
+if [ -s /run/seed/gateway ]; then ip route add default via "$(cat /run/seed/gateway)"; fi
+umount /run/seed
+"""
+SEED_UNIT = """[Unit]
+Description=marllb node identity from the seed disk
+DefaultDependencies=no
+Wants=dev-vdb.device
+After=dev-vdb.device local-fs.target systemd-remount-fs.service
+Before=ssh.service network-pre.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/marllb-seed
+RemainAfterExit=yes
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """A built image: the qcow2 root disk and the kernel and initrd to boot it with."""
+
+    disk: Path
+    kernel: Path
+    initrd: Path
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def base_image(cache: Path, mirror: str, progress: Callable[[str], None] = lambda _: None) -> BaseImage:
+    """The cached base image for this recipe, built first if missing.
+
+    Two cache levels: the debootstrapped tree (minutes; keyed by suite, mirror and packages) and the image
+    made from a copy of it (seconds; keyed by everything else too), so changing the guest set-up below
+    does not download the distribution again."""
+    tree = cache / f"debootstrap-{SUITE}-{_digest(SUITE, mirror, *PACKAGES)}"
+    directory = cache / f"image-{SUITE}-{_digest(SUITE, mirror, IMAGE_SIZE, *PACKAGES, SEED_SCRIPT, SEED_UNIT)}"
+    image = BaseImage(directory / "base.qcow2", directory / "vmlinuz", directory / "initrd.img")
+    if (directory / "complete").exists():
+        return image
+    for tool in ("debootstrap", "qemu-img", "mkfs.ext4"):
+        if shutil.which(tool) is None:
+            raise MissingTool(f"{tool} is not installed", hint="run `make system-deps-kvm`")
+    if not (tree / "complete").exists():
+        shutil.rmtree(tree, ignore_errors=True)
+        (tree / "root").mkdir(parents=True)
+        progress(f"debootstrap {SUITE} (once, minutes; cached in {tree})")
+        command = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(tree / "root")]
+        _run([*command, mirror], "debootstrap", timeout=3600)
+        (tree / "complete").touch()
+    started = time.monotonic()
+    progress("configuring the image")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    root = directory / "root"
+    _run(["cp", "-a", str(tree / "root"), str(root)], "copying the debootstrapped tree", timeout=900)
+    _configure(root)
+    boot = root / "boot"
+    shutil.copy(next(boot.glob("vmlinuz-*")), image.kernel)
+    shutil.copy(next(boot.glob("initrd.img-*")), image.initrd)
+    progress("packing the image")
+    raw = directory / "base.raw"
+    _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(raw), IMAGE_SIZE], "mkfs.ext4", timeout=900)
+    _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(image.disk)], "qemu-img convert", timeout=900)
+    raw.unlink()
+    shutil.rmtree(root)
+    (directory / "complete").write_text(f"configured and packed in {time.monotonic() - started:.0f} s\n")
+    return image
+
+
+def seed_disk(
+    path: Path,
+    *,
+    hostname: str,
+    addresses: list[tuple[str, str]],
+    gateway: str | None,
+    authorized_key: str,
+    host_key: Path,
+) -> None:
+    """Write the small ext4 disk that gives one guest its identity (see `SEED_SCRIPT`)."""
+    content = path.with_suffix(".d")
+    shutil.rmtree(content, ignore_errors=True)
+    content.mkdir(parents=True)
+    (content / "hostname").write_text(hostname + "\n")
+    (content / "addresses").write_text("".join(f"{iface} {address}\n" for iface, address in addresses))
+    (content / "gateway").write_text((gateway or "") + "\n" if gateway else "")
+    (content / "authorized_keys").write_text(authorized_key.strip() + "\n")
+    shutil.copy(host_key, content / "ssh_host_ed25519_key")
+    shutil.copy(host_key.with_suffix(".pub"), content / "ssh_host_ed25519_key.pub")
+    _run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(path), "4M"], "mkfs.ext4 (seed)", timeout=60)
+    shutil.rmtree(content)
+
+
+def _configure(root: Path) -> None:
+    (root / "etc" / "fstab").write_text("/dev/vda / ext4 defaults 0 1\n")
+    (root / "etc" / "hostname").write_text("marllb\n")
+    for key in (root / "etc" / "ssh").glob("ssh_host_*"):
+        key.unlink()  # every guest gets its own from its seed disk
+    (root / "etc" / "ssh" / "sshd_config.d" / "marllb.conf").write_text(
+        "HostKey /etc/ssh/ssh_host_ed25519_key\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "UseDNS no\n"
+    )
+    (root / "etc" / "modules-load.d" / "marllb.conf").write_text("ip_gre\n")
+    script = root / "usr" / "local" / "sbin" / "marllb-seed"
+    script.write_text(SEED_SCRIPT)
+    script.chmod(0o755)
+    (root / "etc" / "systemd" / "system" / "marllb-seed.service").write_text(SEED_UNIT)
+    for command in (
+        ["systemctl", "enable", "marllb-seed.service", "ssh.service"],
+        ["systemctl", "disable", "apache2.service"],
+        ["systemctl", "mask", "getty@tty1.service", "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer"],
+    ):
+        _run(["chroot", str(root), *command], " ".join(command))
+
+
+def _run(argv: list[str], what: str, *, timeout: float = 120) -> None:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise TestbedError(f"{what} did not finish within {timeout:.0f} s") from None
+    if result.returncode != 0:
+        lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        raise TestbedError(f"{what} failed with exit {result.returncode}: {lines[-1] if lines else 'no output'}")

@@ -1,0 +1,104 @@
+"""`kind: kvm` end to end (`make test-kvm`; marked kvm, never in `make test`): `configs/kvm-small.yaml` under
+its own name boots five Debian guests (2 LBs, 3 servers), provisions them over SSH, replays 30 s of a Poisson
+trace through kernel GRE tunnels, serves a static file through the LBs, and tears down to nothing.
+
+Each stage's duration is printed (`pytest -s`) and written down in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from marllb_cli.deploy.manifest import state_root
+from marllb_cli.hosts import LocalNamespace
+from tests.conftest import REPO
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="guests, taps and namespaces need root"),
+]
+NAME = "itkvm"
+MARLLB = str(Path(sys.executable).with_name("marllb"))
+CONFIG = REPO / "configs" / "kvm-small.yaml"
+
+
+def marllb(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [MARLLB, *args, "--set", f"testbed.name={NAME}"] if args[0] != "trace" else [MARLLB, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    return result
+
+
+def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path):
+    stages: dict[str, float] = {}
+    started = time.monotonic()
+    try:
+        deployed = marllb("deploy", str(CONFIG))
+        stages["deploy (image cached)"] = time.monotonic() - started
+        assert deployed.returncode == 0, deployed.stderr[-3000:]
+        status = json.loads(marllb("status", str(CONFIG), "--json").stdout)
+        assert status["state"] == "up", status
+        assert sum(node["role"] == "server" and node["http_status"] == 200 for node in status["nodes"]) == 3
+
+        trace = tmp_path / "poisson.parquet"
+        made = marllb(
+            "trace", "gen", "poisson", "--rate", "4", "--duration", "30", "--work-mean", "100000", "--out", str(trace)
+        )
+        assert made.returncode == 0, made.stderr
+        mark = time.monotonic()
+        runs = tmp_path / "runs"
+        replay = marllb("replay-trace", str(CONFIG), "--trace", str(trace), "--method", "sed", "--runs-dir", str(runs))
+        stages["replay 30 s"] = time.monotonic() - mark
+        assert replay.returncode == 0, replay.stderr[-3000:]
+        run = next(runs.iterdir())
+        meta = json.loads((run / "meta.json").read_text())
+        requests = pd.read_parquet(run / "requests.parquet")
+        assert meta["complete"] is True
+        assert len(requests) == meta["scheduled_requests"] > 60
+        assert (requests["status"] == 200).all(), requests["error"].value_counts()
+        assert requests["server"].nunique() == 3
+        steps = pd.read_parquet(run / "agents" / "lb0.parquet")
+        assert len(steps) > 60 and steps["t"].between(-1, 40).all()  # moved onto this machine's clock
+
+        # A static file through the LBs (GRE to a server guest), whole.
+        client = LocalNamespace(f"{NAME}-client")
+        started_lbs = marllb("lb", "start", str(CONFIG), "--method", "sed")
+        assert started_lbs.returncode == 0, started_lbs.stderr
+        out = client.run(
+            [
+                "curl",
+                "-s",
+                "-m",
+                "20",
+                "-o",
+                str(tmp_path / "1k"),
+                "-w",
+                "%{http_code}",
+                f"http://{status['vip']}/static/1k.bin",
+            ]
+        )
+        assert out.stdout == "200" and (tmp_path / "1k").stat().st_size == 1024
+    finally:
+        mark = time.monotonic()
+        removed = marllb("teardown", str(CONFIG))
+        stages["teardown"] = time.monotonic() - mark
+        print("kvm stages (s):", {k: round(v, 1) for k, v in stages.items()})
+    assert removed.returncode == 0, removed.stderr
+    assert subprocess.run(["pgrep", "-f", f"marllb-{NAME}-"], capture_output=True).returncode == 1  # no qemu
+    assert not (state_root() / NAME).exists()  # overlays and seeds lived there
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert NAME not in namespaces  # the taps and bridges lived in the switch namespace
