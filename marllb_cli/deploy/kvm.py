@@ -38,7 +38,8 @@ from marllb_cli.deploy.ssh import SshLbServices, SshNode, SshTestbed
 from marllb_cli.deploy.undo import remove_resources
 from marllb_cli.errors import MissingTool, NamespaceExists, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
-from marllb_cli.kvm.image import BaseImage, base_image, seed_disk
+from marllb_cli.hosts.provision import bundle
+from marllb_cli.kvm.image import GUEST_WORKDIR, BaseImage, base_image, seed_disk
 from marllb_cli.services import start_process
 from marllb_cli.topology import Node, mac_address, plan
 
@@ -82,6 +83,7 @@ class KvmTestbed:
                     address=str(self.mgmt_ips[guest.name]),
                     key_file=self.state_dir / "id_ed25519",
                     data_ip=guest.interfaces[0].ip,
+                    workdir=GUEST_WORKDIR,
                 ),
                 config.testbed.name,
             )
@@ -105,7 +107,7 @@ class KvmTestbed:
             outcome = "rebuilt"
         self._refuse_foreign()
         settings = self.config.testbed.kvm
-        image = base_image(settings.image_cache, settings.mirror, lambda what: progress(what, 0, 1))
+        image = base_image(settings.image_cache, settings.mirror, bundle(), lambda what: progress(what, 0, 1))
         manifest = Manifest(self.manifest_path, self.config.testbed.name, config_digest=self._digest())
         manifest.save()
         try:
@@ -205,7 +207,9 @@ class KvmTestbed:
         argv = [
             shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
             "-name", f"marllb-{self.topology.testbed}-{guest.name}",
-            "-accel", self.accel, "-smp", str(vcpus), "-m", str(settings.memory_mb),
+            # numpy's wheels need x86-64-v2 (SSE4.2, POPCNT): qemu's default CPU model lacks it.
+            "-accel", self.accel, "-cpu", "host" if self.accel == "kvm" else "max",
+            "-smp", str(vcpus), "-m", str(settings.memory_mb),
             "-nodefaults", "-no-user-config", "-display", "none",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
             "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0 biosdevname=0 quiet",

@@ -21,10 +21,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import marllb_cli
 from marllb_cli.errors import MissingTool, TestbedError
-from marllb_cli.hosts.ssh import SshHost
 
 __all__ = ["Bundle", "NODE_REQUIREMENTS", "bundle", "provision", "cache_dir"]
 
@@ -81,7 +81,21 @@ def bundle(cache: Path | None = None) -> Bundle:
     return Bundle(wheels, digest.hexdigest()[:16])
 
 
-def provision(host: SshHost, workdir: str, python: str, wheels: Bundle) -> bool:
+class Target(Protocol):
+    """Where provisioning installs: a host over SSH (`SshHost`), or an image's root tree (`kvm.image.Chroot`)."""
+
+    name: str
+
+    def run(
+        self, argv: list[str], *, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]: ...
+
+    def put(self, local: Path, remote: str) -> None: ...
+
+    def put_bytes(self, data: bytes, remote: str) -> None: ...
+
+
+def provision(host: Target, workdir: str, python: str, wheels: Bundle) -> bool:
     """Install `wheels` into `<workdir>/venv` on `host`; False when it was already there (nothing done)."""
     venv, upload = f"{workdir}/venv", f"{workdir}/wheels"
     marker = host.run(["cat", f"{venv}/.bundle"], check=False).stdout.strip()

@@ -23,10 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marllb_cli.errors import MissingTool, TestbedError
+from marllb_cli.hosts.provision import Bundle, provision
 
-__all__ = ["BaseImage", "PACKAGES", "base_image", "seed_disk"]
+__all__ = ["BaseImage", "Chroot", "GUEST_WORKDIR", "PACKAGES", "base_image", "seed_disk"]
 
 SUITE = "bookworm"
+#: Where marllb lives in a guest: the `workdir` a guest's SSH host entry gets (`deploy.kvm`).
+GUEST_WORKDIR = "/var/lib/marllb"
 PACKAGES = (
     "systemd-sysv",
     "linux-image-amd64",
@@ -97,14 +100,16 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
-def base_image(cache: Path, mirror: str, progress: Callable[[str], None] = lambda _: None) -> BaseImage:
-    """The cached base image for this recipe, built first if missing.
+def base_image(cache: Path, mirror: str, wheels: Bundle, progress: Callable[[str], None] = lambda _: None) -> BaseImage:
+    """The cached base image for this recipe and this marllb, built first if missing.
 
     Two cache levels: the debootstrapped tree (minutes; keyed by suite, mirror and packages) and the image
-    made from a copy of it (seconds; keyed by everything else too), so changing the guest set-up below
-    does not download the distribution again."""
+    made from a copy of it (tens of seconds; keyed by everything else too, marllb's wheels included), so a
+    new marllb or guest set-up does not download the distribution again. marllb is installed into the image
+    exactly as `provision` installs it on a host (same venv, same marker), so guests need no provisioning."""
     tree = cache / f"debootstrap-{SUITE}-{_digest(SUITE, mirror, *PACKAGES)}"
-    directory = cache / f"image-{SUITE}-{_digest(SUITE, mirror, IMAGE_SIZE, *PACKAGES, SEED_SCRIPT, SEED_UNIT)}"
+    recipe = (SUITE, mirror, IMAGE_SIZE, *PACKAGES, SEED_SCRIPT, SEED_UNIT, wheels.digest)
+    directory = cache / f"image-{SUITE}-{_digest(*recipe)}"
     image = BaseImage(directory / "base.qcow2", directory / "vmlinuz", directory / "initrd.img")
     if (directory / "complete").exists():
         return image
@@ -125,6 +130,8 @@ def base_image(cache: Path, mirror: str, progress: Callable[[str], None] = lambd
     root = directory / "root"
     _run(["cp", "-a", str(tree / "root"), str(root)], "copying the debootstrapped tree", timeout=900)
     _configure(root)
+    progress("installing marllb into the image")
+    provision(Chroot(root), GUEST_WORKDIR, "python3", wheels)
     boot = root / "boot"
     shutil.copy(next(boot.glob("vmlinuz-*")), image.kernel)
     shutil.copy(next(boot.glob("initrd.img-*")), image.initrd)
@@ -136,6 +143,26 @@ def base_image(cache: Path, mirror: str, progress: Callable[[str], None] = lambd
     shutil.rmtree(root)
     (directory / "complete").write_text(f"configured and packed in {time.monotonic() - started:.0f} s\n")
     return image
+
+
+class Chroot:
+    """The image's root tree as a host for `provision`: commands run under chroot(8), files land inside."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.name = root, f"image {root}"
+
+    def run(self, argv: list[str], *, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["chroot", str(self.root), *argv], capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines()
+            raise TestbedError(f"{self.name}: `{' '.join(argv)}` failed: {lines[-1] if lines else 'no output'}")
+        return result
+
+    def put(self, local: Path, remote: str) -> None:
+        shutil.copy(local, self.root / remote.lstrip("/"))
+
+    def put_bytes(self, data: bytes, remote: str) -> None:
+        (self.root / remote.lstrip("/")).write_bytes(data)
 
 
 def seed_disk(

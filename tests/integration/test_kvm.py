@@ -72,7 +72,7 @@ def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path):
         assert (requests["status"] == 200).all(), requests["error"].value_counts()
         assert requests["server"].nunique() == 3
         steps = pd.read_parquet(run / "agents" / "lb0.parquet")
-        assert len(steps) > 60 and steps["t"].between(-1, 40).all()  # moved onto this machine's clock
+        assert len(steps) > 60 and steps["t_s"].between(-120, 120).all()  # moved onto this machine's clock
 
         # A static file through the LBs (GRE to a server guest), whole.
         client = LocalNamespace(f"{NAME}-client")
