@@ -25,6 +25,7 @@ from marllb_cli.commands.simulate import simulate_command
 from marllb_cli.commands.trace import trace_app
 from marllb_cli.commands.train import train_command
 from marllb_cli.deploy import TestbedStatus, testbed_for
+from marllb_cli.errors import ConfigError
 
 app = typer.Typer(
     name="marllb",
@@ -115,12 +116,21 @@ def status(config: ConfigArg, json_: JsonOption = False, set_: SetOption = None)
 
 @app.command()
 @reports_errors
-def teardown(config: ConfigArg, set_: SetOption = None) -> None:
+def teardown(
+    config: ConfigArg,
+    purge: Annotated[
+        bool, typer.Option("--purge", help="kind kvm: also remove the cached guest image (rebuilt next deploy).")
+    ] = False,
+    set_: SetOption = None,
+) -> None:
     """Remove every namespace, link, cgroup and process of the testbed, and nothing else (kind ssh: what
-    marllb set up on each host; the venv it installed stays for the next deploy)."""
-    testbed = testbed_for(load(config, set_))
+    marllb set up on each host; the venv it installed stays for the next deploy; kind kvm: the guests)."""
+    cfg = load(config, set_)
+    if purge and cfg.testbed.kind != "kvm":
+        raise ConfigError("--purge removes a kvm testbed's image cache; this testbed is kind " + cfg.testbed.kind)
+    testbed = testbed_for(cfg)
     with _progress() as progress:
-        removed = testbed.teardown(progress)
+        removed = testbed.teardown(progress, purge=True) if purge else testbed.teardown(progress)
     name = testbed.topology.testbed
     console.print(
         f"testbed [bold]{name}[/] removed ({removed} resources)" if removed else f"testbed {name}: nothing to remove"

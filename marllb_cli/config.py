@@ -241,6 +241,8 @@ class Testbed(_Strict):
     @model_validator(mode="after")
     def _addresses_and_quotas(self) -> Testbed:
         data, client = self.network.data_subnet, self.network.client_subnet
+        if self.kind == "kvm" and (self.kvm.mgmt_subnet.overlaps(data) or self.kvm.mgmt_subnet.overlaps(client)):
+            raise ValueError(f"kvm.mgmt_subnet {self.kvm.mgmt_subnet} overlaps a network subnet; choose another")
         for subnet, label in ((data, "data_subnet"), (client, "client_subnet")):
             if self.vip in subnet:
                 raise ValueError(f"vip {self.vip} lies inside network.{label} {subnet}; choose an address outside it")

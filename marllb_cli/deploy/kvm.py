@@ -106,8 +106,10 @@ class KvmTestbed:
             self.teardown(progress)
             outcome = "rebuilt"
         self._refuse_foreign()
+        shutil.rmtree(self._consoles_kept, ignore_errors=True)  # from an earlier failed deploy
         settings = self.config.testbed.kvm
-        image = base_image(settings.image_cache, settings.mirror, bundle(), lambda what: progress(what, 0, 1))
+        wheels = bundle()  # once: the image holds exactly the marllb that provisioning then finds there
+        image = base_image(settings.image_cache, settings.mirror, wheels, lambda what: progress(what, 0, 1))
         manifest = Manifest(self.manifest_path, self.config.testbed.name, config_digest=self._digest())
         manifest.save()
         try:
@@ -119,7 +121,7 @@ class KvmTestbed:
                 self._boot(guest, image, manifest)
                 progress("guests booting", done, len(self.guests))
             self._wait_for_sshd(progress)
-            self.ssh.deploy(progress)
+            self.ssh.deploy(progress, wheels=wheels)
         except BaseException:
             self._keep_consoles()
             self.teardown()
@@ -260,8 +262,7 @@ class KvmTestbed:
                     raise TestbedError(
                         f"{guest.name}: no sshd at {address} after {timeout:.0f} s"
                         + (f"; console: {tail[0]}" if tail else ""),
-                        hint=f"raise testbed.kvm.boot_timeout_s, or read {guest.name}.log in "
-                        f"{state_root() / (self.topology.testbed + '.failed-consoles')}",
+                        hint=f"raise testbed.kvm.boot_timeout_s, or read {guest.name}.log in {self._consoles_kept}",
                     )
                 time.sleep(1.0)
 
@@ -270,9 +271,13 @@ class KvmTestbed:
                 future.result()
 
     # -- helpers ---------------------------------------------------------------------------------------
+    @property
+    def _consoles_kept(self) -> Path:
+        return state_root() / f"{self.topology.testbed}.failed-consoles"
+
     def _keep_consoles(self) -> None:
         """A failed deploy removes everything, but the guests' serial consoles are what explains it."""
-        kept = state_root() / f"{self.topology.testbed}.failed-consoles"
+        kept = self._consoles_kept
         shutil.rmtree(kept, ignore_errors=True)
         for console in (self.state_dir / "guests").glob("*/console.log"):
             kept.mkdir(parents=True, exist_ok=True)

@@ -100,10 +100,11 @@ class SshTestbed:
         self.topology: Topology = plan(testbed, self._saved().get("macs", {}))
 
     # -- public operations -----------------------------------------------------------------------------
-    def deploy(self, progress: Progress = _no_progress) -> DeployOutcome:
-        """Set every host up (in parallel); a no-op on hosts already set up with this config."""
+    def deploy(self, progress: Progress = _no_progress, *, wheels: Bundle | None = None) -> DeployOutcome:
+        """Set every host up (in parallel); a no-op on hosts already set up with this config. `wheels`: the
+        bundle to provision (default: built now from this checkout)."""
         previous = self._saved()
-        wheels = bundle()
+        wheels = wheels or bundle()
         config_text = self.config.resolved_yaml().encode()
         self._save({"complete": False, "digest": self._digest(), "macs": previous.get("macs", {})})
         results = self.on_all_hosts(lambda host, ssh: self._deploy_host(host, ssh, wheels, config_text, progress))

@@ -112,7 +112,7 @@ def provision(host: Target, workdir: str, python: str, wheels: Bundle) -> bool:
     host.run(["mkdir", "-p", upload])
     for wheel in wheels.wheels:
         host.put(wheel, f"{upload}/{wheel.name}")
-    host.run([python, "-m", "venv", "--clear", venv], timeout=120)
+    host.run([python, "-m", "venv", "--clear", venv], timeout=600)
     pip = [f"{venv}/bin/python", "-m", "pip", "install", "-q", "--no-index", "--disable-pip-version-check"]
     # marllb without its controller-side dependencies (torch, pandas, ...), then what a node imports.
     host.run([*pip, "--no-deps", f"{upload}/{wheels.marllb_wheel.name}"], timeout=600)

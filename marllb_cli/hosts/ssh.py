@@ -107,7 +107,9 @@ class SshHost:
             out = stdout.read().decode(errors="replace")
             err = stderr.read().decode(errors="replace")
             code = stdout.channel.recv_exit_status()
-        except (paramiko.SSHException, TimeoutError, OSError) as exc:
+        except TimeoutError:
+            raise TestbedError(f"{self.name}: `{command}` did not finish within {timeout:.0f} s") from None
+        except (paramiko.SSHException, OSError) as exc:
             raise TestbedError(f"{self.name}: `{command}` failed: {exc}") from None
         if check and code != 0:
             lines = (err or out).strip().splitlines()

@@ -81,6 +81,8 @@ BAD = [
     ("unsupported-kind", minimal_testbed(kind="cloud"), "testbed.kind"),
     ("ssh-without-hosts", minimal_testbed(kind="ssh"), "kind ssh needs 1 host(s) with role client"),
     ("hosts-on-local", minimal_testbed(hosts=[SSH_HOST]), "hosts are for kind: ssh"),
+    ("kvm-mgmt-overlap", minimal_testbed(kind="kvm", kvm={"mgmt_subnet": "10.99.0.0/25"}), "kvm.mgmt_subnet"),
+    ("kvm-bad-accel", minimal_testbed(kind="kvm", kvm={"accel": "xen"}), "testbed.kvm.accel"),
     (
         "shell-in-an-ssh-field",
         minimal_testbed(kind="ssh", hosts=[{**SSH_HOST, "data_iface": "eth0; rm -rf /"}]),
