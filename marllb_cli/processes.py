@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from marllb_cli.errors import TestbedError
 
-__all__ = ["kill_pids"]
+__all__ = ["kill_pids", "run_checked"]
+
+
+def run_checked(argv: Sequence[str], what: str, *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run a build step on this machine; a failure or timeout is one `TestbedError` naming `what` and the
+    last line the step printed."""
+    try:
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise TestbedError(f"{what} did not finish within {timeout:.0f} s") from None
+    if result.returncode != 0:
+        lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        raise TestbedError(f"{what} failed with exit {result.returncode}: {lines[-1] if lines else 'no output'}")
+    return result
 
 
 def kill_pids(list_pids: Callable[[], list[int]], *, grace_s: float = 3.0) -> None:

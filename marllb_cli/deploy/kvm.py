@@ -22,7 +22,6 @@ import hashlib
 import math
 import os
 import shutil
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +39,7 @@ from marllb_cli.errors import MissingTool, NamespaceExists, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.hosts.provision import bundle
 from marllb_cli.kvm.image import GUEST_WORKDIR, BaseImage, base_image, seed_disk
+from marllb_cli.processes import run_checked
 from marllb_cli.services import start_process
 from marllb_cli.topology import Node, mac_address, plan
 
@@ -147,11 +147,13 @@ class KvmTestbed:
     def status(self, *, probe: bool = True) -> TestbedStatus:
         manifest = Manifest.load(self.manifest_path)
         if manifest is None:
-            nodes = [_status(node, False) for node in self.topology.nodes]
+            nodes = [NodeStatus.of(node) for node in self.topology.nodes]
             return TestbedStatus(testbed=self.topology.testbed, vip=str(self.topology.vip), state="absent", nodes=nodes)
         guests = {node.name: node for node in self.ssh.status(probe=probe).nodes}
         nodes = [
-            guests[node.name] if node.name in guests else _status(node, LocalNamespace(node.namespace).exists())
+            guests[node.name]
+            if node.name in guests
+            else NodeStatus.of(node, up=LocalNamespace(node.namespace).exists())
             for node in self.topology.nodes
         ]
         for node in nodes:
@@ -202,7 +204,10 @@ class KvmTestbed:
         )
         overlay = directory / "disk.qcow2"
         manifest.record("file", f"{guest.name}-disk", path=str(overlay))
-        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk), "-F", "qcow2", str(overlay)])
+        run_checked(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk), "-F", "qcow2", str(overlay)],
+            "qemu-img create",
+        )
         vcpus = max(1, math.ceil(guest.cores)) if guest.cores else 1
         data_tap, mgmt_tap = f"d-{guest.name}", f"m-{guest.name}"
         mgmt_mac = mac_address(self.topology.testbed, _MGMT_MAC_CODE, guest.index + (0 if guest.role == "lb" else 512))
@@ -295,19 +300,9 @@ class KvmTestbed:
                 )
 
 
-def _status(node: Node, up: bool) -> NodeStatus:
-    return NodeStatus(name=node.name, role=node.role, namespace=node.namespace, ip=str(node.ip), up=up)
-
-
 def _keygen(path: Path) -> None:
     if not path.exists():
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "marllb", "-f", str(path)])
-
-
-def _run(argv: list[str]) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise TestbedError(f"`{' '.join(argv)}` failed: {(result.stderr or result.stdout).strip()[-200:]}")
+        run_checked(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "marllb", "-f", str(path)], "ssh-keygen")
 
 
 def kvm_usable() -> bool:

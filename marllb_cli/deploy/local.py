@@ -63,6 +63,20 @@ class NodeStatus(BaseModel):
     http_status: int | None = None
     busy_workers: int | None = None
 
+    @classmethod
+    def of(cls, node: Node, *, up: bool = False) -> NodeStatus:
+        """A node's entry before any probe."""
+        return cls(
+            name=node.name,
+            role=node.role,
+            namespace=node.namespace,
+            ip=str(node.ip),
+            cpus=node.cpus,
+            cores=node.cores,
+            group=node.group,
+            up=up,
+        )
+
 
 class TestbedStatus(BaseModel):
     """The testbed as `marllb status --json` prints it."""
@@ -194,15 +208,7 @@ class LocalTestbed:
         raise TestbedError(f"{server.name}: GRE terminator did not start: {service.log_tail(1) or 'no log output'}")
 
     def _node_status(self, node: Node, manifest: Manifest | None, probe: bool) -> NodeStatus:
-        status = NodeStatus(
-            name=node.name,
-            role=node.role,
-            namespace=node.namespace,
-            ip=str(node.ip),
-            cpus=node.cpus,
-            cores=node.cores,
-            group=node.group,
-        )
+        status = NodeStatus.of(node)
         if manifest is None or not LocalNamespace(node.namespace).exists():
             return status
         if node.role != "server":

@@ -138,7 +138,7 @@ class SshTestbed:
         """Each host's `node status` (servers probe their own Apache)."""
         saved = self._saved()
         nodes = {node.name: node for node in self.topology.nodes}
-        statuses = {host.node: _node_status(nodes[host.node]) for host in self.hosts}
+        statuses = {host.node: NodeStatus.of(nodes[host.node]) for host in self.hosts}
         if saved:
 
             def ask(host: SshNode, ssh: SshHost) -> dict[str, Any]:
@@ -333,15 +333,3 @@ def _step(host: SshNode, step: str, action: Callable[[], T]) -> T:
         return action()
     except TestbedError as exc:
         raise TestbedError(f"{host.label}: {step}: {exc.message}", hint=exc.hint) from None
-
-
-def _node_status(node: Node) -> NodeStatus:
-    return NodeStatus(
-        name=node.name,
-        role=node.role,
-        namespace=node.namespace,
-        ip=str(node.ip),
-        cpus=node.cpus,
-        cores=node.cores,
-        group=node.group,
-    )

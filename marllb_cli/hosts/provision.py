@@ -25,6 +25,7 @@ from typing import Protocol
 
 import marllb_cli
 from marllb_cli.errors import MissingTool, TestbedError
+from marllb_cli.processes import run_checked
 
 __all__ = ["Bundle", "NODE_REQUIREMENTS", "bundle", "provision", "cache_dir"]
 
@@ -123,8 +124,4 @@ def provision(host: Target, workdir: str, python: str, wheels: Bundle) -> bool:
 
 
 def _pip(args: list[str], what: str) -> None:
-    command = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
-        raise TestbedError(f"could not {what}: {lines[-1] if lines else 'pip failed'}")
+    run_checked([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args], f"pip: {what}", timeout=900)

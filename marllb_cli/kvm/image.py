@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from marllb_cli.errors import MissingTool, TestbedError
+from marllb_cli.errors import MissingTool
+from marllb_cli.hosts.local import LocalHost
 from marllb_cli.hosts.provision import Bundle, provision
+from marllb_cli.processes import run_checked
 
 __all__ = ["BaseImage", "Chroot", "GUEST_WORKDIR", "PACKAGES", "base_image", "seed_disk"]
 
@@ -121,14 +122,14 @@ def base_image(cache: Path, mirror: str, wheels: Bundle, progress: Callable[[str
         (tree / "root").mkdir(parents=True)
         progress(f"debootstrap {SUITE} (once, minutes; cached in {tree})")
         command = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(tree / "root")]
-        _run([*command, mirror], "debootstrap", timeout=3600)
+        run_checked([*command, mirror], "debootstrap", timeout=3600)
         (tree / "complete").touch()
     started = time.monotonic()
     progress("configuring the image")
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     root = directory / "root"
-    _run(["cp", "-a", str(tree / "root"), str(root)], "copying the debootstrapped tree", timeout=900)
+    run_checked(["cp", "-a", str(tree / "root"), str(root)], "copying the debootstrapped tree", timeout=900)
     _configure(root)
     progress("installing marllb into the image")
     provision(Chroot(root), GUEST_WORKDIR, "python3", wheels)
@@ -137,26 +138,24 @@ def base_image(cache: Path, mirror: str, wheels: Bundle, progress: Callable[[str
     shutil.copy(next(boot.glob("initrd.img-*")), image.initrd)
     progress("packing the image")
     raw = directory / "base.raw"
-    _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(raw), IMAGE_SIZE], "mkfs.ext4", timeout=900)
-    _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(image.disk)], "qemu-img convert", timeout=900)
+    run_checked(
+        ["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(raw), IMAGE_SIZE], "mkfs.ext4", timeout=900
+    )
+    run_checked(["qemu-img", "convert", "-O", "qcow2", str(raw), str(image.disk)], "qemu-img convert", timeout=900)
     raw.unlink()
     shutil.rmtree(root)
     (directory / "complete").write_text(f"configured and packed in {time.monotonic() - started:.0f} s\n")
     return image
 
 
-class Chroot:
+class Chroot(LocalHost):
     """The image's root tree as a host for `provision`: commands run under chroot(8), files land inside."""
 
     def __init__(self, root: Path) -> None:
         self.root, self.name = root, f"image {root}"
 
-    def run(self, argv: list[str], *, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(["chroot", str(self.root), *argv], capture_output=True, text=True, timeout=timeout)
-        if check and result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines()
-            raise TestbedError(f"{self.name}: `{' '.join(argv)}` failed: {lines[-1] if lines else 'no output'}")
-        return result
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        return ["chroot", str(self.root), *argv]
 
     def put(self, local: Path, remote: str) -> None:
         shutil.copy(local, self.root / remote.lstrip("/"))
@@ -184,7 +183,7 @@ def seed_disk(
     (content / "authorized_keys").write_text(authorized_key.strip() + "\n")
     shutil.copy(host_key, content / "ssh_host_ed25519_key")
     shutil.copy(host_key.with_suffix(".pub"), content / "ssh_host_ed25519_key.pub")
-    _run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(path), "4M"], "mkfs.ext4 (seed)", timeout=60)
+    run_checked(["mkfs.ext4", "-q", "-F", "-d", str(content), str(path), "4M"], "mkfs.ext4 (seed)", timeout=60)
     shutil.rmtree(content)
 
 
@@ -207,14 +206,4 @@ def _configure(root: Path) -> None:
         ["systemctl", "disable", "apache2.service"],
         ["systemctl", "mask", "getty@tty1.service", "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer"],
     ):
-        _run(["chroot", str(root), *command], " ".join(command))
-
-
-def _run(argv: list[str], what: str, *, timeout: float = 120) -> None:
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise TestbedError(f"{what} did not finish within {timeout:.0f} s") from None
-    if result.returncode != 0:
-        lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
-        raise TestbedError(f"{what} failed with exit {result.returncode}: {lines[-1] if lines else 'no output'}")
+        run_checked(["chroot", str(root), *command], " ".join(command))
