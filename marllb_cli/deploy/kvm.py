@@ -31,7 +31,7 @@ from pyroute2 import NetNS
 from marllb_cli.config import Config, SshHostEntry, SshSettings
 from marllb_cli.deploy.local import DeployOutcome, NodeStatus, TestbedStatus
 from marllb_cli.deploy.manifest import Manifest, state_root
-from marllb_cli.deploy.network import Progress, build_network
+from marllb_cli.deploy.network import Progress, build_network, no_progress
 from marllb_cli.deploy.roles import OFFLOADS_OFF
 from marllb_cli.deploy.ssh import SshLbServices, SshNode, SshTestbed
 from marllb_cli.deploy.undo import remove_resources
@@ -47,10 +47,6 @@ __all__ = ["KvmTestbed"]
 
 MGMT_BRIDGE = "mgmt"
 _MGMT_MAC_CODE = 6
-
-
-def _no_progress(stage: str, done: int, total: int) -> None:
-    return None
 
 
 class KvmTestbed:
@@ -93,7 +89,7 @@ class KvmTestbed:
         self.accel = settings.accel if settings.accel != "auto" else ("kvm" if kvm_usable() else "tcg")
 
     # -- public operations -----------------------------------------------------------------------------
-    def deploy(self, progress: Progress = _no_progress) -> DeployOutcome:
+    def deploy(self, progress: Progress = no_progress) -> DeployOutcome:
         """Boot and set up the guests; a no-op when the testbed is up with this config, else a clean rebuild."""
         _preflight(self.accel)
         if self.accel == "tcg":
@@ -130,7 +126,7 @@ class KvmTestbed:
         manifest.save()
         return outcome
 
-    def teardown(self, progress: Progress = _no_progress, *, purge: bool = False) -> int:
+    def teardown(self, progress: Progress = no_progress, *, purge: bool = False) -> int:
         """Stop the guests and remove everything the manifest lists; `purge` also removes the image cache."""
         manifest = Manifest.load(self.manifest_path)
         removed = 0

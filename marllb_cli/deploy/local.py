@@ -33,7 +33,7 @@ from marllb_cli.deploy.apache import (
 )
 from marllb_cli.deploy.cgroups import CpuCgroup, cgroup_root
 from marllb_cli.deploy.manifest import Manifest, state_root
-from marllb_cli.deploy.network import Progress, build_network
+from marllb_cli.deploy.network import Progress, build_network, no_progress
 from marllb_cli.deploy.undo import remove_resources
 from marllb_cli.errors import ConfigError, MissingTool, NamespaceExists, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
@@ -43,10 +43,6 @@ from marllb_cli.topology import Node, Topology, plan
 __all__ = ["LocalTestbed", "NodeStatus", "TestbedStatus", "DeployOutcome", "start_server"]
 
 DeployOutcome = Literal["created", "unchanged", "rebuilt"]
-
-
-def _no_progress(stage: str, done: int, total: int) -> None:
-    return None
 
 
 class NodeStatus(BaseModel):
@@ -110,7 +106,7 @@ class LocalTestbed:
         self.manifest_path = self.state_dir / "manifest.json"
 
     # -- public operations -----------------------------------------------------------------------------
-    def deploy(self, progress: Progress = _no_progress) -> DeployOutcome:
+    def deploy(self, progress: Progress = no_progress) -> DeployOutcome:
         """Bring the testbed up; a no-op when it is already up with this config, a clean rebuild otherwise."""
         self._refuse_sim_only_settings()
         _preflight()
@@ -136,7 +132,7 @@ class LocalTestbed:
         manifest.save()
         return outcome
 
-    def teardown(self, progress: Progress = _no_progress) -> int:
+    def teardown(self, progress: Progress = no_progress) -> int:
         """Remove everything the manifest lists, in reverse; return how many resources were removed."""
         manifest = Manifest.load(self.manifest_path)
         if manifest is None:

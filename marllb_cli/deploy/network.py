@@ -21,10 +21,14 @@ from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.topology import Interface, Node, Topology
 
-__all__ = ["build_network", "Progress"]
+__all__ = ["build_network", "no_progress", "Progress"]
 
 #: `progress(stage, done, total)`: how deploy and teardown report their steps (the CLI draws bars).
 Progress = Callable[[str, int, int], None]
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    """The `Progress` of callers that draw nothing."""
 
 
 def build_network(

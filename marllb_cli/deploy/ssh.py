@@ -31,7 +31,7 @@ from marllb_cli.config import Config, SshHostEntry
 from marllb_cli.deploy.lb_services import lb_specs
 from marllb_cli.deploy.local import DeployOutcome, NodeStatus, TestbedStatus
 from marllb_cli.deploy.manifest import state_root
-from marllb_cli.deploy.network import Progress
+from marllb_cli.deploy.network import Progress, no_progress
 from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.hosts.provision import Bundle, bundle, provision
@@ -42,10 +42,6 @@ __all__ = ["SshLbServices", "SshNode", "SshTestbed"]
 
 T = TypeVar("T")
 DEPLOY_STEPS = ("connect", "provision", "upload config", "set up")
-
-
-def _no_progress(stage: str, done: int, total: int) -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -100,7 +96,7 @@ class SshTestbed:
         self.topology: Topology = plan(testbed, self._saved().get("macs", {}))
 
     # -- public operations -----------------------------------------------------------------------------
-    def deploy(self, progress: Progress = _no_progress, *, wheels: Bundle | None = None) -> DeployOutcome:
+    def deploy(self, progress: Progress = no_progress, *, wheels: Bundle | None = None) -> DeployOutcome:
         """Set every host up (in parallel); a no-op on hosts already set up with this config. `wheels`: the
         bundle to provision (default: built now from this checkout)."""
         previous = self._saved()
@@ -116,7 +112,7 @@ class SshTestbed:
         changed = any(facts.get("changed", True) for facts in results.values())
         return "rebuilt" if changed or previous.get("digest") != self._digest() else "unchanged"
 
-    def teardown(self, progress: Progress = _no_progress) -> int:
+    def teardown(self, progress: Progress = no_progress) -> int:
         """Undo everything on every host; return how many resources the hosts removed."""
         if not self.state_path.exists():
             return 0
