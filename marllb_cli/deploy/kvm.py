@@ -18,7 +18,6 @@ own known_hosts before the guest boots, so host keys are checked from the first 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -29,8 +28,8 @@ from pathlib import Path
 from pyroute2 import NetNS
 
 from marllb_cli.config import Config, SshHostEntry, SshSettings
-from marllb_cli.deploy.local import DeployOutcome, NodeStatus, TestbedStatus
-from marllb_cli.deploy.manifest import Manifest, state_root
+from marllb_cli.deploy.local import DeployOutcome, NodeStatus, TestbedStatus, redeploy
+from marllb_cli.deploy.manifest import Manifest, state_root, testbed_digest
 from marllb_cli.deploy.network import Progress, build_network, no_progress
 from marllb_cli.deploy.roles import OFFLOADS_OFF
 from marllb_cli.deploy.ssh import SshLbServices, SshNode, SshTestbed
@@ -95,18 +94,17 @@ class KvmTestbed:
         if self.accel == "tcg":
             progress("no hardware virtualisation: guests run under qemu's emulation (tcg)", 0, 1)
         manifest = Manifest.load(self.manifest_path)
-        outcome: DeployOutcome = "created"
-        if manifest is not None:
-            if manifest.complete and manifest.config_digest == self._digest() and self.status().state == "up":
-                return "unchanged"
-            self.teardown(progress)
-            outcome = "rebuilt"
+        outcome = redeploy(self, manifest, progress)
+        if outcome == "unchanged":
+            return outcome
         self._refuse_foreign()
         shutil.rmtree(self._consoles_kept, ignore_errors=True)  # from an earlier failed deploy
         settings = self.config.testbed.kvm
         wheels = bundle()  # once: the image holds exactly the marllb that provisioning then finds there
         image = base_image(settings.image_cache, settings.mirror, wheels, lambda what: progress(what, 0, 1))
-        manifest = Manifest(self.manifest_path, self.config.testbed.name, config_digest=self._digest())
+        manifest = Manifest(
+            self.manifest_path, self.config.testbed.name, config_digest=testbed_digest(self.config.testbed)
+        )
         manifest.save()
         try:
             guest_names = frozenset(guest.name for guest in self.guests)
@@ -283,9 +281,6 @@ class KvmTestbed:
         for console in (self.state_dir / "guests").glob("*/console.log"):
             kept.mkdir(parents=True, exist_ok=True)
             shutil.copy(console, kept / f"{console.parent.name}.log")
-
-    def _digest(self) -> str:
-        return hashlib.sha256(self.config.testbed.model_dump_json().encode()).hexdigest()[:16]
 
     def _refuse_foreign(self) -> None:
         for name in (self.topology.switch_namespace, self.topology.client.namespace, self.topology.router.namespace):

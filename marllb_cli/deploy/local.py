@@ -10,13 +10,12 @@ A testbed only ever acts on names its manifest lists, so two testbeds with diffe
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
 from pyroute2 import IPRoute
@@ -32,7 +31,7 @@ from marllb_cli.deploy.apache import (
     php_module,
 )
 from marllb_cli.deploy.cgroups import CpuCgroup, cgroup_root
-from marllb_cli.deploy.manifest import Manifest, state_root
+from marllb_cli.deploy.manifest import Manifest, state_root, testbed_digest
 from marllb_cli.deploy.network import Progress, build_network, no_progress
 from marllb_cli.deploy.undo import remove_resources
 from marllb_cli.errors import ConfigError, MissingTool, NamespaceExists, TestbedError
@@ -40,7 +39,10 @@ from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.services import Service, start_service
 from marllb_cli.topology import Node, Topology, plan
 
-__all__ = ["LocalTestbed", "NodeStatus", "TestbedStatus", "DeployOutcome", "start_server"]
+if TYPE_CHECKING:
+    from marllb_cli.deploy.kvm import KvmTestbed
+
+__all__ = ["LocalTestbed", "NodeStatus", "TestbedStatus", "DeployOutcome", "redeploy", "start_server"]
 
 DeployOutcome = Literal["created", "unchanged", "rebuilt"]
 
@@ -112,13 +114,12 @@ class LocalTestbed:
         _preflight()
         manifest = Manifest.load(self.manifest_path)
         self._refuse_foreign(manifest)
-        outcome: DeployOutcome = "created"
-        if manifest is not None:
-            if manifest.complete and manifest.config_digest == self._digest() and self.status().state == "up":
-                return "unchanged"
-            self.teardown(progress)
-            outcome = "rebuilt"
-        manifest = Manifest(self.manifest_path, self.config.testbed.name, config_digest=self._digest())
+        outcome = redeploy(self, manifest, progress)
+        if outcome == "unchanged":
+            return outcome
+        manifest = Manifest(
+            self.manifest_path, self.config.testbed.name, config_digest=testbed_digest(self.config.testbed)
+        )
         manifest.save()
         try:
             (self.state_dir / "config.yaml").write_text(self.config.resolved_yaml())
@@ -242,9 +243,6 @@ class LocalTestbed:
                     hint="express capacity with cpus on a testbed (or use marllb simulate)",
                 )
 
-    def _digest(self) -> str:
-        return hashlib.sha256(self.config.testbed.model_dump_json().encode()).hexdigest()[:16]
-
     def _refuse_foreign(self, manifest: Manifest | None) -> None:
         """Never adopt or remove a namespace or cgroup that this testbed's manifest does not list."""
         ours = manifest.names("namespace") if manifest else set()
@@ -262,6 +260,18 @@ class LocalTestbed:
                 f"cgroup {parent} exists but testbed {self.topology.testbed} did not create it",
                 hint="choose another testbed.name, or remove that cgroup yourself",
             )
+
+
+def redeploy(testbed: LocalTestbed | KvmTestbed, manifest: Manifest | None, progress: Progress) -> DeployOutcome:
+    """What a deploy over an earlier one does: nothing (`unchanged`) when that one completed with the same
+    settings and is up; otherwise its teardown first (`rebuilt`); `created` when there was none."""
+    if manifest is None:
+        return "created"
+    if manifest.complete and manifest.config_digest == testbed_digest(testbed.config.testbed):
+        if testbed.status().state == "up":
+            return "unchanged"
+    testbed.teardown(progress)
+    return "rebuilt"
 
 
 def start_server(instance: ApacheInstance, testbed: Testbed, manifest: Manifest) -> None:

@@ -7,6 +7,7 @@ superset of what exists, and teardown (which tolerates already-absent resources)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Manifest", "Resource", "state_root"]
+from pydantic import BaseModel
+
+__all__ = ["Manifest", "Resource", "state_root", "testbed_digest"]
 
 #: namespace … file: what a testbed creates; route … offloads: changes to a real host's network settings,
 #: recorded with what was there before (`deploy.roles`).
@@ -32,6 +35,11 @@ ResourceKind = Literal[
     "offloads",
     "link",
 ]
+
+
+def testbed_digest(testbed: BaseModel) -> str:
+    """Names a testbed's settings: a deploy with the same digest has nothing to change."""
+    return hashlib.sha256(testbed.model_dump_json().encode()).hexdigest()[:16]
 
 
 def state_root() -> Path:

@@ -15,7 +15,6 @@ digest and the facts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import threading
@@ -30,7 +29,7 @@ from marllb_cli.agents.factory import resolve_method
 from marllb_cli.config import Config, SshHostEntry
 from marllb_cli.deploy.lb_services import lb_specs
 from marllb_cli.deploy.local import DeployOutcome, NodeStatus, TestbedStatus
-from marllb_cli.deploy.manifest import state_root
+from marllb_cli.deploy.manifest import state_root, testbed_digest
 from marllb_cli.deploy.network import Progress, no_progress
 from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalHost
@@ -102,15 +101,15 @@ class SshTestbed:
         previous = self._saved()
         wheels = wheels or bundle()
         config_text = self.config.resolved_yaml().encode()
-        self._save({"complete": False, "digest": self._digest(), "macs": previous.get("macs", {})})
+        self._save({"complete": False, "digest": testbed_digest(self.config.testbed), "macs": previous.get("macs", {})})
         results = self.on_all_hosts(lambda host, ssh: self._deploy_host(host, ssh, wheels, config_text, progress))
         macs = {host.node: facts["mac"] for host, facts in results.items()}
-        self._save({"complete": True, "digest": self._digest(), "macs": macs})
+        self._save({"complete": True, "digest": testbed_digest(self.config.testbed), "macs": macs})
         self.topology = plan(self.config.testbed, macs)
         if not previous:
             return "created"
         changed = any(facts.get("changed", True) for facts in results.values())
-        return "rebuilt" if changed or previous.get("digest") != self._digest() else "unchanged"
+        return "rebuilt" if changed or previous.get("digest") != testbed_digest(self.config.testbed) else "unchanged"
 
     def teardown(self, progress: Progress = no_progress) -> int:
         """Undo everything on every host; return how many resources the hosts removed."""
@@ -235,9 +234,6 @@ class SshTestbed:
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(self.state_path)
-
-    def _digest(self) -> str:
-        return hashlib.sha256(self.config.testbed.model_dump_json().encode()).hexdigest()[:16]
 
 
 class SshLbServices:
