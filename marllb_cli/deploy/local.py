@@ -60,6 +60,7 @@ class NodeStatus(BaseModel):
     up: bool = False
     http_status: int | None = None
     busy_workers: int | None = None
+    error: str | None = None  # why the node could not be probed (kind ssh/kvm: SSH failed)
 
     @classmethod
     def of(cls, node: Node, *, up: bool = False) -> NodeStatus:

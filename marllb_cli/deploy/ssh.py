@@ -144,6 +144,8 @@ class SshTestbed:
                 if isinstance(report, dict):
                     statuses[host.node].up = bool(report["up"])
                     statuses[host.node].http_status = report["http_status"]
+                else:  # the host could not be asked: say why instead of a bare "down"
+                    statuses[host.node].error = report.one_line()
         if not saved:
             state = "absent"
         elif not saved.get("complete"):

@@ -208,7 +208,7 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts):
         assert deployed.returncode == 0, deployed.stderr
         deploy_s = time.monotonic() - started
         status = json.loads(marllb(hosts, "status", str(hosts["config"]), "--json").stdout)
-        assert status["state"] == "up"
+        assert status["state"] == "up", status
         assert [n["http_status"] for n in status["nodes"] if n["role"] == "server"] == [200, 200]
         for node in wiring.nodes:  # each host got its own venv with marllb in it
             assert (hosts["tmp"] / "hostfs" / node.name / "venv" / ".bundle").is_file()
