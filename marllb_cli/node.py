@@ -170,8 +170,10 @@ def _healthy(cfg: Config, me: Node, state: Path) -> bool:
 
 
 def _http_status(me: Node) -> int | None:
+    """GET / from the server itself. 5 s: a server held to a fraction of a core (its cgroup) can be slow to
+    answer while Apache forks its spare workers, and that is not "down"."""
     try:
-        return http_get(LocalHost(), str(me.ip), 80, "/", timeout=2.0)[0]
+        return http_get(LocalHost(), str(me.ip), 80, "/", timeout=5.0)[0]
     except OSError:
         return None
 

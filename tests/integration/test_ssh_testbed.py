@@ -178,6 +178,16 @@ def marllb(hosts, *args: str, timeout: float = 600) -> subprocess.CompletedProce
     )
 
 
+def wait_until_up(hosts, within_s: float = 30.0) -> dict:
+    """`marllb status --json` until the testbed reads up (servers at a quarter core warm up slowly)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        status = json.loads(marllb(hosts, "status", str(hosts["config"]), "--json").stdout)
+        if status["state"] == "up" or time.monotonic() > deadline:
+            return status
+        time.sleep(2)
+
+
 def curl_vip(wiring, count: int) -> Counter:
     """`count` requests from the client host to the VIP; how many each server answered."""
     served: Counter = Counter()
@@ -207,7 +217,7 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts):
         deployed = marllb(hosts, "deploy", str(hosts["config"]), "--accept-new-host-keys")
         assert deployed.returncode == 0, deployed.stderr
         deploy_s = time.monotonic() - started
-        status = json.loads(marllb(hosts, "status", str(hosts["config"]), "--json").stdout)
+        status = wait_until_up(hosts)
         assert status["state"] == "up", status
         assert [n["http_status"] for n in status["nodes"] if n["role"] == "server"] == [200, 200]
         for node in wiring.nodes:  # each host got its own venv with marllb in it
