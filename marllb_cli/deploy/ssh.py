@@ -101,15 +101,16 @@ class SshTestbed:
         previous = self._saved()
         wheels = wheels or bundle()
         config_text = self.config.resolved_yaml().encode()
-        self._save({"complete": False, "digest": testbed_digest(self.config.testbed), "macs": previous.get("macs", {})})
+        digest = testbed_digest(self.config.testbed)
+        self._save({"complete": False, "digest": digest, "macs": previous.get("macs", {})})
         results = self.on_all_hosts(lambda host, ssh: self._deploy_host(host, ssh, wheels, config_text, progress))
         macs = {host.node: facts["mac"] for host, facts in results.items()}
-        self._save({"complete": True, "digest": testbed_digest(self.config.testbed), "macs": macs})
+        self._save({"complete": True, "digest": digest, "macs": macs})
         self.topology = plan(self.config.testbed, macs)
         if not previous:
             return "created"
         changed = any(facts.get("changed", True) for facts in results.values())
-        return "rebuilt" if changed or previous.get("digest") != testbed_digest(self.config.testbed) else "unchanged"
+        return "rebuilt" if changed or previous.get("digest") != digest else "unchanged"
 
     def teardown(self, progress: Progress = no_progress) -> int:
         """Undo everything on every host; return how many resources the hosts removed."""
