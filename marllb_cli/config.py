@@ -79,13 +79,27 @@ class ApacheSettings(_Strict):
         return self
 
 
+class MediaWikiSettings(_Strict):
+    """The wiki of an `app: mediawiki` server group: its pages, and the sizes of its database and cache."""
+
+    pages: int = Field(
+        1000, ge=1, le=1_000_000, description="Generated pages Page_1..Page_N (the titles `trace gen wiki` asks for)."
+    )
+    dump: Path | None = Field(None, description="A MediaWiki XML dump to import instead of the generated pages.")
+    memcached_mb: int = Field(64, ge=8, le=65536, description="memcached's memory (object and parser cache).")
+    db_buffer_mb: int = Field(32, ge=8, le=65536, description="MariaDB's InnoDB buffer pool.")
+
+
 class ServerGroup(_Strict):
     """A group of identical Apache servers; `cpus` is the capacity in CPU units (see `Testbed.cpu_unit`)."""
 
     name: str = Field(pattern=NAME_PATTERN, max_length=12, description="Group name, used in reports.")
     count: int = Field(ge=1, le=150, description="Number of servers in the group.")
     cpus: float = Field(gt=0, le=256, description="Capacity of each server in CPU units.")
-    app: Literal["php"] = Field("php", description="Application stack on the server.")
+    app: Literal["php", "mediawiki"] = Field(
+        "php",
+        description="php: the for-loop page and a stand-in wiki; mediawiki: MediaWiki + MariaDB + memcached.",
+    )
     speed: float = Field(
         1.0,
         gt=0,
@@ -93,6 +107,9 @@ class ServerGroup(_Strict):
         description="Simulator only: work units per core-second (heterogeneity beyond cores); 1 on testbeds.",
     )
     apache: ApacheSettings = Field(default_factory=ApacheSettings, description="Apache prefork settings.")
+    mediawiki: MediaWikiSettings = Field(
+        default_factory=MediaWikiSettings, description="The wiki of `app: mediawiki` servers."
+    )
 
 
 class NetworkSettings(_Strict):

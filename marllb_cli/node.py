@@ -28,12 +28,13 @@ from pyroute2 import IPRoute
 
 from marllb_cli.agents.runner import AgentSpec
 from marllb_cli.cli_support import reports_errors
-from marllb_cli.config import Config, load_config
+from marllb_cli.config import Config, ServerGroup, load_config
 from marllb_cli.dataplane.fastpath import DataplaneSpec
+from marllb_cli.deploy import mediawiki
 from marllb_cli.deploy.apache import ApacheInstance, http_get, install_docroot
 from marllb_cli.deploy.cgroups import CpuCgroup
 from marllb_cli.deploy.lb_services import start_lb, stop_lbs
-from marllb_cli.deploy.local import start_server
+from marllb_cli.deploy.local import services_running, start_server
 from marllb_cli.deploy.manifest import Manifest
 from marllb_cli.deploy.roles import apply_role
 from marllb_cli.deploy.undo import remove_resources
@@ -57,9 +58,10 @@ def up(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
     cfg = load_config(config)
     me = _node(cfg, node)
     digest = hashlib.sha256(f"{node}\n{cfg.testbed.model_dump_json()}".encode()).hexdigest()[:16]
+    cfg = _with_uploaded_dumps(cfg, state)
     manifest = Manifest.load(state / MANIFEST)
     if manifest is not None:
-        if manifest.complete and manifest.config_digest == digest and _healthy(cfg, me, state):
+        if manifest.complete and manifest.config_digest == digest and _healthy(cfg, me, state, manifest):
             typer.echo(json.dumps({**_facts(me), "changed": False}))
             return
         _down(state)
@@ -68,6 +70,8 @@ def up(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
     try:
         apply_role(LocalHost(), plan(cfg.testbed), me, manifest, kernel_gre=cfg.testbed.forwarding == "gre")
         if me.role == "server":
+            if _group(cfg, me).app == "mediawiki":
+                mediawiki.ensure_packages(LocalHost())
             manifest.record("directory", "www", path=str(state / "www"))
             install_docroot(state / "www")
             start_server(_apache(cfg, me, state), cfg.testbed, manifest)
@@ -115,9 +119,9 @@ def status(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
     manifest = Manifest.load(state / MANIFEST)
     deployed = manifest is not None and manifest.complete
     report: dict[str, object] = {"deployed": deployed, "up": deployed, "http_status": None}
-    if deployed and me.role == "server":
+    if deployed and manifest is not None and me.role == "server":
         report["http_status"] = _http_status(me)
-        report["up"] = report["http_status"] == 200
+        report["up"] = report["http_status"] == 200 and services_running(manifest, me.name)
     typer.echo(json.dumps(report))
 
 
@@ -137,11 +141,33 @@ def _node(cfg: Config, name: str) -> Node:
         raise TestbedError(f"node {name!r} is not in testbed {cfg.testbed.name}") from None
 
 
+def _group(cfg: Config, server: Node) -> ServerGroup:
+    return next(group for group in cfg.testbed.servers if group.name == server.group)
+
+
+def _with_uploaded_dumps(cfg: Config, state: Path) -> Config:
+    """The config with each MediaWiki dump path replaced by where the controller uploaded that dump."""
+    groups = [
+        group.model_copy(
+            update={
+                "mediawiki": group.mediawiki.model_copy(
+                    update={"dump": Path(mediawiki.uploaded_dump(str(state), group.name))}
+                )
+            }
+        )
+        if group.app == "mediawiki" and group.mediawiki.dump is not None
+        else group
+        for group in cfg.testbed.servers
+    ]
+    return cfg.model_copy(update={"testbed": cfg.testbed.model_copy(update={"servers": groups})})
+
+
 def _apache(cfg: Config, server: Node, state: Path) -> ApacheInstance:
-    group = next(group for group in cfg.testbed.servers if group.name == server.group)
+    group = _group(cfg, server)
     # One flat cgroup per node: hosts that share a cgroup tree (containers, tests) never share a parent.
     cgroup = CpuCgroup.at(f"marllb-{cfg.testbed.name}-{server.name}")
-    return ApacheInstance(node=server, group=group, root=state / server.name, www=state / "www", cgroup=cgroup)
+    vip = str(plan(cfg.testbed).vip)
+    return ApacheInstance(node=server, group=group, root=state / server.name, www=state / "www", cgroup=cgroup, vip=vip)
 
 
 def _deployed(state: Path) -> Manifest:
@@ -163,10 +189,11 @@ def _down(state: Path) -> int:
     return len(manifest.resources)
 
 
-def _healthy(cfg: Config, me: Node, state: Path) -> bool:
+def _healthy(cfg: Config, me: Node, state: Path, manifest: Manifest) -> bool:
     if me.role != "server":
         return True
-    return bool(_apache(cfg, me, state).cgroup.pids()) and _http_status(me) == 200
+    running = bool(_apache(cfg, me, state).cgroup.pids()) and services_running(manifest, me.name)
+    return running and _http_status(me) == 200
 
 
 def _http_status(me: Node) -> int | None:

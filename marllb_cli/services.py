@@ -85,11 +85,14 @@ def start_service(ns: LocalHost, name: str, module: str, args: Sequence[str], lo
     return start_process(ns, name, [sys.executable, "-m", module, *args], log)
 
 
-def start_process(ns: LocalHost, name: str, argv: Sequence[str], log: Path) -> Service:
-    """Start `argv` on node `ns`, detached, output appended to `log`; remembered by pid and start time."""
+def start_process(
+    ns: LocalHost, name: str, argv: Sequence[str], log: Path, *, preexec_fn: Callable[[], None] | None = None
+) -> Service:
+    """Start `argv` on node `ns`, detached, output appended to `log`; remembered by pid and start time.
+    `preexec_fn` runs in the child before exec (e.g. joining a CPU cgroup, which its children inherit)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        process = ns.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        process = ns.popen(argv, preexec_fn=preexec_fn, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     _launched[:] = [p for p in _launched if p.poll() is None]
     _launched.append(process)
     start_time = None

@@ -78,7 +78,9 @@ def gen_wiki(
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")],
     day: Annotated[float, typer.Option(help="Length of one diurnal cycle in seconds (compress a day).")] = 86_400.0,
     amplitude: Annotated[float, typer.Option(help="Diurnal swing: rate × (1 ± amplitude).")] = 0.4,
-    pages: Annotated[int, typer.Option(help="Number of distinct wiki pages.")] = 10_000,
+    pages: Annotated[
+        int, typer.Option(help="Distinct wiki pages Page_1..Page_N; at most the MediaWiki servers' mediawiki.pages.")
+    ] = 1000,
     zipf: Annotated[float, typer.Option(help="Zipf exponent of page popularity.")] = 1.0,
     static_share: Annotated[float, typer.Option(help="Share of static-file requests.")] = 0.35,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same trace.")] = 0,

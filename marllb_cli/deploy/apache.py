@@ -22,6 +22,7 @@ from string import Template
 
 from marllb_cli.config import ServerGroup, Testbed
 from marllb_cli.deploy.cgroups import CpuCgroup
+from marllb_cli.deploy.mediawiki import MediaWikiStack, apache_fragment
 from marllb_cli.errors import MissingTool, TestbedError
 from marllb_cli.hosts.local import LocalHost, host_for
 from marllb_cli.processes import kill_pids
@@ -99,10 +100,24 @@ class ApacheInstance:
     root: Path
     www: Path
     cgroup: CpuCgroup
+    #: The testbed's virtual IP: a MediaWiki server's canonical URL.
+    vip: str
 
     @property
     def conf(self) -> Path:
         return self.root / "apache2.conf"
+
+    @property
+    def mediawiki(self) -> MediaWikiStack:
+        """The MediaWiki stack of an `app: mediawiki` server (its files live under the instance's root)."""
+        return MediaWikiStack(
+            server=self.node.name,
+            root=self.root / "mediawiki",
+            settings=self.group.mediawiki,
+            cgroup=self.cgroup,
+            url=f"http://{self.vip}",
+            max_connections=self.group.apache.max_request_workers + 16,
+        )
 
     @property
     def namespace(self) -> LocalHost:
@@ -127,6 +142,7 @@ class ApacheInstance:
             start_servers=apache.start_servers,
             max_request_workers=apache.max_request_workers,
             work_scale=repr(testbed.work_scale),
+            app=apache_fragment(self.mediawiki.settings_file) if self.group.app == "mediawiki" else "",
         )
 
     def start(self, testbed: Testbed, *, timeout_s: float = 20.0) -> None:

@@ -22,6 +22,7 @@ from pyroute2 import IPRoute
 
 from marllb_cli.config import Config, ServerGroup, Testbed
 from marllb_cli.dataplane.gre_terminator import TUN_NAME
+from marllb_cli.deploy import mediawiki
 from marllb_cli.deploy.apache import (
     ApacheInstance,
     apache_binary,
@@ -113,6 +114,13 @@ class LocalTestbed:
         """Bring the testbed up; a no-op when it is already up with this config, a clean rebuild otherwise."""
         self._refuse_sim_only_settings()
         _preflight()
+        if any(group.app == "mediawiki" for group in self.config.testbed.servers):
+            mediawiki.check_dumps(self.config)
+            if not mediawiki.installed():
+                raise MissingTool(
+                    "app: mediawiki needs MediaWiki, MariaDB and memcached on this machine",
+                    hint=f"run `make system-deps` (apt-get install {' '.join(mediawiki.PACKAGES)})",
+                )
         manifest = Manifest.load(self.manifest_path)
         self._refuse_foreign(manifest)
         outcome = redeploy(self, manifest, progress)
@@ -166,6 +174,7 @@ class LocalTestbed:
             root=self.state_dir / server.name,
             www=self.state_dir / "www",
             cgroup=CpuCgroup.at(f"marllb-{self.topology.testbed}/{server.name}"),
+            vip=str(self.topology.vip),
         )
 
     # -- steps -----------------------------------------------------------------------------------------
@@ -197,7 +206,7 @@ class LocalTestbed:
             self.state_dir / server.name / "logs" / "gre.log",
         )
         # Recorded once the pid exists; if we crash in between, teardown still kills it with the namespace.
-        manifest.record("process", service.name, **service.as_record())
+        manifest.record("process", service.name, node=server.name, **service.as_record())
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline and service.running():
             if ns.call(_has_link, TUN_NAME):
@@ -213,7 +222,7 @@ class LocalTestbed:
             status.up = True
             return status
         instance = self.apache(node)
-        status.up = bool(instance.cgroup.pids()) and self._gre_terminator_running(node, manifest)
+        status.up = bool(instance.cgroup.pids()) and services_running(manifest, node.name)
         if probe and status.up:
             client = LocalNamespace(self.topology.client.namespace)
             try:
@@ -225,13 +234,6 @@ class LocalTestbed:
         return status
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _gre_terminator_running(self, server: Node, manifest: Manifest) -> bool:
-        """True unless this is a GRE testbed whose terminator for `server` has gone."""
-        if self.config.testbed.forwarding != "gre":
-            return True
-        services = [Service.from_record(r.name, r.data) for r in manifest.of_kind("process")]
-        return any(service.name == f"gre-{server.name}" and service.running() for service in services)
-
     def _group(self, server: Node) -> ServerGroup:
         return next(group for group in self.config.testbed.servers if group.name == server.group)
 
@@ -275,6 +277,12 @@ def redeploy(testbed: LocalTestbed | KvmTestbed, manifest: Manifest | None, prog
     return "rebuilt"
 
 
+def services_running(manifest: Manifest, node: str) -> bool:
+    """Whether every process recorded for server `node` (GRE terminator, MariaDB, memcached) still runs."""
+    services = [Service.from_record(r.name, r.data) for r in manifest.of_kind("process") if r.data.get("node") == node]
+    return all(service.running() for service in services)
+
+
 def start_server(instance: ApacheInstance, testbed: Testbed, manifest: Manifest) -> None:
     """One server's CPU cgroup (cores = cpus × cpu_unit) and Apache inside it, recorded before they exist."""
     cgroup, name = instance.cgroup, instance.node.name
@@ -283,6 +291,9 @@ def start_server(instance: ApacheInstance, testbed: Testbed, manifest: Manifest)
     cgroup.set_cores(instance.node.cores or 0.0, testbed.cpu_period_us)
     manifest.record("apache", name, cgroup=str(cgroup.path), version=cgroup.version, pidfile=str(instance.pidfile))
     instance.start(testbed)
+    if instance.group.app == "mediawiki":
+        # After Apache, so teardown (newest first) stops the database and cache before Apache's cgroup sweep.
+        instance.mediawiki.start(instance.namespace, manifest)
 
 
 def _has_link(name: str) -> bool:

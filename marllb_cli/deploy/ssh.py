@@ -22,11 +22,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from marllb_cli.agents.factory import resolve_method
-from marllb_cli.config import Config, SshHostEntry
+from marllb_cli.config import Config, ServerGroup, SshHostEntry
+from marllb_cli.deploy import mediawiki
 from marllb_cli.deploy.lb_services import lb_specs
 from marllb_cli.deploy.local import DeployOutcome, NodeStatus, TestbedStatus
 from marllb_cli.deploy.manifest import state_root, testbed_digest
@@ -98,6 +99,7 @@ class SshTestbed:
     def deploy(self, progress: Progress = no_progress, *, wheels: Bundle | None = None) -> DeployOutcome:
         """Set every host up (in parallel); a no-op on hosts already set up with this config. `wheels`: the
         bundle to provision (default: built now from this checkout)."""
+        mediawiki.check_dumps(self.config)
         previous = self._saved()
         wheels = wheels or bundle()
         config_text = self.config.resolved_yaml().encode()
@@ -171,11 +173,23 @@ class SshTestbed:
         progress(host.label, 2, len(DEPLOY_STEPS))
         _step(host, "upload config", lambda: ssh.run(["mkdir", "-p", host.state]))
         _step(host, "upload config", lambda: ssh.put_bytes(config_text, f"{host.state}/config.yaml"))
+        group = self._group(host)
+        if group is not None and group.app == "mediawiki" and group.mediawiki.dump is not None:
+            dump, remote = group.mediawiki.dump, mediawiki.uploaded_dump(host.state, group.name)
+            _step(host, "upload dump", lambda: ssh.run(["mkdir", "-p", str(PurePosixPath(remote).parent)]))
+            _step(host, "upload dump", lambda: ssh.put(dump, remote))
         progress(host.label, 3, len(DEPLOY_STEPS))
         args = ("up", "--config", f"{host.state}/config.yaml", "--node", host.node, "--state", host.state)
-        out = _step(host, "set up", lambda: ssh.run(host.node_command(*args), timeout=300))
+        # A MediaWiki server installs packages, a database and its pages: minutes, more under emulation.
+        timeout = 3600 if group is not None and group.app == "mediawiki" else 300
+        out = _step(host, "set up", lambda: ssh.run(host.node_command(*args), timeout=timeout))
         progress(host.label, 4, len(DEPLOY_STEPS))
         return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def _group(self, host: SshNode) -> ServerGroup | None:
+        """The server group of a server host (None for other roles)."""
+        node = self.topology.node(host.node)
+        return next((group for group in self.config.testbed.servers if group.name == node.group), None)
 
     def connect(self, host: SshNode) -> SshHost:
         entry = host.entry

@@ -16,7 +16,7 @@ from __future__ import annotations
 import shlex
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,17 +119,25 @@ class SshHost:
         return subprocess.CompletedProcess(list(argv), code, out, err)
 
     def put(self, local: Path, remote: str) -> None:
-        """Copy a local file to `remote` on the host (SFTP), replacing it atomically (upload, then rename)."""
-        self.put_bytes(local.read_bytes(), remote)
+        """Copy a local file to `remote` on the host (SFTP, streamed: dumps can be large), replacing it
+        atomically (upload, then rename)."""
+        self._upload(remote, lambda sftp, partial: sftp.put(str(local), partial, confirm=True))
 
     def put_bytes(self, data: bytes, remote: str) -> None:
         """Write `data` to the file `remote` on the host, atomically; its directory must exist."""
+
+        def write(sftp: paramiko.SFTPClient, partial: str) -> None:
+            with sftp.open(partial, "wb") as handle:
+                handle.set_pipelined(True)
+                handle.write(data)
+
+        self._upload(remote, write)
+
+    def _upload(self, remote: str, write: Callable[[paramiko.SFTPClient, str], object]) -> None:
         partial = f"{remote}.partial"
         try:
             with self.client.open_sftp() as sftp:
-                with sftp.open(partial, "wb") as handle:
-                    handle.set_pipelined(True)
-                    handle.write(data)
+                write(sftp, partial)
                 sftp.posix_rename(partial, remote)
         except (OSError, paramiko.SSHException) as exc:
             raise TestbedError(f"{self.name}: cannot write {remote}: {exc}") from None

@@ -19,6 +19,7 @@ import pandas as pd
 
 from marllb_cli.errors import ConfigError
 from marllb_cli.traces.formats import TRACE_CLASSES
+from marllb_cli.wikipages import page_path
 
 __all__ = ["poisson", "wiki", "parse_mix", "PAPER_WORK_MEAN"]
 
@@ -68,9 +69,7 @@ def poisson(
     work = np.maximum(np.rint(work_rng.exponential(work_mean, size=len(t))), 1.0)
     files = files_rng.integers(len(_STATIC_FILES), size=len(t))
     paths = [
-        f"/dummy.php/?n={int(w)}"
-        if c == "cpu"
-        else (_STATIC_FILES[f] if c == "static" else f"/wiki/index.php/Page_{f}")
+        f"/dummy.php/?n={int(w)}" if c == "cpu" else (_STATIC_FILES[f] if c == "static" else page_path(f + 1))
         for c, w, f in zip(classes, work, files, strict=True)
     ]
     return pd.DataFrame(
@@ -89,7 +88,7 @@ def wiki(
     duration: float,
     day_s: float = 86_400.0,
     amplitude: float = 0.4,
-    pages: int = 10_000,
+    pages: int = 1000,
     zipf: float = 1.0,
     static_share: float = 0.35,
     seed: int = 0,
@@ -116,7 +115,7 @@ def wiki(
     page = page_rng.choice(pages, size=len(t), p=popularity / popularity.sum()) + 1
     files = list(_WIKI_STATIC)
     chosen = file_rng.choice(len(files), size=len(t), p=list(_WIKI_STATIC.values()))
-    paths = [files[f] if s else f"/wiki/index.php/Page_{p}" for s, p, f in zip(static, page, chosen, strict=True)]
+    paths = [files[f] if s else page_path(p) for s, p, f in zip(static, page, chosen, strict=True)]
     return pd.DataFrame(
         {
             "t": t,
