@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 # The CPU build of PyTorch; an unpinned `torch` would pull several GB of CUDA wheels.
 TORCH_PIN ?= torch==2.13.0
 # Debian packages the testbeds need (Apache + PHP in namespaces, iproute2, nftables, ethtool, curl; sshd for
-# the SSH tests; wrk for `make bench`).
-APT_PACKAGES := apache2 libapache2-mod-php php-cli iproute2 nftables ethtool curl procps psmisc openssh-server wrk
+# the SSH tests; wrk for `make bench`; MediaWiki, MariaDB and memcached for `app: mediawiki` servers).
+APT_PACKAGES := apache2 libapache2-mod-php php-cli iproute2 nftables ethtool curl procps psmisc openssh-server wrk \
+	mediawiki php-mysql php-memcached php-intl mariadb-server-core mariadb-client-core memcached
 
 .PHONY: install system-deps system-deps-kvm test test-unit test-integration test-kvm bench demo lint clean
 

@@ -1,7 +1,7 @@
 """MediaWiki servers (`app: mediawiki`): the papers' server stack — Apache + PHP + MediaWiki with a MariaDB
 and a memcached of its own — set up on one server node, after its Apache has started.
 
-    packages  mediawiki, php-mysql, php-memcached, mariadb-server-core, memcached from the distribution
+    packages  mediawiki, php-mysql, php-memcached, mariadb-server-core, memcached, … (`PACKAGES`) from the distribution
               (`ensure_packages`: apt-get on a real host that lacks them; the KVM image has them built in)
     database  a private MariaDB instance: data directory and unix socket under the server's state directory,
               no TCP port, small buffers
@@ -49,7 +49,15 @@ __all__ = [
 
 MEDIAWIKI_DIR = Path("/usr/share/mediawiki")
 #: What a MediaWiki server needs from the distribution (Debian 12 names).
-PACKAGES = ("mediawiki", "php-mysql", "php-memcached", "php-intl", "mariadb-server-core", "memcached")
+PACKAGES = (
+    "mediawiki",
+    "php-mysql",
+    "php-memcached",
+    "php-intl",
+    "mariadb-server-core",
+    "mariadb-client-core",  # not needed to serve; `mariadb --socket …` to look into a server's database
+    "memcached",
+)
 _BINARIES = {"mariadbd": "mariadb-server-core", "mariadb-install-db": "mariadb-server-core", "memcached": "memcached"}
 #: The longest path a unix socket may have (sun_path is 108 bytes with the terminating NUL).
 _SOCKET_PATH_MAX = 107

@@ -1,7 +1,9 @@
 """The KVM guests' base image: Debian 12 built once with debootstrap from the Debian archive, then cached.
 
-    build    debootstrap (minbase + kernel, sshd, Apache + PHP, nftables, ethtool, Python) → configure:
-             fstab, no host keys of its own, Apache's stock service off (marllb starts its own instances),
+    build    debootstrap (minbase + kernel, sshd, Apache + PHP, MediaWiki + MariaDB + memcached, nftables,
+             ethtool, Python) → configure:
+             fstab, no host keys of its own, the stock Apache and memcached services off (marllb starts its
+             own instances),
              `ip_gre` loaded at boot, the seed unit below → the kernel and initrd copied out → the root tree
              packed into an ext4 file (`mkfs.ext4 -d`: no loop mount) → qcow2
     seed     every guest boots the same base through a copy-on-write overlay; what makes it *this* node is
@@ -21,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from marllb_cli.deploy import mediawiki
 from marllb_cli.errors import MissingTool
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.hosts.provision import Bundle, provision
@@ -47,6 +50,7 @@ PACKAGES = (
     "procps",
     "kmod",
     "udev",
+    *mediawiki.PACKAGES,  # servers with `app: mediawiki`
 )
 IMAGE_SIZE = "3G"
 
@@ -203,7 +207,7 @@ def _configure(root: Path) -> None:
     (root / "etc" / "systemd" / "system" / "marllb-seed.service").write_text(SEED_UNIT)
     for command in (
         ["systemctl", "enable", "marllb-seed.service", "ssh.service"],
-        ["systemctl", "disable", "apache2.service"],
+        ["systemctl", "disable", "apache2.service", "memcached.service"],
         ["systemctl", "mask", "getty@tty1.service", "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer"],
     ):
         run_checked(["chroot", str(root), *command], " ".join(command))

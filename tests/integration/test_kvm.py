@@ -1,6 +1,7 @@
 """`kind: kvm` end to end (`make test-kvm`; marked kvm, never in `make test`): `configs/kvm-small.yaml` under
 its own name boots five Debian guests (2 LBs, 3 servers), provisions them over SSH, replays 30 s of a Poisson
-trace through kernel GRE tunnels, serves a static file through the LBs, and tears down to nothing.
+trace through kernel GRE tunnels, serves a static file and a MediaWiki page through the LBs, and tears down to
+nothing.
 
 Each stage's duration is printed (`pytest -s`) and written down in the README.
 """
@@ -19,6 +20,7 @@ import pytest
 
 from marllb_cli.deploy.manifest import state_root
 from marllb_cli.hosts import LocalNamespace
+from marllb_cli.wikipages import page_path, page_text
 from tests.conftest import REPO
 
 pytestmark = [
@@ -41,6 +43,12 @@ def marllb(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess[str
         env={**os.environ, "COLUMNS": "160"},
     )
     return result
+
+
+def first_words(wikitext: str) -> str:
+    """The first plain words after the bold title of a generated page (how they appear in the HTML)."""
+    sentence = wikitext.split("''' is ", 1)[1]
+    return " ".join(sentence.split()[:2])
 
 
 def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path):
@@ -92,6 +100,31 @@ def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path):
             ]
         )
         assert out.stdout == "200" and (tmp_path / "1k").stat().st_size == 1024
+
+        # A MediaWiki page through the LBs: rendered by a server guest from its own database.
+        mark = time.monotonic()
+        page = client.run(
+            ["curl", "-s", "-m", "120", "-i", f"http://{status['vip']}{page_path(7)}"], timeout=130
+        ).stdout
+        stages["first wiki page"] = time.monotonic() - mark
+        head, _, body = page.partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 200"), head
+        assert "<title>Page 7 - marllb</title>" in body
+        assert first_words(page_text(7, 200)) in body  # the generated article itself, not an error page
+        missing = client.run(
+            [
+                "curl",
+                "-s",
+                "-m",
+                "60",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                f"http://{status['vip']}{page_path(201)}",
+            ]
+        )
+        assert missing.stdout == "404"  # a title beyond the 200 imported pages
     finally:
         mark = time.monotonic()
         removed = marllb("teardown", str(CONFIG))
