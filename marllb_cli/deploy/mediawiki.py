@@ -164,10 +164,14 @@ class MediaWikiStack:
             f"--innodb-buffer-pool-size={self.settings.db_buffer_mb}M",
             "--innodb-log-file-size=8M",
         ]
-        host.run(
-            ["mariadb-install-db", *options, "--auth-root-authentication-method=socket", "--skip-test-db"],
-            timeout=timeout_s,
-        )
+        # --force: do not insist that the host name resolves (guests and namespaces often have no DNS); the
+        # accounts are socket-only and the server has no TCP port, so host names play no part.
+        install = ["mariadb-install-db", *options, "--auth-root-authentication-method=socket", "--skip-test-db"]
+        result = host.run([*install, "--force"], timeout=timeout_s, check=False)
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).splitlines()
+            errors = [line for line in output if "ERROR" in line] or output[-1:] or ["no output"]
+            raise TestbedError(f"{self.server}: mariadb-install-db failed: {errors[0].strip()}")
         argv = [
             "mariadbd",
             *options,

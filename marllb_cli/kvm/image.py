@@ -61,6 +61,7 @@ mkdir -p /run/seed
 mount -o ro /dev/vdb /run/seed
 cat /run/seed/hostname > /etc/hostname
 cat /run/seed/hostname > /proc/sys/kernel/hostname
+printf '127.0.0.1 localhost\n127.0.1.1 %s\n' "$(cat /run/seed/hostname)" > /etc/hosts
 install -m 600 /run/seed/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key
 install -m 644 /run/seed/ssh_host_ed25519_key.pub /etc/ssh/ssh_host_ed25519_key.pub
 mkdir -p -m 700 /root/.ssh
@@ -194,6 +195,7 @@ def seed_disk(
 def _configure(root: Path) -> None:
     (root / "etc" / "fstab").write_text("/dev/vda / ext4 defaults 0 1\n")
     (root / "etc" / "hostname").write_text("marllb\n")
+    (root / "etc" / "hosts").write_text("127.0.0.1 localhost\n")  # debootstrap leaves none; the seed adds ours
     for key in (root / "etc" / "ssh").glob("ssh_host_*"):
         key.unlink()  # every guest gets its own from its seed disk
     (root / "etc" / "ssh" / "sshd_config.d" / "marllb.conf").write_text(
