@@ -113,9 +113,9 @@ class LocalTestbed:
     def deploy(self, progress: Progress = no_progress) -> DeployOutcome:
         """Bring the testbed up; a no-op when it is already up with this config, a clean rebuild otherwise."""
         self._refuse_sim_only_settings()
+        mediawiki.check_dumps(self.config)
         _preflight()
         if any(group.app == "mediawiki" for group in self.config.testbed.servers):
-            mediawiki.check_dumps(self.config)
             if not mediawiki.installed():
                 raise MissingTool(
                     "app: mediawiki needs MediaWiki, MariaDB and memcached on this machine",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from marllb_cli.deploy.cgroups import cgroup_root
 from marllb_cli.hosts import list_namespaces
+from marllb_cli.wikipages import page_text
 
 SHM_DIR = Path("/dev/shm")
 
@@ -25,3 +26,10 @@ def leftovers(name: str) -> dict[str, object]:
 
 
 NOTHING = {"namespaces": [], "cgroup": False, "processes": [], "state": False, "shm": []}
+
+
+def rendered_opening(k: int, pages: int, *, seed: int = 0) -> str:
+    """How the opening of generated page k appears in MediaWiki's HTML: the bold title, "is" and the first
+    word of the article, which only the real page (not an error or a stand-in page) contains."""
+    first = page_text(k, pages, seed=seed).split("''' is ", 1)[1].split()[0]
+    return f"</b> is {first}"

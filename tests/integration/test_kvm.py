@@ -20,8 +20,9 @@ import pytest
 
 from marllb_cli.deploy.manifest import state_root
 from marllb_cli.hosts import LocalNamespace
-from marllb_cli.wikipages import page_path, page_text
+from marllb_cli.wikipages import page_path
 from tests.conftest import REPO
+from tests.integration.helpers import rendered_opening
 
 pytestmark = [
     pytest.mark.kvm,
@@ -43,12 +44,6 @@ def marllb(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess[str
         env={**os.environ, "COLUMNS": "160"},
     )
     return result
-
-
-def first_words(wikitext: str) -> str:
-    """The first plain words after the bold title of a generated page (how they appear in the HTML)."""
-    sentence = wikitext.split("''' is ", 1)[1]
-    return " ".join(sentence.split()[:2])
 
 
 def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path):
@@ -110,7 +105,7 @@ def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path):
         head, _, body = page.partition("\n\n")  # text mode: CRLF read as LF
         assert head.startswith("HTTP/1.1 200"), head
         assert "<title>Page 7 - marllb</title>" in body
-        assert first_words(page_text(7, 200)) in body  # the generated article itself, not an error page
+        assert rendered_opening(7, 200) in body  # the generated article itself, not an error page
         missing = client.run(
             [
                 "curl",

@@ -6,8 +6,10 @@ namespace `mlbhosts-ctl`, where `marllb` itself runs, to an sshd on every host. 
 workdir (they share this machine's filesystem), so provisioning really installs six venvs.
 
 Asserted: an unknown host key stops deploy before anything is installed; deploy provisions and sets up
-every host; `curl` from the client reaches the servers through the VIP with SED, then ECMP LBs; a second deploy
-changes nothing; teardown puts the hosts back (VIP, routes, sysctls, nftables, cgroups, processes).
+every host, the 2-unit server as a MediaWiki server with the pages of a dump uploaded from the controller;
+`curl` from the client reaches the servers through the VIP with SED (and a wiki page), then ECMP LBs; a
+second deploy changes nothing; teardown puts the hosts back (VIP, routes, sysctls, nftables, cgroups,
+processes: MariaDB and memcached too).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from marllb_cli.deploy.undo import remove_resources
 from marllb_cli.hosts import LocalNamespace
 from marllb_cli.hosts.provision import bundle
 from marllb_cli.topology import plan
+from marllb_cli.wikipages import page_path, write_dump
 from tests.conftest import REPO
+from tests.integration.helpers import rendered_opening
 
 pytestmark = [
     pytest.mark.integration,
@@ -45,6 +49,7 @@ CTL = f"{HOSTS}-ctl"
 VIP = "10.98.255.1"
 PRIVSEP = Path("/run/sshd")
 MARLLB = str(Path(sys.executable).with_name("marllb"))
+DUMP_PAGES, DUMP_SEED = 6, 11
 
 
 def sh(*argv: str) -> None:
@@ -128,6 +133,9 @@ def hosts():
             entries.append(entry)
         for index in range(len(wiring.nodes)):
             _wait_for_port(mgmt_ip(index), 22)
+        dump = tmp / "controller" / "dump.xml"
+        dump.parent.mkdir()
+        write_dump(dump, DUMP_PAGES, seed=DUMP_SEED)
         config = {
             "testbed": {
                 "name": TESTBED,
@@ -135,7 +143,11 @@ def hosts():
                 "lbs": 2,
                 "vip": VIP,
                 "cpu_unit": 0.25,
-                "servers": [{"name": "small", "count": 1, "cpus": 1}, {"name": "big", "count": 1, "cpus": 2}],
+                "servers": [
+                    {"name": "small", "count": 1, "cpus": 1},
+                    # The big server is a MediaWiki server with pages from a user's dump, uploaded by deploy.
+                    {"name": "big", "count": 1, "cpus": 2, "app": "mediawiki", "mediawiki": {"dump": str(dump)}},
+                ],
                 "hosts": entries,
                 "ssh": {"known_hosts": str(tmp / "known_hosts")},
             }
@@ -231,6 +243,10 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts):
         assert started_lbs.returncode == 0, started_lbs.stderr
         # One request at a time, so no flow is ever open: SED's (flows + 1) / weight picks the 2-unit server.
         assert curl_vip(wiring, 20) == Counter({"srv1": 20})
+        # srv1 is the MediaWiki server: a page of the uploaded dump, rendered from its database.
+        page = LocalNamespace(wiring.client.namespace).run(["curl", "-s", "-m", "30", f"http://{VIP}{page_path(3)}"])
+        assert "<title>Page 3 - marllb</title>" in page.stdout
+        assert rendered_opening(3, DUMP_PAGES, seed=DUMP_SEED) in page.stdout
         restarted = marllb(hosts, "lb", "start", str(hosts["config"]), "--method", "ecmp")
         assert restarted.returncode == 0, restarted.stderr
         served = curl_vip(wiring, 40)  # ECMP: uniform over both (all on one server: p = 2⁻³⁹)

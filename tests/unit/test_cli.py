@@ -57,3 +57,13 @@ def test_lb_commands_reject_bad_input_in_one_line(cli, write_config, tmp_path, m
     assert "testbed unitlb is not deployed" in result.stderr and "Traceback" not in result.stderr
     result = cli("lb", "stop", config)
     assert result.exit_code == 0 and "no LB process was running" in result.stdout
+
+
+def test_a_missing_mediawiki_dump_is_one_line_naming_the_field(cli, write_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("MARLLB_STATE_DIR", str(tmp_path / "state"))
+    wiki = {"app": "mediawiki", "mediawiki": {"dump": str(tmp_path / "nope.xml")}}
+    config = minimal_testbed("unitmw", servers=[{"name": "wiki", "count": 1, "cpus": 1, **wiki}])
+    result = cli("deploy", write_config(config))
+    assert result.exit_code == 2
+    assert "testbed.servers[0].mediawiki.dump" in result.stderr and "nope.xml: no such file" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "state" / "unitmw").exists()
