@@ -1,10 +1,11 @@
 """One testbed experiment run: `marllb replay-trace`.
 
     check the testbed is up → read the trace, build the schedule (speed, duration) → create the run
-    directory (config.yaml, meta.json with complete=false) → start the LBs with the method → sample every
-    server's busy workers every agent period → replay the schedule from the client namespace (progress
-    from the replayer's stdout) → stop the replayer, the sampler and the LBs → write requests.parquet,
-    servers.parquet, agents/lb<i>.parquet, summary.json and the final meta.json.
+    directory (config.yaml, meta.json with complete=false) → send the schedule and specs to the client node
+    (`client_node`: the client namespace, or the client host of `kind: ssh`) → start the LBs with the
+    method → start the sampler (every server's busy workers every agent period) and the replayer there
+    (progress from the replayer's stdout) → stop the replayer, the sampler and the LBs → fetch their files
+    → write requests.parquet, servers.parquet, agents/lb<i>.parquet, summary.json and the final meta.json.
 
 The last step runs whatever happened before it (error, Ctrl-C): a run that did not finish is written with
 `complete: false` and every request that was sent. `requests.parquet` always has exactly one row per
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,14 +27,14 @@ import numpy as np
 import pandas as pd
 
 from marllb_cli.agents.factory import resolve_method
+from marllb_cli.client_node import ClientNode, ClientProcess, LocalClient, stop_process
 from marllb_cli.config import Config
 from marllb_cli.deploy import lb_services_for
-from marllb_cli.deploy.apache import busy_workers
 from marllb_cli.deploy.lb_services import LbServices
 from marllb_cli.deploy.ssh import SshLbServices
 from marllb_cli.errors import ConfigError, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
-from marllb_cli.replay import ReplaySpec
+from marllb_cli.replay import ReplaySpec, write_schedule
 from marllb_cli.runs import (
     create_run_dir,
     empty_requests,
@@ -45,7 +44,8 @@ from marllb_cli.runs import (
     steps_frame,
     write_json,
 )
-from marllb_cli.topology import Node
+from marllb_cli.sampler import SampledServer, SamplerSpec
+from marllb_cli.topology import Topology
 from marllb_cli.traces import read_trace
 
 __all__ = ["ReplayOptions", "RunOutcome", "build_schedule", "replay_trace"]
@@ -94,16 +94,10 @@ def build_schedule(trace: pd.DataFrame, *, speed: float, duration_s: float | Non
 
 
 def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgress = lambda _: None) -> RunOutcome:
-    """Run one experiment on the deployed local testbed; always writes the run directory.
+    """Run one experiment on the deployed testbed; always writes the run directory.
 
     Ctrl-C (KeyboardInterrupt) stops the run early and returns it with `interrupted` set; any other error
     is raised after the run directory has been written."""
-    if config.testbed.kind == "ssh":
-        raise ConfigError(
-            f"{config.source or 'config'}: testbed.kind: ssh — replay-trace runs its client in a namespace on this "
-            "machine: kind local and kvm testbeds only for now",
-            hint="use a local or kvm config",
-        )
     services = lb_services_for(config)
     resolve_method(options.method)
     services.require_deployed()
@@ -117,8 +111,7 @@ def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgres
     topology = services.topology
     run = create_run_dir(options.runs_dir, method=options.method, testbed=topology.testbed, seed=seed)
     (run / "config.yaml").write_text(config.resolved_yaml())
-    schedule_path = run / "schedule.parquet"
-    schedule.to_parquet(schedule_path, index=False)
+    schedule.to_parquet(run / "schedule.parquet", index=False)
     meta: dict[str, Any] = {
         "kind": "testbed",
         "method": options.method,
@@ -135,20 +128,17 @@ def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgres
     write_json(run / "meta.json", meta)
 
     period = config.experiment.agent_period_ms / 1000
-    client = LocalNamespace(topology.client.namespace)
-    status_port = config.testbed.servers[0].apache.status_port
-    sampler = ServerSampler(client, topology.servers, status_port, period)
+    client = client_node_for(config, topology)
+    files = ClientFiles(run, client.staging(run))
     replayer: ReplayerProcess | None = None
+    sampler: ClientProcess | None = None
     finished = False
     failure: str | None = None
     try:
+        _stage_inputs(config, topology, schedule, options, files, client, period)
         services.start(options.method, period=period, seed=seed)
-        sampler.start()
-        spec = ReplaySpec(
-            host=str(topology.vip), schedule=schedule_path, out=run / "requests.csv", timeout_s=options.timeout_s
-        )
-        (run / "replay.json").write_text(spec.model_dump_json(indent=1))
-        replayer = ReplayerProcess(client, run / "replay.json", run / "replay.log")
+        sampler = client.start("marllb_cli.sampler", [files.remote("sampler.json")], files.remote("sampler.log"))
+        replayer = ReplayerProcess(client, files)
         finished = replayer.wait(progress)
     except KeyboardInterrupt:
         failure = "interrupted"  # not re-raised: the caller gets the partial run and decides the exit code
@@ -162,36 +152,108 @@ def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgres
         try:
             if replayer is not None:
                 replayer.stop()
-            sampler.stop()
+            if sampler is not None:
+                stop_process(sampler, grace_s=5.0)
             services.stop()
-            outcome = _finish(run, meta, schedule, sampler, replayer, services, finished, failure)
+            for name in ("requests.csv", "servers.csv", "replay.log", "sampler.log"):
+                files.fetch(client, name)
+            client.close()
+            outcome = _finish(run, meta, schedule, client, replayer, services, finished, failure)
         finally:
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
     return outcome
 
 
+def client_node_for(config: Config, topology: Topology) -> ClientNode:
+    """Where the replayer and sampler run: the client namespace here, or the client host of `kind: ssh`."""
+    if config.testbed.kind == "ssh":
+        from marllb_cli.deploy.ssh import SshTestbed
+
+        return SshTestbed(config).client_node()
+    return LocalClient(LocalNamespace(topology.client.namespace))
+
+
+@dataclass(frozen=True)
+class ClientFiles:
+    """A run's files on both sides: `run` here, `staging` on the client node (the same folder locally)."""
+
+    run: Path
+    staging: str
+
+    def remote(self, name: str) -> str:
+        return f"{self.staging}/{name}"
+
+    def send(self, client: ClientNode, name: str) -> None:
+        client.upload(self.run / name, self.remote(name))
+
+    def fetch(self, client: ClientNode, name: str) -> None:
+        try:
+            client.download(self.remote(name), self.run / name)
+        except TestbedError:
+            pass  # the client node went away: the run is written with what is here
+
+
+def _stage_inputs(
+    config: Config,
+    topology: Topology,
+    schedule: pd.DataFrame,
+    options: ReplayOptions,
+    files: ClientFiles,
+    client: ClientNode,
+    period: float,
+) -> None:
+    """The replayer's schedule and spec and the sampler's spec, written into the run and sent to the client."""
+    write_schedule(files.run / "schedule.tsv", schedule["intended_s"].to_numpy(), schedule["path"].tolist())
+    replay = ReplaySpec(
+        host=str(topology.vip),
+        schedule=Path(files.remote("schedule.tsv")),
+        out=Path(files.remote("requests.csv")),
+        timeout_s=options.timeout_s,
+    )
+    (files.run / "replay.json").write_text(replay.model_dump_json(indent=1))
+    servers = [SampledServer(name=s.name, group=s.group or "", ip=str(s.ip)) for s in topology.servers]
+    status_port = config.testbed.servers[0].apache.status_port
+    sampler = SamplerSpec(
+        servers=servers, status_port=status_port, period_s=period, out=Path(files.remote("servers.csv"))
+    )
+    (files.run / "sampler.json").write_text(sampler.model_dump_json(indent=1))
+    for name in ("schedule.tsv", "replay.json", "sampler.json"):
+        files.send(client, name)
+
+
 def _finish(
     run: Path,
     meta: dict[str, Any],
     schedule: pd.DataFrame,
-    sampler: ServerSampler,
+    client: ClientNode,
     replayer: ReplayerProcess | None,
     services: LbServices | SshLbServices,
     finished: bool,
     failure: str | None,
 ) -> RunOutcome:
-    """Turn what the processes streamed into the run directory's Parquet and JSON files."""
-    t0 = replayer.t0 if replayer is not None and replayer.t0 is not None else time.monotonic()
+    """Turn what the processes streamed into the run directory's Parquet and JSON files.
+
+    Times: the replayer's and sampler's are the client node's CLOCK_MONOTONIC, relative to the replayer's
+    t0; the agents' step logs are on this machine's clock, so their t0 is shifted by the client's offset."""
+    if replayer is not None and replayer.t0 is not None:
+        t0 = replayer.t0
+    else:
+        t0 = time.monotonic() - client.offset
     requests = _requests(run / "requests.csv", schedule)
     agents = {
-        lb.name: agent_steps(services.steps_log(lb), t0)
+        lb.name: agent_steps(services.steps_log(lb), t0 + client.offset)
         for lb in services.topology.lbs
         if services.steps_log(lb).exists()
     }
     duration = float(requests["intended_s"].max()) if finished and len(requests) else _elapsed(requests)
     summary = save_results(
-        run, method=meta["method"], requests=requests, servers=sampler.frame(t0), agents=agents, duration_s=duration
+        run,
+        method=meta["method"],
+        requests=requests,
+        servers=servers_frame(run / "servers.csv", t0),
+        agents=agents,
+        duration_s=duration,
     )
     warnings = []
     lag = summary["send_lag_p99_s"]
@@ -210,7 +272,8 @@ def _finish(
         warnings=warnings,
     )
     write_json(run / "meta.json", meta)
-    (run / "requests.csv").unlink(missing_ok=True)
+    for transient in ("requests.csv", "servers.csv", "schedule.tsv"):
+        (run / transient).unlink(missing_ok=True)
     return RunOutcome(run, summary, complete, failure == "interrupted", warnings)
 
 
@@ -241,6 +304,22 @@ def _requests(csv_path: Path, schedule: pd.DataFrame) -> pd.DataFrame:
     return requests
 
 
+def servers_frame(csv_path: Path, t0: float) -> pd.DataFrame:
+    """The sampler's rows (`marllb_cli.sampler`) as servers.parquet wants them: t_s, server, group, busy."""
+    try:
+        rows = pd.read_csv(csv_path, dtype={"server": str, "group": str}, keep_default_na=False)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        rows = pd.DataFrame({"t": [], "server": [], "group": [], "busy": []})
+    return pd.DataFrame(
+        {
+            "t_s": pd.to_numeric(rows["t"], errors="coerce").to_numpy(np.float64) - t0,
+            "server": rows["server"].astype(str).to_numpy(),
+            "group": rows["group"].astype(str).to_numpy(),
+            "busy": pd.to_numeric(rows["busy"], errors="coerce").to_numpy(np.float64),
+        }
+    )
+
+
 def agent_steps(steps_log: Path, t0: float) -> pd.DataFrame:
     """An agent's JSONL step log as a frame (`runs.steps_frame`); a line cut by a kill is skipped."""
     rows = []
@@ -253,61 +332,15 @@ def agent_steps(steps_log: Path, t0: float) -> pd.DataFrame:
     return steps_frame(rows, t0)
 
 
-class ServerSampler:
-    """Every `period` s, each server's busy workers (mod_status BusyWorkers less the probe's own worker),
-    probed from the client namespace."""
-
-    def __init__(self, ns: LocalNamespace, servers: tuple[Node, ...], status_port: int, period: float) -> None:
-        self.ns, self.servers, self.port, self.period = ns, servers, status_port, period
-        self.rows: list[tuple[float, str, str, float]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.ns.call, args=(self._loop,), name="server-sampler", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        next_tick = time.monotonic()
-        while not self._stop.is_set():
-            now = time.monotonic()
-            for server in self.servers:
-                try:
-                    busy = busy_workers(None, str(server.ip), self.port, timeout=self.period)
-                except OSError:
-                    busy = None
-                # mod_status counts the worker answering the probe itself: leave it out.
-                value = np.nan if busy is None else float(max(0, busy - 1))
-                self.rows.append((now, server.name, server.group or "", value))
-            next_tick += self.period
-            self._stop.wait(max(0.0, next_tick - time.monotonic()))
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def frame(self, t0: float) -> pd.DataFrame:
-        frame = pd.DataFrame(self.rows, columns=["t_s", "server", "group", "busy"])
-        frame["t_s"] -= t0
-        return frame
-
-
 class ReplayerProcess:
-    """The replayer (`marllb_cli.replay`) running in the client namespace, and its progress stream."""
+    """The replayer (`marllb_cli.replay`) running on the client node, and its progress stream."""
 
-    def __init__(self, ns: LocalNamespace, spec: Path, log: Path) -> None:
+    def __init__(self, client: ClientNode, files: ClientFiles) -> None:
         self.t0: float | None = None
         self.loop: str | None = None
         self.last: dict[str, Any] = {}
-        self._log = log.open("w")
-        self.process = ns.popen(
-            [sys.executable, "-m", "marllb_cli.replay", str(spec)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
+        self.client, self.files = client, files
+        self.process = client.start("marllb_cli.replay", [files.remote("replay.json")], files.remote("replay.log"))
 
     def wait(self, progress: ReplayProgress) -> bool:
         """Follow the progress lines until the replayer exits; True when it replayed the whole schedule."""
@@ -316,9 +349,10 @@ class ReplayerProcess:
             self._read(line, progress)
         code = self.process.wait()
         if code not in (0, 3):
-            self._log.flush()
-            tail = Path(self._log.name).read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise TestbedError(f"the replayer exited with {code}: {tail[0]}", hint=f"see {self._log.name}")
+            self.files.fetch(self.client, "replay.log")
+            log = self.files.run / "replay.log"
+            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+            raise TestbedError(f"the replayer exited with {code}: {(lines or ['no output'])[-1]}", hint=f"see {log}")
         return code == 0 and bool(self.last.get("finished"))
 
     def _read(self, line: str, progress: ReplayProgress) -> None:
@@ -335,15 +369,7 @@ class ReplayerProcess:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM (the replayer records in-flight requests as interrupted and flushes), then SIGKILL."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace_s)
         if self.process.stdout is not None:
             for line in self.process.stdout:  # the final progress line, with t0 if it never came before
                 self._read(line, lambda _: None)
-            self.process.stdout.close()
-        self._log.close()

@@ -30,14 +30,14 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ReplaySpec", "ROW_FIELDS", "Replayer", "main"]
+__all__ = ["ReplaySpec", "ROW_FIELDS", "Replayer", "main", "read_schedule", "write_schedule"]
 
 ROW_FIELDS = (
     "index",
@@ -60,12 +60,27 @@ class ReplaySpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     host: str
     port: int = 80
-    schedule: Path = Field(description="Parquet with columns intended_s (sorted) and path.")
+    schedule: Path = Field(description="TSV of intended_s (sorted) and path (`write_schedule`).")
     out: Path
     timeout_s: float = 60.0
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     progress_every_s: float = 0.5
     flush_every_s: float = 0.25
+
+
+def write_schedule(path: Path, intended: Sequence[float], paths: Sequence[str]) -> None:
+    """The replayer's input: one `intended_s<TAB>path` line per request. A plain file rather than Parquet,
+    so the replayer runs on a client host whose venv has no pandas (`kind: ssh`); repr keeps every float."""
+    with open(path, "w", newline="") as out:
+        writer = csv.writer(out, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+        writer.writerows((repr(float(t)), p) for t, p in zip(intended, paths, strict=True))
+
+
+def read_schedule(path: Path) -> tuple[np.ndarray, list[str]]:
+    """(intended times, paths) as `write_schedule` wrote them."""
+    with open(path, newline="") as rows:
+        pairs = [(float(t), p) for t, p in csv.reader(rows, delimiter="\t")]
+    return np.fromiter((t for t, _ in pairs), np.float64, len(pairs)), [p for _, p in pairs]
 
 
 class Replayer:
@@ -235,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", type=Path, help="ReplaySpec JSON written by `marllb replay-trace`")
     args = parser.parse_args(argv)
     spec = ReplaySpec.model_validate_json(args.spec.read_text())
-    schedule = pd.read_parquet(spec.schedule, columns=["intended_s", "path"])
+    intended, paths = read_schedule(spec.schedule)
     _raise_fd_limit()
     name, loop_class = _event_loop(spec.loop)
-    replayer = Replayer(spec, schedule["intended_s"].to_numpy(np.float64), schedule["path"].tolist())
+    replayer = Replayer(spec, intended, paths)
     print(json.dumps({"loop": name}), flush=True)
     runner = asyncio.Runner(loop_factory=loop_class) if loop_class else asyncio.Runner()
     with runner:

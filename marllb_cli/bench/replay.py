@@ -31,7 +31,7 @@ from marllb_cli.config import Config
 from marllb_cli.deploy.local import LocalTestbed
 from marllb_cli.errors import MissingTool
 from marllb_cli.hosts.local import LocalNamespace
-from marllb_cli.replay import ReplaySpec
+from marllb_cli.replay import ReplaySpec, write_schedule
 
 __all__ = ["ReplayPoint", "replay_benchmark"]
 
@@ -101,8 +101,8 @@ def _replayer_point(
     client: LocalNamespace, host: str, loop: str, rate: float, seconds: float, tmp: Path
 ) -> ReplayPoint:
     n = int(rate * seconds)
-    schedule = tmp / "schedule.parquet"
-    pd.DataFrame({"intended_s": np.arange(n) / rate, "path": [PAGE] * n}).to_parquet(schedule, index=False)
+    schedule = tmp / "schedule.tsv"
+    write_schedule(schedule, np.arange(n) / rate, [PAGE] * n)
     spec_path = tmp / "spec.json"
     out = tmp / f"{loop}-{rate}.csv"
     spec = ReplaySpec(host=host, schedule=schedule, out=out, timeout_s=10, loop=loop)  # type: ignore[arg-type]

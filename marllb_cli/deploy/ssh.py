@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from marllb_cli.agents.factory import resolve_method
+from marllb_cli.client_node import SshClient
 from marllb_cli.config import Config, ServerGroup, SshHostEntry
 from marllb_cli.deploy import mediawiki
 from marllb_cli.deploy.lb_services import lb_specs
@@ -186,6 +186,11 @@ class SshTestbed:
         progress(host.label, 4, len(DEPLOY_STEPS))
         return json.loads(out.stdout.strip().splitlines()[-1])
 
+    def client_node(self) -> SshClient:
+        """The client host, where `replay-trace` runs its replayer and sampler."""
+        host = next(host for host in self.hosts if host.entry.role == "client")
+        return SshClient(self.connect(host), host.python, host.state)
+
     def _group(self, host: SshNode) -> ServerGroup | None:
         """The server group of a server host (None for other roles)."""
         node = self.topology.node(host.node)
@@ -315,16 +320,14 @@ class SshLbServices:
 
     def _fetch_steps(self, host: SshNode, ssh: SshHost) -> None:
         """Copy the agent's step log here. Its times are the LB host's CLOCK_MONOTONIC: shift them by the
-        offset between the two clocks, read over SSH (error: half a round trip, a few ms on a LAN)."""
+        offset between the two clocks (`SshHost.monotonic_offset`)."""
         local = self.testbed.state_dir / "lb" / f"{host.node}.steps.jsonl"
         local.parent.mkdir(parents=True, exist_ok=True)
         local.unlink(missing_ok=True)
         content = ssh.get_bytes(f"{host.state}/lb/{host.node}.steps.jsonl")
         if content is None:
             return
-        before = time.monotonic()
-        remote = float(ssh.run([host.python, "-c", "import time; print(time.monotonic())"]).stdout)
-        offset = (before + time.monotonic()) / 2 - remote
+        offset = ssh.monotonic_offset(host.python)
         lines = []
         for line in content.decode(errors="replace").splitlines():
             try:

@@ -8,6 +8,7 @@ workdir (they share this machine's filesystem), so provisioning really installs 
 Asserted: an unknown host key stops deploy before anything is installed; deploy provisions and sets up
 every host, the 2-unit server as a MediaWiki server with the pages of a dump uploaded from the controller;
 `curl` from the client reaches the servers through the VIP with SED (and a wiki page), then ECMP LBs; a
+replay-trace runs its replayer and sampler on the client host and writes a complete run directory here; a
 second deploy changes nothing; teardown puts the hosts back (VIP, routes, sysctls, nftables, cgroups,
 processes: MariaDB and memcached too).
 """
@@ -24,6 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -211,6 +213,23 @@ def curl_vip(wiring, count: int) -> Counter:
     return served
 
 
+def replay_on_client_host(hosts) -> Path:
+    """A 10 s Poisson trace with CPU, static and wiki requests, replayed with SED; the run directory."""
+    trace, runs = hosts["tmp"] / "poisson.parquet", hosts["tmp"] / "runs"
+    made = subprocess.run(
+        [MARLLB, "trace", "gen", "poisson", "--rate", "6", "--duration", "10", "--work-mean", "200000"]
+        + ["--mix", "cpu=0.5,static=0.3,wiki=0.2", "--out", str(trace)],
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, made.stderr
+    replayed = marllb(
+        hosts, "replay-trace", str(hosts["config"]), "--trace", str(trace), "--method", "sed", "--runs-dir", str(runs)
+    )
+    assert replayed.returncode == 0, replayed.stderr[-2000:]
+    return next(runs.iterdir())
+
+
 def test_an_unknown_host_key_stops_deploy_before_anything_is_installed(hosts):
     result = marllb(hosts, "deploy", str(hosts["config"]))
     assert result.returncode == 1, result.stderr
@@ -230,7 +249,9 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts):
         assert deployed.returncode == 0, deployed.stderr
         deploy_s = time.monotonic() - started
         status = wait_until_up(hosts)
-        assert status["state"] == "up", status
+        assert status["state"] == "up", [
+            (n["name"], n["up"], n["http_status"], n.get("error")) for n in status["nodes"]
+        ]
         assert [n["http_status"] for n in status["nodes"] if n["role"] == "server"] == [200, 200]
         for node in wiring.nodes:  # each host got its own venv with marllb in it
             assert (hosts["tmp"] / "hostfs" / node.name / "venv" / ".bundle").is_file()
@@ -252,6 +273,20 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts):
         served = curl_vip(wiring, 40)  # ECMP: uniform over both (all on one server: p = 2⁻³⁹)
         assert sum(served.values()) == 40 and set(served) == {"srv0", "srv1"}, served
 
+        # replay-trace: the replayer and the sampler run on the client host, their files come back here.
+        run = replay_on_client_host(hosts)
+        requests = pd.read_parquet(run / "requests.parquet")
+        assert json.loads((run / "meta.json").read_text())["complete"] is True
+        assert len(requests) > 40 and (requests["status"] == 200).all(), requests["error"].value_counts()
+        assert set(requests["server"]) == {"srv0", "srv1"}
+        assert requests["done_s"].between(0, 30).all()  # the client host's times, relative to its t0
+        servers = pd.read_parquet(run / "servers.parquet")
+        assert set(servers["server"]) == {"srv0", "srv1"} and servers["busy"].notna().mean() > 0.9
+        steps = pd.read_parquet(run / "agents" / "lb0.parquet")
+        # The agents' times were shifted onto this machine's clock, the t0 onto it as well: they overlap.
+        assert len(steps) > 20 and steps["t_s"].between(-5, 40).all(), steps["t_s"].describe()
+        assert not list((hosts["tmp"] / "hostfs" / "client" / TESTBED / "runs").iterdir())  # staged files removed
+
     finally:  # whatever failed above, the hosts must not keep our VIP, processes, cgroups or channels
         removed = marllb(hosts, "teardown", str(hosts["config"]))
     assert removed.returncode == 0, removed.stderr
@@ -271,11 +306,3 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts):
         assert commands <= {"sshd"}, (node.name, commands)
         assert not (hosts["tmp"] / "hostfs" / node.name / TESTBED).exists()
     assert marllb(hosts, "status", str(hosts["config"]), "--json").returncode == 0
-
-
-def test_config_for_kind_ssh_is_refused_by_local_only_commands(hosts):
-    result = marllb(
-        hosts, "replay-trace", str(hosts["config"]), "--trace", str(REPO / "traces" / "rate_200_steady_30s.tsv")
-    )
-    assert result.returncode == 2
-    assert "kind local and kvm testbeds only" in result.stderr
