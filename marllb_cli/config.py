@@ -246,8 +246,6 @@ class Testbed(_Strict):
             if self.hosts:
                 raise ValueError("hosts are for kind: ssh; remove them or set kind: ssh")
             return self
-        if self.forwarding != "l2dsr":
-            raise ValueError("kind ssh supports forwarding l2dsr for now (kernel GRE on hosts is not built yet)")
         wanted = {"client": 1, "router": 1, "lb": self.lbs, "server": self.n_servers}
         for role, count in wanted.items():
             have = sum(host.role == role for host in self.hosts)

@@ -78,7 +78,8 @@ GRE_DEVICE = "mlbgre"
 def apply_role(
     host: LocalHost, topology: Topology, node: Node, manifest: Manifest | None = None, *, kernel_gre: bool = False
 ) -> None:
-    """Make `host` play `node`'s part; record every change in `manifest` first (None: nothing to undo)."""
+    """Make `host` play `node`'s part; record every change in `manifest` first (None: nothing to undo).
+    `kernel_gre`: the testbed forwards with GRE and the kernels terminate it (real hosts, KVM guests)."""
     vip = str(topology.vip)
     if node.role == "router":
         gateways = [str(lb.ip) for lb in topology.lbs]
@@ -86,7 +87,10 @@ def apply_role(
         host.call(_route_add, f"{vip}/32", gateways)
     elif node.role == "client" and node.gateway:
         _record(manifest, "route", f"{vip}/32", dst=f"{vip}/32")
-        host.call(_route_add, f"{vip}/32", [node.gateway])
+        # With GRE, an LB adds 24 bytes to every packet: the route's MTU (the client's, 1476 by default)
+        # makes TCP to the VIP use segments that still fit the data segment once encapsulated.
+        mtu = node.interfaces[0].mtu if kernel_gre else None
+        host.call(_route_add, f"{vip}/32", [node.gateway], mtu)
     elif node.role == "server":
         _record(manifest, "address", f"{vip}/32", iface="lo", address=vip, prefixlen=32)
         host.call(_address_add, "lo", vip, 32)
@@ -151,10 +155,11 @@ def _kernel_ignores_vip(host: LocalHost, table: str, vip: str) -> None:
 
 
 # -- pyroute2, run through `host.call` so that they act in the node's namespace ------------------------------
-def _route_add(dst: str, gateways: list[str]) -> None:
+def _route_add(dst: str, gateways: list[str], mtu: int | None = None) -> None:
     with IPRoute() as ipr:
         if len(gateways) == 1:
-            ipr.route("replace", dst=dst, gateway=gateways[0])
+            metrics = {"metrics": {"mtu": mtu}} if mtu else {}
+            ipr.route("replace", dst=dst, gateway=gateways[0], **metrics)
         else:
             ipr.route("replace", dst=dst, multipath=[{"gateway": gateway} for gateway in gateways])
 

@@ -11,7 +11,8 @@
              and the guest's own host key (made on the controller, so its key is known before first contact)
 
 Cache keys are digests of what goes in, so a change here builds a new image (from the cached debootstrap
-tree unless the package list changed); old ones stay until `marllb teardown --purge` removes the cache.
+tree unless the package list changed); a new build prunes the cache to the tree in use and the two newest
+images, and `marllb teardown --purge` removes it all.
 """
 
 from __future__ import annotations
@@ -150,7 +151,19 @@ def base_image(cache: Path, mirror: str, wheels: Bundle, progress: Callable[[str
     raw.unlink()
     shutil.rmtree(root)
     (directory / "complete").write_text(f"configured and packed in {time.monotonic() - started:.0f} s\n")
+    _prune(cache, keep=(tree, directory))
     return image
+
+
+def _prune(cache: Path, keep: tuple[Path, Path], *, images_kept: int = 2) -> None:
+    """Old builds out of the cache: every debootstrap tree but the one in use, and all images but the
+    `images_kept` newest (each marllb build makes one of ≈ 1.6 GB). Guests still running from a removed
+    image are unaffected: qemu holds its backing file open until they stop."""
+    images = sorted(cache.glob(f"image-{SUITE}-*"), key=lambda path: path.stat().st_mtime, reverse=True)
+    old = [path for path in images if path not in keep][images_kept - 1 :]
+    old += [path for path in cache.glob(f"debootstrap-{SUITE}-*") if path not in keep]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Chroot(LocalHost):

@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -18,8 +19,11 @@ from marllb_cli.config import Config, load_config
 from marllb_cli.deploy import LocalTestbed
 from marllb_cli.deploy.apache import http_get
 from marllb_cli.deploy.manifest import Manifest
+from marllb_cli.deploy.roles import apply_role
+from marllb_cli.deploy.undo import remove_resources
 from marllb_cli.errors import NamespaceExists
 from marllb_cli.hosts import LocalNamespace, list_namespaces
+from marllb_cli.topology import plan
 from tests.conftest import REPO
 from tests.integration.helpers import NOTHING, leftovers
 
@@ -242,3 +246,26 @@ def test_foreign_namespace_is_refused_and_left_alone():
     finally:
         subprocess.run(["ip", "netns", "del", foreign], check=True)
     assert leftovers("ite") == NOTHING
+
+
+def test_a_gre_client_routes_the_vip_with_the_client_mtu_and_undo_removes_it(tmp_path):
+    """`kind: ssh` with GRE: the client host's VIP route carries the client MTU (room for the LB's GRE
+    header), recorded so that `node down` removes it. Run on a bare namespace standing in for the host."""
+    config = small_config("itgre", "testbed.forwarding=gre")
+    topology = plan(config.testbed)
+    client = replace(topology.client, namespace="", gateway="10.99.1.1")
+    ns = LocalNamespace("itgre-host")
+    ns.create()
+    try:
+        ns.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"])
+        ns.run(["ip", "addr", "add", "10.99.1.2/24", "dev", "eth0"])
+        ns.run(["ip", "link", "set", "eth0", "up"])
+        ns.run(["ip", "link", "set", "peer0", "up"])
+        manifest = Manifest(tmp_path / "manifest.json", "itgre")
+        apply_role(ns, topology, client, manifest, kernel_gre=True)
+        route = ns.run(["ip", "route", "show", f"{topology.vip}/32"]).stdout
+        assert "via 10.99.1.1" in route and "mtu 1476" in route, route
+        assert remove_resources(manifest, lambda *_: None, host=ns) == []
+        assert ns.run(["ip", "route", "show", f"{topology.vip}/32"]).stdout == ""
+    finally:
+        ns.remove()
