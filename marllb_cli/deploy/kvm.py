@@ -36,7 +36,7 @@ from marllb_cli.deploy.ssh import SshLbServices, SshNode, SshTestbed
 from marllb_cli.deploy.undo import remove_resources
 from marllb_cli.errors import MissingTool, NamespaceExists, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
-from marllb_cli.hosts.provision import bundle
+from marllb_cli.hosts.provision import bundle, torch_bundle
 from marllb_cli.kvm.image import GUEST_WORKDIR, BaseImage, base_image, seed_disk
 from marllb_cli.processes import run_checked
 from marllb_cli.services import start_process
@@ -101,7 +101,8 @@ class KvmTestbed:
         shutil.rmtree(self._consoles_kept, ignore_errors=True)  # from an earlier failed deploy
         settings = self.config.testbed.kvm
         wheels = bundle()  # once: the image holds exactly the marllb that provisioning then finds there
-        image = base_image(settings.image_cache, settings.mirror, wheels, lambda what: progress(what, 0, 1))
+        torch = torch_bundle()
+        image = base_image(settings.image_cache, settings.mirror, wheels, torch, lambda what: progress(what, 0, 1))
         manifest = Manifest(
             self.manifest_path, self.config.testbed.name, config_digest=testbed_digest(self.config.testbed)
         )

@@ -250,7 +250,9 @@ def lb_resources(manifest: Manifest) -> list[Resource]:
     return [r for r in manifest.resources if r.kind in ("process", "file") and "lb" in r.data]
 
 
-def _wait(service: Service, ready: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+def _wait(service: Service, ready: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
+    """Until `ready()`; a process that exits ends the wait at once, so the long default only matters to one
+    that hangs — and an agent importing PyTorch on an emulated KVM guest takes tens of seconds."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready():

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from marllb_cli.agents.factory import resolve_method
+from marllb_cli.agents.factory import RL_PREFIX, resolve_method
 from marllb_cli.client_node import SshClient
 from marllb_cli.config import Config, ServerGroup, SshHostEntry
 from marllb_cli.deploy import mediawiki
@@ -34,7 +34,7 @@ from marllb_cli.deploy.manifest import state_root, testbed_digest
 from marllb_cli.deploy.network import Progress, no_progress
 from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalHost
-from marllb_cli.hosts.provision import Bundle, bundle, provision
+from marllb_cli.hosts.provision import Bundle, bundle, install_torch, provision, torch_bundle
 from marllb_cli.hosts.ssh import SshHost, SshTarget
 from marllb_cli.topology import Node, Topology, host_node_names, plan
 
@@ -273,13 +273,21 @@ class SshLbServices:
         """Start a dataplane and an agent on every LB host (replacing running ones); return 0."""
         method = resolve_method(method)
         self.require_deployed()
-        if method.startswith("rl:"):
-            raise TestbedError("rl: policies on SSH hosts are not supported yet", hint="use a heuristic method")
+        learned = method.startswith(RL_PREFIX)
+        torch = torch_bundle() if learned else None
         lbs = {lb.name: lb for lb in self.topology.lbs}
 
         def start_one(host: SshNode, ssh: SshHost) -> None:
             lb = lbs[host.node]
             directory = Path(host.state) / "lb"
+            remote_method = method
+            if torch is not None:  # the policy and, the first time, PyTorch go to the LB host
+                policy = f"{host.state}/policy"
+                _step(host, "install torch", lambda: install_torch(ssh, host.entry.workdir, torch))
+                _step(host, "lb start", lambda: ssh.run(["mkdir", "-p", policy]))
+                local_policy = Path(method.removeprefix(RL_PREFIX)) / "policy.pt"
+                _step(host, "lb start", lambda: ssh.put(local_policy, f"{policy}/policy.pt"))
+                remote_method = RL_PREFIX + policy
             dataplane, agent = lb_specs(
                 self.testbed.config,
                 self.topology,
@@ -290,12 +298,14 @@ class SshLbServices:
                 seed=seed + lb.index,
                 directory=directory,
             )
+            agent = agent.model_copy(update={"method": remote_method})
             _step(host, "lb start", lambda: ssh.run(["mkdir", "-p", str(directory)]))
             files = {"dataplane": dataplane.model_dump_json(), "agent": agent.model_dump_json()}
             for role, text in files.items():
                 _step(host, "lb start", lambda r=role, t=text: ssh.put_bytes(t.encode(), f"{host.state}/{r}.json"))
             args = ("lb-start", "--state", host.state, "--dataplane", f"{host.state}/dataplane.json")
-            _step(host, "lb start", lambda: ssh.run(host.node_command(*args, "--agent", f"{host.state}/agent.json")))
+            command = host.node_command(*args, "--agent", f"{host.state}/agent.json")
+            _step(host, "lb start", lambda: ssh.run(command, timeout=300))
 
         try:
             self.testbed.on_all_hosts(start_one, hosts=self.lb_hosts)

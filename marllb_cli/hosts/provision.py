@@ -7,14 +7,16 @@ into a venv at `<workdir>/venv` — never into the host's own Python.
                the venv and `pip install --no-index` from them; skipped when the venv already holds this
                bundle (`.bundle` marker: the digest of every wheel)
 
-A node never needs pandas, matplotlib or torch: it runs the dataplane, heuristic agents, Apache and its
-set-up. (`rl:` policies on a real LB need torch in that venv: `<workdir>/venv/bin/pip install torch`.)
+A node never needs pandas or matplotlib: it runs the dataplane, agents, Apache and its set-up. PyTorch only
+matters to an LB that runs a learned policy: `install_torch` adds the controller's own version to an LB's
+venv the first time `lb start --method rl:DIR` needs it (the KVM image has it built in).
 The hosts need no index: everything comes from the controller, which needs one only to fill its cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
@@ -27,7 +29,7 @@ import marllb_cli
 from marllb_cli.errors import MissingTool, TestbedError
 from marllb_cli.processes import run_checked
 
-__all__ = ["Bundle", "NODE_REQUIREMENTS", "bundle", "provision", "cache_dir"]
+__all__ = ["Bundle", "NODE_REQUIREMENTS", "bundle", "cache_dir", "install_torch", "provision", "torch_bundle"]
 
 #: What `python -m marllb_cli.node` imports (see the module docstring), as in pyproject's dependencies.
 NODE_REQUIREMENTS = ("numpy>=1.26", "pydantic>=2.6", "pyroute2>=0.9", "pyyaml>=6", "typer>=0.12", "rich>=13")
@@ -80,6 +82,39 @@ def bundle(cache: Path | None = None) -> Bundle:
     for wheel in wheels:
         digest.update(wheel.name.encode() + hashlib.sha256(wheel.read_bytes()).digest())
     return Bundle(wheels, digest.hexdigest()[:16])
+
+
+def torch_bundle(cache: Path | None = None) -> Bundle:
+    """The wheels of this controller's PyTorch (same version, with its dependencies), cached once: what an
+    LB host needs to run a learned policy (`lb start --method rl:DIR`)."""
+    cache = cache or cache_dir()
+    version = importlib.metadata.version("torch")
+    wheels_dir = cache / f"torch-{version}-py{PYTHON_TAG}"
+    if not (wheels_dir / ".complete").exists():
+        wheels_dir.mkdir(parents=True, exist_ok=True)
+        _pip(
+            ["download", "--only-binary=:all:", "--dest", str(wheels_dir), f"torch=={version}"],
+            f"download torch {version} for the LB hosts (needs a package index, once)",
+        )
+        (wheels_dir / ".complete").touch()
+    wheels = tuple(sorted(wheels_dir.glob("*.whl")))
+    return Bundle(wheels, f"torch-{version}")
+
+
+def install_torch(host: Target, workdir: str, torch: Bundle) -> bool:
+    """PyTorch into the node venv of `host` (made by `provision`); False when it is there already."""
+    venv, upload = f"{workdir}/venv", f"{workdir}/torch-wheels"
+    if host.run([f"{venv}/bin/python", "-c", "import torch"], check=False, timeout=120).returncode == 0:
+        return False
+    host.run(["rm", "-rf", upload])
+    host.run(["mkdir", "-p", upload])
+    for wheel in torch.wheels:
+        host.put(wheel, f"{upload}/{wheel.name}")
+    pip = [f"{venv}/bin/python", "-m", "pip", "install", "-q", "--no-index", "--disable-pip-version-check"]
+    torch_wheel = next(wheel for wheel in torch.wheels if wheel.name.startswith("torch-"))
+    host.run([*pip, "--find-links", upload, f"{upload}/{torch_wheel.name}"], timeout=1800)
+    host.run(["rm", "-rf", upload])
+    return True
 
 
 class Target(Protocol):

@@ -27,7 +27,7 @@ from pathlib import Path
 from marllb_cli.deploy import mediawiki
 from marllb_cli.errors import MissingTool
 from marllb_cli.hosts.local import LocalHost
-from marllb_cli.hosts.provision import Bundle, provision
+from marllb_cli.hosts.provision import Bundle, install_torch, provision
 from marllb_cli.processes import run_checked
 
 __all__ = ["BaseImage", "Chroot", "GUEST_WORKDIR", "PACKAGES", "base_image", "seed_disk"]
@@ -53,7 +53,7 @@ PACKAGES = (
     "udev",
     *mediawiki.PACKAGES,  # servers with `app: mediawiki`
 )
-IMAGE_SIZE = "3G"
+IMAGE_SIZE = "4G"
 
 #: Runs before sshd on every boot: applies the seed disk (/dev/vdb).
 SEED_SCRIPT = """#!/bin/sh
@@ -107,15 +107,18 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
-def base_image(cache: Path, mirror: str, wheels: Bundle, progress: Callable[[str], None] = lambda _: None) -> BaseImage:
+def base_image(
+    cache: Path, mirror: str, wheels: Bundle, torch: Bundle, progress: Callable[[str], None] = lambda _: None
+) -> BaseImage:
     """The cached base image for this recipe and this marllb, built first if missing.
 
     Two cache levels: the debootstrapped tree (minutes; keyed by suite, mirror and packages) and the image
     made from a copy of it (tens of seconds; keyed by everything else too, marllb's wheels included), so a
     new marllb or guest set-up does not download the distribution again. marllb is installed into the image
-    exactly as `provision` installs it on a host (same venv, same marker), so guests need no provisioning."""
+    exactly as `provision` installs it on a host (same venv, same marker), so guests need no provisioning,
+    and so is PyTorch (`install_torch`), so an LB guest runs `rl:` policies without a download."""
     tree = cache / f"debootstrap-{SUITE}-{_digest(SUITE, mirror, *PACKAGES)}"
-    recipe = (SUITE, mirror, IMAGE_SIZE, *PACKAGES, SEED_SCRIPT, SEED_UNIT, wheels.digest)
+    recipe = (SUITE, mirror, IMAGE_SIZE, *PACKAGES, SEED_SCRIPT, SEED_UNIT, wheels.digest, torch.digest)
     directory = cache / f"image-{SUITE}-{_digest(*recipe)}"
     image = BaseImage(directory / "base.qcow2", directory / "vmlinuz", directory / "initrd.img")
     if (directory / "complete").exists():
@@ -139,6 +142,8 @@ def base_image(cache: Path, mirror: str, wheels: Bundle, progress: Callable[[str
     _configure(root)
     progress("installing marllb into the image")
     provision(Chroot(root), GUEST_WORKDIR, "python3", wheels)
+    progress("installing PyTorch into the image (learned policies on the LB guests)")
+    install_torch(Chroot(root), GUEST_WORKDIR, torch)
     boot = root / "boot"
     shutil.copy(next(boot.glob("vmlinuz-*")), image.kernel)
     shutil.copy(next(boot.glob("initrd.img-*")), image.initrd)

@@ -1,7 +1,7 @@
 """`kind: kvm` end to end (`make test-kvm`; marked kvm, never in `make test`): `configs/kvm-small.yaml` under
 its own name boots five Debian guests (2 LBs, 3 servers), provisions them over SSH, replays 30 s of a Poisson
-trace through kernel GRE tunnels, serves a static file and a MediaWiki page through the LBs, and tears down to
-nothing.
+trace through kernel GRE tunnels, serves a static file and a MediaWiki page through LBs running a learned
+policy, and tears down to nothing.
 
 Each stage's duration is printed (`pytest -s`) and written down in the README.
 """
@@ -79,7 +79,26 @@ def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path):
 
         # A static file through the LBs (GRE to a server guest), whole.
         client = LocalNamespace(f"{NAME}-client")
-        started_lbs = marllb("lb", "start", str(CONFIG), "--method", "sed")
+        # The LBs now run a learned policy: PyTorch is in the image, the policy file goes to the LB guests.
+        policy = tmp_path / "policy"
+        trained = marllb(
+            "train",
+            str(CONFIG),
+            "--algo",
+            "distr",
+            "--episodes",
+            "1",
+            "--episode-s",
+            "2",
+            "--hyper",
+            "hidden=8",
+            "--out",
+            str(policy),
+        )
+        assert trained.returncode == 0, trained.stderr[-2000:]
+        mark = time.monotonic()
+        started_lbs = marllb("lb", "start", str(CONFIG), "--method", f"rl:{policy}")
+        stages["lb start rl"] = time.monotonic() - mark
         assert started_lbs.returncode == 0, started_lbs.stderr
         out = client.run(
             [

@@ -213,6 +213,15 @@ def curl_vip(wiring, count: int) -> Counter:
     return served
 
 
+def agent_process(host: LocalNamespace) -> int:
+    """The pid of the LB agent running on a stand-in host."""
+    for pid in host.pids():
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"marllb_cli.agents.runner" in cmdline:
+            return pid
+    raise AssertionError(f"no agent process on {host.name}")
+
+
 def replay_on_client_host(hosts) -> Path:
     """A 10 s Poisson trace with CPU, static and wiki requests, replayed with SED; the run directory."""
     trace, runs = hosts["tmp"] / "poisson.parquet", hosts["tmp"] / "runs"
@@ -272,6 +281,24 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts):
         assert restarted.returncode == 0, restarted.stderr
         served = curl_vip(wiring, 40)  # ECMP: uniform over both (all on one server: p = 2⁻³⁹)
         assert sum(served.values()) == 40 and set(served) == {"srv0", "srv1"}, served
+
+        # A learned policy: PyTorch goes into each LB host's venv on first use, the policy file with it.
+        policy = hosts["tmp"] / "policy"
+        trained = subprocess.run(
+            [MARLLB, "train", str(hosts["config"]), "--algo", "distr", "--episodes", "1", "--episode-s", "2"]
+            + ["--hyper", "hidden=8", "--out", str(policy)],
+            capture_output=True,
+            text=True,
+        )
+        assert trained.returncode == 0, trained.stderr[-2000:]
+        learned = marllb(hosts, "lb", "start", str(hosts["config"]), "--method", f"rl:{policy}")
+        assert learned.returncode == 0, learned.stderr
+        for lb in wiring.lbs:
+            agent = agent_process(LocalNamespace(lb.namespace))
+            python = Path(Path(f"/proc/{agent}/cmdline").read_bytes().split(b"\0")[0].decode())
+            assert python.is_relative_to(hosts["tmp"] / "hostfs" / lb.name / "venv")  # the host's own venv
+            assert "libtorch" in Path(f"/proc/{agent}/maps").read_text()  # the policy network runs there
+        assert sum(curl_vip(wiring, 10).values()) == 10
 
         # replay-trace: the replayer and the sampler run on the client host, their files come back here.
         run = replay_on_client_host(hosts)
