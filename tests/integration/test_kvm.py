@@ -64,7 +64,7 @@ def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path):
         assert made.returncode == 0, made.stderr
         mark = time.monotonic()
         runs = tmp_path / "runs"
-        replay = marllb("replay-trace", str(CONFIG), "--trace", str(trace), "--method", "sed", "--runs-dir", str(runs))
+        replay = marllb("replay-trace", str(CONFIG), "--trace", str(trace), "--method", "wcmp", "--runs-dir", str(runs))
         stages["replay 30 s"] = time.monotonic() - mark
         assert replay.returncode == 0, replay.stderr[-3000:]
         run = next(runs.iterdir())
@@ -73,6 +73,8 @@ def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path):
         assert meta["complete"] is True
         assert len(requests) == meta["scheduled_requests"] > 60
         assert (requests["status"] == 200).all(), requests["error"].value_counts()
+        # WCMP (random in proportion to capacity) reaches every server's GRE tunnel: missing the 1-unit srv1
+        # in 100+ requests has probability (3/4)^100. (SED at this light load may never need it.)
         assert requests["server"].nunique() == 3
         steps = pd.read_parquet(run / "agents" / "lb0.parquet")
         assert len(steps) > 60 and steps["t_s"].between(-120, 120).all()  # moved onto this machine's clock
