@@ -7,6 +7,7 @@ state directory (`<workdir>/<testbed>`, `--state`), so `down` removes exactly wh
               Prints the node's facts as JSON (the MAC of its data interface, which the LBs need).
     lb-start  start this LB's dataplane and agent from the specs the controller uploaded
     lb-stop   stop them
+    lb-stats  JSON: this LB's processes, method, weights and per-server counters (`marllb lb stats`)
     status    JSON: whether the node is set up, and for a server whether Apache answers
     down      undo everything in the record, newest first, and remove the state directory
 
@@ -33,7 +34,7 @@ from marllb_cli.dataplane.fastpath import DataplaneSpec
 from marllb_cli.deploy import mediawiki
 from marllb_cli.deploy.apache import ApacheInstance, http_get, install_docroot
 from marllb_cli.deploy.cgroups import CpuCgroup
-from marllb_cli.deploy.lb_services import start_lb, stop_lbs
+from marllb_cli.deploy.lb_services import read_snapshot, start_lb, stop_lbs
 from marllb_cli.deploy.local import services_running, start_server
 from marllb_cli.deploy.manifest import Manifest
 from marllb_cli.deploy.roles import apply_role
@@ -108,6 +109,16 @@ def lb_stop(state: StateOption) -> None:
     """Stop this LB's dataplane and agent; print how many processes were running."""
     manifest = Manifest.load(state / MANIFEST)
     typer.echo(json.dumps({"stopped": stop_lbs(manifest) if manifest else 0}))
+
+
+@app.command("lb-stats")
+@reports_errors
+def lb_stats(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
+    """Print this LB's snapshot (processes, method, weights, per-server counters) as JSON."""
+    cfg = load_config(config)
+    servers = [server.name for server in plan(cfg.testbed).servers]
+    snapshot = read_snapshot(cfg.testbed.name, _node(cfg, node).name, _deployed(state))
+    typer.echo(json.dumps(snapshot.as_json(servers)))
 
 
 @app.command()

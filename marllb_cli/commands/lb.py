@@ -1,4 +1,4 @@
-"""`marllb lb start|stop|stats`: the LBs of a deployed local testbed (one dataplane + one agent per LB)."""
+"""`marllb lb start|stop|stats`: the LBs of a deployed testbed (one dataplane + one agent per LB)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from rich.table import Table
 
 from marllb_cli.agents.heuristics import HEURISTICS
 from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, load, reports_errors
-from marllb_cli.deploy import LocalTestbed, lb_services_for
-from marllb_cli.deploy.lb_services import LbServices, LbSnapshot
-from marllb_cli.errors import TestbedError
+from marllb_cli.deploy import lb_services_for
 
 lb_app = typer.Typer(help="Start, stop and inspect the load balancers of a deployed testbed.", no_args_is_help=True)
 
@@ -57,61 +55,30 @@ def stop(config: ConfigArg, set_: SetOption = None) -> None:
 @reports_errors
 def stats(config: ConfigArg, json_: JsonOption = False, set_: SetOption = None) -> None:
     """Per-LB counters and, per server, on-going flows q_j, new flows and the current weights."""
-    cfg = load(config, set_)
-    if cfg.testbed.kind != "local":
-        raise TestbedError("lb stats reads the LBs' shared memory: kind local only for now")
-    services = LbServices(LocalTestbed(cfg))
-    snapshots = services.snapshots()
+    reports = lb_services_for(load(config, set_)).stats_json()
     if json_:
-        print(json.dumps([_as_json(s, services) for s in snapshots], indent=2))
+        print(json.dumps(reports, indent=2))
         return
-    servers = [server.name for server in services.topology.servers]
-    for snap in snapshots:
+    for report in reports:
         state = (
-            ("dataplane up" if snap.dataplane_running else "[red]dataplane down[/]")
+            ("dataplane up" if report["dataplane_running"] else "[red]dataplane down[/]")
             + ", "
-            + ("agent up" if snap.agent_running else "[yellow]agent down (weights held)[/]")
+            + ("agent up" if report["agent_running"] else "[yellow]agent down (weights held)[/]")
         )
-        table = Table(title=f"{snap.lb}: {snap.method or '-'} — {state}")
+        table = Table(title=f"{report['lb']}: {report['method'] or '-'} — {state}")
         for column in ("server", "flows", "new flows", "packets", "weight"):
             table.add_column(column, justify="left" if column == "server" else "right")
-        if snap.stats is not None:
-            for j, name in enumerate(servers):
-                table.add_row(
-                    name,
-                    str(snap.stats.flows[j]),
-                    str(snap.stats.new_flows[j]),
-                    str(snap.stats.packets[j]),
-                    f"{snap.weights[j]:.3g}" if snap.weights else "",
-                )
+        weights = report["weights"] or []
+        for j, server in enumerate(report.get("servers", [])):
+            weight = f"{weights[j]:.3g}" if j < len(weights) else ""
+            table.add_row(
+                server["name"], str(server["flows"]), str(server["new_flows"]), str(server["packets"]), weight
+            )
         console.print(table)
-        if snap.stats is not None:
-            counters = snap.stats.counters
+        counters = report.get("counters")
+        if counters is not None:
             dropped = {k: v for k, v in counters.items() if k not in ("ok", "forwarded", "open") and v}
             console.print(
                 f"  forwarded {counters['forwarded']}, open flows {counters['open']}"
                 + (", " + ", ".join(f"{k} {v}" for k, v in dropped.items()) if dropped else "")
             )
-
-
-def _as_json(snap: LbSnapshot, services: LbServices) -> dict:
-    out = {
-        "lb": snap.lb,
-        "dataplane_running": snap.dataplane_running,
-        "agent_running": snap.agent_running,
-        "agent_heartbeat_age_s": snap.agent_heartbeat_age_s,
-        "method": snap.method,
-        "weights": snap.weights,
-    }
-    if snap.stats is not None:
-        out["counters"] = snap.stats.counters
-        out["servers"] = [
-            {
-                "name": server.name,
-                "flows": int(snap.stats.flows[j]),
-                "new_flows": int(snap.stats.new_flows[j]),
-                "packets": int(snap.stats.packets[j]),
-            }
-            for j, server in enumerate(services.topology.servers)
-        ]
-    return out

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from marllb_cli.agents.factory import make_agent, resolve_method
 from marllb_cli.agents.runner import AgentSpec
@@ -38,6 +39,7 @@ __all__ = [
     "channel_path",
     "lb_resources",
     "lb_specs",
+    "read_snapshot",
     "start_lb",
     "stop_lbs",
 ]
@@ -56,6 +58,29 @@ class LbSnapshot:
     weights: list[float] | None
     agent_heartbeat_age_s: float | None
     stats: Stats | None
+
+    def as_json(self, servers: list[str]) -> dict[str, Any]:
+        """What `lb stats --json` prints for this LB (and a `kind: ssh` LB host sends back)."""
+        out: dict[str, Any] = {
+            "lb": self.lb,
+            "dataplane_running": self.dataplane_running,
+            "agent_running": self.agent_running,
+            "agent_heartbeat_age_s": self.agent_heartbeat_age_s,
+            "method": self.method,
+            "weights": self.weights,
+        }
+        if self.stats is not None:
+            out["counters"] = self.stats.counters
+            out["servers"] = [
+                {
+                    "name": name,
+                    "flows": int(self.stats.flows[j]),
+                    "new_flows": int(self.stats.new_flows[j]),
+                    "packets": int(self.stats.packets[j]),
+                }
+                for j, name in enumerate(servers)
+            ]
+        return out
 
 
 class LbServices:
@@ -112,28 +137,12 @@ class LbServices:
     # -- stats -------------------------------------------------------------------------------------------
     def snapshots(self) -> list[LbSnapshot]:
         manifest = self._manifest()
-        services = {r.name: Service.from_record(r.name, r.data) for r in lb_resources(manifest) if r.kind == "process"}
-        out = []
-        for lb in self.topology.lbs:
-            dataplane, agent = services.get(f"{lb.name}-dataplane"), services.get(f"{lb.name}-agent")
-            snapshot = dict(
-                lb=lb.name,
-                dataplane_running=bool(dataplane and dataplane.running()),
-                agent_running=bool(agent and agent.running()),
-                method=None,
-                weights=None,
-                agent_heartbeat_age_s=None,
-                stats=None,
-            )
-            path = self.channel_path(lb)
-            if dataplane is not None and path.exists():
-                with Channel.attach(path) as channel:
-                    _, snapshot["method"], snapshot["weights"] = channel.read_control()
-                    beat = float(channel.header["agent_heartbeat"])
-                    snapshot["agent_heartbeat_age_s"] = time.monotonic() - beat if beat else None
-                    snapshot["stats"] = channel.read_stats()
-            out.append(LbSnapshot(**snapshot))
-        return out
+        return [read_snapshot(self.topology.testbed, lb.name, manifest) for lb in self.topology.lbs]
+
+    def stats_json(self) -> list[dict[str, Any]]:
+        """`lb stats`: every LB's snapshot as JSON-ready dicts (`LbSnapshot.as_json`)."""
+        names = [server.name for server in self.topology.servers]
+        return [snapshot.as_json(names) for snapshot in self.snapshots()]
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _manifest(self) -> Manifest:
@@ -144,6 +153,29 @@ class LbServices:
                 hint=f"run `marllb deploy` with this config first (state: {self.testbed.state_dir})",
             )
         return manifest
+
+
+def read_snapshot(testbed: str, lb: str, manifest: Manifest) -> LbSnapshot:
+    """One LB's processes and channel, read where the LB runs (its namespace's host, or the LB host)."""
+    services = {r.name: Service.from_record(r.name, r.data) for r in lb_resources(manifest) if r.kind == "process"}
+    dataplane, agent = services.get(f"{lb}-dataplane"), services.get(f"{lb}-agent")
+    snapshot: dict[str, Any] = dict(
+        lb=lb,
+        dataplane_running=bool(dataplane and dataplane.running()),
+        agent_running=bool(agent and agent.running()),
+        method=None,
+        weights=None,
+        agent_heartbeat_age_s=None,
+        stats=None,
+    )
+    path = channel_path(testbed, lb)
+    if dataplane is not None and path.exists():
+        with Channel.attach(path) as channel:
+            _, snapshot["method"], snapshot["weights"] = channel.read_control()
+            beat = float(channel.header["agent_heartbeat"])
+            snapshot["agent_heartbeat_age_s"] = time.monotonic() - beat if beat else None
+            snapshot["stats"] = channel.read_stats()
+    return LbSnapshot(**snapshot)
 
 
 def channel_path(testbed: str, lb: str) -> Path:

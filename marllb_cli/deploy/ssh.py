@@ -324,6 +324,17 @@ class SshLbServices:
 
         return sum(self.testbed.on_all_hosts(stop_one, hosts=self.lb_hosts).values())
 
+    def stats_json(self) -> list[dict[str, Any]]:
+        """`lb stats`: each LB host's `node lb-stats`, in LB order."""
+        self.require_deployed()
+
+        def ask(host: SshNode, ssh: SshHost) -> dict[str, Any]:
+            args = ("lb-stats", "--config", f"{host.state}/config.yaml", "--node", host.node, "--state", host.state)
+            return json.loads(_step(host, "lb stats", lambda: ssh.run(host.node_command(*args))).stdout)
+
+        reports = self.testbed.on_all_hosts(ask, hosts=self.lb_hosts)
+        return [reports[host] for host in self.lb_hosts]
+
     def steps_log(self, lb: Node) -> Path:
         """Where `stop` put LB `lb`'s step log, its times moved onto this machine's monotonic clock."""
         return self.testbed.state_dir / "lb" / f"{lb.name}.steps.jsonl"
