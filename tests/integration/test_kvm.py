@@ -141,6 +141,10 @@ def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path):
             ]
         )
         assert missing.stdout == "404"  # a title beyond the 200 imported pages
+        # lb stats from the LB guests: the learned policies run and the requests above went through them.
+        stats = json.loads(marllb("lb", "stats", str(CONFIG), "--json").stdout)
+        assert [lb["lb"] for lb in stats] == ["lb0", "lb1"] and all(lb["agent_running"] for lb in stats)
+        assert sum(server["packets"] for lb in stats for server in lb["servers"]) >= 3 * 3  # 3 requests
     finally:
         mark = time.monotonic()
         removed = marllb("teardown", str(CONFIG))
