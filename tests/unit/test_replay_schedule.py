@@ -1,0 +1,18 @@
+"""The replayer's schedule file: what the controller writes is exactly what the replayer (on any client node,
+without pandas) reads back."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from marllb_cli.replay import read_schedule, write_schedule
+
+
+def test_schedule_round_trips_every_float_and_path(tmp_path):
+    rng = np.random.default_rng(3)
+    intended = np.sort(rng.exponential(0.01, 1000).cumsum())
+    paths = [f"/dummy.php/?n={k}" for k in range(998)] + ['/wiki/index.php/Caf\u00e9_"quoted",x', "/static/1k.bin"]
+    write_schedule(tmp_path / "s.tsv", intended, paths)
+    times, read_paths = read_schedule(tmp_path / "s.tsv")
+    assert times.dtype == np.float64 and np.array_equal(times, intended)  # bit for bit
+    assert read_paths == paths
