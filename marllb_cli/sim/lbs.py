@@ -15,7 +15,8 @@ expired every second, as the dataplane does). A rejected request (full backlog) 
 Oracle policies see what no LB can (the servers' true state) and skip the flow tables:
     oracle-srt   the server that would finish the new job first if nothing else arrived (exact PS
                  drain of its remaining work, backlog and worker limit included). With IO phases it is
-                 approximate: jobs in IO are not in the drain, and the new job's own IO is ignored.
+                 approximate: the new job computes once the server's FIFO IO device has done its IO (exact),
+                 on the server's work projected to that moment, and jobs in IO are not in the drain.
     oracle-gsq   global shortest expected delay: argmin (n_j + 1) / (cpus_j × speed_j) over the jobs n_j
                  each server really holds (computing, in IO, or waiting), summed over all LBs
 """
@@ -57,6 +58,7 @@ class LbLayer:
         cpus: Sequence[float],
         idle_timeout: float = 40.0,
         work: Sequence[float],
+        io: Sequence[float] | None = None,
         seed: int = 0,
         agents: list[Agent] | None = None,
         joint: Any = None,
@@ -65,7 +67,7 @@ class LbLayer:
             raise ValueError(f"unknown method {method!r}")
         self.method = method
         self.joint = joint  # Centr-LB: act_all(observations of every LB) → weights of every LB
-        self.work = work
+        self.work, self.io = work, io
         self.states = states
         self.n = len(states)
         self.n_lbs = n_lbs
@@ -146,16 +148,21 @@ class LbLayer:
         if self.method == "oracle-gsq":
             jobs = np.array([s.workers() + len(s.waiting) for s in self.states], dtype=np.float64)
             return int(np.argmin((jobs + 1) / self.capacity))
-        work = self.work[job]
-        return min(range(self.n), key=lambda j: finish_if_added(self.states[j], work, now))
+        work, io = self.work[job], (self.io[job] if self.io is not None else 0.0)
+        return min(range(self.n), key=lambda j: finish_if_added(self.states[j], work, now, io))
 
 
-def finish_if_added(state: ServerState, work: float, now: float) -> float:
-    """When a new job of `work` would finish at this server if nothing else arrived (∞ if rejected).
+def finish_if_added(state: ServerState, work: float, now: float, io: float = 0.0) -> float:
+    """When a new job of `work` (and an IO phase of `io` s) would finish at this server if nothing else
+    arrived (∞ if rejected).
 
     Drains the server exactly: the k active jobs each get speed × min(1, cpus/k); a finished job's worker
-    goes to the next waiting job (FIFO); the new job joins the active set, or the end of the backlog."""
+    goes to the next waiting job (FIFO); the new job joins the active set, or the end of the backlog. With
+    IO, the job computes from the moment the server's FIFO IO device is done with it (`io_free` and
+    `io_speed`, as the engine does), on the server's work projected to that moment at its current rate."""
     model = state.model
+    if io > 0:
+        now = max(now, state.io_free) + io / model.io_speed if model.io_speed < np.inf else now + io
     active, waiting = state.remaining(now)
     if len(active) < model.max_workers:
         active.append(work)

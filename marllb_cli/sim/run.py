@@ -100,6 +100,7 @@ def run_simulation(
         states=states,
         cpus=cpus,
         work=requests_in.work,
+        io=requests_in.io,
         idle_timeout=config.sim.idle_timeout_s,
         seed=seed,
     )

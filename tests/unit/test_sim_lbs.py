@@ -39,6 +39,28 @@ def test_oracle_prediction_equals_the_engine(seed):
     assert len(states[0].waiting) == 0
 
 
+def test_oracle_prediction_waits_for_the_fifo_io_device():
+    """A job whose IO queues behind others' on the server's IO device computes only after it: the oracle's
+    prediction (made on arrival) is the engine's finish time."""
+    arrival = np.array([0.0, 0.1, 0.2, 0.3])
+    work = np.array([0.05, 0.05, 0.05, 0.2])
+    io = np.array([1.0, 1.0, 1.0, 0.5])
+    model = ServerModel(cpus=1, io_speed=2.0)
+    states = [ServerState(model)]
+    predicted = {}
+
+    def dispatch(job, now):
+        if job == 3:
+            predicted["t"] = finish_if_added(states[0], work[job], now, io[job])
+            predicted["no io device"] = finish_if_added(states[0], work[job], now)
+        return 0
+
+    result = simulate(arrival, work, [model], dispatch, states=states, io=io)
+    # IO ends at 0.5, 1.0, 1.5, then 1.75 for the last job; its 0.2 s of CPU follow, alone on the core.
+    assert result.finish[-1] == pytest.approx(1.95) == pytest.approx(predicted["t"], rel=1e-9)
+    assert predicted["no io device"] == pytest.approx(0.5)  # what ignoring the device predicted (0.3 + 0.2)
+
+
 def test_sed_with_equal_weights_on_one_lb_is_jsq():
     rng = np.random.default_rng(3)
     n = 6_000
