@@ -49,13 +49,14 @@ def cli():
 
 @pytest.fixture
 def trained(cli, tmp_path):
-    """Train a tiny policy through the CLI (1 episode of 2 s, hidden 8) on sim-moderate; returns its directory."""
+    """Train a tiny policy through the CLI (1 episode of 2 s, hidden 8) for `config`'s LBs and servers
+    (default sim-moderate); returns its directory."""
 
-    def train(algo: str, name: str | None = None) -> Path:
+    def train(algo: str, name: str | None = None, config: Path = REPO / "configs" / "sim-moderate.yaml") -> Path:
         out = tmp_path / (name or f"train-{algo}")
         result = cli(
             "train",
-            REPO / "configs" / "sim-moderate.yaml",
+            config,
             "--algo",
             algo,
             "--episodes",

@@ -13,9 +13,11 @@ Safety, by construction:
 
 from __future__ import annotations
 
+import fcntl
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,28 @@ class SshTarget:
     known_hosts: Path = Path("~/.ssh/known_hosts")
 
 
+class _RecordNewHostKey(paramiko.MissingHostKeyPolicy):
+    """Accept an unknown host's key and append it to known_hosts.
+
+    Not paramiko's AutoAddPolicy: that rewrites the whole file from the keys its own client loaded, so
+    hosts connected in parallel (deploy reaches every host at once) overwrite each other's new entries and
+    the next connection finds its host unknown. Here each key is appended under a lock (threads) and an
+    exclusive file lock (processes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        line = paramiko.hostkeys.HostKeyEntry([hostname], key).to_line()
+        with _KNOWN_HOSTS_LOCK, open(self.path, "a") as out:
+            fcntl.flock(out, fcntl.LOCK_EX)
+            out.write(line)
+
+
+_KNOWN_HOSTS_LOCK = threading.Lock()
+
+
 class SshHost:
     """One connection to one host; `run` executes an argv there."""
 
@@ -59,8 +83,7 @@ class SshHost:
         if accept_new_host_keys:
             known_hosts.parent.mkdir(parents=True, exist_ok=True)
             known_hosts.touch(exist_ok=True)
-            client.load_host_keys(str(known_hosts))  # so that new keys are saved to this file
-            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+            client.set_missing_host_key_policy(_RecordNewHostKey(known_hosts))
         else:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:

@@ -46,7 +46,7 @@ def marllb(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess[str
     return result
 
 
-def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path):
+def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path, trained):
     stages: dict[str, float] = {}
     started = time.monotonic()
     try:
@@ -82,22 +82,7 @@ def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path):
         # A static file through the LBs (GRE to a server guest), whole.
         client = LocalNamespace(f"{NAME}-client")
         # The LBs now run a learned policy: PyTorch is in the image, the policy file goes to the LB guests.
-        policy = tmp_path / "policy"
-        trained = marllb(
-            "train",
-            str(CONFIG),
-            "--algo",
-            "distr",
-            "--episodes",
-            "1",
-            "--episode-s",
-            "2",
-            "--hyper",
-            "hidden=8",
-            "--out",
-            str(policy),
-        )
-        assert trained.returncode == 0, trained.stderr[-2000:]
+        policy = trained("distr", "policy", CONFIG)
         mark = time.monotonic()
         started_lbs = marllb("lb", "start", str(CONFIG), "--method", f"rl:{policy}")
         stages["lb start rl"] = time.monotonic() - mark

@@ -158,30 +158,10 @@ def test_ctrl_c_keeps_every_sent_request_and_leaves_nothing_running(testbed, tmp
     assert not list(SHM_DIR.glob(f"marllb-{NAME}-*"))
 
 
-def test_a_policy_trained_in_simulation_runs_on_the_testbed(tmp_path):
+def test_a_policy_trained_in_simulation_runs_on_the_testbed(tmp_path, trained):
     """Sim-to-real in one command: train on sim-moderate (tiny), replay on local-moderate with rl:DIR."""
     name = "itrl"
-    trained = subprocess.run(
-        [
-            *MARLLB,
-            "train",
-            str(REPO / "configs" / "sim-moderate.yaml"),
-            "--algo",
-            "distr",
-            "--episodes",
-            "1",
-            "--episode-s",
-            "2",
-            "--hyper",
-            "hidden=16",
-            "--out",
-            str(tmp_path / "policy"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert trained.returncode == 0, trained.stderr
+    policy = trained("distr", "policy")
     testbed = LocalTestbed(load_config(REPO / "configs" / "local-moderate.yaml", [f"testbed.name={name}"]))
     testbed.deploy()
     try:
@@ -196,7 +176,7 @@ def test_a_policy_trained_in_simulation_runs_on_the_testbed(tmp_path):
                 "--trace",
                 str(TRACE),
                 "--method",
-                f"rl:{tmp_path / 'policy'}",
+                f"rl:{policy}",
                 "--speed",
                 str(SPEED),
                 "--duration",

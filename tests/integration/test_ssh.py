@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,28 @@ def test_config_values_cannot_inject_shell_commands(sshd, tmp_path):
             host.run(["ls", "/nonexistent-marllb"])
         assert host.run(["sh", "-c", "exit 3"], check=False).returncode == 3
         assert host.run(["cat"], input="through stdin").stdout == "through stdin"
+
+
+def test_keys_accepted_in_parallel_are_all_recorded(sshd, tmp_path):
+    """Deploy reaches every host at once: each new key must land in known_hosts, none overwritten by another
+    connection's save (paramiko's AutoAddPolicy rewrites the file from its own client's keys)."""
+    known_hosts = tmp_path / "known_hosts"
+    names = [f"host{i}" for i in range(8)]  # one sshd under eight names: eight unknown hosts to paramiko
+
+    def accept(name: str) -> None:
+        aliased = SshTarget(
+            host=name, port=PORT, user="root", key_file=sshd["tmp"] / "client_key", known_hosts=known_hosts
+        )
+        sock = LocalNamespace(CLIENT).connect(HOST_IP, PORT)
+        with SshHost(aliased, sock=sock, accept_new_host_keys=True) as host:
+            assert host.run(["true"]).returncode == 0
+
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        list(pool.map(accept, names))
+    recorded = sorted(line.split()[0] for line in known_hosts.read_text().splitlines())
+    assert recorded == sorted(f"[{name}]:{PORT}" for name in names)
+    for name in names:  # and each is now known: strict checking lets it in
+        aliased = SshTarget(
+            host=name, port=PORT, user="root", key_file=sshd["tmp"] / "client_key", known_hosts=known_hosts
+        )
+        SshHost(aliased, sock=LocalNamespace(CLIENT).connect(HOST_IP, PORT)).close()

@@ -247,7 +247,7 @@ def test_an_unknown_host_key_stops_deploy_before_anything_is_installed(hosts):
     assert not (hosts["tmp"] / "hostfs").exists()
 
 
-def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts):
+def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts, trained):
     wiring = hosts["wiring"]
     router = LocalNamespace(wiring.router.namespace)
     forward_before = router.run(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
@@ -293,14 +293,7 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts):
         assert sum(served.values()) == 40 and set(served) == {"srv0", "srv1"}, served
 
         # A learned policy: PyTorch goes into each LB host's venv on first use, the policy file with it.
-        policy = hosts["tmp"] / "policy"
-        trained = subprocess.run(
-            [MARLLB, "train", str(hosts["config"]), "--algo", "distr", "--episodes", "1", "--episode-s", "2"]
-            + ["--hyper", "hidden=8", "--out", str(policy)],
-            capture_output=True,
-            text=True,
-        )
-        assert trained.returncode == 0, trained.stderr[-2000:]
+        policy = trained("distr", "policy", hosts["config"])
         learned = marllb(hosts, "lb", "start", str(hosts["config"]), "--method", f"rl:{policy}")
         assert learned.returncode == 0, learned.stderr
         for lb in wiring.lbs:
