@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from marllb_cli.deploy import LocalTestbed
 from marllb_cli.deploy.cgroups import cgroup_root
 from marllb_cli.hosts import list_namespaces
 from marllb_cli.wikipages import page_text
@@ -26,6 +29,17 @@ def leftovers(name: str) -> dict[str, object]:
 
 
 NOTHING = {"namespaces": [], "cgroup": False, "processes": [], "state": False, "shm": []}
+
+
+@contextmanager
+def deployed(testbed: LocalTestbed) -> Iterator[LocalTestbed]:
+    """A test's testbed: deployed, torn down afterwards, and checked to have left nothing behind."""
+    testbed.deploy()
+    try:
+        yield testbed
+    finally:
+        testbed.teardown()
+    assert leftovers(testbed.topology.testbed) == NOTHING
 
 
 def rendered_opening(k: int, pages: int, *, seed: int = 0) -> str:

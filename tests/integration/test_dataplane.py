@@ -26,7 +26,7 @@ from marllb_cli.deploy import LocalTestbed
 from marllb_cli.deploy.lb_services import LbServices
 from marllb_cli.hosts import LocalNamespace
 from tests.conftest import REPO, minimal_testbed
-from tests.integration.helpers import NOTHING, leftovers
+from tests.integration.helpers import deployed
 
 IDLE_S = 5.0  # the LBs' idle timeout in this module: long enough for held-open connections, short to wait for
 NO_FLOWS = [0, 0, 0, 0]
@@ -48,15 +48,10 @@ def _minimal_testbed(tmp_path_factory, name: str, **overrides) -> LocalTestbed:
 @pytest.fixture(scope="module")
 def lbs(tmp_path_factory):
     """A deployed l2dsr testbed with SED LBs running; torn down (and checked clean) after the module."""
-    testbed = LocalTestbed(load_config(REPO / "configs" / "local-small.yaml", ["testbed.name=itlb"]))
-    testbed.deploy()
-    services = LbServices(testbed)
-    try:
+    with deployed(LocalTestbed(load_config(REPO / "configs" / "local-small.yaml", ["testbed.name=itlb"]))) as testbed:
+        services = LbServices(testbed)
         services.start("sed", idle_timeout=IDLE_S)
         yield services
-    finally:
-        testbed.teardown()
-    assert leftovers("itlb") == NOTHING
 
 
 def sh(namespace: str, script: str, timeout: float = 120) -> str:
@@ -350,15 +345,10 @@ def test_awcmp_weights_follow_probed_busy_workers(lbs):
 # -- GRE ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gre_lbs(tmp_path_factory):
-    testbed = _minimal_testbed(tmp_path_factory, "itgre", forwarding="gre")
-    testbed.deploy()
-    services = LbServices(testbed)
-    try:
+    with deployed(_minimal_testbed(tmp_path_factory, "itgre", forwarding="gre")) as testbed:
+        services = LbServices(testbed)
         services.start("lsq")
         yield services
-    finally:
-        testbed.teardown()
-    assert leftovers("itgre") == NOTHING
 
 
 def test_gre_frames_dissect_and_curl_works_end_to_end(gre_lbs):

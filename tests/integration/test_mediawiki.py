@@ -23,7 +23,7 @@ from marllb_cli.deploy import LocalTestbed
 from marllb_cli.hosts import LocalNamespace
 from marllb_cli.wikipages import page_path
 from tests.conftest import REPO
-from tests.integration.helpers import NOTHING, leftovers, rendered_opening
+from tests.integration.helpers import deployed, rendered_opening
 
 pytestmark = [
     pytest.mark.integration,
@@ -55,13 +55,8 @@ def config_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def testbed(config_file):
-    testbed = LocalTestbed(load_config(config_file))
-    testbed.deploy()
-    try:
+    with deployed(LocalTestbed(load_config(config_file))) as testbed:
         yield testbed
-    finally:
-        testbed.teardown()
-    assert leftovers(NAME) == NOTHING
 
 
 def get(testbed: LocalTestbed, path: str) -> tuple[int, dict[str, str], str]:

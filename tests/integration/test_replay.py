@@ -22,7 +22,7 @@ from marllb_cli.deploy import LocalTestbed
 from marllb_cli.deploy.lb_services import SHM_DIR
 from marllb_cli.hosts import LocalNamespace
 from tests.conftest import REPO
-from tests.integration.helpers import NOTHING, leftovers
+from tests.integration.helpers import NOTHING, deployed, leftovers
 
 pytestmark = [
     pytest.mark.integration,
@@ -36,13 +36,10 @@ MARLLB = [sys.executable, "-m", "marllb_cli"]
 
 @pytest.fixture(scope="module")
 def testbed():
-    testbed = LocalTestbed(load_config(REPO / "configs" / "local-small.yaml", [f"testbed.name={NAME}"]))
-    testbed.deploy()
-    try:
+    with deployed(
+        LocalTestbed(load_config(REPO / "configs" / "local-small.yaml", [f"testbed.name={NAME}"]))
+    ) as testbed:
         yield testbed
-    finally:
-        testbed.teardown()
-    assert leftovers(NAME) == NOTHING
 
 
 def replay(method: str, runs_dir: Path, *extra: str, **kwargs) -> subprocess.Popen:
