@@ -333,6 +333,11 @@ class Sim(_Strict):
         description="IO-seconds each server's IO device serves per second, one IO phase at a time (FIFO); the "
         "same on every server whatever its cpus (NeurIPS'22: equal IO speed). Unset: IO phases never queue.",
     )
+    engine: Literal["auto", "compiled", "python"] = Field(
+        "auto",
+        description="The event loop: compiled (numba, the `fast` extra; any method but oracle-srt) or python (the "
+        "reference the compiled one is tested against). auto: compiled where it can run, else python.",
+    )
 
 
 class Config(_Strict):

@@ -89,6 +89,10 @@ class ServerState:
         """Workers in use: jobs computing plus jobs in IO."""
         return len(self.active) + self.in_io
 
+    def jobs(self) -> int:
+        """Jobs the server holds: computing, in IO, or waiting for a worker."""
+        return len(self.active) + self.in_io + len(self.waiting)
+
     def rerate(self) -> None:
         k = len(self.active)
         self.r = self.model.speed * min(1.0, self.model.cpus / k) if k else 0.0

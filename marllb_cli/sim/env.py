@@ -30,9 +30,7 @@ from pettingzoo import ParallelEnv
 from marllb_cli.config import Config
 from marllb_cli.features import N_FEATURES
 from marllb_cli.rewards import REWARDS
-from marllb_cli.sim.engine import Engine, ServerState
-from marllb_cli.sim.lbs import LbLayer
-from marllb_cli.sim.run import server_models
+from marllb_cli.sim.run import build_simulation, server_models
 from marllb_cli.sim.traffic import traffic
 
 __all__ = ["LoadBalancingEnv", "WEIGHT_LEVELS"]
@@ -98,25 +96,7 @@ class LoadBalancingEnv(ParallelEnv):
             )
             config = config.model_copy(update={"sim": sim})
         load = traffic(config, seed=episode_seed, duration_s=self.episode_s)
-        states = [ServerState(m) for m in self.models]
-        self.lbs = LbLayer(
-            method="sed",
-            n_lbs=len(self.possible_agents),
-            states=states,
-            cpus=self.cpus,
-            work=load.work,
-            idle_timeout=self.config.sim.idle_timeout_s,
-            seed=episode_seed,
-        )
-        self.engine = Engine(
-            load.arrival,
-            load.work,
-            self.models,
-            self.lbs.dispatch,
-            on_finish=self.lbs.finish,
-            states=states,
-            io=load.io,
-        )
+        self.engine, self.lbs = build_simulation(config, "sed", load, self.models, self.cpus, seed=episode_seed)
         self.now = 0.0
         self.agents = list(self.possible_agents)
         return self._observations(), {agent: {} for agent in self.agents}
@@ -146,6 +126,5 @@ class LoadBalancingEnv(ParallelEnv):
         return np.clip(np.asarray(action, dtype=np.float64), low, high).tolist()
 
     def _observations(self) -> dict[str, np.ndarray]:
-        return {
-            agent: self.lbs.observe(i, self.now) for i, agent in enumerate(self.possible_agents) if agent in self.agents
-        }
+        every_lb = self.lbs.observe_all(self.now)
+        return {agent: every_lb[i] for i, agent in enumerate(self.possible_agents) if agent in self.agents}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,11 +39,21 @@ from marllb_cli.dataplane.selection import Selector
 from marllb_cli.features import observe
 from marllb_cli.sim.engine import ServerState
 
-__all__ = ["ORACLES", "SIM_METHODS", "LbLayer", "finish_if_added"]
+__all__ = ["ORACLES", "SIM_METHODS", "LbLayer", "finish_if_added", "job_hash"]
 
 ORACLES = ("oracle-srt", "oracle-gsq")
 SIM_METHODS = (*HEURISTICS, *ORACLES)
 _ACK, _FIN, _RST = TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST
+
+
+def job_key(job: int) -> bytes:
+    """The flow key of request `job`: 12 bytes, as long as a TCP 4-tuple key."""
+    return job.to_bytes(12, "little")
+
+
+def job_hash(job: int) -> int:
+    """The 32-bit hash of request `job`'s flow: the edge router's ECMP hash and the LB's Maglev hash."""
+    return zlib.crc32(job_key(job))
 
 
 class LbLayer:
@@ -62,7 +72,11 @@ class LbLayer:
         seed: int = 0,
         agents: list[Agent] | None = None,
         joint: Any = None,
+        table_factory: Callable[[int, str, list[float]], Any] | None = None,
     ) -> None:
+        """`states` are the servers' live states (anything with `workers()`). `table_factory(lb, method,
+        weights)` makes LB `lb`'s flow table; by default the dataplane's `FlowTable`, and the compiled
+        simulator passes its own (`CompiledSim.table`)."""
         if method not in SIM_METHODS:
             raise ValueError(f"unknown method {method!r}")
         self.method = method
@@ -78,11 +92,14 @@ class LbLayer:
         self.agents: list[Agent] = agents or [
             heuristic("sed" if self.oracle else method, self.capacity.tolist(), probe) for _ in range(n_lbs)
         ]
-        self.tables = []
-        for i, agent in enumerate(self.agents):
-            rng = random.Random(seed * 1_000 + i)
-            selector = Selector(self.n, method=agent.method, weights=list(agent.weights), rng=rng)
-            self.tables.append(FlowTable(selector, idle_timeout=idle_timeout, rng=rng))
+
+        def flow_table(lb: int, method: str, weights: list[float]) -> FlowTable:
+            rng = random.Random(seed * 1_000 + lb)
+            selector = Selector(self.n, method=method, weights=weights, rng=rng)
+            return FlowTable(selector, idle_timeout=idle_timeout, rng=rng)
+
+        make_table = table_factory or flow_table
+        self.tables = [make_table(lb, agent.method, list(agent.weights)) for lb, agent in enumerate(self.agents)]
         self.lb_of: list[int] = []
         self.steps: list[list[dict]] = [[] for _ in range(n_lbs)]
         self.busy: list[tuple[float, int, int]] = []  # (t, server, jobs holding a worker)
@@ -91,7 +108,7 @@ class LbLayer:
 
     # -- engine callbacks -------------------------------------------------------------------------------
     def dispatch(self, job: int, now: float) -> int:
-        key = job.to_bytes(12, "little")
+        key = job_key(job)
         lb = zlib.crc32(key) % self.n_lbs  # the edge router's per-flow ECMP hash
         self.lb_of.append(lb)
         if self.oracle:
@@ -104,7 +121,7 @@ class LbLayer:
     def finish(self, job: int, server: int, now: float, completed: bool) -> None:
         if self.oracle:
             return
-        key = job.to_bytes(12, "little")
+        key = job_key(job)
         table = self.tables[self.lb_of[job]]
         if completed:
             table.server_for(key, _ACK, now)
@@ -115,13 +132,14 @@ class LbLayer:
     def tick(self, now: float) -> None:
         """An agent step on every LB, the busy-workers sample, and the 1 s flow-table expiry."""
         self.housekeeping(now)
-        observations = [self.observe(lb, now) for lb in range(self.n_lbs)]
+        observations = self.observe_all(now)
         joint = self.joint.act_all(observations) if self.joint is not None else None
         for lb, (agent, table) in enumerate(zip(self.agents, self.tables, strict=True)):
             obs = observations[lb]
             weights = joint[lb] if joint is not None else agent.act(obs)
-            if not self.oracle:
-                table.selector.set_weights([float(w) for w in weights])
+            as_floats = [float(w) for w in weights]
+            if not self.oracle and as_floats != table.selector.weights:  # a heuristic's stay the same
+                table.selector.set_weights(as_floats)
             self.steps[lb].append(step_record(now, self._step, f"lb{lb}", agent, obs, weights, table.new_flows))
         self._step += 1
 
@@ -132,12 +150,20 @@ class LbLayer:
                 table.expire(now)
             self._next_expire = now + 1.0
         for j, state in enumerate(self.states):
-            self.busy.append((now, j, len(state.active) + state.in_io))
+            self.busy.append((now, j, state.workers()))
 
     def observe(self, lb: int, now: float) -> np.ndarray:
         """LB `lb`'s observation, exactly as its agent on the testbed computes it: [servers, 6]."""
         table = self.tables[lb]
         return observe(table.flows, [r.samples() for r in table.durations], now)
+
+    def observe_all(self, now: float) -> list[np.ndarray]:
+        """Every LB's observation (as `observe`), reduced in one call: the agent step is what the compiled
+        simulator spends most of its time on, and one reduction over all LBs' rows costs little more than
+        one over a single LB's."""
+        flows = np.concatenate([table.flows for table in self.tables])
+        joint = observe(flows, [r.samples() for table in self.tables for r in table.durations], now)
+        return [joint[lb * self.n : (lb + 1) * self.n] for lb in range(self.n_lbs)]
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _busy_probe(self) -> list[int | None]:
@@ -146,7 +172,7 @@ class LbLayer:
 
     def _oracle(self, job: int, now: float) -> int:
         if self.method == "oracle-gsq":
-            jobs = np.array([s.workers() + len(s.waiting) for s in self.states], dtype=np.float64)
+            jobs = np.array([s.jobs() for s in self.states], dtype=np.float64)
             return int(np.argmin((jobs + 1) / self.capacity))
         work, io = self.work[job], (self.io[job] if self.io is not None else 0.0)
         return min(range(self.n), key=lambda j: finish_if_added(self.states[j], work, now, io))

@@ -25,11 +25,12 @@ import pandas as pd
 from marllb_cli.agents.factory import RL_PREFIX, resolve_method
 from marllb_cli.config import Config
 from marllb_cli.runs import create_run_dir, empty_requests, environment, now_iso, save_results, steps_frame, write_json
-from marllb_cli.sim.engine import ServerModel, ServerState, simulate
+from marllb_cli.sim.compiled import CompiledSim, use_compiled
+from marllb_cli.sim.engine import Engine, ServerModel, ServerState
 from marllb_cli.sim.lbs import SIM_METHODS, LbLayer
 from marllb_cli.sim.traffic import Traffic, capacity, traffic
 
-__all__ = ["SimOutcome", "SimRun", "run_simulation", "simulate_to_run_dir"]
+__all__ = ["SimOutcome", "SimRun", "build_simulation", "run_simulation", "simulate_to_run_dir"]
 
 
 @dataclass
@@ -73,6 +74,50 @@ def server_models(config: Config) -> tuple[list[ServerModel], list[str], list[st
     return models, names, groups, cpus
 
 
+def build_simulation(
+    config: Config,
+    method: str,
+    load: Traffic,
+    models: list[ServerModel],
+    cpus: list[float],
+    *,
+    seed: int,
+    agents: list | None = None,
+    joint: Any = None,
+    agent_period: float | None = None,
+) -> tuple[Engine | CompiledSim, LbLayer]:
+    """The event loop (compiled or Python, by `sim.engine`) and the LB layer on it, ready to `run`; with
+    `agent_period`, the LB layer's agents step every that many simulated seconds (`LbLayer.tick`), else the
+    caller steps them. Shared by `marllb simulate` and the training environment."""
+    ticks: dict[str, Any] = (
+        {} if agent_period is None else {"tick_period": agent_period, "on_tick": lambda now: lbs.tick(now)}
+    )
+    common = dict(
+        n_lbs=config.testbed.lbs, cpus=cpus, work=load.work, io=load.io, seed=seed, agents=agents, joint=joint
+    )
+    idle = config.sim.idle_timeout_s
+    if use_compiled(config.sim.engine, method, models, config.source):
+        core = CompiledSim(
+            load.arrival,
+            load.work,
+            models,
+            n_lbs=config.testbed.lbs,
+            idle_timeout=idle,
+            seed=seed,
+            io=load.io,
+            oracle_gsq=method == "oracle-gsq",
+            **ticks,
+        )
+        lbs = LbLayer(method=method, states=core.servers, idle_timeout=idle, table_factory=core.table, **common)
+        return core, lbs
+    states = [ServerState(m) for m in models]
+    lbs = LbLayer(method=method, states=states, idle_timeout=idle, **common)
+    engine = Engine(
+        load.arrival, load.work, models, lbs.dispatch, on_finish=lbs.finish, states=states, io=load.io, **ticks
+    )
+    return engine, lbs
+
+
 def run_simulation(
     config: Config,
     method: str,
@@ -86,37 +131,19 @@ def run_simulation(
     seed = config.experiment.seed if seed is None else seed
     requests_in = load if load is not None else traffic(config, seed=seed, duration_s=duration_s)
     models, names, groups, cpus = server_models(config)
-    states = [ServerState(m) for m in models]
     joint, agents = None, None
     if resolved.startswith(RL_PREFIX):
         from marllb_cli.agents.rl.policy import load_for_simulation
 
         joint, agents = load_for_simulation(resolved, config.testbed.lbs, len(models))
-    lbs = LbLayer(
-        method="sed" if method.startswith(RL_PREFIX) else method,
-        agents=agents,
-        joint=joint,
-        n_lbs=config.testbed.lbs,
-        states=states,
-        cpus=cpus,
-        work=requests_in.work,
-        io=requests_in.io,
-        idle_timeout=config.sim.idle_timeout_s,
-        seed=seed,
-    )
+    selection = "sed" if method.startswith(RL_PREFIX) else method
     period = config.experiment.agent_period_ms / 1000
     started = time.perf_counter()
-    result = simulate(
-        requests_in.arrival,
-        requests_in.work,
-        models,
-        lbs.dispatch,
-        on_finish=lbs.finish,
-        on_tick=lbs.tick,
-        tick_period=period,
-        states=states,
-        io=requests_in.io,
+    engine, lbs = build_simulation(
+        config, selection, requests_in, models, cpus, seed=seed, agents=agents, joint=joint, agent_period=period
     )
+    engine.run()
+    result = engine.result()
     wall = time.perf_counter() - started
     n = len(requests_in)
     requests = empty_requests(n)
@@ -129,7 +156,10 @@ def run_simulation(
     requests["jct_s"] = result.finish - requests_in.arrival
     requests["status"] = np.where(done, 200, 0)
     requests["server"] = pd.array(np.asarray(names, dtype=object)[result.server], dtype="string")
-    requests["lb"] = pd.array([f"lb{i}" for i in lbs.lb_of], dtype="string")
+    lb_of = engine.lb_of if isinstance(engine, CompiledSim) else np.asarray(lbs.lb_of, dtype=np.int64)
+    requests["lb"] = pd.array(
+        np.array([f"lb{i}" for i in range(config.testbed.lbs)], dtype=object)[lb_of], dtype="string"
+    )
     requests["class"] = pd.array(requests_in.classes, dtype="string")
     requests["path"] = pd.array(requests_in.paths, dtype="string")
     requests["error"] = pd.array(np.where(done, "", "rejected"), dtype="string")

@@ -49,7 +49,7 @@ def test_observations_are_each_lbs_own_flows():
     env.reset(seed=0)
     for _ in range(8):
         observations, *_ = env.step({a: np.zeros(7, dtype=np.int64) for a in env.agents})
-    engine_jobs = sum(s.workers() + len(s.waiting) for s in env.lbs.states)
+    engine_jobs = sum(s.jobs() for s in env.lbs.states)
     seen = sum(int(o[:, 0].sum()) for o in observations.values())
     assert seen == engine_jobs > 0  # together the LBs see every open flow, each only its own
     assert all(o.shape == (7, 6) and o.dtype == np.float32 for o in observations.values())
