@@ -157,7 +157,9 @@ class _State(NamedTuple):
 
 
 def _jit(function):
-    return numba.njit(cache=True, nogil=True)(function) if numba is not None else function
+    """Compiled with NumPy's error model: a float division needs no zero check (none divides by zero here:
+    a rate is used only while jobs compute), and Python's check made the loop several times slower."""
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(function) if numba is not None else function
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -165,10 +167,11 @@ def _jit(function):
 
 
 @_jit
-def _uniform(st, lb):
-    """splitmix64 (Steele, Lea & Flood 2014) → a double in [0, 1)."""
-    z = st.rng[lb] + np.uint64(0x9E3779B97F4A7C15)
-    st.rng[lb] = z
+def _uniform(rng, lb):
+    """splitmix64 (Steele, Lea & Flood 2014) → a double in [0, 1). (Helpers that numba may not inline take
+    the arrays they need rather than the whole state, whose every array a call reference-counts.)"""
+    z = rng[lb] + np.uint64(0x9E3779B97F4A7C15)
+    rng[lb] = z
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
@@ -184,37 +187,60 @@ def _sample_duration(st, lb, j, t, value):
         slot = filled
         st.res_filled[lb, j] = filled + 1
     else:
-        slot = int(_uniform(st, lb) * slots)
+        slot = int(_uniform(st.rng, lb) * slots)
     st.res_t[lb, j, slot] = t
     st.res_v[lb, j, slot] = value
 
 
 @_jit
+def _sed(weights, flows, lb):
+    """`selection.sed`: argmin_j (q_j + 1) / w_j over w_j > 0, compared as (q_i + 1)·w_j < (q_j + 1)·w_i."""
+    best, best_q, best_w = -1, 0, 0.0
+    for j in range(weights.shape[1]):
+        w = weights[lb, j]
+        if w <= 0:
+            continue
+        q1 = flows[lb, j] + 1
+        if best < 0 or q1 * best_w < best_q * w:
+            best, best_q, best_w = j, q1, w
+    return best
+
+
+@_jit
+def _lsq(weights, flows, lb):
+    """`selection.lsq`: argmin_j q_j over w_j > 0."""
+    best = -1
+    for j in range(weights.shape[1]):
+        if weights[lb, j] > 0 and (best < 0 or flows[lb, j] < flows[lb, best]):
+            best = j
+    return best
+
+
+@_jit
+def _wcmp(alias_prob, alias_idx, rng, lb):
+    """`AliasTable.sample` of a uniform number."""
+    scaled = _uniform(rng, lb) * alias_prob.shape[1]
+    j = int(scaled)
+    return j if scaled - j < alias_prob[lb, j] else alias_idx[lb, j]
+
+
+@_jit
+def _maglev(maglev, flow_hash):
+    """`Selector.by_hash`."""
+    return maglev[flow_hash % maglev.shape[0]]
+
+
+@_jit
 def _choose(st, lb, flow_hash):
     """`Selector.choose`."""
-    n = st.weights.shape[1]
     method = st.method[lb]
     if method == _SED:
-        best, best_q, best_w = -1, 0, 0.0
-        for j in range(n):
-            w = st.weights[lb, j]
-            if w <= 0:
-                continue
-            q1 = st.flows[lb, j] + 1
-            if best < 0 or q1 * best_w < best_q * w:
-                best, best_q, best_w = j, q1, w
-        return best
+        return _sed(st.weights, st.flows, lb)
     if method == _LSQ:
-        best = -1
-        for j in range(n):
-            if st.weights[lb, j] > 0 and (best < 0 or st.flows[lb, j] < st.flows[lb, best]):
-                best = j
-        return best
+        return _lsq(st.weights, st.flows, lb)
     if method == _WCMP:
-        scaled = _uniform(st, lb) * n
-        j = int(scaled)
-        return j if scaled - j < st.alias_prob[lb, j] else st.alias_idx[lb, j]
-    return st.maglev[flow_hash % st.maglev.shape[0]]
+        return _wcmp(st.alias_prob, st.alias_idx, st.rng, lb)
+    return _maglev(st.maglev, flow_hash)
 
 
 @_jit
@@ -235,7 +261,7 @@ def _open_flow(st, job, now):
     lb = st.lb_of[job]
     flow_hash = st.hash[job]
     if st.open_count[lb] >= st.limits[1]:  # table full: forwarded by hash, untracked
-        return st.maglev[flow_hash % st.maglev.shape[0]]
+        return _maglev(st.maglev, flow_hash)
     server = _choose(st, lb, flow_hash)
     st.open_flow[job] = 1
     st.open_count[lb] += 1
@@ -467,11 +493,12 @@ class _Reservoir:
     """A view of one flow-duration reservoir with `Reservoir.samples()`."""
 
     def __init__(self, st: _State, lb: int, server: int) -> None:
-        self._st, self._lb, self._server = st, lb, server
+        self._times, self._values = st.res_t[lb, server], st.res_v[lb, server]
+        self._filled, self._server = st.res_filled[lb], server
 
     def samples(self) -> tuple[np.ndarray, np.ndarray]:
-        filled = self._st.res_filled[self._lb, self._server]
-        return self._st.res_t[self._lb, self._server, :filled], self._st.res_v[self._lb, self._server, :filled]
+        filled = self._filled[self._server]
+        return self._times[:filled], self._values[:filled]
 
 
 class _MirroredSelector(Selector):
