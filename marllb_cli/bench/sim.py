@@ -1,17 +1,20 @@
 """`marllb bench sim`: simulated requests per wall second on sim-moderate, next to a SimPy model of the same
 servers, in one run on the same requests.
 
-Three simulators of the same 7 Apache-like servers (cores shared by processor sharing, 32 workers, a
-backlog of 128) and the same Poisson requests at 90 % load:
+Simulators of the same 7 Apache-like servers (cores shared by processor sharing, 32 workers, a backlog of
+128) and the same Poisson requests at 90 % load:
 
-    marllb, full         `marllb simulate`: 2 LBs with flow tables, reservoirs and agent steps every 250 ms
-    marllb, engine       the event core alone, dispatching by SED on the servers' true job counts
-    SimPy                a textbook SimPy model (one process per server, woken by arrivals or by its next
-                         completion, remaining work updated per event), dispatching the same way
+    marllb, full          `marllb simulate`: 2 LBs with flow tables, reservoirs and agent steps every 250 ms,
+                          with the compiled event loop and with the Python one (`sim.engine`)
+    marllb, event core    the engine alone, dispatching by SED on the servers' true job counts (oracle-gsq),
+                          compiled and Python
+    SimPy                 a textbook SimPy model (one process per server, woken by arrivals or by its next
+                          completion, remaining work updated per event), dispatching the same way
 
-The engine and SimPy make the same decisions on the same requests, so their mean JCTs must agree: the
-report shows both as a check that the comparison is like for like. SimPy is a benchmark-only dependency
-(the `dev` extra).
+The event cores and SimPy make the same decisions on the same requests, so their mean JCTs must agree (the
+report shows them as a check that the comparison is like for like), and so must the two full runs. The
+compiled loop is loaded (or compiled, the first time) before the clock starts; `load_s` says how long that
+took. SimPy is a benchmark-only dependency (the `dev` extra).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from marllb_cli.config import Config
 from marllb_cli.dataplane.selection import sed
 from marllb_cli.errors import MissingTool
+from marllb_cli.sim import compiled
 from marllb_cli.sim.engine import ServerModel, ServerState, simulate
 from marllb_cli.sim.run import run_simulation, server_models
 from marllb_cli.sim.traffic import traffic
@@ -50,23 +54,37 @@ def sim_benchmark(config: Config, duration_s: float = 300.0, seed: int = 0) -> l
         ) from None
     load = traffic(config, seed=seed, duration_s=duration_s)
     models, _, _, cpus = server_models(config)
+    engines = ["compiled", "python"] if compiled.supported(models) else ["python"]
     results = []
+    if "compiled" in engines:  # load the compiled loop before timing it
+        started = time.perf_counter()
+        run_simulation(_with_engine(config, "compiled"), "sed", seed=seed, duration_s=1.0)
+        results.append(_result("(loading the compiled loop)", 0, time.perf_counter() - started, np.array([np.nan])))
 
-    started = time.perf_counter()
-    full = run_simulation(config, "sed", seed=seed, duration_s=duration_s, load=load)
-    wall = time.perf_counter() - started
-    ok = full.requests["error"] == ""
-    results.append(_result("marllb, full (2 LBs, flow tables, agents)", len(load), wall, full.requests["jct_s"][ok]))
+    for engine in engines:
+        full = run_simulation(_with_engine(config, engine), "sed", seed=seed, duration_s=duration_s, load=load)
+        ok = full.requests["error"] == ""
+        name = f"marllb, full, {engine} (2 LBs, flow tables, agents)"
+        results.append(_result(name, len(load), full.wall_s, full.requests["jct_s"][ok]))
+
+    if "compiled" in engines:
+        core = compiled.CompiledSim(load.arrival, load.work, models, n_lbs=1, oracle_gsq=True)
+        started = time.perf_counter()
+        core.run()
+        wall = time.perf_counter() - started
+        results.append(
+            _result("marllb, event core, compiled (SED on true counts)", len(load), wall, core.result().response)
+        )
 
     states = [ServerState(m) for m in models]
 
     def true_sed(job: int, now: float) -> int:
-        return sed([len(s.active) + len(s.waiting) for s in states], cpus)
+        return sed([s.jobs() for s in states], cpus)
 
     started = time.perf_counter()
     engine = simulate(load.arrival, load.work, models, true_sed, states=states)
     wall = time.perf_counter() - started
-    results.append(_result("marllb, engine (SED on true counts)", len(load), wall, engine.response))
+    results.append(_result("marllb, event core, python (SED on true counts)", len(load), wall, engine.response))
 
     started = time.perf_counter()
     finish = _simpy_run(load.arrival, load.work, models, cpus)
@@ -76,8 +94,12 @@ def sim_benchmark(config: Config, duration_s: float = 300.0, seed: int = 0) -> l
     return results
 
 
+def _with_engine(config: Config, engine: str) -> Config:
+    return config.model_copy(update={"sim": config.sim.model_copy(update={"engine": engine})})
+
+
 def _result(name: str, n: int, wall: float, jct) -> SimBenchResult:
-    return SimBenchResult(name, n, wall, n / wall, float(np.mean(jct)))
+    return SimBenchResult(name, n, wall, n / wall, float(np.mean(jct)) if n else float("nan"))
 
 
 def _simpy_run(arrival: np.ndarray, work: np.ndarray, models: list[ServerModel], cpus: list[float]) -> np.ndarray:

@@ -5,6 +5,8 @@ backlog and rejections, idle timeouts, each selection method, oracle-gsq)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -139,3 +141,18 @@ def test_compiled_engine_for_oracle_srt_is_a_one_line_error(cli, tmp_path):
     assert result.exit_code == 2
     assert "sim.engine: compiled cannot run here" in result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_sim_compares_like_with_like(cli):
+    """`marllb bench sim`: the compiled and Python event cores and SimPy make the same decisions (equal mean
+    JCT), and so do the full simulator's two engines."""
+    result = cli("bench", "sim", MODERATE, "--duration", "20", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["simulator"].split(" (")[0]: row for row in json.loads(result.stdout)}
+    cores = [
+        rows[name]["jct_mean_s"] for name in ("marllb, event core, compiled", "marllb, event core, python", "SimPy")
+    ]
+    assert cores[0] == pytest.approx(cores[1], rel=1e-9) and cores[1] == pytest.approx(cores[2], rel=1e-6)
+    full = rows["marllb, full, compiled"]["jct_mean_s"], rows["marllb, full, python"]["jct_mean_s"]
+    assert full[0] == pytest.approx(full[1], rel=1e-12)
+    assert rows["marllb, full, compiled"]["requests"] > 3_000
