@@ -29,7 +29,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Reservoir", "Summary", "summarize", "observe", "FEATURE_NAMES", "RESERVOIR_SLOTS", "DECAY_PER_SECOND"]
+__all__ = [
+    "Reservoir",
+    "Summary",
+    "summarize",
+    "observe",
+    "observe_many",
+    "FEATURE_NAMES",
+    "RESERVOIR_SLOTS",
+    "DECAY_PER_SECOND",
+]
 
 RESERVOIR_SLOTS = 128
 DECAY_PER_SECOND = 0.9
@@ -113,19 +122,33 @@ def observe(flows: Sequence[float], durations: Sequence[tuple[np.ndarray, np.nda
     """
     if len(flows) != len(durations):
         raise ValueError(f"{len(flows)} flow counters but {len(durations)} reservoirs")
-    out = np.zeros((len(flows), N_FEATURES), dtype=np.float32)
-    out[:, 0] = flows
     sizes = {len(values) for _, values in durations}
     if len(sizes) == 1 and 0 not in sizes:  # the usual case (full reservoirs): one vectorised reduction
-        out[:, 1:] = _summarize_rows(np.stack([t for t, _ in durations]), np.stack([v for _, v in durations]), now)
-        return out
+        times, values = np.stack([t for t, _ in durations]), np.stack([v for _, v in durations])
+        return observe_many(np.asarray(flows)[None, :], times[None, ...], values[None, ...], np.array([now]))[0]
+    out = np.zeros((len(flows), N_FEATURES), dtype=np.float32)
+    out[:, 0] = flows
     for j, (times, values) in enumerate(durations):
         out[j, 1:] = summarize(times, values, now).as_tuple()
     return out
 
 
-def _summarize_rows(times: np.ndarray, values: np.ndarray, now: float, decay: float = DECAY_PER_SECOND) -> np.ndarray:
-    """`summarize` of every row of equally filled reservoirs at once: [servers, 5].
+def observe_many(flows: np.ndarray, times: np.ndarray, values: np.ndarray, now: np.ndarray) -> np.ndarray:
+    """`observe` of B observations whose reservoirs all hold k samples, in one reduction: flows [B, n],
+    times and values [B, n, k], now [B] → [B, n, 6]. The simulator logs its heuristics' steps this way."""
+    b, n, k = values.shape
+    out = np.zeros((b, n, N_FEATURES), dtype=np.float32)
+    out[:, :, 0] = flows
+    at = np.repeat(np.asarray(now, dtype=np.float64), n)[:, None]
+    out[:, :, 1:] = _summarize_rows(times.reshape(b * n, k), values.reshape(b * n, k), at).reshape(b, n, 5)
+    return out
+
+
+def _summarize_rows(
+    times: np.ndarray, values: np.ndarray, now: float | np.ndarray, decay: float = DECAY_PER_SECOND
+) -> np.ndarray:
+    """`summarize` of every row of equally filled reservoirs at once: [rows, 5] (`now`: one time, or a
+    column of one per row).
 
     Runs at every agent step of every LB (4 per second on the testbed, and the simulator's hot spot
     between its compiled events), so the raw and decayed values share one mean and one partial sort,

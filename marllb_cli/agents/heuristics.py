@@ -24,6 +24,9 @@ Probe = Callable[[], Sequence[int | None]]
 class StaticWeights:
     """The same weights every period."""
 
+    #: `act` ignores its observation (the simulator then logs these steps' observations in batches).
+    reads_observation = False
+
     def __init__(self, method: str, weights: Sequence[float]) -> None:
         self.method = method
         self.weights = np.asarray(weights, dtype=np.float64)

@@ -44,13 +44,14 @@ from marllb_cli.dataplane.selection import METHODS, Selector, maglev_table
 from marllb_cli.errors import ConfigError
 from marllb_cli.features import RESERVOIR_SLOTS
 from marllb_cli.sim.engine import INF, Result, ServerModel
+from marllb_cli.sim.lbs import job_hashes
 
 try:
     import numba
 except ImportError:  # the `fast` extra; without it the simulator runs the Python engine
     numba = None
 
-__all__ = ["CompiledSim", "available", "supported", "use_compiled", "flow_hashes"]
+__all__ = ["CompiledSim", "available", "supported", "use_compiled"]
 
 _ECMP, _WCMP, _LSQ, _SED = (METHODS.index(m) for m in ("ecmp", "wcmp", "lsq", "sed"))
 #: Beyond this, fixed per-server arrays of workers and backlog would waste memory; the Python engine runs.
@@ -93,13 +94,6 @@ def use_compiled(setting: str, method: str, models: Sequence[ServerModel], sourc
             hint="pip install 'marllb[fast]', or set sim.engine to auto or python",
         )
     return possible and setting != "python"
-
-
-def flow_hashes(n_jobs: int) -> np.ndarray:
-    """The 32-bit flow hash of every job: `zlib.crc32` of the job's 12-byte key, as `LbLayer` hashes it."""
-    from marllb_cli.sim.lbs import job_hash
-
-    return np.fromiter((job_hash(job) for job in range(n_jobs)), dtype=np.int64, count=n_jobs)
 
 
 class _State(NamedTuple):
@@ -576,7 +570,7 @@ class CompiledSim:
         n_jobs, n = len(arrival), len(servers)
         workers = int(max(m.max_workers for m in servers))
         backlog = max(1, int(max(m.backlog for m in servers)))
-        hashes = flow_hashes(n_jobs)
+        hashes = job_hashes(n_jobs)
         self.arrival = np.ascontiguousarray(arrival, dtype=np.float64)
         f8 = lambda *shape: np.zeros(shape, dtype=np.float64)  # noqa: E731
         i8 = lambda *shape: np.zeros(shape, dtype=np.int64)  # noqa: E731

@@ -36,12 +36,14 @@ from marllb_cli.agents.runner import step_record
 from marllb_cli.dataplane.flows import FlowTable
 from marllb_cli.dataplane.packets import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from marllb_cli.dataplane.selection import Selector
-from marllb_cli.features import observe
+from marllb_cli.features import observe, observe_many
 from marllb_cli.sim.engine import ServerState
 
-__all__ = ["ORACLES", "SIM_METHODS", "LbLayer", "finish_if_added", "job_hash"]
+__all__ = ["ORACLES", "SIM_METHODS", "LbLayer", "finish_if_added", "job_hash", "job_hashes"]
 
 ORACLES = ("oracle-srt", "oracle-gsq")
+#: Steps of agents that do not read their observation are recorded in batches of this many (see `tick`).
+RECORD_BATCH = 64
 SIM_METHODS = (*HEURISTICS, *ORACLES)
 _ACK, _FIN, _RST = TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST
 
@@ -54,6 +56,27 @@ def job_key(job: int) -> bytes:
 def job_hash(job: int) -> int:
     """The 32-bit hash of request `job`'s flow: the edge router's ECMP hash and the LB's Maglev hash."""
     return zlib.crc32(job_key(job))
+
+
+def _crc32_table() -> np.ndarray:
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(0xEDB88320), table >> 1)
+    return table
+
+
+_CRC32 = _crc32_table()
+
+
+def job_hashes(n: int) -> np.ndarray:
+    """`job_hash` of jobs 0 … n−1 at once: CRC-32 (zlib's) of each job's 12-byte key, byte by byte over
+    all jobs in NumPy, for the compiled simulator, which needs every hash before it starts."""
+    jobs = np.arange(n, dtype=np.uint64)
+    crc = np.full(n, 0xFFFFFFFF, dtype=np.uint32)
+    for byte in range(12):  # little-endian; bytes 8–11 are zero
+        value = ((jobs >> np.uint64(8 * byte)) & np.uint64(0xFF)).astype(np.uint32) if byte < 8 else np.uint32(0)
+        crc = _CRC32[(crc ^ value) & np.uint32(0xFF)] ^ (crc >> np.uint32(8))
+    return (crc ^ np.uint32(0xFFFFFFFF)).astype(np.int64)
 
 
 class LbLayer:
@@ -101,7 +124,12 @@ class LbLayer:
         make_table = table_factory or flow_table
         self.tables = [make_table(lb, agent.method, list(agent.weights)) for lb, agent in enumerate(self.agents)]
         self.lb_of: list[int] = []
-        self.steps: list[list[dict]] = [[] for _ in range(n_lbs)]
+        self.steps: list[list[dict]] = [[] for _ in range(n_lbs)]  # complete after `step_records()`
+        # Agents that act without reading their observation (the static heuristics) need it only for their
+        # step records; those observations are reduced RECORD_BATCH steps at a time, which costs a fraction
+        # of one reduction per step (the simulator's largest cost per simulated second otherwise).
+        self._blind = joint is None and not any(getattr(agent, "reads_observation", True) for agent in self.agents)
+        self._pending: list[tuple[float, int, list, list, np.ndarray, list]] = []
         self.busy: list[tuple[float, int, int]] = []  # (t, server, jobs holding a worker)
         self._step = 0
         self._next_expire = 1.0
@@ -130,18 +158,74 @@ class LbLayer:
             table.server_for(key, _RST, now)
 
     def tick(self, now: float) -> None:
-        """An agent step on every LB, the busy-workers sample, and the 1 s flow-table expiry."""
+        """An agent step on every LB, the busy-workers sample, and the 1 s flow-table expiry. Oracles have
+        no agents: their step is the housekeeping alone."""
         self.housekeeping(now)
+        if self.oracle:
+            return
+        if self._blind:
+            self._blind_step(now)
+            return
         observations = self.observe_all(now)
         joint = self.joint.act_all(observations) if self.joint is not None else None
         for lb, (agent, table) in enumerate(zip(self.agents, self.tables, strict=True)):
             obs = observations[lb]
             weights = joint[lb] if joint is not None else agent.act(obs)
-            as_floats = [float(w) for w in weights]
-            if not self.oracle and as_floats != table.selector.weights:  # a heuristic's stay the same
-                table.selector.set_weights(as_floats)
+            self._apply(table, weights)
             self.steps[lb].append(step_record(now, self._step, f"lb{lb}", agent, obs, weights, table.new_flows))
         self._step += 1
+
+    def step_records(self) -> list[list[dict]]:
+        """Every LB's step records (`agents.runner.step_record`), in order."""
+        self._record_pending()
+        return self.steps
+
+    def _apply(self, table: Any, weights: Sequence[float]) -> None:
+        as_floats = [float(w) for w in weights]
+        if as_floats != table.selector.weights:  # a heuristic's stay the same: no new alias table
+            table.selector.set_weights(as_floats)
+
+    def _blind_step(self, now: float) -> None:
+        """A step of agents that do not read their observation: they act now; what their records show
+        (q_j, new flows, the reservoirs) is copied and reduced later with other steps'."""
+        weights = []
+        for agent, table in zip(self.agents, self.tables, strict=True):
+            weights.append(agent.act(None))  # type: ignore[arg-type]  # reads_observation = False
+            self._apply(table, weights[-1])
+        flows = np.concatenate([table.flows for table in self.tables])
+        samples = [r.samples() for table in self.tables for r in table.durations]
+        if len({len(values) for _, values in samples}) == 1 and len(samples[0][1]):
+            durations: Any = (np.stack([t for t, _ in samples]), np.stack([v for _, v in samples]))
+        else:  # reservoirs still filling: each one's own copy
+            durations = [(t.copy(), v.copy()) for t, v in samples]
+        new_flows = [list(table.new_flows) for table in self.tables]
+        self._pending.append((now, self._step, weights, new_flows, flows, durations))
+        self._step += 1
+        if len(self._pending) >= RECORD_BATCH:
+            self._record_pending()
+
+    def _record_pending(self) -> None:
+        """The records of the pending blind steps: the steps whose reservoirs were equally full are
+        reduced in one `observe_many` call, the others one by one with `observe`."""
+        pending, self._pending = self._pending, []
+        observations: dict[int, np.ndarray] = {}
+        batch = [i for i, p in enumerate(pending) if isinstance(p[5], tuple)]
+        for size in {pending[i][5][1].shape[1] for i in batch}:
+            same = [i for i in batch if pending[i][5][1].shape[1] == size]
+            joint = observe_many(
+                np.stack([pending[i][4] for i in same]),
+                np.stack([pending[i][5][0] for i in same]),
+                np.stack([pending[i][5][1] for i in same]),
+                np.array([pending[i][0] for i in same]),
+            )
+            observations.update(zip(same, joint, strict=True))
+        for i, (now, _, _, _, flows, durations) in enumerate(pending):
+            if i not in observations:
+                observations[i] = observe(flows, durations, now)
+        for i, (now, step, weights, new_flows, _, _) in enumerate(pending):
+            for lb, agent in enumerate(self.agents):
+                obs = observations[i][lb * self.n : (lb + 1) * self.n]
+                self.steps[lb].append(step_record(now, step, f"lb{lb}", agent, obs, weights[lb], new_flows[lb]))
 
     def housekeeping(self, now: float) -> None:
         """What happens every step whoever acts: the 1 s flow-table expiry and the busy-workers sample."""

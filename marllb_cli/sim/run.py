@@ -173,7 +173,7 @@ def run_simulation(
             "busy": busy[:, 2],
         }
     )
-    agents = {} if lbs.oracle else {f"lb{i}": steps_frame(rows, 0.0) for i, rows in enumerate(lbs.steps)}
+    agents = {} if lbs.oracle else {f"lb{i}": steps_frame(rows, 0.0) for i, rows in enumerate(lbs.step_records())}
     duration = float(requests_in.arrival[-1]) if n else 0.0
     return SimRun(method, requests, servers, agents, duration, requests_in.rate, wall)
 
