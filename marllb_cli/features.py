@@ -172,12 +172,14 @@ def _summarize_rows(
 
 def _p90(rows: np.ndarray) -> np.ndarray:
     """The 90th percentile of each row, interpolated linearly between order statistics as `np.percentile`
-    does by default, from a partial sort."""
+    does by default, from one partial sort: the upper statistic is put in place, and the lower one is the
+    largest value before it (partitioning at both at once costs three times more)."""
     n = rows.shape[1]
     position = 0.9 * (n - 1)
     below = int(position)
     above = min(below + 1, n - 1)
     fraction = position - below
-    ordered = np.partition(rows, (below, above), axis=1)
-    low, high = ordered[:, below], ordered[:, above]
+    ordered = np.partition(rows, above, axis=1)
+    high = ordered[:, above]
+    low = ordered[:, : above].max(axis=1) if above > below else high
     return low + (high - low) * fraction

@@ -110,8 +110,9 @@ def sim(
     json_: JsonOption = False,
 ) -> None:
     """Simulated requests per wall second: marllb (full and event core, compiled and Python) next to SimPy."""
-    with console.status("simulation benchmark"):
-        results = sim_benchmark(load(config, None), duration)
+    # No spinner: its refresh thread would take the interpreter lock from the simulators being timed.
+    err_console.print(f"simulating {duration:g} s of {config} with each simulator, best of 3 runs …")
+    results = sim_benchmark(load(config, None), duration)
     if json_:
         print(json.dumps(as_dicts(results), indent=2))
         return

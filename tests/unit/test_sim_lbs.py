@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from marllb_cli.config import load_config
@@ -195,3 +196,18 @@ def test_deploy_refuses_a_simulator_only_speed(cli):
     result = cli("deploy", REPO / "configs" / "sim-park.yaml")
     assert result.exit_code == 2
     assert "testbed.servers[0].speed" in result.stderr and "simulator-only" in result.stderr
+
+
+def test_blind_agents_steps_are_recorded_as_if_observed_each_step(monkeypatch):
+    """Static heuristics do not read their observation, so their steps' observations are reduced in batches
+    after the fact; the records must be those of reducing at every step."""
+    from marllb_cli.agents.heuristics import StaticWeights
+
+    config = load_config(MODERATE)
+    batched = run_simulation(config, "sed", seed=3, duration_s=40.0)
+    monkeypatch.setattr(StaticWeights, "reads_observation", True)
+    stepwise = run_simulation(config, "sed", seed=3, duration_s=40.0)
+    for lb, frame in stepwise.agents.items():
+        assert len(frame) >= 160
+        pd.testing.assert_frame_equal(batched.agents[lb], frame, check_exact=False, rtol=1e-6)
+    assert batched.requests["server"].tolist() == stepwise.requests["server"].tolist()
