@@ -122,14 +122,15 @@ def observe(flows: Sequence[float], durations: Sequence[tuple[np.ndarray, np.nda
     """
     if len(flows) != len(durations):
         raise ValueError(f"{len(flows)} flow counters but {len(durations)} reservoirs")
-    sizes = {len(values) for _, values in durations}
-    if len(sizes) == 1 and 0 not in sizes:  # the usual case (full reservoirs): one vectorised reduction
-        times, values = np.stack([t for t, _ in durations]), np.stack([v for _, v in durations])
-        return observe_many(np.asarray(flows)[None, :], times[None, ...], values[None, ...], np.array([now]))[0]
     out = np.zeros((len(flows), N_FEATURES), dtype=np.float32)
     out[:, 0] = flows
-    for j, (times, values) in enumerate(durations):
-        out[j, 1:] = summarize(times, values, now).as_tuple()
+    by_size: dict[int, list[int]] = {}
+    for j, (_, values) in enumerate(durations):
+        by_size.setdefault(len(values), []).append(j)
+    for size, rows in by_size.items():  # one vectorised reduction per fill level (usually one: all full)
+        if size:
+            times = np.stack([durations[j][0] for j in rows])
+            out[rows, 1:] = _summarize_rows(times, np.stack([durations[j][1] for j in rows]), now)
     return out
 
 
@@ -181,5 +182,5 @@ def _p90(rows: np.ndarray) -> np.ndarray:
     fraction = position - below
     ordered = np.partition(rows, above, axis=1)
     high = ordered[:, above]
-    low = ordered[:, : above].max(axis=1) if above > below else high
+    low = ordered[:, :above].max(axis=1) if above > below else high
     return low + (high - low) * fraction

@@ -624,6 +624,8 @@ class CompiledSim:
         self.servers = [_Server(self._st, j, model) for j, model in enumerate(servers)]
         self.on_tick, self.tick_period = on_tick, tick_period
         self.next_tick = 0.0 if on_tick is not None else INF
+        _run(self._st, -INF, False)  # load (or compile) the loop now, so that a timed run does not count it
+        _expire(self._st, 0, -INF)
 
     def table(self, lb: int, method: str, weights: Sequence[float]) -> _Table:
         """LB `lb`'s table, selecting by `method` with `weights` until told otherwise."""

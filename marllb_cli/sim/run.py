@@ -138,10 +138,10 @@ def run_simulation(
         joint, agents = load_for_simulation(resolved, config.testbed.lbs, len(models))
     selection = "sed" if method.startswith(RL_PREFIX) else method
     period = config.experiment.agent_period_ms / 1000
-    started = time.perf_counter()
     engine, lbs = build_simulation(
         config, selection, requests_in, models, cpus, seed=seed, agents=agents, joint=joint, agent_period=period
     )
+    started = time.perf_counter()
     engine.run()
     result = engine.result()
     wall = time.perf_counter() - started
