@@ -49,10 +49,12 @@ def cli():
 
 @pytest.fixture
 def trained(cli, tmp_path):
-    """Train a tiny policy through the CLI (1 episode of 2 s, hidden 8) for `config`'s LBs and servers
-    (default sim-moderate); returns its directory."""
+    """Train a tiny policy through the CLI (1 episode of 2 s, hidden 8, more `--hyper NAME=VALUE` items
+    after the config) for `config`'s LBs and servers (default sim-moderate); returns its directory."""
 
-    def train(algo: str, name: str | None = None, config: Path = REPO / "configs" / "sim-moderate.yaml") -> Path:
+    def train(
+        algo: str, name: str | None = None, config: Path = REPO / "configs" / "sim-moderate.yaml", *hyper: str
+    ) -> Path:
         out = tmp_path / (name or f"train-{algo}")
         result = cli(
             "train",
@@ -67,6 +69,7 @@ def trained(cli, tmp_path):
             out,
             "--hyper",
             "hidden=8",
+            *[arg for item in hyper for arg in ("--hyper", item)],
         )
         assert result.exit_code == 0, result.output
         return out

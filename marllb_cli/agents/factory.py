@@ -37,5 +37,5 @@ def make_agent(method: str, cpus: Sequence[float], probe: Probe | None, lb_index
     if method.startswith(RL_PREFIX):
         from marllb_cli.agents.rl.policy import load_policies
 
-        return load_policies(method, lb_index + 1, len(cpus))[lb_index]
+        return load_policies(method, lb_index + 1, cpus)[lb_index]
     return heuristic(method, cpus, probe)

@@ -11,6 +11,8 @@
   mean, p90, std, decayed mean, decayed p90), the same numbers its agent computes on the testbed.
 - action: the LB's SED weights. `action: discrete` (default) picks one of `levels` per server
   (MultiDiscrete; the artefact's {1.0, 1.5, 2.0}); `continuous` gives weights in [low, high] directly (Box).
+  With `residual`, the weight is the server's capacity (cpus × speed) times the chosen value, so choosing
+  the same level everywhere is SED with the operator's weights, and the agent learns corrections to it.
 - reward: a fairness function of the LB's own decayed mean flow durations (`rewards.REWARDS`; default jain).
 - episode: `episode_s` simulated seconds of `sim.traffic` requests; every agent is truncated at the end
   (there is no terminal state). A reset with a seed draws new requests; the same seed, the same requests.
@@ -54,6 +56,7 @@ class LoadBalancingEnv(ParallelEnv):
         weight_range: tuple[float, float] = (0.1, 2.0),
         episode_s: float = 60.0,
         seed: int | None = None,
+        residual: bool = False,
     ) -> None:
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
@@ -67,6 +70,7 @@ class LoadBalancingEnv(ParallelEnv):
         self.episode_s = episode_s
         self.period = config.experiment.agent_period_ms / 1000
         self.models, self.server_names, _, self.cpus = server_models(config)
+        self.scale = np.array([m.cpus * m.speed for m in self.models]) if residual else np.ones(len(self.models))
         self.possible_agents = [f"lb{i}" for i in range(config.testbed.lbs)]
         self.agents: list[str] = []
         self._seed = config.experiment.seed if seed is None else seed
@@ -121,9 +125,9 @@ class LoadBalancingEnv(ParallelEnv):
 
     def _weights(self, action: Any) -> list[float]:
         if self.action_mode == "discrete":
-            return self.levels[np.asarray(action, dtype=np.int64)].tolist()
+            return (self.scale * self.levels[np.asarray(action, dtype=np.int64)]).tolist()
         low, high = self.weight_range
-        return np.clip(np.asarray(action, dtype=np.float64), low, high).tolist()
+        return (self.scale * np.clip(np.asarray(action, dtype=np.float64), low, high)).tolist()
 
     def _observations(self) -> dict[str, np.ndarray]:
         every_lb = self.lbs.observe_all(self.now)

@@ -135,7 +135,7 @@ def run_simulation(
     if resolved.startswith(RL_PREFIX):
         from marllb_cli.agents.rl.policy import load_for_simulation
 
-        joint, agents = load_for_simulation(resolved, config.testbed.lbs, len(models))
+        joint, agents = load_for_simulation(resolved, config.testbed.lbs, [m.cpus * m.speed for m in models])
     selection = "sed" if method.startswith(RL_PREFIX) else method
     period = config.experiment.agent_period_ms / 1000
     engine, lbs = build_simulation(

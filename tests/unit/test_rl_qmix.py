@@ -93,4 +93,23 @@ def test_a_centr_policy_runs_in_simulation_only(cli, trained, tmp_path):
     steps = __import__("pandas").read_parquet(next(runs.iterdir()) / "agents" / "lb1.parquet")
     assert {w for ws in steps["weights"] for w in ws} <= {1.0, 1.5, 2.0}
     with pytest.raises(ConfigError, match="every LB's observation"):
-        load_policies(f"rl:{policy}", 2, 7)  # what a testbed agent process would do
+        load_policies(f"rl:{policy}", 2, [2, 2, 2, 2, 4, 4, 4])  # what a testbed agent process would do
+
+
+def test_a_residual_policy_sets_capacity_times_its_levels(cli, trained, tmp_path):
+    """With `residual`, a level multiplies the server's capacity (cpus × speed): every weight the policy
+    sets, divided by its server's cpus, is one of the levels, and the untrained policy's first weights (the
+    middle level everywhere) are SED's."""
+    from marllb_cli.agents.rl.policy import load_policies
+
+    config = REPO / "configs" / "sim-moderate.yaml"
+    policy = trained("qmix", "residual", config, "residual=true", "levels=0.5,1,2")
+    cpus = [2, 2, 2, 2, 4, 4, 4]
+    agent = load_policies(f"rl:{policy}", 2, cpus)[1]
+    assert list(agent.weights) == cpus  # level 1.0 everywhere before the first step
+    runs = tmp_path / "r"
+    result = cli("simulate", config, "--method", f"rl:{policy}", "--duration", "5", "--runs-dir", runs)
+    assert result.exit_code == 0, result.output
+    steps = __import__("pandas").read_parquet(next(runs.iterdir()) / "agents" / "lb0.parquet")
+    ratios = {round(w / c, 6) for ws in steps["weights"] for w, c in zip(ws, cpus, strict=True)}
+    assert ratios <= {0.5, 1.0, 2.0} and len(steps) >= 20

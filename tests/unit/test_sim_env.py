@@ -58,3 +58,18 @@ def test_observations_are_each_lbs_own_flows():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown reward"):
         LoadBalancingEnv(load_config(MODERATE), reward="happiness")
+
+
+def test_residual_actions_scale_the_servers_capacity():
+    """With `residual`, one level everywhere is SED with capacity weights whatever the level; without,
+    it is SED with equal weights, and the 2-CPU servers get as many flows as the 4-CPU ones."""
+    config = load_config(MODERATE)
+    residual = LoadBalancingEnv(config, episode_s=20, residual=True)
+    assert residual._weights(np.ones(7, dtype=np.int64)) == [3.0, 3.0, 3.0, 3.0, 6.0, 6.0, 6.0]  # 1.5 × cpus
+    low, _, _ = _episode(residual, 5, [0] * 7)
+    high, _, _ = _episode(residual, 5, [2] * 7)
+    plain = LoadBalancingEnv(config, episode_s=20)
+    equal, _, _ = _episode(plain, 5, [0] * 7)
+    by_capacity, _, _ = _episode(plain, 5, [0, 0, 0, 0, 2, 2, 2])  # levels 1.0 and 2.0: ∝ cpus
+    assert low == high == by_capacity
+    assert equal > 1.1 * by_capacity

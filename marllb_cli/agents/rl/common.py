@@ -47,12 +47,24 @@ class Recurrent(nn.Module):
 
 class GreedyPolicy:
     """A trained network acting for one LB: input = normalised observation, previous action (one-hot per
-    head) and `extra` (QMIX's agent id, empty for SAC); output = the most useful level per server."""
+    head) and `extra` (QMIX's agent id, empty for SAC); output = the most useful level per server, times
+    `scale` (each server's capacity for a policy trained with `residual`, else 1)."""
 
-    def __init__(self, net: Recurrent, levels: tuple[float, ...], extra: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        net: Recurrent,
+        levels: tuple[float, ...],
+        extra: np.ndarray | None = None,
+        scale: np.ndarray | None = None,
+    ) -> None:
         self.net, self.levels = net, np.asarray(levels, dtype=np.float64)
         self.extra = extra if extra is not None else np.zeros(0, dtype=np.float32)
+        self.scale = scale if scale is not None else np.ones(net.heads)
         self.reset()
+
+    def weights(self) -> np.ndarray:
+        """The weights of the current (previous) action."""
+        return self.scale * self.levels[self.prev_action]
 
     def reset(self) -> None:
         self.hidden: torch.Tensor | None = None
@@ -64,7 +76,7 @@ class GreedyPolicy:
         x = np.concatenate([normalise(obs).reshape(-1), one_hot, self.extra]).astype(np.float32)
         out, self.hidden = self.net(torch.from_numpy(x).view(1, 1, -1), self.hidden)
         self.prev_action = out[0, 0].argmax(-1).numpy()
-        return self.levels[self.prev_action]
+        return self.weights()
 
 
 def generator_state(rng: np.random.Generator) -> dict:

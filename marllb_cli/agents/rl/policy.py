@@ -8,6 +8,7 @@ serves every LB); QMIX has one shared agent network that also takes the LB's id.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ class RlPolicy:
 
     def __init__(self, policy: GreedyPolicy) -> None:
         self.policy = policy
-        self.weights = policy.levels[policy.prev_action]
+        self.weights = policy.weights()
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         self.weights = self.policy.act(obs)
@@ -46,6 +47,11 @@ class JointPolicy:
         return list(self.policy.act(np.concatenate(observations)).reshape(self.m, -1))
 
 
+def _scale(saved: dict, capacity: Sequence[float], copies: int = 1) -> np.ndarray | None:
+    """Per head, what a level multiplies: the servers' capacities for a `residual` policy, else nothing."""
+    return np.tile(np.asarray(capacity, dtype=np.float64), copies) if saved["hyper"].get("residual") else None
+
+
 def _load(method: str, n_servers: int) -> dict:
     path = Path(method.removeprefix(RL_PREFIX)) / "policy.pt"
     if not path.is_file():
@@ -57,30 +63,36 @@ def _load(method: str, n_servers: int) -> dict:
     return saved
 
 
-def load_for_simulation(method: str, n_lbs: int, n_servers: int) -> tuple[JointPolicy | None, list[RlPolicy]]:
-    """`rl:DIR` for the simulator, read once: (the Centr-LB joint policy, []) or (None, one policy per LB)."""
-    saved = _load(method, n_servers)
+def load_for_simulation(
+    method: str, n_lbs: int, capacity: Sequence[float]
+) -> tuple[JointPolicy | None, list[RlPolicy]]:
+    """`rl:DIR` for the simulator, read once: (the Centr-LB joint policy, []) or (None, one policy per LB).
+    `capacity`: each server's cpus × speed."""
+    saved = _load(method, len(capacity))
     if saved.get("kind") == "centr":
-        return _joint(saved, method, n_lbs, n_servers), []
-    return None, _per_lb(saved, method, n_lbs, n_servers)
+        return _joint(saved, method, n_lbs, capacity), []
+    return None, _per_lb(saved, method, n_lbs, capacity)
 
 
-def _joint(saved: dict, method: str, n_lbs: int, n_servers: int) -> JointPolicy:
+def _joint(saved: dict, method: str, n_lbs: int, capacity: Sequence[float]) -> JointPolicy:
+    n_servers = len(capacity)
     if saved["n_agents"] != n_lbs:
         raise ConfigError(f"--method {method}: Centr-LB trained for {saved['n_agents']} LBs, this config has {n_lbs}")
     levels = tuple(saved["hyper"]["levels"])
     heads = n_lbs * n_servers
     net = Recurrent(heads * 6 + heads * len(levels), saved["hyper"]["hidden"], heads, len(levels))
     net.load_state_dict(saved["actors"][0])
-    return JointPolicy(GreedyPolicy(net, levels), n_lbs)
+    return JointPolicy(GreedyPolicy(net, levels, scale=_scale(saved, capacity, n_lbs)), n_lbs)
 
 
-def load_policies(method: str, n_lbs: int, n_servers: int) -> list[RlPolicy]:
-    """`rl:DIR` → one policy per LB (not for Centr-LB, which needs every LB's observation)."""
-    return _per_lb(_load(method, n_servers), method, n_lbs, n_servers)
+def load_policies(method: str, n_lbs: int, capacity: Sequence[float]) -> list[RlPolicy]:
+    """`rl:DIR` → one policy per LB (not for Centr-LB, which needs every LB's observation); `capacity`:
+    each server's cpus (× speed in simulation)."""
+    return _per_lb(_load(method, len(capacity)), method, n_lbs, capacity)
 
 
-def _per_lb(saved: dict, method: str, n_lbs: int, n_servers: int) -> list[RlPolicy]:
+def _per_lb(saved: dict, method: str, n_lbs: int, capacity: Sequence[float]) -> list[RlPolicy]:
+    n_servers = len(capacity)
     if saved.get("kind") == "centr":
         raise ConfigError(
             f"--method {method}: a Centr-LB policy needs every LB's observation at once",
@@ -97,5 +109,5 @@ def _per_lb(saved: dict, method: str, n_lbs: int, n_servers: int) -> list[RlPoli
         net = Recurrent(n_in, hyper["hidden"], n_servers, len(levels))
         net.load_state_dict(saved["actors"][i % len(saved["actors"])])
         extra = np.eye(n_lbs, dtype=np.float32)[i] if qmix else None
-        policies.append(RlPolicy(GreedyPolicy(net, levels, extra)))
+        policies.append(RlPolicy(GreedyPolicy(net, levels, extra, _scale(saved, capacity))))
     return policies

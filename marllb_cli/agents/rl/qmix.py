@@ -45,6 +45,7 @@ class QmixHyper:
     grad_clip: float = 10.0
     warmup_episodes: int = 2
     levels: tuple[float, ...] = field(default=(1.0, 1.5, 2.0))
+    residual: bool = False  # weight = server capacity × level: a uniform choice of levels is SED itself
 
 
 class Mixer(nn.Module):

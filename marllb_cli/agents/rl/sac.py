@@ -45,6 +45,7 @@ class SacHyper:
     warmup_episodes: int = 2  # act uniformly at random, no updates, for the first episodes
     target_entropy_scale: float = 0.5  # per head: scale × log L (L = weight levels)
     levels: tuple[float, ...] = field(default=(1.0, 1.5, 2.0))
+    residual: bool = False  # weight = server capacity × level: a uniform choice of levels is SED itself
 
 
 class SacLearner:

@@ -189,11 +189,13 @@ def parse_hyper(algo: str, items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--hyper {item!r}: expected NAME=VALUE with NAME in {', '.join(sorted(known))}")
         default = getattr(cls(), key)
         try:
-            if isinstance(default, tuple):
+            if isinstance(default, bool):
+                out[key] = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+            elif isinstance(default, tuple):
                 out[key] = tuple(float(v) for v in value.split(","))
             else:
                 out[key] = float(value) if isinstance(default, float) else int(value)
-        except ValueError:
+        except (ValueError, KeyError):
             raise ConfigError(f"--hyper {item!r}: {value!r} is not a valid {type(default).__name__}") from None
     return out
 
@@ -221,7 +223,9 @@ def train(
     if algo == "ssac":
         config = config.model_copy(update={"testbed": config.testbed.model_copy(update={"lbs": 1})})
     settings = (QmixHyper if algo == "qmix" else SacHyper)(**(hyper or {}))
-    env = LoadBalancingEnv(config, reward=reward, levels=settings.levels, episode_s=episode_s)
+    env = LoadBalancingEnv(
+        config, reward=reward, levels=settings.levels, episode_s=episode_s, residual=settings.residual
+    )
     n_lbs, n_servers = len(env.possible_agents), len(env.models)
     kind = {"qmix": Qmix, "centr": Centralised}.get(algo, IndependentSac)
     team = kind(n_lbs, n_servers, settings, seed)  # type: ignore[arg-type]
