@@ -20,7 +20,8 @@ them line by line, in particular:
                 arrival; the response's ACK (duration sample) and FIN (q_j −= 1) at the finish; RST
                 (q_j −= 1) on rejection; a flow idle for `idle_timeout` ends by timeout at the next expiry
     selection   sed, lsq, wcmp (Vose's alias table, built by `selection.AliasTable`), ecmp (Maglev table
-                from `selection.maglev_table`), with IPVS tie-breaking
+                from `selection.maglev_table`), with IPVS tie-breaking; or, for oracle-gsq, global shortest
+                expected delay over the servers' true job counts (no flow tables)
 
 Two differences by design: the random numbers (wcmp draws, reservoir slots once full) come from a
 splitmix64 stream per LB, not Python's Mersenne Twister, so runs that use them are equal in distribution,
@@ -28,7 +29,8 @@ not bit for bit; and only what the agents see is kept (q_j, new flows, the flow-
 the dataplane's packet, completion and inter-arrival counters.
 
 Servers need a finite worker limit and backlog (every config-driven server has them: Apache's
-MaxRequestWorkers and listen backlog); `supported()` says when this core applies.
+MaxRequestWorkers and listen backlog); `supported()` says when this core applies. Without numba (the `fast`
+extra) it never does, and `sim.engine: auto` runs the Python engine.
 """
 
 from __future__ import annotations
