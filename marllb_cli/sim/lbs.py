@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,20 @@ def job_hashes(n: int) -> np.ndarray:
     return (crc ^ np.uint32(0xFFFFFFFF)).astype(np.int64)
 
 
+@dataclass
+class _PendingStep:
+    """What a blind step's records need, copied at the step: every LB's weights and new flows, and all LBs'
+    q_j and reservoirs together (stacked arrays when every reservoir holds as many samples, else a copy of
+    each one's (times, values))."""
+
+    now: float
+    step: int
+    weights: list
+    new_flows: list[list[int]]
+    flows: np.ndarray
+    durations: tuple[np.ndarray, np.ndarray] | list[tuple[np.ndarray, np.ndarray]]
+
+
 class LbLayer:
     """Dispatch, finish and tick callbacks for `engine.simulate`, and what the run records."""
 
@@ -129,7 +144,7 @@ class LbLayer:
         # step records; those observations are reduced RECORD_BATCH steps at a time, which costs a fraction
         # of one reduction per step (the simulator's largest cost per simulated second otherwise).
         self._blind = joint is None and not any(getattr(agent, "reads_observation", True) for agent in self.agents)
-        self._pending: list[tuple[float, int, list, list, np.ndarray, list]] = []
+        self._pending: list[_PendingStep] = []
         self.busy: list[tuple[float, int, int]] = []  # (t, server, jobs holding a worker)
         self._step = 0
         self._next_expire = 1.0
@@ -199,7 +214,7 @@ class LbLayer:
         else:  # reservoirs still filling: each one's own copy
             durations = [(t.copy(), v.copy()) for t, v in samples]
         new_flows = [list(table.new_flows) for table in self.tables]
-        self._pending.append((now, self._step, weights, new_flows, flows, durations))
+        self._pending.append(_PendingStep(now, self._step, weights, new_flows, flows, durations))
         self._step += 1
         if len(self._pending) >= RECORD_BATCH:
             self._record_pending()
@@ -209,23 +224,23 @@ class LbLayer:
         reduced in one `observe_many` call, the others one by one with `observe`."""
         pending, self._pending = self._pending, []
         observations: dict[int, np.ndarray] = {}
-        batch = [i for i, p in enumerate(pending) if isinstance(p[5], tuple)]
-        for size in {pending[i][5][1].shape[1] for i in batch}:
-            same = [i for i in batch if pending[i][5][1].shape[1] == size]
+        full = {i: p.durations for i, p in enumerate(pending) if isinstance(p.durations, tuple)}
+        for size in {values.shape[1] for _, values in full.values()}:
+            same = [i for i, (_, values) in full.items() if values.shape[1] == size]
             joint = observe_many(
-                np.stack([pending[i][4] for i in same]),
-                np.stack([pending[i][5][0] for i in same]),
-                np.stack([pending[i][5][1] for i in same]),
-                np.array([pending[i][0] for i in same]),
+                np.stack([pending[i].flows for i in same]),
+                np.stack([full[i][0] for i in same]),
+                np.stack([full[i][1] for i in same]),
+                np.array([pending[i].now for i in same]),
             )
             observations.update(zip(same, joint, strict=True))
-        for i, (now, _, _, _, flows, durations) in enumerate(pending):
+        for i, p in enumerate(pending):
             if i not in observations:
-                observations[i] = observe(flows, durations, now)
-        for i, (now, step, weights, new_flows, _, _) in enumerate(pending):
+                observations[i] = observe(p.flows, p.durations, p.now)
+        for i, p in enumerate(pending):
             for lb, agent in enumerate(self.agents):
                 obs = observations[i][lb * self.n : (lb + 1) * self.n]
-                self.steps[lb].append(step_record(now, step, f"lb{lb}", agent, obs, weights[lb], new_flows[lb]))
+                self.steps[lb].append(step_record(p.now, p.step, f"lb{lb}", agent, obs, p.weights[lb], p.new_flows[lb]))
 
     def housekeeping(self, now: float) -> None:
         """What happens every step whoever acts: the 1 s flow-table expiry and the busy-workers sample."""
