@@ -47,6 +47,7 @@ def test_train_cli_bad_input(cli, tmp_path):
         (("--algo", "distr", "--reward", "joy"), "unknown"),
         (("--algo", "distr", "--hyper", "gamma"), "NAME=VALUE"),
         (("--algo", "distr", "--hyper", "hidden=x"), "not a valid"),
+        (("--algo", "qmix", "--hyper", "residual=maybe"), "not a valid bool"),
     ):
         result = cli("train", config, *args, "--out", tmp_path / "t")
         assert result.exit_code == 2, result.output
