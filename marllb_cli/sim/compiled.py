@@ -55,7 +55,7 @@ except ImportError:  # the `fast` extra; without it the simulator runs the Pytho
 
 __all__ = ["CompiledSim", "available", "supported", "use_compiled"]
 
-_ECMP, _WCMP, _LSQ, _SED = (METHODS.index(m) for m in ("ecmp", "wcmp", "lsq", "sed"))
+_WCMP, _LSQ, _SED = (METHODS.index(m) for m in ("wcmp", "lsq", "sed"))  # anything else: ecmp (Maglev)
 #: Beyond this, fixed per-server arrays of workers and backlog would waste memory; the Python engine runs.
 MAX_SLOTS = 1 << 16
 
@@ -272,12 +272,18 @@ def _close_flow(st, job, now, completed):
     """The response's ACK and the FIN (completed), or an RST (rejected), of an open flow."""
     if st.open_flow[job] == 0:
         return
-    lb, server = st.lb_of[job], st.server[job]
     if completed:
-        _sample_duration(st, lb, server, now, now - st.arrival[job])
+        _sample_duration(st, st.lb_of[job], st.server[job], now, now - st.arrival[job])
+    _end_flow(st, job)
+
+
+@_jit
+def _end_flow(st, job):
+    """`FlowTable._end`: the flow is no longer open, q_j −= 1."""
+    lb = st.lb_of[job]
     st.open_flow[job] = 0
     st.open_count[lb] -= 1
-    st.flows[lb, server] -= 1
+    st.flows[lb, st.server[job]] -= 1
 
 
 @_jit
@@ -289,9 +295,7 @@ def _expire(st, lb, now):
     ended = 0
     while job < st.cursor[0] and now - st.arrival[job] >= timeout:
         if st.lb_of[job] == lb and st.open_flow[job] == 1:
-            st.open_flow[job] = 0
-            st.open_count[lb] -= 1
-            st.flows[lb, st.server[job]] -= 1
+            _end_flow(st, job)
             ended += 1
         job += 1
     st.expire_from[lb] = job
