@@ -1,18 +1,20 @@
-"""SAC-discrete with GRU: the policy gradient carries Q; trained policies run in simulate; bad input."""
+"""SAC-discrete with GRU: the policy gradient carries Q; reward normalisation; trained policies run in
+simulate; bad input."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from marllb_cli.agents.rl.common import RewardScale
 from marllb_cli.agents.rl.sac import SacHyper, SacLearner
 from tests.conftest import REPO
 
 
-def test_policy_gradient_moves_probability_toward_the_higher_q_action():
-    """Two actions, one server, one step: reward 1 for level 1, 0 for level 0, temperature held at α = 1.
-    The soft-optimal policy is π ∝ exp(Q/α): π(level 1) = e/(1 + e) = 0.731. Reaching it needs the Q
-    gradient in the policy loss (entropy alone would keep the policy uniform at 0.5)."""
+def _two_action_toy(reward_of_level_1: float, **settings) -> tuple[float, float, list[float]]:
+    """Two actions, one server, one step (γ = 0): reward `reward_of_level_1` for level 1, 0 for level 0.
+    Returns π(level 1) before and after 150 updates, and the actor's gradient norms."""
     hyper = SacHyper(
         hidden=16,
         levels=(1.0, 2.0),
@@ -21,13 +23,14 @@ def test_policy_gradient_moves_probability_toward_the_higher_q_action():
         lr_critic=3e-3,
         gamma=0.0,
         target_entropy_scale=0.01,
+        **settings,
     )
     learner = SacLearner(1, hyper, seed=0)
     obs = np.zeros((1, 6), dtype=np.float32)
     for i in range(16):
         action = np.array([i % 2])
         x = learner.features(obs, np.array([0]))
-        learner.store(x[None], action[None], np.array([float(action[0])]), x)
+        learner.store(x[None], action[None], np.array([reward_of_level_1 * action[0]]), x)
     x = torch.from_numpy(learner.features(obs, np.array([0]))).view(1, 1, -1)
     before = torch.softmax(learner.actor(x)[0][0, 0, 0], -1)[1].item()
     grads = []
@@ -35,9 +38,40 @@ def test_policy_gradient_moves_probability_toward_the_higher_q_action():
         learner.update()
         grads.append(sum(float(p.grad.abs().sum()) for p in learner.actor.parameters() if p.grad is not None))
     after = torch.softmax(learner.actor(x)[0][0, 0, 0], -1)[1].item()
+    return before, after, grads
+
+
+def test_policy_gradient_moves_probability_toward_the_higher_q_action():
+    """Reward 1 for level 1, temperature held near α = 1. The soft-optimal policy is π ∝ exp(Q/α):
+    π(level 1) = e/(1 + e) = 0.731. Reaching it needs the Q gradient in the policy loss (entropy alone
+    would keep the policy uniform at 0.5)."""
+    before, after, grads = _two_action_toy(1.0)
     assert min(grads) > 0
     assert 0.3 < before < 0.7
     assert abs(after - np.e / (1 + np.e)) < 0.03
+
+
+def test_reward_normalisation_makes_a_tiny_reward_count():
+    """Reward 1e-5 for level 1, the size of the VBF differences on sim-moderate. Raw, the soft-optimal
+    policy is uniform to five decimals and the critic's noise decides. Normalised, the stored rewards
+    {0, 1e-5} have standard deviation 0.5e-5, become {0, 2}, and π(level 1) → e²/(1 + e²) = 0.881."""
+    _, raw, _ = _two_action_toy(1e-5)
+    _, normalised, _ = _two_action_toy(1e-5, reward_norm=True)
+    assert abs(raw - 0.5) < 0.05
+    assert abs(normalised - np.e**2 / (1 + np.e**2)) < 0.03
+
+
+def test_reward_scale_is_one_over_the_standard_deviation_of_all_stored_rewards():
+    episodes = [np.array([0.0, 1e-4, 3e-4]), np.array([-2e-4]), np.array([5e-4, 5e-4])]
+    scale = RewardScale(enabled=True)
+    assert scale.factor == 1.0  # nothing stored yet
+    for rewards in episodes:
+        scale.observe(rewards)
+    assert scale.factor == pytest.approx(1 / np.std(np.concatenate(episodes)), rel=1e-9)
+    restored = RewardScale(enabled=True)
+    restored.load(scale.state())
+    assert restored.factor == scale.factor
+    assert RewardScale(enabled=False).factor == 1.0
 
 
 def test_train_cli_bad_input(cli, tmp_path):

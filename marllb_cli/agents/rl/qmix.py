@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marllb_cli.agents.rl.common import Recurrent, generator, generator_state, normalise, plain
+from marllb_cli.agents.rl.common import Recurrent, RewardScale, generator, generator_state, normalise, plain
 
 __all__ = ["Mixer", "QmixHyper", "QmixLearner", "td_lambda"]
 
@@ -46,6 +46,7 @@ class QmixHyper:
     warmup_episodes: int = 2
     levels: tuple[float, ...] = field(default=(1.0, 1.5, 2.0))
     residual: bool = False  # weight = server capacity × level: a uniform choice of levels is SED itself
+    reward_norm: bool = False  # divide rewards by their running standard deviation (`common.RewardScale`)
 
 
 class Mixer(nn.Module):
@@ -97,6 +98,7 @@ class QmixLearner:
         self.optimizer = torch.optim.Adam([*self.agent.parameters(), *self.mixer.parameters()], lr=hyper.lr)
         self.episodes: list[dict[str, np.ndarray]] = []
         self.rng = np.random.default_rng(seed)
+        self.reward_scale = RewardScale(hyper.reward_norm)
         self.episodes_seen = 0
         self.reset()
 
@@ -150,6 +152,7 @@ class QmixLearner:
             }
         )
         del self.episodes[: -self.hyper.buffer_episodes]
+        self.reward_scale.observe(rewards)
         self.episodes_seen += 1
         if self.episodes_seen % self.hyper.target_update_episodes == 0:
             self._sync_targets()
@@ -165,7 +168,7 @@ class QmixLearner:
         picks = self.rng.integers(len(self.episodes), size=h.batch_episodes)
         x = torch.from_numpy(np.stack([self.episodes[i]["x"] for i in picks]))  # [B, T+1, m, n_in]
         a = torch.from_numpy(np.stack([self.episodes[i]["a"] for i in picks]))  # [B, T, m, n]
-        r = torch.from_numpy(np.stack([self.episodes[i]["r"] for i in picks]))  # [B, T]
+        r = torch.from_numpy(np.stack([self.episodes[i]["r"] for i in picks])) * self.reward_scale.factor  # [B, T]
         s = torch.from_numpy(np.stack([self.episodes[i]["s"] for i in picks]))  # [B, T+1, S]
 
         utilities = self._utilities(self.agent, x)  # [B, T+1, m, n, L]
@@ -204,6 +207,7 @@ class QmixLearner:
             "episodes": [{k: torch.from_numpy(v) for k, v in e.items()} for e in self.episodes],
             "episodes_seen": self.episodes_seen,
             "rng": generator_state(self.rng),
+            "reward_scale": self.reward_scale.state(),
         }
 
     def load(self, state: dict) -> None:
@@ -212,3 +216,4 @@ class QmixLearner:
         self.episodes = [{k: v.numpy() for k, v in e.items()} for e in state["episodes"]]
         self.episodes_seen = int(state["episodes_seen"])
         self.rng = generator(state["rng"])
+        self.reward_scale.load(state.get("reward_scale"))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marllb_cli.agents.rl.common import Recurrent, generator, generator_state, normalise, plain
+from marllb_cli.agents.rl.common import Recurrent, RewardScale, generator, generator_state, normalise, plain
 
 __all__ = ["SacHyper", "SacLearner"]
 
@@ -46,6 +46,7 @@ class SacHyper:
     target_entropy_scale: float = 0.5  # per head: scale × log L (L = weight levels)
     levels: tuple[float, ...] = field(default=(1.0, 1.5, 2.0))
     residual: bool = False  # weight = server capacity × level: a uniform choice of levels is SED itself
+    reward_norm: bool = False  # divide rewards by their running standard deviation (`common.RewardScale`)
 
 
 class SacLearner:
@@ -68,6 +69,7 @@ class SacLearner:
         self.target_entropy = hyper.target_entropy_scale * float(np.log(self.n_levels))
         self.episodes: list[dict[str, np.ndarray]] = []  # the replay buffer: whole episodes
         self.rng = np.random.default_rng(seed)
+        self.reward_scale = RewardScale(hyper.reward_norm)
         self.reset()
 
     # -- acting -----------------------------------------------------------------------------------------
@@ -109,6 +111,7 @@ class SacLearner:
             }
         )
         del self.episodes[: -self.hyper.buffer_episodes]
+        self.reward_scale.observe(rewards)
 
     # -- update -----------------------------------------------------------------------------------------
     def update(self) -> dict[str, float]:
@@ -117,7 +120,7 @@ class SacLearner:
         picks = self.rng.integers(len(self.episodes), size=hyper.batch_episodes)
         x = torch.from_numpy(np.stack([self.episodes[i]["x"] for i in picks]))  # [B, T+1, n_in]
         a = torch.from_numpy(np.stack([self.episodes[i]["a"] for i in picks]))  # [B, T, N]
-        r = torch.from_numpy(np.stack([self.episodes[i]["r"] for i in picks]))  # [B, T]
+        r = torch.from_numpy(np.stack([self.episodes[i]["r"] for i in picks])) * self.reward_scale.factor  # [B, T]
         alpha = self.log_alpha.exp().detach()
 
         with torch.no_grad():
@@ -182,6 +185,7 @@ class SacLearner:
             "alpha_opt": self.alpha_opt.state_dict(),
             "episodes": [{k: torch.from_numpy(v) for k, v in e.items()} for e in self.episodes],
             "rng": generator_state(self.rng),
+            "reward_scale": self.reward_scale.state(),
         }
 
     def load(self, state: dict) -> None:
@@ -193,3 +197,4 @@ class SacLearner:
             getattr(self, name).load_state_dict(state[name])
         self.episodes = [{k: v.numpy() for k, v in e.items()} for e in state["episodes"]]
         self.rng = generator(state["rng"])
+        self.reward_scale.load(state.get("reward_scale"))
