@@ -11,12 +11,13 @@ import typer
 from rich.table import Table
 
 from marllb_cli.bench.dataplane import decision_benchmark, forwarding_benchmark, report_json
+from marllb_cli.bench.policies import DEFAULT_METHODS, evaluate
 from marllb_cli.bench.policies import as_dicts as policy_dicts
-from marllb_cli.bench.policies import evaluate
 from marllb_cli.bench.replay import replay_benchmark
 from marllb_cli.bench.sim import as_dicts, sim_benchmark
 from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, err_console, load, reports_errors
 from marllb_cli.errors import ConfigError, MissingTool
+from marllb_cli.sim.lbs import SIM_METHODS
 
 bench_app = typer.Typer(help="Benchmarks; their figures are recorded in docs/benchmarks.md.", no_args_is_help=True)
 
@@ -143,11 +144,27 @@ def policies(
         list[str] | None,
         typer.Option("--policy", "-p", metavar="NAME=DIR", help="A trained policy (marllb train --out DIR)."),
     ] = None,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            "-m",
+            help="A further method to evaluate beside the defaults, e.g. oracle-weights (the best SED weights "
+            "found by looking ahead; minutes per run).",
+        ),
+    ] = None,
     duration: Annotated[float, typer.Option(help="Simulated seconds per evaluation run.", min=1)] = 60.0,
     set_: SetOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Oracles, heuristics and trained policies on the same 5 unseen request seeds: mean and p99 JCT."""
+    for extra in method or []:
+        if extra not in SIM_METHODS:
+            raise ConfigError(
+                f"--method {extra!r}: unknown",
+                hint=f"choose one of {', '.join(SIM_METHODS)}; a trained policy goes in --policy NAME=DIR",
+            )
+    methods = (*DEFAULT_METHODS, *(m for m in dict.fromkeys(method or []) if m not in DEFAULT_METHODS))
     trained = {}
     for item in policy or []:
         name, sep, directory = item.partition("=")
@@ -155,7 +172,7 @@ def policies(
             raise ConfigError(f"--policy {item!r}: expected NAME=DIR")
         trained[name] = Path(directory)
     with console.status("evaluating"):
-        results = evaluate(load(config, set_), trained, duration_s=duration)
+        results = evaluate(load(config, set_), trained, methods=methods, duration_s=duration)
     if json_:
         print(json.dumps(policy_dicts(results), indent=2))
         return

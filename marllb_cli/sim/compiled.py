@@ -46,7 +46,7 @@ from marllb_cli.dataplane.selection import METHODS, Selector, maglev_table
 from marllb_cli.errors import ConfigError
 from marllb_cli.features import RESERVOIR_SLOTS
 from marllb_cli.sim.engine import INF, Result, ServerModel
-from marllb_cli.sim.lbs import job_hashes
+from marllb_cli.sim.lbs import PYTHON_ONLY, job_hashes
 
 try:
     import numba
@@ -78,16 +78,16 @@ def supported(models: Sequence[ServerModel]) -> bool:
 
 def use_compiled(setting: str, method: str, models: Sequence[ServerModel], source: object = None) -> bool:
     """Whether `sim.engine: setting` runs `method` on `models` with this core. `method` is the simulated
-    selection (a heuristic, oracle-gsq, or the sed an `rl:` policy starts from); oracle-srt needs every
-    server's remaining work, which only the Python engine keeps."""
-    possible = supported(models) and method != "oracle-srt"
+    selection (a heuristic, an oracle, or the sed an `rl:` policy starts from); oracle-srt needs every
+    server's remaining work and oracle-weights copies the engine, which only the Python engine allows."""
+    possible = supported(models) and method not in PYTHON_ONLY
     if setting == "compiled" and not possible:
         why = (
             "numba is not installed"
             if not available()
             else (
-                "oracle-srt needs the Python engine"
-                if method == "oracle-srt"
+                f"{method} needs the Python engine"
+                if method in PYTHON_ONLY
                 else "a server has no worker or backlog limit"
             )
         )

@@ -156,6 +156,10 @@ class Engine:
     def result(self) -> Result:
         return Result(arrival=self.arrival, server=self.server, start=self.start, finish=self.finish)
 
+    def pending(self) -> bool:
+        """Whether a completion or an IO end is still to come."""
+        return bool(self._events)
+
     def run(self, until: float = INF) -> None:
         """Process every tick, completion and arrival at or before `until`, in time order (ticks first)."""
         state, events, works, ios = self.states, self._events, self._works, self._ios

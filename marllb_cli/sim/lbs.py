@@ -40,12 +40,17 @@ from marllb_cli.dataplane.selection import Selector
 from marllb_cli.features import observe, observe_many
 from marllb_cli.sim.engine import ServerState
 
-__all__ = ["ORACLES", "SIM_METHODS", "LbLayer", "finish_if_added", "job_hash", "job_hashes"]
+__all__ = ["LOOKAHEAD", "ORACLES", "PYTHON_ONLY", "SIM_METHODS", "LbLayer", "finish_if_added", "job_hash", "job_hashes"]
 
 ORACLES = ("oracle-srt", "oracle-gsq")
+#: SED whose weights are chosen each period by looking ahead in copies of the simulation (`sim.lookahead`).
+LOOKAHEAD = "oracle-weights"
+#: Methods only the Python engine can run: oracle-srt drains every job's remaining work, and the lookahead
+#: copies the engine.
+PYTHON_ONLY = ("oracle-srt", LOOKAHEAD)
 #: Steps of agents that do not read their observation are recorded in batches of this many (see `tick`).
 RECORD_BATCH = 64
-SIM_METHODS = (*HEURISTICS, *ORACLES)
+SIM_METHODS = (*HEURISTICS, *ORACLES, LOOKAHEAD)
 _ACK, _FIN, _RST = TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST
 
 
@@ -128,7 +133,8 @@ class LbLayer:
         probe = self._busy_probe
         # Static weights ∝ capacity (cpus × speed): the testbed's cpus, and faster servers count for more.
         self.agents: list[Agent] = agents or [
-            heuristic("sed" if self.oracle else method, self.capacity.tolist(), probe) for _ in range(n_lbs)
+            heuristic("sed" if self.oracle or method == LOOKAHEAD else method, self.capacity.tolist(), probe)
+            for _ in range(n_lbs)
         ]
 
         def flow_table(lb: int, method: str, weights: list[float]) -> FlowTable:

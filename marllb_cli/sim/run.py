@@ -27,7 +27,8 @@ from marllb_cli.config import Config
 from marllb_cli.runs import create_run_dir, empty_requests, environment, now_iso, save_results, steps_frame, write_json
 from marllb_cli.sim.compiled import CompiledSim, use_compiled
 from marllb_cli.sim.engine import Engine, ServerModel, ServerState
-from marllb_cli.sim.lbs import SIM_METHODS, LbLayer
+from marllb_cli.sim.lbs import LOOKAHEAD, SIM_METHODS, LbLayer
+from marllb_cli.sim.lookahead import candidates, run_lookahead
 from marllb_cli.sim.traffic import Traffic, capacity, traffic
 
 __all__ = ["SimOutcome", "SimRun", "build_simulation", "run_simulation", "simulate_to_run_dir"]
@@ -138,11 +139,23 @@ def run_simulation(
         joint, agents = load_for_simulation(resolved, config.testbed.lbs, [m.cpus * m.speed for m in models])
     selection = "sed" if method.startswith(RL_PREFIX) else method
     period = config.experiment.agent_period_ms / 1000
+    lookahead = resolved == LOOKAHEAD  # steps the agents itself, between runs of the engine
     engine, lbs = build_simulation(
-        config, selection, requests_in, models, cpus, seed=seed, agents=agents, joint=joint, agent_period=period
+        config,
+        selection,
+        requests_in,
+        models,
+        cpus,
+        seed=seed,
+        agents=agents,
+        joint=joint,
+        agent_period=None if lookahead else period,
     )
     started = time.perf_counter()
-    engine.run()
+    if lookahead:
+        run_lookahead(engine, lbs, period, candidates(lbs.capacity, groups))  # type: ignore[arg-type]
+    else:
+        engine.run()
     result = engine.result()
     wall = time.perf_counter() - started
     n = len(requests_in)
