@@ -52,26 +52,31 @@ def test_policy_gradient_moves_probability_toward_the_higher_q_action():
 
 
 def test_reward_normalisation_makes_a_tiny_reward_count():
-    """Reward 1e-5 for level 1, the size of the VBF differences on sim-moderate. Raw, the soft-optimal
-    policy is uniform to five decimals and the critic's noise decides. Normalised, the stored rewards
-    {0, 1e-5} have standard deviation 0.5e-5, become {0, 2}, and π(level 1) → e²/(1 + e²) = 0.881."""
+    """Reward 1e-5 for level 1, the size of the VBF differences on sim-moderate-io50. Raw, the soft-optimal
+    policy is uniform to five decimals and the critic's noise decides. Standardised, the stored rewards
+    {0, 1e-5} become {−1, 1}, and π(level 1) → e²/(1 + e²) = 0.881."""
     _, raw, _ = _two_action_toy(1e-5)
     _, normalised, _ = _two_action_toy(1e-5, reward_norm=True)
     assert abs(raw - 0.5) < 0.05
     assert abs(normalised - np.e**2 / (1 + np.e**2)) < 0.03
 
 
-def test_reward_scale_is_one_over_the_standard_deviation_of_all_stored_rewards():
+def test_reward_scale_standardises_with_the_moments_of_all_stored_rewards():
     episodes = [np.array([0.0, 1e-4, 3e-4]), np.array([-2e-4]), np.array([5e-4, 5e-4])]
     scale = RewardScale(enabled=True)
-    assert scale.factor == 1.0  # nothing stored yet
+    batch = torch.tensor([1e-4, 4e-4], dtype=torch.float64)
+    assert torch.equal(scale(batch), batch)  # nothing stored yet
     for rewards in episodes:
         scale.observe(rewards)
-    assert scale.factor == pytest.approx(1 / np.std(np.concatenate(episodes)), rel=1e-9)
+    every = np.concatenate(episodes)
+    expected = (batch.numpy() - every.mean()) / every.std()
+    assert scale(batch).numpy() == pytest.approx(expected, rel=1e-9)
     restored = RewardScale(enabled=True)
     restored.load(scale.state())
-    assert restored.factor == scale.factor
-    assert RewardScale(enabled=False).factor == 1.0
+    assert torch.equal(restored(batch), scale(batch))
+    off = RewardScale(enabled=False)
+    off.observe(every)
+    assert torch.equal(off(batch), batch)
 
 
 def test_train_cli_bad_input(cli, tmp_path):

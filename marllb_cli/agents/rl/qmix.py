@@ -46,7 +46,7 @@ class QmixHyper:
     warmup_episodes: int = 2
     levels: tuple[float, ...] = field(default=(1.0, 1.5, 2.0))
     residual: bool = False  # weight = server capacity × level: a uniform choice of levels is SED itself
-    reward_norm: bool = False  # divide rewards by their running standard deviation (`common.RewardScale`)
+    reward_norm: bool = False  # standardise rewards with their running mean and std (`common.RewardScale`)
 
 
 class Mixer(nn.Module):
@@ -168,7 +168,7 @@ class QmixLearner:
         picks = self.rng.integers(len(self.episodes), size=h.batch_episodes)
         x = torch.from_numpy(np.stack([self.episodes[i]["x"] for i in picks]))  # [B, T+1, m, n_in]
         a = torch.from_numpy(np.stack([self.episodes[i]["a"] for i in picks]))  # [B, T, m, n]
-        r = torch.from_numpy(np.stack([self.episodes[i]["r"] for i in picks])) * self.reward_scale.factor  # [B, T]
+        r = self.reward_scale(torch.from_numpy(np.stack([self.episodes[i]["r"] for i in picks])))  # [B, T]
         s = torch.from_numpy(np.stack([self.episodes[i]["s"] for i in picks]))  # [B, T+1, S]
 
         utilities = self._utilities(self.agent, x)  # [B, T+1, m, n, L]

@@ -46,7 +46,7 @@ class SacHyper:
     target_entropy_scale: float = 0.5  # per head: scale × log L (L = weight levels)
     levels: tuple[float, ...] = field(default=(1.0, 1.5, 2.0))
     residual: bool = False  # weight = server capacity × level: a uniform choice of levels is SED itself
-    reward_norm: bool = False  # divide rewards by their running standard deviation (`common.RewardScale`)
+    reward_norm: bool = False  # standardise rewards with their running mean and std (`common.RewardScale`)
 
 
 class SacLearner:
@@ -120,7 +120,7 @@ class SacLearner:
         picks = self.rng.integers(len(self.episodes), size=hyper.batch_episodes)
         x = torch.from_numpy(np.stack([self.episodes[i]["x"] for i in picks]))  # [B, T+1, n_in]
         a = torch.from_numpy(np.stack([self.episodes[i]["a"] for i in picks]))  # [B, T, N]
-        r = torch.from_numpy(np.stack([self.episodes[i]["r"] for i in picks])) * self.reward_scale.factor  # [B, T]
+        r = self.reward_scale(torch.from_numpy(np.stack([self.episodes[i]["r"] for i in picks])))  # [B, T]
         alpha = self.log_alpha.exp().detach()
 
         with torch.no_grad():
