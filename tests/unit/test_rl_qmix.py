@@ -9,6 +9,7 @@ import torch
 from marllb_cli.agents.rl.qmix import Mixer, td_lambda
 from marllb_cli.agents.rl.train import train
 from marllb_cli.config import load_config
+from marllb_cli.errors import ConfigError
 from tests.conftest import REPO
 
 
@@ -70,6 +71,22 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, algo):
         assert len(left["episodes"]) == len(right["episodes"]) == 3
     policy = torch.load(tmp_path / "whole" / "policy.pt", weights_only=True)
     assert policy["algo"] == algo and policy["kind"] == {"qmix": "qmix", "centr": "centr"}.get(algo, "sac")
+
+
+def test_resume_with_other_hyperparameters_is_refused(tmp_path):
+    config = load_config(REPO / "configs" / "sim-moderate.yaml")
+    settings = {"hidden": 16, "updates_per_episode": 1, "batch_episodes": 1, "warmup_episodes": 1}
+    train(config, "distr", out=tmp_path, episodes=1, episode_s=1.0, hyper=settings)
+    with pytest.raises(ConfigError, match=r"different settings \(hyper hidden, hyper reward_norm\)"):
+        train(
+            config,
+            "distr",
+            out=tmp_path,
+            episodes=2,
+            episode_s=1.0,
+            resume=True,
+            hyper={**settings, "hidden": 32, "reward_norm": False},
+        )
 
 
 def test_a_qmix_policy_runs_in_simulate(cli, trained, tmp_path):

@@ -42,10 +42,10 @@ def _two_action_toy(reward_of_level_1: float, **settings) -> tuple[float, float,
 
 
 def test_policy_gradient_moves_probability_toward_the_higher_q_action():
-    """Reward 1 for level 1, temperature held near α = 1. The soft-optimal policy is π ∝ exp(Q/α):
-    π(level 1) = e/(1 + e) = 0.731. Reaching it needs the Q gradient in the policy loss (entropy alone
-    would keep the policy uniform at 0.5)."""
-    before, after, grads = _two_action_toy(1.0)
+    """Reward 1 for level 1 (raw, not standardised), temperature held near α = 1. The soft-optimal policy
+    is π ∝ exp(Q/α): π(level 1) = e/(1 + e) = 0.731. Reaching it needs the Q gradient in the policy loss
+    (entropy alone would keep the policy uniform at 0.5)."""
+    before, after, grads = _two_action_toy(1.0, reward_norm=False)
     assert min(grads) > 0
     assert 0.3 < before < 0.7
     assert abs(after - np.e / (1 + np.e)) < 0.03
@@ -55,7 +55,7 @@ def test_reward_normalisation_makes_a_tiny_reward_count():
     """Reward 1e-5 for level 1, the size of the VBF differences on sim-moderate-io50. Raw, the soft-optimal
     policy is uniform to five decimals and the critic's noise decides. Standardised, the stored rewards
     {0, 1e-5} become {−1, 1}, and π(level 1) → e²/(1 + e²) = 0.881."""
-    _, raw, _ = _two_action_toy(1e-5)
+    _, raw, _ = _two_action_toy(1e-5, reward_norm=False)
     _, normalised, _ = _two_action_toy(1e-5, reward_norm=True)
     assert abs(raw - 0.5) < 0.05
     assert abs(normalised - np.e**2 / (1 + np.e**2)) < 0.03

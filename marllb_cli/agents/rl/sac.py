@@ -46,7 +46,7 @@ class SacHyper:
     target_entropy_scale: float = 0.5  # per head: scale × log L (L = weight levels)
     levels: tuple[float, ...] = field(default=(1.0, 1.5, 2.0))
     residual: bool = False  # weight = server capacity × level: a uniform choice of levels is SED itself
-    reward_norm: bool = False  # standardise rewards with their running mean and std (`common.RewardScale`)
+    reward_norm: bool = True  # standardise rewards with their running mean and std (`common.RewardScale`)
 
 
 class SacLearner:

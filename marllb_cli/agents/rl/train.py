@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from marllb_cli.agents.rl.common import plain
 from marllb_cli.agents.rl.qmix import QmixHyper, QmixLearner
 from marllb_cli.agents.rl.sac import SacHyper, SacLearner
 from marllb_cli.config import Config
@@ -235,8 +236,14 @@ def train(
     start, rows = 0, []
     if resume and (out / CHECKPOINT).exists():
         saved = torch.load(out / CHECKPOINT, weights_only=True)
-        if saved["meta"] != meta:
-            raise ConfigError(f"{out}: --resume with different settings ({saved['meta']})", hint="use another --out")
+        differs = {key for key in meta if saved["meta"].get(key) != meta[key]}
+        saved_hyper = saved["learners"][0].get("hyper", {})
+        differs |= {f"hyper {key}" for key, value in plain(settings).items() if saved_hyper.get(key) != value}
+        if differs:
+            raise ConfigError(
+                f"{out}: --resume with different settings ({', '.join(sorted(differs))})",
+                hint="resume with the options the run started with, or use another --out",
+            )
         team.load(saved["learners"])
         start = int(saved["episode"]) + 1
         rows = pd.read_parquet(out / CURVE).to_dict("records") if (out / CURVE).exists() else []
