@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from marllb_cli.agents.factory import resolve_method
 from marllb_cli.bench.dataplane import decision_benchmark, forwarding_benchmark, report_json
 from marllb_cli.bench.policies import DEFAULT_METHODS, evaluate
 from marllb_cli.bench.policies import as_dicts as policy_dicts
@@ -158,13 +159,8 @@ def policies(
     json_: JsonOption = False,
 ) -> None:
     """Oracles, heuristics and trained policies on the same 5 unseen request seeds: mean and p99 JCT."""
-    for extra in method or []:
-        if extra not in SIM_METHODS:
-            raise ConfigError(
-                f"--method {extra!r}: unknown",
-                hint=f"choose one of {', '.join(SIM_METHODS)}; a trained policy goes in --policy NAME=DIR",
-            )
-    methods = (*DEFAULT_METHODS, *(m for m in dict.fromkeys(method or []) if m not in DEFAULT_METHODS))
+    extras = [resolve_method(m, SIM_METHODS) for m in dict.fromkeys(method or [])]
+    methods = (*DEFAULT_METHODS, *(m for m in extras if m not in DEFAULT_METHODS))
     trained = {}
     for item in policy or []:
         name, sep, directory = item.partition("=")
