@@ -281,6 +281,10 @@ class Testbed(_Strict):
         """Total servers over all groups."""
         return sum(group.count for group in self.servers)
 
+    def group(self, name: str | None) -> ServerGroup | None:
+        """The server group called `name` (a topology node's `group`); None for a node of no group."""
+        return next((group for group in self.servers if group.name == name), None)
+
 
 class Experiment(_Strict):
     """How a run behaves, independent of where it runs."""

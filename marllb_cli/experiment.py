@@ -1,11 +1,12 @@
 """One testbed experiment run: `marllb replay-trace`.
 
     check the testbed is up → read the trace, build the schedule (speed, duration) → create the run
-    directory (config.yaml, meta.json with complete=false) → send the schedule and specs to the client node
-    (`client_node`: the client namespace, or the client host of `kind: ssh`) → start the LBs with the
-    method → start the sampler (every server's busy workers every agent period) and the replayer there
-    (progress from the replayer's stdout) → stop the replayer, the sampler and the LBs → fetch their files
-    → write requests.parquet, servers.parquet, agents/lb<i>.parquet, summary.json and the final meta.json.
+    directory (`runs.RunDir`: config.yaml, meta.json with complete=false) → send the schedule and specs to
+    the client node (`Testbed.client()`: the client namespace, or the client host of `kind: ssh`) → start
+    the LBs (`Testbed.lbs()`) with the method → start the sampler (every server's busy workers every agent
+    period) and the replayer there (progress from the replayer's stdout) → stop the replayer, the sampler
+    and the LBs → fetch their files → write requests.parquet, servers.parquet, agents/lb<i>.parquet,
+    summary.json and the final meta.json.
 
 The last step runs whatever happened before it (error, Ctrl-C): a run that did not finish is written with
 `complete: false` and every request that was sent. `requests.parquet` always has exactly one row per
@@ -26,25 +27,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from marllb_cli.agents.factory import resolve_method
-from marllb_cli.client_node import ClientNode, ClientProcess, LocalClient, stop_process
+from marllb_cli.agents.methods import resolve_method
+from marllb_cli.client_node import ClientNode, ClientProcess, stop_process
 from marllb_cli.config import Config
-from marllb_cli.deploy import lb_services_for
-from marllb_cli.deploy.lb_services import LbServices
-from marllb_cli.deploy.ssh import SshLbServices
+from marllb_cli.deploy import testbed_for
+from marllb_cli.deploy.base import LbControl, Testbed
 from marllb_cli.errors import ConfigError, TestbedError
-from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.replay import ReplaySpec, write_schedule
-from marllb_cli.runs import (
-    create_run_dir,
-    empty_requests,
-    environment,
-    now_iso,
-    save_results,
-    steps_frame,
-    write_json,
-)
+from marllb_cli.runs import RunDir, empty_requests, save_results
 from marllb_cli.sampler import SampledServer, SamplerSpec
+from marllb_cli.steps import read_steps_log
 from marllb_cli.topology import Topology
 from marllb_cli.traces import read_trace
 
@@ -94,13 +86,13 @@ def build_schedule(trace: pd.DataFrame, *, speed: float, duration_s: float | Non
 
 
 def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgress = lambda _: None) -> RunOutcome:
-    """Run one experiment on the deployed testbed; always writes the run directory.
+    """Run one experiment on the deployed testbed `config` describes; always writes the run directory.
 
     Ctrl-C (KeyboardInterrupt) stops the run early and returns it with `interrupted` set; any other error
     is raised after the run directory has been written."""
-    services = lb_services_for(config)
-    resolve_method(options.method)
-    services.require_deployed()
+    method = resolve_method(options.method)
+    testbed = testbed_for(config)
+    testbed.require_deployed()
     if options.duration_s is not None and options.duration_s <= 0:
         raise ConfigError(f"--duration {options.duration_s:g}: must be positive")
     trace, skipped = read_trace(options.trace, fmt=options.trace_format, skip_bad=options.skip_bad)
@@ -108,35 +100,45 @@ def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgres
     if schedule.empty:
         raise ConfigError(f"{options.trace}: no request falls within --duration {options.duration_s:g} s")
     seed = config.experiment.seed if options.seed is None else options.seed
-    topology = services.topology
-    run = create_run_dir(options.runs_dir, method=options.method, testbed=topology.testbed, seed=seed)
-    (run / "config.yaml").write_text(config.resolved_yaml())
-    schedule.to_parquet(run / "schedule.parquet", index=False)
+    topology = testbed.topology
     meta: dict[str, Any] = {
         "kind": "testbed",
-        "method": options.method,
         "testbed": topology.testbed,
-        "seed": seed,
         "trace": {"file": str(options.trace), "skipped_lines": skipped, "lines": len(trace)},
         "speed": options.speed,
         "duration_s": options.duration_s,
         "scheduled_requests": len(schedule),
-        "started": now_iso(),
-        "complete": False,
-        **environment(),
     }
-    write_json(run / "meta.json", meta)
+    run_dir = RunDir(
+        options.runs_dir, config=config, method=options.method, testbed=topology.testbed, seed=seed, meta=meta
+    )
+    with run_dir as run:
+        schedule.to_parquet(run.path / "schedule.parquet", index=False)
+        return _replay(config, testbed, run, schedule, options, method, seed, progress)
 
+
+def _replay(
+    config: Config,
+    testbed: Testbed,
+    run: RunDir,
+    schedule: pd.DataFrame,
+    options: ReplayOptions,
+    method: str,
+    seed: int,
+    progress: ReplayProgress,
+) -> RunOutcome:
+    """Start the LBs, the sampler and the replayer; whatever happens, stop them and write the results."""
     period = config.experiment.agent_period_ms / 1000
-    client = client_node_for(config, topology)
-    files = ClientFiles(run, client.staging(run))
+    lbs = testbed.lbs()
+    client = testbed.client()
+    files = ClientFiles(run.path, client.staging(run.path))
     replayer: ReplayerProcess | None = None
     sampler: ClientProcess | None = None
     finished = False
     failure: str | None = None
     try:
-        _stage_inputs(config, topology, schedule, options, files, client, period)
-        services.start(options.method, period=period, seed=seed)
+        _stage_inputs(config, testbed.topology, schedule, options, files, client, period)
+        lbs.start(method, period=period, seed=seed)
         sampler = client.start("marllb_cli.sampler", [files.remote("sampler.json")], files.remote("sampler.log"))
         replayer = ReplayerProcess(client, files)
         finished = replayer.wait(progress)
@@ -154,24 +156,15 @@ def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgres
                 replayer.stop()
             if sampler is not None:
                 stop_process(sampler, grace_s=5.0)
-            services.stop()
+            lbs.stop()
             for name in ("requests.csv", "servers.csv", "replay.log", "sampler.log"):
                 files.fetch(client, name)
             client.close()
-            outcome = _finish(run, meta, schedule, client, replayer, services, finished, failure)
+            outcome = _finish(run, schedule, client, replayer, lbs, finished, failure)
         finally:
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
     return outcome
-
-
-def client_node_for(config: Config, topology: Topology) -> ClientNode:
-    """Where the replayer and sampler run: the client namespace here, or the client host of `kind: ssh`."""
-    if config.testbed.kind == "ssh":
-        from marllb_cli.deploy.ssh import SshTestbed
-
-        return SshTestbed(config).client_node()
-    return LocalClient(LocalNamespace(topology.client.namespace))
 
 
 @dataclass(frozen=True)
@@ -223,12 +216,11 @@ def _stage_inputs(
 
 
 def _finish(
-    run: Path,
-    meta: dict[str, Any],
+    run_dir: RunDir,
     schedule: pd.DataFrame,
     client: ClientNode,
     replayer: ReplayerProcess | None,
-    services: LbServices | SshLbServices,
+    lbs: LbControl,
     finished: bool,
     failure: str | None,
 ) -> RunOutcome:
@@ -240,16 +232,17 @@ def _finish(
         t0 = replayer.t0
     else:
         t0 = time.monotonic() - client.offset
+    run = run_dir.path
     requests = _requests(run / "requests.csv", schedule)
     agents = {
-        lb.name: agent_steps(services.steps_log(lb), t0 + client.offset)
-        for lb in services.topology.lbs
-        if services.steps_log(lb).exists()
+        lb.name: read_steps_log(lbs.steps_log(lb), t0 + client.offset)
+        for lb in lbs.topology.lbs
+        if lbs.steps_log(lb).exists()
     }
     duration = float(requests["intended_s"].max()) if finished and len(requests) else _elapsed(requests)
     summary = save_results(
         run,
-        method=meta["method"],
+        method=run_dir.meta["method"],
         requests=requests,
         servers=servers_frame(run / "servers.csv", t0),
         agents=agents,
@@ -263,15 +256,13 @@ def _finish(
             "latencies include client delay — replay slower (--speed) or on a less busy machine"
         )
     complete = finished and failure is None and len(requests) == len(schedule)
-    meta.update(
+    run_dir.finish(
         complete=complete,
         failure=failure,
-        ended=now_iso(),
         replayed_requests=len(requests),
         replay_loop=replayer.loop if replayer is not None else None,
         warnings=warnings,
     )
-    write_json(run / "meta.json", meta)
     for transient in ("requests.csv", "servers.csv", "schedule.tsv"):
         (run / transient).unlink(missing_ok=True)
     return RunOutcome(run, summary, complete, failure == "interrupted", warnings)
@@ -318,18 +309,6 @@ def servers_frame(csv_path: Path, t0: float) -> pd.DataFrame:
             "busy": pd.to_numeric(rows["busy"], errors="coerce").to_numpy(np.float64),
         }
     )
-
-
-def agent_steps(steps_log: Path, t0: float) -> pd.DataFrame:
-    """An agent's JSONL step log as a frame (`runs.steps_frame`); a line cut by a kill is skipped."""
-    rows = []
-    with steps_log.open() as lines:
-        for line in lines:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return steps_frame(rows, t0)
 
 
 class ReplayerProcess:

@@ -34,13 +34,13 @@ from marllb_cli.errors import RunDirError
 __all__ = [
     "REQUEST_COLUMNS",
     "Run",
+    "RunDir",
     "create_run_dir",
     "empty_requests",
     "environment",
     "load_run",
     "now_iso",
     "save_results",
-    "steps_frame",
     "summarize",
     "write_json",
 ]
@@ -97,6 +97,41 @@ def create_run_dir(runs_dir: Path, *, method: str, testbed: str, seed: int) -> P
         (path / "agents").mkdir()
         return path
     raise RunDirError(f"{runs_dir}: cannot find a free run directory name for {base}")
+
+
+class RunDir:
+    """One run directory's life, for `replay-trace` and `simulate` alike.
+
+    On enter: a new directory (`create_run_dir`), the resolved `config.yaml`, and `meta.json` with
+    `complete: false`, the start time and the environment. The run adds to `meta` as it goes and says how
+    it ended with `finish`. On exit, always: the final `meta.json`, with `ended`; an exception that escapes
+    the block marks the run incomplete with its reason (`interrupted` for Ctrl-C) and goes on."""
+
+    def __init__(self, runs_dir: Path, *, config: Any, method: str, testbed: str, seed: int, meta: dict) -> None:
+        self.runs_dir, self.config = runs_dir, config
+        self.name = (method, testbed, seed)
+        self.meta: dict[str, Any] = {**meta, "method": method, "seed": seed}
+
+    def __enter__(self) -> RunDir:
+        method, testbed, seed = self.name
+        self.path = create_run_dir(self.runs_dir, method=method, testbed=testbed, seed=seed)
+        (self.path / "config.yaml").write_text(self.config.resolved_yaml())
+        self.meta.update(started=now_iso(), complete=False, failure=None, **environment())
+        write_json(self.path / "meta.json", self.meta)
+        return self
+
+    def finish(self, *, complete: bool, failure: str | None = None, **more: Any) -> None:
+        """How the run ended, and what else `meta.json` should say (written on exit)."""
+        self.meta.update(complete=complete, failure=failure, **more)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            self.meta["complete"] = False
+            if self.meta.get("failure") is None:
+                interrupted = isinstance(exc, KeyboardInterrupt)
+                self.meta["failure"] = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
+        self.meta["ended"] = now_iso()
+        write_json(self.path / "meta.json", self.meta)
 
 
 def environment() -> dict[str, Any]:
@@ -183,19 +218,6 @@ def summarize(requests: pd.DataFrame, *, method: str, duration_s: float) -> dict
             for name, frame in requests.groupby("class", sort=True, observed=True)
         },
     }
-
-
-def steps_frame(rows: list[dict[str, Any]], t0: float) -> pd.DataFrame:
-    """Agent step records (`agents.runner.step_record`) as a frame: `t_s` relative to the run's time 0,
-    rewards flattened to `reward_<name>` columns."""
-    flat = []
-    for row in rows:
-        row = dict(row)
-        rewards = row.pop("rewards", {})
-        row["t_s"] = row.pop("t") - t0
-        row.update({f"reward_{name}": value for name, value in rewards.items()})
-        flat.append(row)
-    return pd.DataFrame(flat)
 
 
 def save_results(

@@ -6,7 +6,7 @@ links to other pages, a bulleted list, sometimes a table. Sizes are log-normal (
 to ≈ 40 KB, as Wikipedia's article sizes), so rendering costs differ from page to page the way they do on
 a real wiki. Page k is the same text for a given seed on every server and every run.
 
-Deliberately free of pandas and numpy: it runs on the nodes (`python -m marllb_cli.node`).
+Deliberately free of pandas and numpy: it runs on the nodes (`python -m marllb_cli.deploy.node.cli`).
 """
 
 from __future__ import annotations

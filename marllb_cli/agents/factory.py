@@ -1,41 +1,41 @@
 """Agents by method name, for the testbed's agent processes and the simulator alike: a heuristic
-(`HEURISTICS`) or `rl:DIR`, a policy trained by `marllb train --out DIR`.
+(`methods.HEURISTICS`) or `rl:DIR`, a policy trained by `marllb train --out DIR`.
 
-PyTorch is imported only for `rl:` methods, so heuristic agent processes start fast.
+PyTorch is imported only where an `rl:` agent acts (`make_agent`); the controller that only plans an LB
+(`initial_control`) reads the policy's JSON header instead, so it never loads PyTorch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+
+import numpy as np
 
 from marllb_cli.agents.base import Agent
-from marllb_cli.agents.heuristics import HEURISTICS, Probe, heuristic
-from marllb_cli.errors import ConfigError
+from marllb_cli.agents.heuristics import Probe, heuristic
+from marllb_cli.agents.methods import policy_dir
 
-__all__ = ["RL_PREFIX", "make_agent", "resolve_method"]
-
-RL_PREFIX = "rl:"
+__all__ = ["initial_control", "make_agent"]
 
 
-def resolve_method(method: str, allowed: Sequence[str] = HEURISTICS) -> str:
-    """`method` checked (exit-2 error naming the choices) and, for `rl:DIR`, with DIR made absolute."""
-    if method.startswith(RL_PREFIX):
-        directory = Path(method.removeprefix(RL_PREFIX)).resolve()
-        if not (directory / "policy.pt").is_file():
-            raise ConfigError(
-                f"--method {method}: no {directory / 'policy.pt'}", hint="train one with `marllb train ... --out DIR`"
-            )
-        return RL_PREFIX + str(directory)
-    if method not in allowed:
-        raise ConfigError(f"--method {method!r}: unknown", hint=f"choose one of {', '.join(allowed)}, or rl:DIR")
-    return method
-
-
-def make_agent(method: str, cpus: Sequence[float], probe: Probe | None, lb_index: int = 0) -> Agent:
-    """The agent of LB `lb_index` for `method` over servers of capacities `cpus`."""
-    if method.startswith(RL_PREFIX):
+def make_agent(method: str, cpus: Sequence[float], probe: Probe | None, lb_index: int = 0, n_lbs: int = 1) -> Agent:
+    """The agent of LB `lb_index` (of `n_lbs`) for a resolved `method` over servers of capacities `cpus`."""
+    if policy_dir(method) is not None:
         from marllb_cli.agents.rl.policy import load_policies
 
-        return load_policies(method, lb_index + 1, cpus)[lb_index]
+        return load_policies(method, n_lbs, cpus)[lb_index]
     return heuristic(method, cpus, probe)
+
+
+def initial_control(method: str, cpus: Sequence[float], n_lbs: int) -> tuple[str, np.ndarray]:
+    """(selection, first weights) an LB's dataplane starts with before its agent takes a step; for `rl:DIR`
+    the policy is checked against this testbed (servers, LBs) from its header."""
+    directory = policy_dir(method)
+    if directory is None:
+        agent = heuristic(method, cpus, probe=lambda: [None] * len(cpus))
+        return agent.method, np.asarray(agent.weights, dtype=np.float64)
+    from marllb_cli.agents.rl.header import read_header
+
+    header = read_header(directory)
+    header.check(method, n_lbs, len(cpus), per_lb=True)
+    return "sed", header.first_weights(cpus)

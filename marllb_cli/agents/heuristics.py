@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["HEURISTICS", "StaticWeights", "ActiveWcmp", "heuristic"]
+from marllb_cli.agents.methods import HEURISTICS
 
-HEURISTICS = ("ecmp", "wcmp", "lsq", "sed", "awcmp")
+__all__ = ["StaticWeights", "ActiveWcmp", "heuristic"]
 
 #: `probe()` → BusyWorkers per server, None where a server did not answer.
 Probe = Callable[[], Sequence[int | None]]

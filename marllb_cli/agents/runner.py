@@ -14,21 +14,19 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from marllb_cli.agents.base import Agent
 from marllb_cli.agents.factory import make_agent
 from marllb_cli.dataplane.channel import Channel
-from marllb_cli.deploy.apache import busy_workers
 from marllb_cli.features import observe
-from marllb_cli.rewards import all_rewards
+from marllb_cli.hosts.http import busy_workers
 from marllb_cli.services import until_signalled
+from marllb_cli.steps import step_record
 
-__all__ = ["AgentSpec", "run_agent", "step_record", "main"]
+__all__ = ["AgentSpec", "run_agent", "main"]
 
 log = logging.getLogger("marllb.agent")
 
@@ -38,6 +36,8 @@ class AgentSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     lb: str
+    lb_index: int
+    n_lbs: int  # a QMIX policy's LB id is one-hot over all LBs
     channel: Path
     method: str
     cpus: list[float]
@@ -71,28 +71,6 @@ def _attach(path: Path, timeout_s: float = 10.0) -> Channel:
             time.sleep(0.05)
 
 
-def step_record(
-    now: float, step: int, lb: str, agent: Agent, obs: np.ndarray, weights: Sequence[float], new_flows: Sequence[int]
-) -> dict:
-    """One agent step as logged on the testbed and in simulation (`agents/lb<i>.parquet` rows)."""
-    row = {
-        "t": now,
-        "step": step,
-        "lb": lb,
-        "method": agent.method,
-        "weights": [round(float(w), 6) for w in weights],
-        "flows": obs[:, 0].astype(int).tolist(),
-        "fd_mean": obs[:, 1].tolist(),
-        "fd_decayed_mean": obs[:, 4].tolist(),
-        "new_flows": [int(x) for x in new_flows],
-        "rewards": all_rewards(obs[:, 4]),
-    }
-    busy = getattr(agent, "last_busy", None)
-    if busy is not None:
-        row["busy_workers"] = busy
-    return row
-
-
 def run_agent(spec: AgentSpec, agent: Agent, channel: Channel, should_run) -> int:
     """Step `agent` every `spec.period` until `should_run()` is false; return the number of steps."""
     step = 0
@@ -122,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     spec = AgentSpec.model_validate_json(args.spec.read_text())
     probe = _probe(spec.servers, spec.status_port, timeout=spec.period * 0.8)
-    agent = make_agent(spec.method, spec.cpus, probe, int(spec.lb.removeprefix("lb")))
+    agent = make_agent(spec.method, spec.cpus, probe, spec.lb_index, spec.n_lbs)
     channel = _attach(spec.channel)
     should_run = until_signalled()
     log.info("%s: %s every %.0f ms, pid %d", spec.lb, spec.method, spec.period * 1000, os.getpid())

@@ -38,7 +38,7 @@ from pyroute2 import NetNS
 from marllb_cli.dataplane.fastpath import DataplaneSpec, ServerSpec
 from marllb_cli.dataplane.flows import FlowTable
 from marllb_cli.dataplane.selection import METHODS, Selector, flow_key
-from marllb_cli.deploy.roles import OFFLOADS_OFF
+from marllb_cli.deploy.node.roles import OFFLOADS_OFF
 from marllb_cli.errors import NamespaceExists
 from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.services import Service, start_service

@@ -10,15 +10,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from marllb_cli.agents.factory import resolve_method
-from marllb_cli.bench.dataplane import decision_benchmark, forwarding_benchmark, report_json
-from marllb_cli.bench.policies import DEFAULT_METHODS, evaluate
-from marllb_cli.bench.policies import as_dicts as policy_dicts
-from marllb_cli.bench.replay import replay_benchmark
-from marllb_cli.bench.sim import as_dicts, sim_benchmark
+from marllb_cli.agents.methods import SIM_METHODS, resolve_method
 from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, err_console, load, reports_errors
 from marllb_cli.errors import ConfigError, MissingTool
-from marllb_cli.sim.lbs import SIM_METHODS
 
 bench_app = typer.Typer(help="Benchmarks; their figures are recorded in docs/benchmarks.md.", no_args_is_help=True)
 
@@ -34,6 +28,8 @@ def dataplane(
     json_: JsonOption = False,
 ) -> None:
     """Packets/s through marllb's fast path vs scapy vs the kernel; ns per new-flow decision (needs root)."""
+    from marllb_cli.bench.dataplane import decision_benchmark, forwarding_benchmark, report_json
+
     forwarding = []
     if not decisions_only:
         if os.geteuid() != 0:
@@ -76,6 +72,8 @@ def replay(
     json_: JsonOption = False,
 ) -> None:
     """Highest open-loop rate of the replayer on one core with p99 send lag < 2 ms, next to wrk (needs root)."""
+    from marllb_cli.bench.replay import replay_benchmark
+
     if os.geteuid() != 0:
         raise MissingTool("the replay benchmark deploys a bench testbed and needs root", hint="run it with sudo")
     with console.status("replay benchmark") as status:
@@ -112,6 +110,8 @@ def sim(
     json_: JsonOption = False,
 ) -> None:
     """Simulated requests per wall second: marllb (full and event core, compiled and Python) next to SimPy."""
+    from marllb_cli.bench.sim import as_dicts, sim_benchmark
+
     # No spinner: its refresh thread would take the interpreter lock from the simulators being timed.
     err_console.print(f"simulating {duration:g} s of {config} with each simulator, best of 3 runs …")
     results = sim_benchmark(load(config, None), duration)
@@ -159,6 +159,9 @@ def policies(
     json_: JsonOption = False,
 ) -> None:
     """Oracles, heuristics and trained policies on the same 5 unseen request seeds: mean and p99 JCT."""
+    from marllb_cli.bench.policies import DEFAULT_METHODS, evaluate
+    from marllb_cli.bench.policies import as_dicts as policy_dicts
+
     extras = [resolve_method(m, SIM_METHODS) for m in dict.fromkeys(method or [])]
     methods = (*DEFAULT_METHODS, *(m for m in extras if m not in DEFAULT_METHODS))
     trained = {}

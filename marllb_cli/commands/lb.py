@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from marllb_cli.agents.heuristics import HEURISTICS
+from marllb_cli.agents.methods import HEURISTICS, resolve_method
 from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, load, reports_errors
-from marllb_cli.deploy import lb_services_for
+from marllb_cli.deploy import testbed_for
 
 lb_app = typer.Typer(help="Start, stop and inspect the load balancers of a deployed testbed.", no_args_is_help=True)
 
@@ -35,19 +35,18 @@ def start(
 ) -> None:
     """Start a packet dataplane and an agent on every LB (replacing any already running)."""
     cfg = load(config, set_)
-    services = lb_services_for(cfg)
-    replaced = services.start(method, period=period_ms / 1000, idle_timeout=idle_timeout, seed=cfg.experiment.seed)
-    lbs = len(services.topology.lbs)
+    resolved = resolve_method(method)
+    lbs = testbed_for(cfg).lbs()
+    replaced = lbs.start(resolved, period=period_ms / 1000, idle_timeout=idle_timeout, seed=cfg.experiment.seed)
     note = f" (replaced {replaced} running)" if replaced else ""
-    console.print(f"{lbs} LBs running {method} on testbed [bold]{services.topology.testbed}[/]{note}")
+    console.print(f"{len(lbs.topology.lbs)} LBs running {method} on testbed [bold]{lbs.topology.testbed}[/]{note}")
 
 
 @lb_app.command()
 @reports_errors
 def stop(config: ConfigArg, set_: SetOption = None) -> None:
     """Stop every LB's agent and dataplane and remove their shared memory."""
-    services = lb_services_for(load(config, set_))
-    stopped = services.stop()
+    stopped = testbed_for(load(config, set_)).lbs().stop()
     console.print(f"stopped {stopped} LB processes" if stopped else "no LB process was running")
 
 
@@ -55,7 +54,7 @@ def stop(config: ConfigArg, set_: SetOption = None) -> None:
 @reports_errors
 def stats(config: ConfigArg, json_: JsonOption = False, set_: SetOption = None) -> None:
     """Per-LB counters and, per server, on-going flows q_j, new flows and the current weights."""
-    reports = lb_services_for(load(config, set_)).stats_json()
+    reports = testbed_for(load(config, set_)).lbs().stats_json()
     if json_:
         print(json.dumps(reports, indent=2))
         return

@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from marllb_cli.agents.heuristics import HEURISTICS
+from marllb_cli.agents.methods import HEURISTICS
 from marllb_cli.cli_support import ConfigArg, SetOption, console, detail_progress, err_console, load, reports_errors
-from marllb_cli.experiment import ReplayOptions, replay_trace
 
 
 @reports_errors
@@ -35,6 +34,8 @@ def replay_trace_command(
     trace from the client namespace, stops the LBs and writes runs/<id>/. Ctrl-C stops early and keeps
     every request sent so far (the run is marked incomplete).
     """
+    from marllb_cli.experiment import ReplayOptions, replay_trace
+
     cfg = load(config, set_)
     options = ReplayOptions(
         trace=trace,

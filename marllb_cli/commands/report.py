@@ -11,15 +11,6 @@ from rich import box
 from rich.table import Table
 
 from marllb_cli.cli_support import JsonOption, console, err_console, reports_errors
-from marllb_cli.report import (
-    TERMINAL_COLUMNS,
-    build_report,
-    find_runs,
-    is_training_dir,
-    shown_rows,
-    table_cells,
-    write_report,
-)
 
 
 @reports_errors
@@ -40,6 +31,16 @@ def report_command(
     Writes report.md and PNG figures (JCT CDF, JCT over time, busy workers per server group, requests per
     server) into --out. Training directories (`marllb train --out`) add learning curves.
     """
+    from marllb_cli.report import (
+        TERMINAL_COLUMNS,
+        build_report,
+        find_runs,
+        is_training_dir,
+        shown_rows,
+        table_cells,
+        write_report,
+    )
+
     trainings = [path for path in runs if is_training_dir(path)]
     if trainings and len(trainings) == len(runs):  # learning curves only
         files = write_report(None, out, trainings)

@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
+from marllb_cli.agents.methods import SIM_METHODS
 from marllb_cli.cli_support import ConfigArg, SetOption, console, load, reports_errors
-from marllb_cli.sim.lbs import SIM_METHODS
-from marllb_cli.sim.run import simulate_to_run_dir
 
 
 @reports_errors
@@ -28,6 +27,8 @@ def simulate_command(
     The LBs use the dataplane's own flow table, selection and features; agents step every
     experiment.agent_period_ms of simulated time. oracle-srt and oracle-gsq see the servers' true state.
     """
+    from marllb_cli.sim.run import simulate_to_run_dir
+
     cfg = load(config, set_)
     with console.status(f"simulating {method}") as status:
         outcome = simulate_to_run_dir(

@@ -11,8 +11,6 @@ from rich.table import Table
 
 from marllb_cli.cli_support import JsonOption, console, reports_errors
 from marllb_cli.errors import ConfigError
-from marllb_cli.traces import poisson, read_trace, trace_stats, wiki, write_parquet
-from marllb_cli.traces.generate import PAPER_WORK_MEAN, parse_mix
 
 trace_app = typer.Typer(help="Inspect or generate request traces.", no_args_is_help=True)
 gen_app = typer.Typer(help="Generate a synthetic trace.", no_args_is_help=True)
@@ -21,6 +19,12 @@ trace_app.add_typer(gen_app, name="gen")
 FormatOption = Annotated[
     str, typer.Option("--format", "-f", help="auto, marllb (the papers' TSV), wikibench or parquet.")
 ]
+DurationOption = Annotated[float, typer.Option(help="Seconds of traffic.")]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")]
+SeedOption = Annotated[int, typer.Option(help="Seed; the same seed gives the same trace.")]
+#: The papers' traces' mean for-loop iterations of a CPU request (`traces.generate.PAPER_WORK_MEAN`, which
+#: a test keeps equal: this module does not import pandas just for a default).
+PAPER_WORK_MEAN = 3_670_000
 
 
 @trace_app.command("stats")
@@ -32,6 +36,8 @@ def stats(
     json_: JsonOption = False,
 ) -> None:
     """Count, duration, rate over time, work distribution and class shares of a trace."""
+    from marllb_cli.traces import read_trace, trace_stats
+
     trace, skipped = read_trace(file, fmt=fmt, skip_bad=skip_bad)
     result = {"file": str(file), "skipped_lines": skipped, **trace_stats(trace)}
     if json_:
@@ -58,13 +64,16 @@ def stats(
 @reports_errors
 def gen_poisson(
     rate: Annotated[float, typer.Option(help="Requests per second.")],
-    duration: Annotated[float, typer.Option(help="Seconds of traffic.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")],
+    duration: DurationOption,
+    out: OutOption,
     work_mean: Annotated[float, typer.Option(help="Mean for-loop iterations of a CPU request.")] = PAPER_WORK_MEAN,
     mix: Annotated[str, typer.Option(help="Class shares, e.g. cpu=0.75,static=0.25.")] = "cpu=1",
-    seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same trace.")] = 0,
+    seed: SeedOption = 0,
 ) -> None:
     """Poisson arrivals with exponential CPU work (the papers' for-loop traces), written as Parquet."""
+    from marllb_cli.traces import poisson
+    from marllb_cli.traces.generate import parse_mix
+
     _check_out(out)
     trace = poisson(rate=rate, duration=duration, work_mean=work_mean, mix=parse_mix(mix), seed=seed)
     _write(trace, out, duration)
@@ -74,8 +83,8 @@ def gen_poisson(
 @reports_errors
 def gen_wiki(
     rate: Annotated[float, typer.Option(help="Mean requests per second over a day.")],
-    duration: Annotated[float, typer.Option(help="Seconds of traffic.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")],
+    duration: DurationOption,
+    out: OutOption,
     day: Annotated[float, typer.Option(help="Length of one diurnal cycle in seconds (compress a day).")] = 86_400.0,
     amplitude: Annotated[float, typer.Option(help="Diurnal swing: rate × (1 ± amplitude).")] = 0.4,
     pages: Annotated[
@@ -83,12 +92,14 @@ def gen_wiki(
     ] = 1000,
     zipf: Annotated[float, typer.Option(help="Zipf exponent of page popularity.")] = 1.0,
     static_share: Annotated[float, typer.Option(help="Share of static-file requests.")] = 0.35,
-    seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same trace.")] = 0,
+    seed: SeedOption = 0,
 ) -> None:
     """A synthetic Wikipedia-shaped trace (diurnal rate, Zipf pages, static files), written as Parquet.
 
     Synthetic, not measured traffic: for real Wikipedia requests, read a WikiBench file instead.
     """
+    from marllb_cli.traces import wiki
+
     _check_out(out)
     trace = wiki(
         rate=rate,
@@ -109,5 +120,7 @@ def _check_out(out: Path) -> None:
 
 
 def _write(trace, out: Path, duration: float) -> None:
+    from marllb_cli.traces import write_parquet
+
     write_parquet(trace, out)
     console.print(f"wrote {len(trace):,} requests over {duration:g} s to {out}")

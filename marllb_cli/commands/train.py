@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
-from marllb_cli.agents.rl.train import ALGOS, parse_hyper, train
+from marllb_cli.agents.methods import ALGOS
 from marllb_cli.cli_support import ConfigArg, SetOption, console, detail_progress, load, reports_errors
 
 
@@ -40,6 +39,10 @@ def train_command(
     Each episode draws its offered load from 0.8–1.05 × the config's load and its requests from its own
     seed. Run the result with `marllb simulate CONFIG --method rl:OUT`.
     """
+    import torch
+
+    from marllb_cli.training import parse_hyper, train
+
     cfg = load(config, set_)
     overrides = parse_hyper(algo, hyper or [])
     torch.set_num_threads(threads)

@@ -1,113 +1,61 @@
-"""The local testbed's lifecycle: deploy (idempotent), status (probed), teardown (manifest-driven).
+"""The local testbed: network namespaces on this machine (`kind: local`), and its LBs.
 
-    deploy    preflight → refuse foreign namespaces → [unchanged? done] → remove leftovers → network →
-              cgroups → Apache per server → mark complete
+    deploy    preflight → refuse foreign namespaces and cgroups → [unchanged? done] → remove leftovers →
+              network → cgroups → Apache per server → mark complete (`base.deploy_recorded`)
     teardown  reverse order over the manifest: stop Apache, empty and remove cgroups, kill what still runs
               inside our namespaces, delete the namespaces, then the state directory
+    lbs       `LocalLbs`: per LB namespace, its dataplane and agent (`node.lbs`)
+    client    the client namespace (`client_node.LocalClient`)
 
 A testbed only ever acts on names its manifest lists, so two testbeds with different names live side by side.
+pyroute2 is imported only by the steps that build, so `marllb status` of an absent testbed starts fast.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any
 
-from pydantic import BaseModel
-from pyroute2 import IPRoute
-
-from marllb_cli.config import Config, ServerGroup, Testbed
-from marllb_cli.dataplane.gre_terminator import TUN_NAME
-from marllb_cli.deploy import mediawiki
-from marllb_cli.deploy.apache import (
-    ApacheInstance,
-    apache_binary,
-    busy_workers,
-    http_get,
-    install_docroot,
-    php_module,
+from marllb_cli.config import Config
+from marllb_cli.deploy.base import (
+    MANIFEST,
+    DeployOutcome,
+    NodeStatus,
+    TestbedStatus,
+    deploy_recorded,
+    lb_plan,
+    refuse_foreign_namespaces,
+    require_root,
+    require_tools,
 )
-from marllb_cli.deploy.cgroups import CpuCgroup, cgroup_root
-from marllb_cli.deploy.manifest import Manifest, state_root, testbed_digest
-from marllb_cli.deploy.network import Progress, build_network, no_progress
-from marllb_cli.deploy.undo import remove_resources
+from marllb_cli.deploy.node import mediawiki
+from marllb_cli.deploy.node.apache import ApacheInstance, apache_binary, install_docroot, php_module
+from marllb_cli.deploy.node.cgroups import CpuCgroup, cgroup_root
+from marllb_cli.deploy.node.lbs import LbSnapshot, lb_resources, read_snapshot, start_lb, steps_log, stop_lbs
+from marllb_cli.deploy.node.manifest import Manifest, require_complete, state_root
+from marllb_cli.deploy.node.server import services_running, start_server
+from marllb_cli.deploy.node.undo import teardown_recorded
 from marllb_cli.errors import ConfigError, MissingTool, NamespaceExists, TestbedError
+from marllb_cli.hosts.http import busy_workers, http_get
 from marllb_cli.hosts.local import LocalNamespace
-from marllb_cli.services import Service, start_service
+from marllb_cli.progress import Progress, no_progress
+from marllb_cli.services import start_service
 from marllb_cli.topology import Node, Topology, plan
 
-if TYPE_CHECKING:
-    from marllb_cli.deploy.kvm import KvmTestbed
-
-__all__ = ["LocalTestbed", "NodeStatus", "TestbedStatus", "DeployOutcome", "redeploy", "start_server"]
-
-DeployOutcome = Literal["created", "unchanged", "rebuilt"]
+__all__ = ["LocalLbs", "LocalTestbed"]
 
 
-class NodeStatus(BaseModel):
-    """One node as `marllb status` reports it."""
-
-    name: str
-    role: Literal["client", "router", "lb", "server"]
-    namespace: str
-    ip: str
-    cpus: float | None = None
-    cores: float | None = None
-    group: str | None = None
-    up: bool = False
-    http_status: int | None = None
-    busy_workers: int | None = None
-    error: str | None = None  # why the node could not be probed (kind ssh/kvm: SSH failed)
-
-    @classmethod
-    def of(cls, node: Node, *, up: bool = False) -> NodeStatus:
-        """A node's entry before any probe."""
-        return cls(
-            name=node.name,
-            role=node.role,
-            namespace=node.namespace,
-            ip=str(node.ip),
-            cpus=node.cpus,
-            cores=node.cores,
-            group=node.group,
-            up=up,
-        )
-
-
-class TestbedStatus(BaseModel):
-    """The testbed as `marllb status --json` prints it."""
-
-    __test__ = False
-
-    testbed: str
-    vip: str
-    state: Literal["absent", "partial", "up", "degraded"]
-    nodes: list[NodeStatus]
-
-
-@dataclass
 class LocalTestbed:
     """A testbed of network namespaces on this machine, described by `config`."""
 
     __test__ = False
 
-    config: Config
-
-    def __post_init__(self) -> None:
-        if self.config.testbed.kind != "local":
-            raise ConfigError(
-                f"{self.config.source or 'config'}: testbed.kind: {self.config.testbed.kind} — this command "
-                "works on kind local testbeds only for now",
-                hint="use a local config (e.g. configs/local-small.yaml); kind ssh has deploy, status, lb start|stop "
-                "and teardown",
-            )
-        self.topology: Topology = plan(self.config.testbed)
-        self.state_dir: Path = state_root() / self.config.testbed.name
-        self.manifest_path = self.state_dir / "manifest.json"
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.topology: Topology = plan(config.testbed)
+        self.state_dir: Path = state_root() / config.testbed.name
+        self.manifest_path = self.state_dir / MANIFEST
 
     # -- public operations -----------------------------------------------------------------------------
     def deploy(self, progress: Progress = no_progress) -> DeployOutcome:
@@ -121,56 +69,39 @@ class LocalTestbed:
                     "app: mediawiki needs MediaWiki, MariaDB and memcached on this machine",
                     hint=f"run `make system-deps` (apt-get install {' '.join(mediawiki.PACKAGES)})",
                 )
-        manifest = Manifest.load(self.manifest_path)
-        self._refuse_foreign(manifest)
-        outcome = redeploy(self, manifest, progress)
-        if outcome == "unchanged":
-            return outcome
-        manifest = Manifest(
-            self.manifest_path, self.config.testbed.name, config_digest=testbed_digest(self.config.testbed)
-        )
-        manifest.save()
-        try:
-            (self.state_dir / "config.yaml").write_text(self.config.resolved_yaml())
-            build_network(self.topology, manifest, progress)
-            self._start_servers(manifest, progress)
-        except BaseException:
-            # Nothing half-built stays behind: remove whatever the manifest lists, then re-raise.
-            self.teardown()
-            raise
-        manifest.complete = True
-        manifest.save()
-        return outcome
+        self._refuse_foreign(Manifest.load(self.manifest_path))
+        return deploy_recorded(self, progress, lambda manifest: self._build(manifest, progress))
 
-    def teardown(self, progress: Progress = no_progress) -> int:
+    def teardown(self, progress: Progress = no_progress, *, purge: bool = False) -> int:
         """Remove everything the manifest lists, in reverse; return how many resources were removed."""
-        manifest = Manifest.load(self.manifest_path)
-        if manifest is None:
-            return 0
-        resources = len(manifest.resources)
-        errors = remove_resources(manifest, progress)
-        if errors:
-            raise TestbedError(f"teardown of {manifest.testbed} incomplete: {'; '.join(errors)}")
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-        return resources
+        if purge:
+            raise ConfigError("--purge removes a kvm testbed's image cache; this testbed is kind local")
+        return teardown_recorded(self.manifest_path, self.state_dir, progress)
 
     def status(self, *, probe: bool = True) -> TestbedStatus:
         """Which nodes exist and, with `probe`, whether each server answers HTTP (and how busy it is)."""
         manifest = Manifest.load(self.manifest_path)
         nodes = [self._node_status(node, manifest, probe) for node in self.topology.nodes]
-        if manifest is None:
-            state = "absent"
-        elif not manifest.complete:
-            state = "partial"
-        else:
-            state = "up" if all(node.up for node in nodes) else "degraded"
-        return TestbedStatus(testbed=self.topology.testbed, vip=str(self.topology.vip), state=state, nodes=nodes)
+        return TestbedStatus.of(self.topology, manifest, nodes)
+
+    def require_deployed(self) -> None:
+        self._manifest()
+
+    def lbs(self) -> LocalLbs:
+        return LocalLbs(self)
+
+    def client(self):  # -> ClientNode
+        from marllb_cli.client_node import LocalClient
+
+        return LocalClient(LocalNamespace(self.topology.client.namespace))
 
     def apache(self, server: Node) -> ApacheInstance:
         """The Apache instance of one server node."""
+        group = self.config.testbed.group(server.group)
+        assert group is not None, f"{server.name} is not a server"
         return ApacheInstance(
             node=server,
-            group=self._group(server),
+            group=group,
             root=self.state_dir / server.name,
             www=self.state_dir / "www",
             cgroup=CpuCgroup.at(f"marllb-{self.topology.testbed}/{server.name}"),
@@ -178,6 +109,13 @@ class LocalTestbed:
         )
 
     # -- steps -----------------------------------------------------------------------------------------
+    def _build(self, manifest: Manifest, progress: Progress) -> None:
+        from marllb_cli.deploy.netns import build_network
+
+        (self.state_dir / "config.yaml").write_text(self.config.resolved_yaml())
+        build_network(self.topology, manifest, progress)
+        self._start_servers(manifest, progress)
+
     def _start_servers(self, manifest: Manifest, progress: Progress) -> None:
         testbed = self.config.testbed
         www = self.state_dir / "www"
@@ -197,6 +135,8 @@ class LocalTestbed:
 
     def _start_gre_terminator(self, server: Node, manifest: Manifest) -> None:
         """User-space GRE termination (this kernel has no ip_gre): see `dataplane.gre_terminator`."""
+        from marllb_cli.dataplane.gre_terminator import TUN_NAME
+
         ns = LocalNamespace(server.namespace)
         service = start_service(
             ns,
@@ -234,8 +174,12 @@ class LocalTestbed:
         return status
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _group(self, server: Node) -> ServerGroup:
-        return next(group for group in self.config.testbed.servers if group.name == server.group)
+    def _manifest(self) -> Manifest:
+        return require_complete(
+            self.manifest_path,
+            f"testbed {self.topology.testbed}",
+            hint=f"run `marllb deploy` with this config first (state: {self.state_dir})",
+        )
 
     def _refuse_sim_only_settings(self) -> None:
         """A core cannot be made slower here: `speed` exists in the simulator only."""
@@ -249,12 +193,7 @@ class LocalTestbed:
     def _refuse_foreign(self, manifest: Manifest | None) -> None:
         """Never adopt or remove a namespace or cgroup that this testbed's manifest does not list."""
         ours = manifest.names("namespace") if manifest else set()
-        for name in self.topology.namespaces:
-            if name not in ours and LocalNamespace(name).exists():
-                raise NamespaceExists(
-                    f"namespace {name} exists but testbed {self.topology.testbed} did not create it",
-                    hint=f"choose another testbed.name, or remove it yourself (ip netns del {name})",
-                )
+        refuse_foreign_namespaces(self.topology, self.topology.namespaces, ours)
         ours_cg = {resource.data["path"] for resource in manifest.of_kind("cgroup")} if manifest else set()
         root, _ = cgroup_root()
         parent = root / f"marllb-{self.topology.testbed}"
@@ -265,50 +204,70 @@ class LocalTestbed:
             )
 
 
-def redeploy(testbed: LocalTestbed | KvmTestbed, manifest: Manifest | None, progress: Progress) -> DeployOutcome:
-    """What a deploy over an earlier one does: nothing (`unchanged`) when that one completed with the same
-    settings and is up; otherwise its teardown first (`rebuilt`); `created` when there was none."""
-    if manifest is None:
-        return "created"
-    if manifest.complete and manifest.config_digest == testbed_digest(testbed.config.testbed):
-        if testbed.status().state == "up":
-            return "unchanged"
-    testbed.teardown(progress)
-    return "rebuilt"
+class LocalLbs:
+    """The LB processes of one local testbed: per LB namespace, a dataplane and an agent (`node.lbs`).
+    Specs, logs and step logs live under `<state dir>/<testbed>/lb/`."""
 
+    def __init__(self, testbed: LocalTestbed) -> None:
+        self.testbed = testbed
+        self.topology = testbed.topology
+        self.dir = testbed.state_dir / "lb"
 
-def services_running(manifest: Manifest, node: str) -> bool:
-    """Whether every process recorded for server `node` (GRE terminator, MariaDB, memcached) still runs."""
-    services = [Service.from_record(r.name, r.data) for r in manifest.of_kind("process") if r.data.get("node") == node]
-    return all(service.running() for service in services)
+    def start(self, method: str, *, period: float = 0.25, idle_timeout: float = 40.0, seed: int = 0) -> int:
+        """Start a dataplane and an agent on every LB; return how many LBs were already running (replaced)."""
+        manifest = self.testbed._manifest()
+        replaced = len({r.data.get("lb") for r in lb_resources(manifest)})
+        self.stop()
+        manifest = self.testbed._manifest()
+        try:
+            for index, lb in enumerate(self.topology.lbs):
+                dataplane, agent = lb_plan(
+                    self.testbed.config,
+                    self.topology,
+                    lb,
+                    method,
+                    period=period,
+                    idle_timeout=idle_timeout,
+                    seed=seed + index,
+                    directory=self.dir,
+                )
+                start_lb(LocalNamespace(lb.namespace), manifest, dataplane, agent, self.dir)
+        except BaseException:
+            self.stop()
+            raise
+        return replaced
 
+    def stop(self) -> int:
+        """Stop every LB process and remove the channels; return how many processes were running."""
+        manifest = Manifest.load(self.testbed.manifest_path)
+        return 0 if manifest is None else stop_lbs(manifest)
 
-def start_server(instance: ApacheInstance, testbed: Testbed, manifest: Manifest) -> None:
-    """One server's CPU cgroup (cores = cpus × cpu_unit) and Apache inside it, recorded before they exist."""
-    cgroup, name = instance.cgroup, instance.node.name
-    manifest.record("cgroup", name, path=str(cgroup.path), version=cgroup.version)
-    cgroup.create()
-    cgroup.set_cores(instance.node.cores or 0.0, testbed.cpu_period_us)
-    manifest.record("apache", name, cgroup=str(cgroup.path), version=cgroup.version, pidfile=str(instance.pidfile))
-    instance.start(testbed)
-    if instance.group.app == "mediawiki":
-        # After Apache, so teardown (newest first) stops the database and cache before Apache's cgroup sweep.
-        instance.mediawiki.start(instance.namespace, manifest)
+    def snapshots(self) -> list[LbSnapshot]:
+        manifest = self.testbed._manifest()
+        return [read_snapshot(self.topology.testbed, lb.name, manifest) for lb in self.topology.lbs]
+
+    def stats_json(self) -> list[dict[str, Any]]:
+        """`lb stats`: every LB's snapshot as JSON-ready dicts (`LbSnapshot.as_json`)."""
+        names = [server.name for server in self.topology.servers]
+        return [snapshot.as_json(names) for snapshot in self.snapshots()]
+
+    def steps_log(self, lb: Node) -> Path:
+        """The agent's per-step JSON lines of the current (or last) `start`."""
+        return steps_log(self.dir, lb.name)
 
 
 def _has_link(name: str) -> bool:
     """Whether this thread's network namespace has a link called `name` (run through `LocalNamespace.call`)."""
+    from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         return bool(ipr.link_lookup(ifname=name))
 
 
 def _preflight() -> None:
     """Fail before creating anything when this machine cannot host a local testbed."""
-    if os.geteuid() != 0:
-        raise MissingTool("a local testbed needs root (network namespaces, cgroups)", hint="run marllb with sudo")
-    for tool, package in (("ip", "iproute2"), ("ethtool", "ethtool"), ("nft", "nftables")):
-        if shutil.which(tool) is None:
-            raise MissingTool(f"{tool} is not installed", hint=f"run `make system-deps` (apt-get install {package})")
+    require_root("a local testbed")
+    require_tools((("ip", "iproute2"), ("ethtool", "ethtool"), ("nft", "nftables")))
     apache_binary()
     php_module()
     cgroup_root()

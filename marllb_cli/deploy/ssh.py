@@ -1,16 +1,17 @@
-"""A `kind: ssh` testbed: existing hosts, set up over SSH by running `python -m marllb_cli.node` on each.
+"""A `kind: ssh` testbed: existing hosts, set up over SSH by running `python -m marllb_cli.deploy.node.cli` on each.
 
     deploy    per host, all hosts at once: connect (host key checked) → provision (marllb's wheel into
               `<workdir>/venv`, skipped when already there) → upload the resolved config → `node up`
               (its role, and Apache on servers; idempotent) → the host's facts (its data MAC)
-    lb start  per LB host: the specs (`lb_services.lb_specs`, with the servers' MACs) → `node lb-start`
+    lb start  per LB host: the specs (`base.lb_plan`, with the servers' MACs) → `node lb-start` (`SshLbs`)
     status    per host `node status`
     teardown  per host `node down` (everything its record lists, LB processes included); the venv stays
+    client    the client host, where a run's replayer and sampler go (`SshClient`)
 
 A failing step names the host, the step and the command's last output line; the other hosts finish their
 step, and every host's record says what it holds, so `marllb teardown` (or a new deploy) always knows
-what to do. The controller keeps `<state dir>/<testbed>/ssh.json`: whether the deploy completed, the config
-digest and the facts.
+what to do. The controller keeps a manifest of its own, `<state dir>/<testbed>/ssh.json` (no resources:
+whether the deploy completed, the config digest, and the hosts' facts).
 """
 
 from __future__ import annotations
@@ -18,27 +19,26 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from marllb_cli.agents.factory import RL_PREFIX, resolve_method
-from marllb_cli.client_node import SshClient
+from marllb_cli.agents.methods import RL_PREFIX, policy_dir
+from marllb_cli.client_node import ClientProcess
 from marllb_cli.config import Config, ServerGroup, SshHostEntry
-from marllb_cli.deploy import mediawiki
-from marllb_cli.deploy.lb_services import lb_specs
-from marllb_cli.deploy.local import DeployOutcome, NodeStatus, TestbedStatus
-from marllb_cli.deploy.manifest import state_root, testbed_digest
-from marllb_cli.deploy.network import Progress, no_progress
-from marllb_cli.errors import TestbedError
+from marllb_cli.deploy.base import DeployOutcome, NodeStatus, TestbedStatus, lb_plan
+from marllb_cli.deploy.node import mediawiki
+from marllb_cli.deploy.node.manifest import Manifest, require_complete, state_root, testbed_digest
+from marllb_cli.errors import ConfigError, TestbedError
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.hosts.provision import Bundle, bundle, install_torch, provision, torch_bundle
-from marllb_cli.hosts.ssh import SshHost, SshTarget
+from marllb_cli.hosts.ssh import SshHost, SshProcess, SshTarget
+from marllb_cli.progress import Progress, no_progress
 from marllb_cli.topology import Node, Topology, host_node_names, plan
 
-__all__ = ["SshLbServices", "SshNode", "SshTestbed"]
+__all__ = ["SshClient", "SshLbs", "SshNode", "SshTestbed"]
 
 T = TypeVar("T")
 DEPLOY_STEPS = ("connect", "provision", "upload config", "set up")
@@ -65,7 +65,12 @@ class SshNode:
         return f"{self.entry.workdir}/venv/bin/python"
 
     def node_command(self, *args: str) -> list[str]:
-        return [self.python, "-m", "marllb_cli.node", *args]
+        return [self.python, "-m", "marllb_cli.deploy.node.cli", *args]
+
+    def args(self, command: str, *, config: bool = False) -> list[str]:
+        """`node_command` of a `marllb node` command on this host's state (and, with `config`, its node)."""
+        extra = ("--config", f"{self.state}/config.yaml", "--node", self.node) if config else ()
+        return self.node_command(command, *extra, "--state", self.state)
 
 
 class SshTestbed:
@@ -92,37 +97,42 @@ class SshTestbed:
             for name, entry in zip(host_node_names(testbed), testbed.hosts, strict=True)
         ]
         self.state_dir: Path = state_root() / testbed.name
-        self.state_path = self.state_dir / "ssh.json"
-        self.topology: Topology = plan(testbed, self._saved().get("macs", {}))
+        self.record_path = self.state_dir / "ssh.json"
+        saved = Manifest.load(self.record_path)
+        self.topology: Topology = plan(testbed, saved.facts.get("macs", {}) if saved else {})
 
     # -- public operations -----------------------------------------------------------------------------
     def deploy(self, progress: Progress = no_progress, *, wheels: Bundle | None = None) -> DeployOutcome:
         """Set every host up (in parallel); a no-op on hosts already set up with this config. `wheels`: the
         bundle to provision (default: built now from this checkout)."""
         mediawiki.check_dumps(self.config)
-        previous = self._saved()
+        previous = Manifest.load(self.record_path)
         wheels = wheels or bundle()
         config_text = self.config.resolved_yaml().encode()
-        digest = testbed_digest(self.config.testbed)
-        self._save({"complete": False, "digest": digest, "macs": previous.get("macs", {})})
+        record = Manifest(self.record_path, self.config.testbed.name, config_digest=testbed_digest(self.config.testbed))
+        record.facts = {"macs": previous.facts.get("macs", {})} if previous else {}
+        record.save()
         results = self.on_all_hosts(lambda host, ssh: self._deploy_host(host, ssh, wheels, config_text, progress))
-        macs = {host.node: facts["mac"] for host, facts in results.items()}
-        self._save({"complete": True, "digest": digest, "macs": macs})
-        self.topology = plan(self.config.testbed, macs)
-        if not previous:
+        record.facts = {"macs": {host.node: facts["mac"] for host, facts in results.items()}}
+        record.complete = True
+        record.save()
+        self.topology = plan(self.config.testbed, record.facts["macs"])
+        if previous is None:
             return "created"
         changed = any(facts.get("changed", True) for facts in results.values())
-        return "rebuilt" if changed or previous.get("digest") != digest else "unchanged"
+        return "rebuilt" if changed or previous.config_digest != record.config_digest else "unchanged"
 
-    def teardown(self, progress: Progress = no_progress) -> int:
+    def teardown(self, progress: Progress = no_progress, *, purge: bool = False) -> int:
         """Undo everything on every host; return how many resources the hosts removed."""
-        if not self.state_path.exists():
+        if purge:
+            raise ConfigError("--purge removes a kvm testbed's image cache; this testbed is kind ssh")
+        if not self.record_path.exists():
             return 0
         done = [0]
         lock = threading.Lock()
 
         def down(host: SshNode, ssh: SshHost) -> int:
-            removed = json.loads(ssh.run(host.node_command("down", "--state", host.state), timeout=120).stdout)
+            removed = json.loads(ssh.run(host.args("down"), timeout=120).stdout)
             with lock:
                 done[0] += 1
                 progress("teardown", done[0], len(self.hosts))
@@ -134,14 +144,13 @@ class SshTestbed:
 
     def status(self, *, probe: bool = True) -> TestbedStatus:
         """Each host's `node status` (servers probe their own Apache)."""
-        saved = self._saved()
+        record = Manifest.load(self.record_path)
         nodes = {node.name: node for node in self.topology.nodes}
         statuses = {host.node: NodeStatus.of(nodes[host.node]) for host in self.hosts}
-        if saved:
+        if record is not None:
 
             def ask(host: SshNode, ssh: SshHost) -> dict[str, Any]:
-                args = ("status", "--config", f"{host.state}/config.yaml", "--node", host.node, "--state", host.state)
-                return json.loads(ssh.run(host.node_command(*args)).stdout)
+                return json.loads(ssh.run(host.args("status", config=True)).stdout)
 
             for host, report in self.on_all_hosts(ask, tolerate_errors=True).items():
                 if isinstance(report, dict):
@@ -149,20 +158,21 @@ class SshTestbed:
                     statuses[host.node].http_status = report["http_status"]
                 else:  # the host could not be asked: say why instead of a bare "down"
                     statuses[host.node].error = report.one_line()
-        if not saved:
-            state = "absent"
-        elif not saved.get("complete"):
-            state = "partial"
-        else:
-            state = "up" if all(status.up for status in statuses.values()) else "degraded"
         ordered = [statuses[node.name] for node in self.topology.nodes if node.name in statuses]
-        return TestbedStatus(testbed=self.topology.testbed, vip=str(self.topology.vip), state=state, nodes=ordered)
+        return TestbedStatus.of(self.topology, record, ordered)
 
     def require_deployed(self) -> None:
-        if not self._saved().get("complete"):
-            raise TestbedError(
-                f"testbed {self.topology.testbed} is not deployed", hint="run `marllb deploy` with this config first"
-            )
+        require_complete(
+            self.record_path, f"testbed {self.topology.testbed}", hint="run `marllb deploy` with this config first"
+        )
+
+    def lbs(self) -> SshLbs:
+        return SshLbs(self)
+
+    def client(self) -> SshClient:
+        """The client host, where `replay-trace` runs its replayer and sampler."""
+        host = next(host for host in self.hosts if host.entry.role == "client")
+        return SshClient(self.connect(host), host.python, host.state)
 
     # -- steps -----------------------------------------------------------------------------------------
     def _deploy_host(
@@ -179,22 +189,15 @@ class SshTestbed:
             _step(host, "upload dump", lambda: ssh.run(["mkdir", "-p", str(PurePosixPath(remote).parent)]))
             _step(host, "upload dump", lambda: ssh.put(dump, remote))
         progress(host.label, 3, len(DEPLOY_STEPS))
-        args = ("up", "--config", f"{host.state}/config.yaml", "--node", host.node, "--state", host.state)
         # A MediaWiki server installs packages, a database and its pages: minutes, more under emulation.
         timeout = 3600 if group is not None and group.app == "mediawiki" else 300
-        out = _step(host, "set up", lambda: ssh.run(host.node_command(*args), timeout=timeout))
+        out = _step(host, "set up", lambda: ssh.run(host.args("up", config=True), timeout=timeout))
         progress(host.label, 4, len(DEPLOY_STEPS))
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def client_node(self) -> SshClient:
-        """The client host, where `replay-trace` runs its replayer and sampler."""
-        host = next(host for host in self.hosts if host.entry.role == "client")
-        return SshClient(self.connect(host), host.python, host.state)
-
     def _group(self, host: SshNode) -> ServerGroup | None:
         """The server group of a server host (None for other roles)."""
-        node = self.topology.node(host.node)
-        return next((group for group in self.config.testbed.servers if group.name == node.group), None)
+        return self.config.testbed.group(self.topology.node(host.node).group)
 
     def connect(self, host: SshNode) -> SshHost:
         entry = host.entry
@@ -244,21 +247,8 @@ class SshTestbed:
             raise TestbedError("; ".join(errors))
         return results
 
-    # -- helpers ---------------------------------------------------------------------------------------
-    def _saved(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.state_path.read_text())
-        except FileNotFoundError:
-            return {}
 
-    def _save(self, state: dict[str, Any]) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.state_path)
-
-
-class SshLbServices:
+class SshLbs:
     """The LB processes of a `kind: ssh` testbed, started and stopped on the LB hosts."""
 
     def __init__(self, testbed: SshTestbed) -> None:
@@ -271,24 +261,22 @@ class SshLbServices:
 
     def start(self, method: str, *, period: float = 0.25, idle_timeout: float = 40.0, seed: int = 0) -> int:
         """Start a dataplane and an agent on every LB host (replacing running ones); return 0."""
-        method = resolve_method(method)
         self.require_deployed()
-        learned = method.startswith(RL_PREFIX)
-        torch = torch_bundle() if learned else None
+        policy_source = policy_dir(method)
+        torch = torch_bundle() if policy_source is not None else None
         lbs = {lb.name: lb for lb in self.topology.lbs}
 
         def start_one(host: SshNode, ssh: SshHost) -> None:
             lb = lbs[host.node]
             directory = Path(host.state) / "lb"
             remote_method = method
-            if torch is not None:  # the policy and, the first time, PyTorch go to the LB host
+            if torch is not None and policy_source is not None:  # the policy and, once, PyTorch go to the LB
                 policy = f"{host.state}/policy"
                 _step(host, "install torch", lambda: install_torch(ssh, host.entry.workdir, torch))
                 _step(host, "lb start", lambda: ssh.run(["mkdir", "-p", policy]))
-                local_policy = Path(method.removeprefix(RL_PREFIX)) / "policy.pt"
-                _step(host, "lb start", lambda: ssh.put(local_policy, f"{policy}/policy.pt"))
+                _step(host, "lb start", lambda: ssh.put(policy_source / "policy.pt", f"{policy}/policy.pt"))
                 remote_method = RL_PREFIX + policy
-            dataplane, agent = lb_specs(
+            dataplane, agent = lb_plan(
                 self.testbed.config,
                 self.topology,
                 lb,
@@ -303,8 +291,8 @@ class SshLbServices:
             files = {"dataplane": dataplane.model_dump_json(), "agent": agent.model_dump_json()}
             for role, text in files.items():
                 _step(host, "lb start", lambda r=role, t=text: ssh.put_bytes(t.encode(), f"{host.state}/{r}.json"))
-            args = ("lb-start", "--state", host.state, "--dataplane", f"{host.state}/dataplane.json")
-            command = host.node_command(*args, "--agent", f"{host.state}/agent.json")
+            specs = ("--dataplane", f"{host.state}/dataplane.json", "--agent", f"{host.state}/agent.json")
+            command = [*host.args("lb-start"), *specs]
             _step(host, "lb start", lambda: ssh.run(command, timeout=300))
 
         try:
@@ -318,7 +306,7 @@ class SshLbServices:
         """Stop every LB host's processes and fetch their agents' step logs; return how many were running."""
 
         def stop_one(host: SshNode, ssh: SshHost) -> int:
-            stopped = int(json.loads(ssh.run(host.node_command("lb-stop", "--state", host.state)).stdout)["stopped"])
+            stopped = int(json.loads(ssh.run(host.args("lb-stop")).stdout)["stopped"])
             self._fetch_steps(host, ssh)
             return stopped
 
@@ -329,8 +317,7 @@ class SshLbServices:
         self.require_deployed()
 
         def ask(host: SshNode, ssh: SshHost) -> dict[str, Any]:
-            args = ("lb-stats", "--config", f"{host.state}/config.yaml", "--node", host.node, "--state", host.state)
-            return json.loads(_step(host, "lb stats", lambda: ssh.run(host.node_command(*args))).stdout)
+            return json.loads(_step(host, "lb stats", lambda: ssh.run(host.args("lb-stats", config=True))).stdout)
 
         reports = self.testbed.on_all_hosts(ask, hosts=self.lb_hosts)
         return [reports[host] for host in self.lb_hosts]
@@ -358,6 +345,43 @@ class SshLbServices:
             row["t"] = row["t"] + offset
             lines.append(json.dumps(row))
         local.write_text("".join(f"{line}\n" for line in lines))
+
+
+class SshClient:
+    """The client host of a `kind: ssh` testbed, over its own SSH connection; `python` is its marllb venv."""
+
+    def __init__(self, ssh: SshHost, python: str, state: str) -> None:
+        self.ssh, self.python, self.state = ssh, python, state
+        self.offset = ssh.monotonic_offset(python)
+        self._staged: list[str] = []
+
+    def staging(self, run: Path) -> str:
+        remote = f"{self.state}/runs/{run.name}"
+        self.ssh.run(["mkdir", "-p", remote])
+        self._staged.append(remote)
+        return remote
+
+    def close(self) -> None:
+        """Remove the staged files from the host (their results are in the run directory by now)."""
+        try:
+            for remote in self._staged:
+                self.ssh.run(["rm", "-rf", remote], check=False)
+        except TestbedError:
+            pass  # the host went away; `marllb teardown` removes the state directory with the rest
+        self.ssh.close()
+
+    def upload(self, local: Path, remote: str) -> None:
+        self.ssh.put(local, remote)
+
+    def download(self, remote: str, local: Path) -> bool:
+        content = self.ssh.get_bytes(remote)
+        if content is None:
+            return False
+        local.write_bytes(content)
+        return True
+
+    def start(self, module: str, args: Sequence[str], log: str) -> ClientProcess:
+        return SshProcess(self.ssh, [self.python, "-m", module, *args], log)
 
 
 def _step(host: SshNode, step: str, action: Callable[[], T]) -> T:

@@ -19,8 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyroute2 import netns
-
 from marllb_cli.errors import TestbedError
 
 __all__ = ["LocalHost", "LocalNamespace", "host_for", "list_namespaces", "NETNS_DIR"]
@@ -33,6 +31,8 @@ T = TypeVar("T")
 
 def list_namespaces() -> set[str]:
     """Names of the named network namespaces on this machine."""
+    from pyroute2 import netns  # here, not at import: `marllb status` of an absent testbed never needs it
+
     return set(netns.listnetns())
 
 
@@ -126,11 +126,15 @@ class LocalNamespace(LocalHost):
         return (NETNS_DIR / self.name).exists()
 
     def create(self) -> None:
+        from pyroute2 import netns
+
         netns.create(self.name)
 
     def remove(self) -> None:
         """Delete the namespace; its interfaces go with it once no process is left inside."""
         if self.exists():
+            from pyroute2 import netns
+
             netns.remove(self.name)
 
     def pids(self) -> list[int]:

@@ -31,7 +31,7 @@ from marllb_cli.processes import run_checked
 
 __all__ = ["Bundle", "NODE_REQUIREMENTS", "bundle", "cache_dir", "install_torch", "provision", "torch_bundle"]
 
-#: What `python -m marllb_cli.node` imports (see the module docstring), as in pyproject's dependencies.
+#: What `python -m marllb_cli.deploy.node.cli` imports (see the module docstring), as in pyproject's dependencies.
 NODE_REQUIREMENTS = ("numpy>=1.26", "pydantic>=2.6", "pyroute2>=0.9", "pyyaml>=6", "typer>=0.12", "rich>=13")
 PYTHON_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
 

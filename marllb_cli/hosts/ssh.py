@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import fcntl
 import shlex
+import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import paramiko
 
 from marllb_cli.errors import TestbedError
 
-__all__ = ["SshHost", "SshTarget"]
+__all__ = ["SshHost", "SshTarget", "SshProcess"]
 
 
 @dataclass(frozen=True)
@@ -192,3 +193,36 @@ class SshHost:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+class SshProcess:
+    """A command running on an SSH host, with the `Popen` methods the run uses. The remote shell prints its
+    pid first and then execs the command, so signals go to the command itself (`kill -TERM <pid>`)."""
+
+    def __init__(self, ssh: SshHost, argv: Sequence[str], log: str) -> None:
+        self.ssh = ssh
+        script = f"echo $$; exec {shlex.join(argv)} 2>{shlex.quote(log)}"
+        try:
+            _, out, _ = ssh.client.exec_command(shlex.join(["sh", "-c", script]))
+            self.channel = out.channel
+            self.pid = int(out.readline())
+        except (paramiko.SSHException, OSError, ValueError) as exc:
+            raise TestbedError(f"{ssh.name}: cannot start `{shlex.join(argv)}`: {exc}") from None
+        self.stdout: Iterator[str] = iter(out)
+
+    def poll(self) -> int | None:
+        return self.channel.recv_exit_status() if self.channel.exit_status_ready() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.channel.exit_status_ready():
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid} on {self.ssh.name}", timeout or 0.0)
+            time.sleep(0.05)
+        return self.channel.recv_exit_status()
+
+    def send_signal(self, sig: int) -> None:
+        self.ssh.run(["kill", f"-{signal.Signals(sig).name.removeprefix('SIG')}", str(self.pid)], check=False)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)

@@ -41,12 +41,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from marllb_cli.agents.methods import PYTHON_ONLY
 from marllb_cli.dataplane.flows import MAX_FLOWS
 from marllb_cli.dataplane.selection import METHODS, Selector, maglev_table
 from marllb_cli.errors import ConfigError
 from marllb_cli.features import RESERVOIR_SLOTS
 from marllb_cli.sim.engine import INF, Result, ServerModel
-from marllb_cli.sim.lbs import PYTHON_ONLY, job_hashes
+from marllb_cli.sim.lbs import job_hashes
 
 try:
     import numba

@@ -32,25 +32,19 @@ from typing import Any
 import numpy as np
 
 from marllb_cli.agents.base import Agent
-from marllb_cli.agents.heuristics import HEURISTICS, heuristic
-from marllb_cli.agents.runner import step_record
+from marllb_cli.agents.heuristics import heuristic
+from marllb_cli.agents.methods import LOOKAHEAD, ORACLES, SIM_METHODS
 from marllb_cli.dataplane.flows import FlowTable
 from marllb_cli.dataplane.packets import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from marllb_cli.dataplane.selection import Selector
 from marllb_cli.features import observe, observe_many
 from marllb_cli.sim.engine import ServerState
+from marllb_cli.steps import step_record
 
-__all__ = ["LOOKAHEAD", "ORACLES", "PYTHON_ONLY", "SIM_METHODS", "LbLayer", "finish_if_added", "job_hash", "job_hashes"]
+__all__ = ["LbLayer", "finish_if_added", "job_hash", "job_hashes"]
 
-ORACLES = ("oracle-srt", "oracle-gsq")
-#: SED whose weights are chosen each period by looking ahead in copies of the simulation (`sim.lookahead`).
-LOOKAHEAD = "oracle-weights"
-#: Methods only the Python engine can run: oracle-srt drains every job's remaining work, and the lookahead
-#: copies the engine.
-PYTHON_ONLY = ("oracle-srt", LOOKAHEAD)
 #: Steps of agents that do not read their observation are recorded in batches of this many (see `tick`).
 RECORD_BATCH = 64
-SIM_METHODS = (*HEURISTICS, *ORACLES, LOOKAHEAD)
 _ACK, _FIN, _RST = TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST
 
 
@@ -197,7 +191,7 @@ class LbLayer:
         self._step += 1
 
     def step_records(self) -> list[list[dict]]:
-        """Every LB's step records (`agents.runner.step_record`), in order."""
+        """Every LB's step records (`steps.step_record`), in order."""
         self._record_pending()
         return self.steps
 

@@ -22,14 +22,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from marllb_cli.agents.factory import RL_PREFIX, resolve_method
+from marllb_cli.agents.methods import LOOKAHEAD, RL_PREFIX, SIM_METHODS, resolve_method
 from marllb_cli.config import Config
-from marllb_cli.runs import create_run_dir, empty_requests, environment, now_iso, save_results, steps_frame, write_json
+from marllb_cli.runs import create_run_dir, empty_requests, environment, now_iso, save_results, write_json
 from marllb_cli.sim.compiled import CompiledSim, use_compiled
 from marllb_cli.sim.engine import Engine, ServerModel, ServerState
-from marllb_cli.sim.lbs import LOOKAHEAD, SIM_METHODS, LbLayer
+from marllb_cli.sim.lbs import LbLayer
 from marllb_cli.sim.lookahead import candidates, run_lookahead
 from marllb_cli.sim.traffic import Traffic, capacity, traffic
+from marllb_cli.steps import steps_frame
 
 __all__ = ["SimOutcome", "SimRun", "build_simulation", "run_simulation", "simulate_to_run_dir"]
 

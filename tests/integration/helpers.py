@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from marllb_cli.deploy import LocalTestbed
-from marllb_cli.deploy.cgroups import cgroup_root
+from marllb_cli.deploy.local import LocalTestbed
+from marllb_cli.deploy.node.cgroups import cgroup_root
 from marllb_cli.hosts import list_namespaces
 from marllb_cli.wikipages import page_text
 

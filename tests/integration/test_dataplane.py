@@ -22,8 +22,8 @@ from scapy.layers.l2 import ARP, Ether
 
 from marllb_cli.config import load_config
 from marllb_cli.dataplane.channel import Channel
-from marllb_cli.deploy import LocalTestbed
-from marllb_cli.deploy.lb_services import LbServices
+from marllb_cli.deploy.local import LocalTestbed
+from marllb_cli.deploy.local import LocalLbs
 from marllb_cli.hosts import LocalNamespace
 from tests.conftest import REPO, minimal_testbed
 from tests.integration.helpers import deployed
@@ -49,7 +49,7 @@ def _minimal_testbed(tmp_path_factory, name: str, **overrides) -> LocalTestbed:
 def lbs(tmp_path_factory):
     """A deployed l2dsr testbed with SED LBs running; torn down (and checked clean) after the module."""
     with deployed(LocalTestbed(load_config(REPO / "configs" / "local-small.yaml", ["testbed.name=itlb"]))) as testbed:
-        services = LbServices(testbed)
+        services = testbed.lbs()
         services.start("sed", idle_timeout=IDLE_S)
         yield services
 
@@ -62,11 +62,11 @@ def sh(namespace: str, script: str, timeout: float = 120) -> str:
     return result.stdout
 
 
-def vip_url(services: LbServices, path: str) -> str:
+def vip_url(services: LocalLbs, path: str) -> str:
     return f"http://{services.topology.vip}{path}"
 
 
-def curl_lines(services: LbServices, script: str) -> list[tuple[str, str]]:
+def curl_lines(services: LocalLbs, script: str) -> list[tuple[str, str]]:
     """(status, X-Server) per request from a curl script run in the client namespace."""
     out = sh(services.topology.client.namespace, script)
     return [tuple(line.split()) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
@@ -75,7 +75,7 @@ def curl_lines(services: LbServices, script: str) -> list[tuple[str, str]]:
 WRITE_OUT = "%{http_code} %header{x-server}\\n"
 
 
-def sequential(services: LbServices, path: str, count: int) -> list[tuple[str, str]]:
+def sequential(services: LocalLbs, path: str, count: int) -> list[tuple[str, str]]:
     """`count` curls of `path` through the VIP, one after the other, each its own connection."""
     url = vip_url(services, path)
     return curl_lines(
@@ -83,7 +83,7 @@ def sequential(services: LbServices, path: str, count: int) -> list[tuple[str, s
     )
 
 
-def channel_stats(services: LbServices):
+def channel_stats(services: LocalLbs):
     stats = []
     for lb in services.topology.lbs:
         with Channel.attach(services.channel_path(lb)) as channel:
@@ -91,7 +91,7 @@ def channel_stats(services: LbServices):
     return stats
 
 
-def total_flows(services: LbServices) -> list[int]:
+def total_flows(services: LocalLbs) -> list[int]:
     return [int(sum(column)) for column in zip(*(s.flows for s in channel_stats(services)), strict=True)]
 
 
@@ -295,7 +295,7 @@ def test_a_killed_agent_leaves_the_last_weights_in_force(lbs):
     try:
         agent = next(s for s in lbs.snapshots() if s.lb == "lb0")
         assert agent.agent_running and agent.weights == [1.0, 1.0, 2.0, 2.0]
-        from marllb_cli.deploy.manifest import Manifest
+        from marllb_cli.deploy.node.manifest import Manifest
         from marllb_cli.services import Service
 
         manifest = Manifest.load(lbs.testbed.manifest_path)
@@ -346,7 +346,7 @@ def test_awcmp_weights_follow_probed_busy_workers(lbs):
 @pytest.fixture(scope="module")
 def gre_lbs(tmp_path_factory):
     with deployed(_minimal_testbed(tmp_path_factory, "itgre", forwarding="gre")) as testbed:
-        services = LbServices(testbed)
+        services = testbed.lbs()
         services.start("lsq")
         yield services
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from marllb_cli.deploy.manifest import state_root
+from marllb_cli.deploy.node.manifest import state_root
 from marllb_cli.hosts import LocalNamespace
 from marllb_cli.wikipages import page_path
 from tests.conftest import REPO

@@ -16,13 +16,13 @@ from dataclasses import replace
 import pytest
 
 from marllb_cli.config import Config, load_config
-from marllb_cli.deploy import LocalTestbed
-from marllb_cli.deploy.apache import http_get
-from marllb_cli.deploy.manifest import Manifest
-from marllb_cli.deploy.roles import apply_role
-from marllb_cli.deploy.undo import remove_resources
+from marllb_cli.deploy.local import LocalTestbed
+from marllb_cli.deploy.node.manifest import Manifest
+from marllb_cli.deploy.node.roles import apply_role
+from marllb_cli.deploy.node.undo import remove_resources
 from marllb_cli.errors import NamespaceExists
 from marllb_cli.hosts import LocalNamespace, list_namespaces
+from marllb_cli.hosts.http import http_get
 from marllb_cli.topology import plan
 from tests.conftest import REPO
 from tests.integration.helpers import NOTHING, leftovers

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from marllb_cli.config import load_config
-from marllb_cli.deploy import LocalTestbed
+from marllb_cli.deploy.local import LocalTestbed
 from marllb_cli.hosts import LocalNamespace
 from marllb_cli.wikipages import page_path
 from tests.conftest import REPO

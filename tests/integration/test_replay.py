@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 
 from marllb_cli.config import load_config
-from marllb_cli.deploy import LocalTestbed
-from marllb_cli.deploy.lb_services import SHM_DIR
+from marllb_cli.deploy.local import LocalTestbed
+from marllb_cli.deploy.node.lbs import SHM_DIR
 from marllb_cli.hosts import LocalNamespace
 from tests.conftest import REPO
 from tests.integration.helpers import NOTHING, deployed, leftovers

@@ -30,10 +30,10 @@ import pytest
 import yaml
 
 from marllb_cli.config import Testbed as BedSpec
-from marllb_cli.deploy.cgroups import cgroup_root
-from marllb_cli.deploy.manifest import Manifest
-from marllb_cli.deploy.network import build_network
-from marllb_cli.deploy.undo import remove_resources
+from marllb_cli.deploy.netns import build_network
+from marllb_cli.deploy.node.cgroups import cgroup_root
+from marllb_cli.deploy.node.manifest import Manifest
+from marllb_cli.deploy.node.undo import remove_resources
 from marllb_cli.hosts import LocalNamespace
 from marllb_cli.hosts.provision import bundle
 from marllb_cli.topology import plan

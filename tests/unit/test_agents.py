@@ -67,7 +67,15 @@ def test_the_agent_loop_reads_stats_writes_weights_and_logs_each_step(tmp_path):
         table.server_for(flow_key(b"\x0a\x00\x00\x01", b"\x0a\x63\xff\x01", i, 80), 0x02, 1.0)
     dataplane.publish(1.0, [0] * len(COUNTERS), table)
     spec = AgentSpec(
-        lb="lb0", channel=path, method="awcmp", cpus=[1, 2], servers=[], period=0.01, steps_log=tmp_path / "steps"
+        lb="lb0",
+        lb_index=0,
+        n_lbs=1,
+        channel=path,
+        method="awcmp",
+        cpus=[1, 2],
+        servers=[],
+        period=0.01,
+        steps_log=tmp_path / "steps",
     )
     agent = ActiveWcmp([1, 2], probe=lambda: [1, 1])
     reader = Channel.attach(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from marllb_cli.kvm.image import SUITE, _prune
+from marllb_cli.deploy.kvm.image import SUITE, _prune
 
 
 def test_prune_keeps_the_tree_in_use_and_the_two_newest_images(tmp_path):

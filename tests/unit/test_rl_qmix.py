@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from marllb_cli.agents.rl.qmix import Mixer, td_lambda
-from marllb_cli.agents.rl.train import train
 from marllb_cli.config import load_config
 from marllb_cli.errors import ConfigError
+from marllb_cli.training import train
 from tests.conftest import REPO
 
 

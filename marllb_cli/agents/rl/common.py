@@ -1,5 +1,10 @@
-"""What the learning agents share: the recurrent network, observation normalisation, the greedy policy
-that runs a trained network on an LB, and RNG state in a form a weights_only checkpoint can hold.
+"""What the learning agents share: the recurrent network, the one encoding of a network's input, the replay
+buffer of whole episodes, the greedy policy that runs a trained network on an LB, and RNG state in a form a
+weights_only checkpoint can hold.
+
+Input encoding (`encode`, `input_size`): the normalised observation, the previous action one-hot per head,
+then `extra` (QMIX's LB id). Training (SAC, QMIX) and serving (`GreedyPolicy`) both call `encode`, so what
+a policy is served is what it was trained on.
 
 Observation normalisation: a fixed log scale, log1p(x / scale) with scale 1 for on-going flows and 10 ms for
 the five flow-duration statistics (the papers' artefact fed raw seconds and counts).
@@ -18,16 +23,71 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GreedyPolicy", "Recurrent", "RewardScale", "generator", "generator_state", "normalise", "plain"]
+from marllb_cli.features import N_FEATURES
+
+__all__ = [
+    "EpisodeBuffer",
+    "GreedyPolicy",
+    "Recurrent",
+    "RewardScale",
+    "encode",
+    "generator",
+    "generator_state",
+    "input_size",
+    "normalise",
+    "plain",
+]
 
 DURATION_SCALE_S = 0.01
 
 
 def normalise(obs: np.ndarray) -> np.ndarray:
-    """[servers, 6] features → the network's scale (see the module docstring)."""
+    """[servers, N_FEATURES] features → the network's scale (see the module docstring)."""
     scaled = np.array(obs, dtype=np.float32)
     scaled[:, 1:] /= DURATION_SCALE_S
     return np.log1p(np.maximum(scaled, 0.0))
+
+
+def input_size(n_servers: int, n_levels: int, extra: int = 0) -> int:
+    """The length of `encode`'s output: features and a one-hot previous action per server, then `extra`."""
+    return n_servers * N_FEATURES + n_servers * n_levels + extra
+
+
+def encode(obs: np.ndarray, prev_action: np.ndarray, n_levels: int, extra: np.ndarray | None = None) -> np.ndarray:
+    """One network input: normalised observation [servers, N_FEATURES], the previous action (one level index
+    per head) one-hot, and `extra`; float32 of length `input_size(heads, n_levels, len(extra))`."""
+    one_hot = np.eye(n_levels, dtype=np.float32)[prev_action].reshape(-1)
+    parts = [normalise(obs).reshape(-1), one_hot]
+    if extra is not None:
+        parts.append(np.asarray(extra, dtype=np.float32))
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+class EpisodeBuffer:
+    """The replay buffer of whole episodes (the GRU trains on sequences from a zero state, as it acts): each
+    episode a dict of arrays with time first; the oldest are dropped beyond `capacity`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.episodes: list[dict[str, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def append(self, episode: dict[str, np.ndarray]) -> None:
+        self.episodes.append(episode)
+        del self.episodes[: -self.capacity]
+
+    def sample(self, rng: np.random.Generator, batch: int) -> dict[str, torch.Tensor]:
+        """`batch` episodes drawn with replacement, each array stacked into a [batch, ...] tensor."""
+        picks = rng.integers(len(self.episodes), size=batch)
+        return {key: torch.from_numpy(np.stack([self.episodes[i][key] for i in picks])) for key in self.episodes[0]}
+
+    def state(self) -> list[dict[str, torch.Tensor]]:
+        return [{k: torch.from_numpy(v) for k, v in e.items()} for e in self.episodes]
+
+    def load(self, saved: list[dict[str, torch.Tensor]]) -> None:
+        self.episodes = [{k: v.numpy() for k, v in e.items()} for e in saved]
 
 
 class Recurrent(nn.Module):
@@ -73,10 +133,13 @@ class GreedyPolicy:
         self.hidden: torch.Tensor | None = None
         self.prev_action = np.full(self.net.heads, self.net.levels // 2, dtype=np.int64)
 
+    def input(self, obs: np.ndarray) -> np.ndarray:
+        """The network input for `obs` after the previous action (`encode`)."""
+        return encode(obs, self.prev_action, self.net.levels, self.extra)
+
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
-        one_hot = np.eye(self.net.levels, dtype=np.float32)[self.prev_action].reshape(-1)
-        x = np.concatenate([normalise(obs).reshape(-1), one_hot, self.extra]).astype(np.float32)
+        x = self.input(obs)
         out, self.hidden = self.net(torch.from_numpy(x).view(1, 1, -1), self.hidden)
         self.prev_action = out[0, 0].argmax(-1).numpy()
         return self.weights()

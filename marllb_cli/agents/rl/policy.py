@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marllb_cli.agents.factory import RL_PREFIX
-from marllb_cli.agents.rl.common import GreedyPolicy, Recurrent
-from marllb_cli.errors import ConfigError
+from marllb_cli.agents.methods import RL_PREFIX
+from marllb_cli.agents.rl.common import GreedyPolicy, Recurrent, input_size
+from marllb_cli.agents.rl.header import PolicyHeader
 
 __all__ = ["JointPolicy", "RlPolicy", "load_for_simulation", "load_policies"]
 
@@ -52,13 +52,11 @@ def _scale(saved: dict, capacity: Sequence[float], copies: int = 1) -> np.ndarra
     return np.tile(np.asarray(capacity, dtype=np.float64), copies) if saved["hyper"].get("residual") else None
 
 
-def _load(method: str, n_servers: int) -> dict:
-    path = Path(method.removeprefix(RL_PREFIX)) / "policy.pt"
-    if not path.is_file():
-        raise ConfigError(f"--method {method}: no {path}", hint="train one with `marllb train ... --out DIR`")
-    saved = torch.load(path, weights_only=True)
-    if saved["n_servers"] != n_servers:
-        raise ConfigError(f"--method {method}: trained for {saved['n_servers']} servers, this config has {n_servers}")
+def _load(method: str, n_lbs: int, n_servers: int, *, per_lb: bool) -> dict:
+    """policy.pt of a resolved `rl:DIR` (`methods.resolve_method` checked that it exists), checked against
+    the LBs and servers it is to run on."""
+    saved = torch.load(Path(method.removeprefix(RL_PREFIX)) / "policy.pt", weights_only=True)
+    PolicyHeader.of(saved).check(method, n_lbs, n_servers, per_lb=per_lb)
     torch.set_num_threads(1)  # one small GRU per step: threads only add contention with the dataplane
     return saved
 
@@ -68,19 +66,16 @@ def load_for_simulation(
 ) -> tuple[JointPolicy | None, list[RlPolicy]]:
     """`rl:DIR` for the simulator, read once: (the Centr-LB joint policy, []) or (None, one policy per LB).
     `capacity`: each server's cpus × speed."""
-    saved = _load(method, len(capacity))
+    saved = _load(method, n_lbs, len(capacity), per_lb=False)
     if saved.get("kind") == "centr":
-        return _joint(saved, method, n_lbs, capacity), []
-    return None, _per_lb(saved, method, n_lbs, capacity)
+        return _joint(saved, n_lbs, capacity), []
+    return None, _per_lb(saved, n_lbs, capacity)
 
 
-def _joint(saved: dict, method: str, n_lbs: int, capacity: Sequence[float]) -> JointPolicy:
-    n_servers = len(capacity)
-    if saved["n_agents"] != n_lbs:
-        raise ConfigError(f"--method {method}: Centr-LB trained for {saved['n_agents']} LBs, this config has {n_lbs}")
+def _joint(saved: dict, n_lbs: int, capacity: Sequence[float]) -> JointPolicy:
     levels = tuple(saved["hyper"]["levels"])
-    heads = n_lbs * n_servers
-    net = Recurrent(heads * 6 + heads * len(levels), saved["hyper"]["hidden"], heads, len(levels))
+    heads = n_lbs * len(capacity)
+    net = Recurrent(input_size(heads, len(levels)), saved["hyper"]["hidden"], heads, len(levels))
     net.load_state_dict(saved["actors"][0])
     return JointPolicy(GreedyPolicy(net, levels, scale=_scale(saved, capacity, n_lbs)), n_lbs)
 
@@ -88,22 +83,15 @@ def _joint(saved: dict, method: str, n_lbs: int, capacity: Sequence[float]) -> J
 def load_policies(method: str, n_lbs: int, capacity: Sequence[float]) -> list[RlPolicy]:
     """`rl:DIR` → one policy per LB (not for Centr-LB, which needs every LB's observation); `capacity`:
     each server's cpus (× speed in simulation)."""
-    return _per_lb(_load(method, len(capacity)), method, n_lbs, capacity)
+    return _per_lb(_load(method, n_lbs, len(capacity), per_lb=True), n_lbs, capacity)
 
 
-def _per_lb(saved: dict, method: str, n_lbs: int, capacity: Sequence[float]) -> list[RlPolicy]:
+def _per_lb(saved: dict, n_lbs: int, capacity: Sequence[float]) -> list[RlPolicy]:
     n_servers = len(capacity)
-    if saved.get("kind") == "centr":
-        raise ConfigError(
-            f"--method {method}: a Centr-LB policy needs every LB's observation at once",
-            hint="run it in the simulator (marllb simulate); each testbed LB sees only its own",
-        )
     hyper = saved["hyper"]
     levels = tuple(hyper["levels"])
     qmix = saved.get("kind") == "qmix"
-    if qmix and saved["n_agents"] != n_lbs:
-        raise ConfigError(f"--method {method}: QMIX trained for {saved['n_agents']} LBs, this config has {n_lbs}")
-    n_in = n_servers * 6 + n_servers * len(levels) + (n_lbs if qmix else 0)
+    n_in = input_size(n_servers, len(levels), extra=n_lbs if qmix else 0)
     policies = []
     for i in range(n_lbs):
         net = Recurrent(n_in, hyper["hidden"], n_servers, len(levels))

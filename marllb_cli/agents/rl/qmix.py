@@ -23,7 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marllb_cli.agents.rl.common import Recurrent, RewardScale, generator, generator_state, normalise, plain
+from marllb_cli.agents.rl.common import (
+    EpisodeBuffer,
+    Recurrent,
+    RewardScale,
+    encode,
+    generator,
+    generator_state,
+    input_size,
+    plain,
+)
+from marllb_cli.features import N_FEATURES
 
 __all__ = ["Mixer", "QmixHyper", "QmixLearner", "td_lambda"]
 
@@ -87,8 +97,8 @@ class QmixLearner:
     def __init__(self, n_agents: int, n_servers: int, hyper: QmixHyper, seed: int) -> None:
         self.hyper, self.m, self.n = hyper, n_agents, n_servers
         self.n_levels = len(hyper.levels)
-        self.n_in = n_servers * 6 + n_servers * self.n_levels + n_agents
-        state_dim = n_agents * n_servers * 6
+        self.n_in = input_size(n_servers, self.n_levels, extra=n_agents)
+        state_dim = n_agents * n_servers * N_FEATURES
         torch.manual_seed(seed)
         self.agent = Recurrent(self.n_in, hyper.hidden, n_servers, self.n_levels)
         self.mixer = Mixer(n_agents, state_dim, hyper.mixing_hidden)
@@ -96,7 +106,7 @@ class QmixLearner:
         self.mixer_target = Mixer(n_agents, state_dim, hyper.mixing_hidden)
         self._sync_targets()
         self.optimizer = torch.optim.Adam([*self.agent.parameters(), *self.mixer.parameters()], lr=hyper.lr)
-        self.episodes: list[dict[str, np.ndarray]] = []
+        self.buffer = EpisodeBuffer(hyper.buffer_episodes)
         self.rng = np.random.default_rng(seed)
         self.reward_scale = RewardScale(hyper.reward_norm)
         self.episodes_seen = 0
@@ -113,13 +123,8 @@ class QmixLearner:
 
     def features(self, observations: list[np.ndarray], prev_actions: np.ndarray) -> np.ndarray:
         """Agent-network inputs of every LB: [m, n_in]."""
-        eye_levels, eye_agents = np.eye(self.n_levels, dtype=np.float32), np.eye(self.m, dtype=np.float32)
-        return np.stack(
-            [
-                np.concatenate([normalise(obs).reshape(-1), eye_levels[prev_actions[i]].reshape(-1), eye_agents[i]])
-                for i, obs in enumerate(observations)
-            ]
-        )
+        ids = np.eye(self.m, dtype=np.float32)
+        return np.stack([encode(obs, prev_actions[i], self.n_levels, ids[i]) for i, obs in enumerate(observations)])
 
     def epsilon(self) -> float:
         h = self.hyper
@@ -143,7 +148,7 @@ class QmixLearner:
         self, inputs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_inputs: np.ndarray, states: np.ndarray
     ) -> None:
         """inputs [T, m, n_in], actions [T, m, n], team rewards [T], next_inputs [m, n_in], states [T+1, S]."""
-        self.episodes.append(
+        self.buffer.append(
             {
                 "x": np.concatenate([inputs, next_inputs[None]]).astype(np.float32),
                 "a": actions.astype(np.int64),
@@ -151,7 +156,6 @@ class QmixLearner:
                 "s": states.astype(np.float32),
             }
         )
-        del self.episodes[: -self.hyper.buffer_episodes]
         self.reward_scale.observe(rewards)
         self.episodes_seen += 1
         if self.episodes_seen % self.hyper.target_update_episodes == 0:
@@ -165,11 +169,9 @@ class QmixLearner:
 
     def update(self) -> dict[str, float]:
         h = self.hyper
-        picks = self.rng.integers(len(self.episodes), size=h.batch_episodes)
-        x = torch.from_numpy(np.stack([self.episodes[i]["x"] for i in picks]))  # [B, T+1, m, n_in]
-        a = torch.from_numpy(np.stack([self.episodes[i]["a"] for i in picks]))  # [B, T, m, n]
-        r = self.reward_scale(torch.from_numpy(np.stack([self.episodes[i]["r"] for i in picks])))  # [B, T]
-        s = torch.from_numpy(np.stack([self.episodes[i]["s"] for i in picks]))  # [B, T+1, S]
+        batch = self.buffer.sample(self.rng, h.batch_episodes)
+        x, a, s = batch["x"], batch["a"], batch["s"]  # [B, T+1, m, n_in], [B, T, m, n], [B, T+1, S]
+        r = self.reward_scale(batch["r"])  # [B, T]
 
         utilities = self._utilities(self.agent, x)  # [B, T+1, m, n, L]
         q_taken = utilities[:, :-1].gather(-1, a.unsqueeze(-1)).squeeze(-1).mean(-1)  # [B, T, m]
@@ -204,7 +206,7 @@ class QmixLearner:
             "agent_target": self.agent_target.state_dict(),
             "mixer_target": self.mixer_target.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "episodes": [{k: torch.from_numpy(v) for k, v in e.items()} for e in self.episodes],
+            "episodes": self.buffer.state(),
             "episodes_seen": self.episodes_seen,
             "rng": generator_state(self.rng),
             "reward_scale": self.reward_scale.state(),
@@ -213,7 +215,7 @@ class QmixLearner:
     def load(self, state: dict) -> None:
         for name in ("agent", "mixer", "agent_target", "mixer_target", "optimizer"):
             getattr(self, name).load_state_dict(state[name])
-        self.episodes = [{k: v.numpy() for k, v in e.items()} for e in state["episodes"]]
+        self.buffer.load(state["episodes"])
         self.episodes_seen = int(state["episodes_seen"])
         self.rng = generator(state["rng"])
         self.reward_scale.load(state.get("reward_scale"))

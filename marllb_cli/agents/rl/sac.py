@@ -24,7 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marllb_cli.agents.rl.common import Recurrent, RewardScale, generator, generator_state, normalise, plain
+from marllb_cli.agents.rl.common import (
+    EpisodeBuffer,
+    Recurrent,
+    RewardScale,
+    encode,
+    generator,
+    generator_state,
+    input_size,
+    plain,
+)
 
 __all__ = ["SacHyper", "SacLearner"]
 
@@ -55,7 +64,7 @@ class SacLearner:
     def __init__(self, n_servers: int, hyper: SacHyper, seed: int) -> None:
         self.hyper, self.n = hyper, n_servers
         self.n_levels = len(hyper.levels)
-        self.n_in = n_servers * 6 + n_servers * self.n_levels
+        self.n_in = input_size(n_servers, self.n_levels)
         torch.manual_seed(seed)
         make = lambda: Recurrent(self.n_in, hyper.hidden, n_servers, self.n_levels)  # noqa: E731
         self.actor, self.q1, self.q2 = make(), make(), make()
@@ -67,7 +76,7 @@ class SacLearner:
         self.critic_opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=hyper.lr_critic)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=hyper.lr_alpha)
         self.target_entropy = hyper.target_entropy_scale * float(np.log(self.n_levels))
-        self.episodes: list[dict[str, np.ndarray]] = []  # the replay buffer: whole episodes
+        self.buffer = EpisodeBuffer(hyper.buffer_episodes)
         self.rng = np.random.default_rng(seed)
         self.reward_scale = RewardScale(hyper.reward_norm)
         self.reset()
@@ -79,8 +88,7 @@ class SacLearner:
         self.prev_action = np.full(self.n, self.n_levels // 2, dtype=np.int64)
 
     def features(self, obs: np.ndarray, prev_action: np.ndarray) -> np.ndarray:
-        one_hot = np.eye(self.n_levels, dtype=np.float32)[prev_action].reshape(-1)
-        return np.concatenate([normalise(obs).reshape(-1), one_hot])
+        return encode(obs, prev_action, self.n_levels)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, *, greedy: bool = False, uniform: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -103,24 +111,22 @@ class SacLearner:
     def store(self, inputs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_input: np.ndarray) -> None:
         """One finished episode: inputs [T, n_in], actions [T, N], rewards [T], and the input after the last
         step (the episode is truncated, not terminated, so its last value is bootstrapped)."""
-        self.episodes.append(
+        self.buffer.append(
             {
                 "x": np.concatenate([inputs, next_input[None]]).astype(np.float32),
                 "a": actions.astype(np.int64),
                 "r": rewards.astype(np.float32),
             }
         )
-        del self.episodes[: -self.hyper.buffer_episodes]
         self.reward_scale.observe(rewards)
 
     # -- update -----------------------------------------------------------------------------------------
     def update(self) -> dict[str, float]:
         """One gradient step of the critics, the actor and the temperature on a batch of whole episodes."""
         hyper = self.hyper
-        picks = self.rng.integers(len(self.episodes), size=hyper.batch_episodes)
-        x = torch.from_numpy(np.stack([self.episodes[i]["x"] for i in picks]))  # [B, T+1, n_in]
-        a = torch.from_numpy(np.stack([self.episodes[i]["a"] for i in picks]))  # [B, T, N]
-        r = self.reward_scale(torch.from_numpy(np.stack([self.episodes[i]["r"] for i in picks])))  # [B, T]
+        batch = self.buffer.sample(self.rng, hyper.batch_episodes)
+        x, a = batch["x"], batch["a"]  # [B, T+1, n_in], [B, T, N]
+        r = self.reward_scale(batch["r"])  # [B, T]
         alpha = self.log_alpha.exp().detach()
 
         with torch.no_grad():
@@ -183,7 +189,7 @@ class SacLearner:
             "actor_opt": self.actor_opt.state_dict(),
             "critic_opt": self.critic_opt.state_dict(),
             "alpha_opt": self.alpha_opt.state_dict(),
-            "episodes": [{k: torch.from_numpy(v) for k, v in e.items()} for e in self.episodes],
+            "episodes": self.buffer.state(),
             "rng": generator_state(self.rng),
             "reward_scale": self.reward_scale.state(),
         }
@@ -195,6 +201,6 @@ class SacLearner:
             self.log_alpha.copy_(state["log_alpha"])
         for name in ("actor_opt", "critic_opt", "alpha_opt"):
             getattr(self, name).load_state_dict(state[name])
-        self.episodes = [{k: v.numpy() for k, v in e.items()} for e in state["episodes"]]
+        self.buffer.load(state["episodes"])
         self.rng = generator(state["rng"])
         self.reward_scale.load(state.get("reward_scale"))

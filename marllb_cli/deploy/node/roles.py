@@ -21,7 +21,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from marllb_cli.deploy.manifest import Manifest
+from marllb_cli.deploy.node.manifest import Manifest
 from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.topology import Node, Topology

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marllb_cli.config import Config, MediaWikiSettings
-from marllb_cli.deploy.cgroups import CpuCgroup
-from marllb_cli.deploy.manifest import Manifest
+from marllb_cli.deploy.node.cgroups import CpuCgroup
+from marllb_cli.deploy.node.manifest import Manifest
 from marllb_cli.errors import ConfigError, MissingTool, TestbedError
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.services import Service, start_process

@@ -1,5 +1,5 @@
-"""Remove what a manifest lists, newest first: the one teardown of the local testbed and of a real host's
-node state (`marllb node down`). Already-absent resources are fine, so a teardown that was interrupted can
+"""Remove what a manifest lists, newest first: the one teardown of the local and KVM testbeds and of a real
+host's node state (`marllb node down`). Already-absent resources are fine, so a teardown that was interrupted can
 simply run again.
 """
 
@@ -8,19 +8,34 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from marllb_cli.deploy.apache import stop_apache
-from marllb_cli.deploy.cgroups import CpuCgroup
-from marllb_cli.deploy.manifest import Manifest
-from marllb_cli.deploy.network import Progress
-from marllb_cli.deploy.roles import undo_network
+from marllb_cli.deploy.node.apache import stop_apache
+from marllb_cli.deploy.node.cgroups import CpuCgroup
+from marllb_cli.deploy.node.manifest import Manifest
+from marllb_cli.deploy.node.roles import undo_network
 from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalHost, LocalNamespace
 from marllb_cli.processes import kill_pids
+from marllb_cli.progress import Progress, no_progress
 from marllb_cli.services import Service
 
-__all__ = ["remove_resources"]
+__all__ = ["remove_resources", "teardown_recorded"]
 
 _NETWORK_CHANGES = ("route", "address", "sysctl", "nft", "offloads", "link")
+
+
+def teardown_recorded(manifest_path: Path, state_dir: Path, progress: Progress = no_progress) -> int:
+    """The one teardown of a manifest (local and kvm testbeds, `marllb node down`): remove what it lists,
+    newest first, then the state directory; return how many resources it listed. An error leaves the
+    manifest in place, so the teardown can run again."""
+    manifest = Manifest.load(manifest_path)
+    if manifest is None:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return 0
+    errors = remove_resources(manifest, progress)
+    if errors:
+        raise TestbedError(f"teardown of {manifest.testbed} incomplete: {'; '.join(errors)}")
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return len(manifest.resources)
 
 
 def remove_resources(manifest: Manifest, progress: Progress, *, host: LocalHost | None = None) -> list[str]:

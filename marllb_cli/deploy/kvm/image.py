@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from marllb_cli.deploy import mediawiki
+from marllb_cli.deploy.node import mediawiki
 from marllb_cli.errors import MissingTool
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.hosts.provision import Bundle, install_torch, provision

@@ -1,6 +1,7 @@
-"""`python -m marllb_cli.node`: what runs *on* a `kind: ssh` host, called by `marllb deploy`, `lb start`,
-`status` and `teardown` over SSH. Each command acts on this host only and keeps its record in the node's
-state directory (`<workdir>/<testbed>`, `--state`), so `down` removes exactly what `up` and `lb-start` made.
+"""`python -m marllb_cli.deploy.node.cli` (`marllb node`): what runs *on* a `kind: ssh` host or KVM guest,
+called by `marllb deploy`, `lb start`, `status` and `teardown` over SSH. Each command acts on this host only
+and keeps its record in the node's state directory (`<workdir>/<testbed>`, `--state`), so `down` removes
+exactly what `up` and `lb-start` made.
 
     up        make this host the config's node NAME (`deploy.roles`: routes, VIP, sysctls, nftables), and on
               a server Apache inside its CPU cgroup; idempotent (same config and healthy: nothing to do).
@@ -11,15 +12,14 @@ state directory (`<workdir>/<testbed>`, `--state`), so `down` removes exactly wh
     status    JSON: whether the node is set up, and for a server whether Apache answers
     down      undo everything in the record, newest first, and remove the state directory
 
-The logic is the local testbed's own (`roles.apply_role`, `local.start_server`, `lb_services.start_lb`,
-`undo.remove_resources`), run on `LocalHost` instead of a namespace.
+The logic is the local testbed's own (`roles.apply_role`, `server.start_server`, `lbs.start_lb`,
+`undo.teardown_recorded`), run on `LocalHost` instead of a namespace.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -31,21 +31,21 @@ from marllb_cli.agents.runner import AgentSpec
 from marllb_cli.cli_support import reports_errors
 from marllb_cli.config import Config, ServerGroup, load_config
 from marllb_cli.dataplane.fastpath import DataplaneSpec
-from marllb_cli.deploy import mediawiki
-from marllb_cli.deploy.apache import ApacheInstance, http_get, install_docroot
-from marllb_cli.deploy.cgroups import CpuCgroup
-from marllb_cli.deploy.lb_services import read_snapshot, start_lb, stop_lbs
-from marllb_cli.deploy.local import services_running, start_server
-from marllb_cli.deploy.manifest import Manifest
-from marllb_cli.deploy.roles import apply_role
-from marllb_cli.deploy.undo import remove_resources
+from marllb_cli.deploy.node import mediawiki
+from marllb_cli.deploy.node.apache import ApacheInstance, install_docroot
+from marllb_cli.deploy.node.cgroups import CpuCgroup
+from marllb_cli.deploy.node.lbs import read_snapshot, start_lb, stop_lbs
+from marllb_cli.deploy.node.manifest import MANIFEST, Manifest, require_complete
+from marllb_cli.deploy.node.roles import apply_role
+from marllb_cli.deploy.node.server import services_running, start_server
+from marllb_cli.deploy.node.undo import teardown_recorded
 from marllb_cli.errors import TestbedError
+from marllb_cli.hosts.http import http_get
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.topology import Node, plan
 
-__all__ = ["app", "MANIFEST"]
+__all__ = ["app"]
 
-MANIFEST = "manifest.json"
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Node-level operations (run by marllb over SSH).")
 StateOption = Annotated[Path, typer.Option("--state", help="This node's state directory for the testbed.")]
 ConfigOption = Annotated[Path, typer.Option("--config", help="The testbed's resolved config, as uploaded.")]
@@ -152,10 +152,6 @@ def _node(cfg: Config, name: str) -> Node:
         raise TestbedError(f"node {name!r} is not in testbed {cfg.testbed.name}") from None
 
 
-def _group(cfg: Config, server: Node) -> ServerGroup:
-    return next(group for group in cfg.testbed.servers if group.name == server.group)
-
-
 def _with_uploaded_dumps(cfg: Config, state: Path) -> Config:
     """The config with each MediaWiki dump path replaced by where the controller uploaded that dump."""
     groups = [
@@ -181,23 +177,21 @@ def _apache(cfg: Config, server: Node, state: Path) -> ApacheInstance:
     return ApacheInstance(node=server, group=group, root=state / server.name, www=state / "www", cgroup=cgroup, vip=vip)
 
 
+def _group(cfg: Config, server: Node) -> ServerGroup:
+    group = cfg.testbed.group(server.group)
+    if group is None:
+        raise TestbedError(f"node {server.name} is not a server of testbed {cfg.testbed.name}")
+    return group
+
+
 def _deployed(state: Path) -> Manifest:
-    manifest = Manifest.load(state / MANIFEST)
-    if manifest is None or not manifest.complete:
-        raise TestbedError(f"this host has no deployed testbed under {state}", hint="run `marllb deploy` first")
-    return manifest
+    return require_complete(
+        state / MANIFEST, f"the testbed under {state} on this host", hint="run `marllb deploy` first"
+    )
 
 
 def _down(state: Path) -> int:
-    manifest = Manifest.load(state / MANIFEST)
-    if manifest is None:
-        shutil.rmtree(state, ignore_errors=True)
-        return 0
-    errors = remove_resources(manifest, lambda *_: None)
-    if errors:
-        raise TestbedError(f"teardown of {manifest.testbed} incomplete on this host: {'; '.join(errors)}")
-    shutil.rmtree(state, ignore_errors=True)
-    return len(manifest.resources)
+    return teardown_recorded(state / MANIFEST, state)
 
 
 def _healthy(cfg: Config, me: Node, state: Path, manifest: Manifest) -> bool:

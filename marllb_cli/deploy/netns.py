@@ -10,25 +10,18 @@ the VIP on `lo`, never answers ARP for it) → reply straight to the router → 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from pyroute2 import NetNS
 
-from marllb_cli.deploy.manifest import Manifest
-from marllb_cli.deploy.roles import OFFLOADS_OFF, apply_role
+from marllb_cli.deploy.node.manifest import Manifest
+from marllb_cli.deploy.node.roles import OFFLOADS_OFF, apply_role
 from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalNamespace
+from marllb_cli.progress import Progress
 from marllb_cli.topology import Interface, Node, Topology
 
-__all__ = ["build_network", "no_progress", "Progress"]
-
-#: `progress(stage, done, total)`: how deploy and teardown report their steps (the CLI draws bars).
-Progress = Callable[[str, int, int], None]
-
-
-def no_progress(stage: str, done: int, total: int) -> None:
-    """The `Progress` of callers that draw nothing."""
+__all__ = ["build_network"]
 
 
 def build_network(

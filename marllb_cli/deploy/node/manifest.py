@@ -17,7 +17,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-__all__ = ["Manifest", "Resource", "state_root", "testbed_digest"]
+from marllb_cli.errors import TestbedError
+
+__all__ = ["MANIFEST", "Manifest", "Resource", "require_complete", "state_root", "testbed_digest"]
+
+#: The manifest's file name in a state directory (a testbed's on the controller, a node's on a host).
+MANIFEST = "manifest.json"
 
 #: namespace … file: what a testbed creates; route … offloads: changes to a real host's network settings,
 #: recorded with what was there before (`deploy.roles`).
@@ -66,6 +71,8 @@ class Manifest:
     complete: bool = False
     resources: list[Resource] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
+    #: What the testbed learnt while deploying and needs later (kind ssh: each host's data MAC).
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> Manifest | None:
@@ -81,6 +88,7 @@ class Manifest:
             complete=raw.get("complete", False),
             resources=[Resource(**item) for item in raw.get("resources", [])],
             created_at=raw.get("created_at", 0.0),
+            facts=raw.get("facts", {}),
         )
 
     def save(self) -> None:
@@ -92,6 +100,7 @@ class Manifest:
             "complete": self.complete,
             "created_at": self.created_at,
             "resources": [vars(resource) for resource in self.resources],
+            "facts": self.facts,
         }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
@@ -114,3 +123,12 @@ class Manifest:
 
     def names(self, kind: ResourceKind) -> set[str]:
         return {resource.name for resource in self.of_kind(kind)}
+
+
+def require_complete(path: Path, what: str, hint: str) -> Manifest:
+    """The manifest at `path` of a deploy that completed, or a `TestbedError` "`what` is not deployed" with
+    `hint` (the one not-deployed check of the controller and of `marllb node`)."""
+    manifest = Manifest.load(path)
+    if manifest is None or not manifest.complete:
+        raise TestbedError(f"{what} is not deployed", hint=hint)
+    return manifest

@@ -2,7 +2,7 @@
 and the switch are namespaces, exactly as in the local testbed (so `replay-trace` runs from the same
 client namespace).
 
-    deploy    base image (`kvm.image`, built once) → the local network without LB and server namespaces
+    deploy    base image (`deploy.kvm.image`, built once) → the local network without LB and server namespaces
               (`build_network(guests=...)`) plus a management bridge → per guest: host key, seed disk,
               copy-on-write overlay, qemu-system-x86_64 -enable-kvm with one tap on the data bridge and one
               on the management bridge → wait for every sshd → provision and set up the guests like
@@ -27,18 +27,29 @@ from pathlib import Path
 
 from pyroute2 import NetNS
 
+from marllb_cli.client_node import LocalClient
 from marllb_cli.config import Config, SshHostEntry, SshSettings
-from marllb_cli.deploy.local import DeployOutcome, NodeStatus, TestbedStatus, redeploy
-from marllb_cli.deploy.manifest import Manifest, state_root, testbed_digest
-from marllb_cli.deploy.network import Progress, build_network, no_progress
-from marllb_cli.deploy.roles import OFFLOADS_OFF
-from marllb_cli.deploy.ssh import SshLbServices, SshNode, SshTestbed
-from marllb_cli.deploy.undo import remove_resources
-from marllb_cli.errors import MissingTool, NamespaceExists, TestbedError
+from marllb_cli.deploy.base import (
+    MANIFEST,
+    DeployOutcome,
+    NodeStatus,
+    TestbedStatus,
+    deploy_recorded,
+    refuse_foreign_namespaces,
+    require_root,
+    require_tools,
+)
+from marllb_cli.deploy.kvm.image import GUEST_WORKDIR, BaseImage, base_image, seed_disk
+from marllb_cli.deploy.netns import build_network
+from marllb_cli.deploy.node.manifest import Manifest, state_root
+from marllb_cli.deploy.node.roles import OFFLOADS_OFF
+from marllb_cli.deploy.node.undo import teardown_recorded
+from marllb_cli.deploy.ssh import SshLbs, SshNode, SshTestbed
+from marllb_cli.errors import MissingTool, TestbedError
 from marllb_cli.hosts.local import LocalNamespace
 from marllb_cli.hosts.provision import bundle, torch_bundle
-from marllb_cli.kvm.image import GUEST_WORKDIR, BaseImage, base_image, seed_disk
 from marllb_cli.processes import run_checked
+from marllb_cli.progress import Progress, no_progress
 from marllb_cli.services import start_process
 from marllb_cli.topology import Node, mac_address, plan
 
@@ -57,7 +68,7 @@ class KvmTestbed:
         self.config = config
         self.topology = plan(config.testbed)
         self.state_dir: Path = state_root() / config.testbed.name
-        self.manifest_path = self.state_dir / "manifest.json"
+        self.manifest_path = self.state_dir / MANIFEST
         self.guests: tuple[Node, ...] = (*self.topology.lbs, *self.topology.servers)
         settings = config.testbed.kvm
         self.mgmt_ips = {
@@ -93,48 +104,13 @@ class KvmTestbed:
         _preflight(self.accel)
         if self.accel == "tcg":
             progress("no hardware virtualisation: guests run under qemu's emulation (tcg)", 0, 1)
-        manifest = Manifest.load(self.manifest_path)
-        outcome = redeploy(self, manifest, progress)
-        if outcome == "unchanged":
-            return outcome
-        self._refuse_foreign()
-        shutil.rmtree(self._consoles_kept, ignore_errors=True)  # from an earlier failed deploy
-        settings = self.config.testbed.kvm
-        wheels = bundle()  # once: the image holds exactly the marllb that provisioning then finds there
-        torch = torch_bundle()
-        image = base_image(settings.image_cache, settings.mirror, wheels, torch, lambda what: progress(what, 0, 1))
-        manifest = Manifest(
-            self.manifest_path, self.config.testbed.name, config_digest=testbed_digest(self.config.testbed)
+        return deploy_recorded(
+            self, progress, lambda manifest: self._build(manifest, progress), on_failure=self._keep_consoles
         )
-        manifest.save()
-        try:
-            guest_names = frozenset(guest.name for guest in self.guests)
-            build_network(self.topology, manifest, progress, guests=guest_names)
-            self._management_bridge()
-            self._keys()
-            for done, guest in enumerate(self.guests, 1):
-                self._boot(guest, image, manifest)
-                progress("guests booting", done, len(self.guests))
-            self._wait_for_sshd(progress)
-            self.ssh.deploy(progress, wheels=wheels)
-        except BaseException:
-            self._keep_consoles()
-            self.teardown()
-            raise
-        manifest.complete = True
-        manifest.save()
-        return outcome
 
     def teardown(self, progress: Progress = no_progress, *, purge: bool = False) -> int:
         """Stop the guests and remove everything the manifest lists; `purge` also removes the image cache."""
-        manifest = Manifest.load(self.manifest_path)
-        removed = 0
-        if manifest is not None:
-            removed = len(manifest.resources)
-            errors = remove_resources(manifest, progress)
-            if errors:
-                raise TestbedError(f"teardown of {manifest.testbed} incomplete: {'; '.join(errors)}")
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        removed = teardown_recorded(self.manifest_path, self.state_dir, progress)
         if purge:
             shutil.rmtree(self.config.testbed.kvm.image_cache, ignore_errors=True)
         return removed
@@ -142,8 +118,7 @@ class KvmTestbed:
     def status(self, *, probe: bool = True) -> TestbedStatus:
         manifest = Manifest.load(self.manifest_path)
         if manifest is None:
-            nodes = [NodeStatus.of(node) for node in self.topology.nodes]
-            return TestbedStatus(testbed=self.topology.testbed, vip=str(self.topology.vip), state="absent", nodes=nodes)
+            return TestbedStatus.of(self.topology, None, [NodeStatus.of(node) for node in self.topology.nodes])
         guests = {node.name: node for node in self.ssh.status(probe=probe).nodes}
         nodes = [
             guests[node.name]
@@ -154,13 +129,37 @@ class KvmTestbed:
         for node in nodes:
             if node.name in guests:
                 node.namespace = f"kvm {self.mgmt_ips[node.name]}"
-        state = "partial" if not manifest.complete else ("up" if all(n.up for n in nodes) else "degraded")
-        return TestbedStatus(testbed=self.topology.testbed, vip=str(self.topology.vip), state=state, nodes=nodes)
+        return TestbedStatus.of(self.topology, manifest, nodes)
 
-    def lb_services(self) -> SshLbServices:
-        return SshLbServices(self.ssh)
+    def require_deployed(self) -> None:
+        self.ssh.require_deployed()
+
+    def lbs(self) -> SshLbs:
+        return SshLbs(self.ssh)
+
+    def client(self) -> LocalClient:
+        """The client namespace: a run's replayer and sampler start there, as on a local testbed."""
+        return LocalClient(LocalNamespace(self.topology.client.namespace))
 
     # -- steps -----------------------------------------------------------------------------------------
+    def _build(self, manifest: Manifest, progress: Progress) -> None:
+        """Everything after `deploy_recorded`'s new manifest: image, network, guests, their set-up."""
+        self._refuse_foreign()
+        shutil.rmtree(self._consoles_kept, ignore_errors=True)  # from an earlier failed deploy
+        settings = self.config.testbed.kvm
+        wheels = bundle()  # once: the image holds exactly the marllb that provisioning then finds there
+        torch = torch_bundle()
+        image = base_image(settings.image_cache, settings.mirror, wheels, torch, lambda what: progress(what, 0, 1))
+        guest_names = frozenset(guest.name for guest in self.guests)
+        build_network(self.topology, manifest, progress, guests=guest_names)
+        self._management_bridge()
+        self._keys()
+        for done, guest in enumerate(self.guests, 1):
+            self._boot(guest, image, manifest)
+            progress("guests booting", done, len(self.guests))
+        self._wait_for_sshd(progress)
+        self.ssh.deploy(progress, wheels=wheels)
+
     def _management_bridge(self) -> None:
         subnet = self.config.testbed.kvm.mgmt_subnet
         with NetNS(self.topology.switch_namespace) as switch:
@@ -284,12 +283,9 @@ class KvmTestbed:
             shutil.copy(console, kept / f"{console.parent.name}.log")
 
     def _refuse_foreign(self) -> None:
-        for name in (self.topology.switch_namespace, self.topology.client.namespace, self.topology.router.namespace):
-            if LocalNamespace(name).exists():
-                raise NamespaceExists(
-                    f"namespace {name} exists but testbed {self.topology.testbed} did not create it",
-                    hint=f"choose another testbed.name, or remove it yourself (ip netns del {name})",
-                )
+        """After `redeploy` removed our own: any of our namespaces still there belongs to someone else."""
+        names = (self.topology.switch_namespace, self.topology.client.namespace, self.topology.router.namespace)
+        refuse_foreign_namespaces(self.topology, names, ours=set())
 
 
 def _keygen(path: Path) -> None:
@@ -309,13 +305,11 @@ def kvm_usable() -> bool:
 
 
 def _preflight(accel: str) -> None:
-    if os.geteuid() != 0:
-        raise MissingTool("a kvm testbed needs root (namespaces, taps, /dev/kvm)", hint="run marllb with sudo")
+    require_root("a kvm testbed")
     if accel == "kvm" and not kvm_usable():
         raise MissingTool(
             "hardware virtualisation is not usable here (/dev/kvm, or vmx/svm in /proc/cpuinfo)",
             hint="set testbed.kvm.accel: tcg (emulation, slower) or auto",
         )
-    for tool in ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "ssh-keygen"):
-        if shutil.which(tool) is None:
-            raise MissingTool(f"{tool} is not installed", hint="run `make system-deps-kvm`")
+    tools = ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "ssh-keygen")
+    require_tools([(tool, tool) for tool in tools], hint="run `make system-deps-kvm`")

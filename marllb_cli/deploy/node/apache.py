@@ -8,11 +8,9 @@ copy of `testbed/www` plus generated static files, shared read-only by all serve
 from __future__ import annotations
 
 import glob
-import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,9 +19,10 @@ from pathlib import Path
 from string import Template
 
 from marllb_cli.config import ServerGroup, Testbed
-from marllb_cli.deploy.cgroups import CpuCgroup
-from marllb_cli.deploy.mediawiki import MediaWikiStack, apache_fragment
+from marllb_cli.deploy.node.cgroups import CpuCgroup
+from marllb_cli.deploy.node.mediawiki import MediaWikiStack, apache_fragment
 from marllb_cli.errors import MissingTool, TestbedError
+from marllb_cli.hosts.http import http_get
 from marllb_cli.hosts.local import LocalHost, host_for
 from marllb_cli.processes import kill_pids
 from marllb_cli.topology import Node
@@ -35,8 +34,6 @@ __all__ = [
     "install_docroot",
     "testbed_files",
     "STATIC_SIZES",
-    "busy_workers",
-    "http_get",
 ]
 
 APACHE_MODULES = Path("/usr/lib/apache2/modules")
@@ -204,31 +201,3 @@ def stop_apache(cgroup: CpuCgroup, pidfile: Path, *, grace_s: float = 5.0) -> No
         while cgroup.pids() and time.monotonic() < deadline:
             time.sleep(0.02)
     kill_pids(cgroup.pids)
-
-
-def http_get(
-    ns: LocalHost | None, host: str, port: int, path: str, *, timeout: float = 2.0
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.0 GET from inside namespace `ns` (None: the caller's own): (status, headers, body)."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    conn.sock = ns.connect(host, port, timeout=timeout) if ns else socket.create_connection((host, port), timeout)
-    try:
-        conn.request("GET", path, headers={"Connection": "close"})
-        response = conn.getresponse()
-        body = response.read()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
-    except (TimeoutError, http.client.HTTPException) as exc:
-        raise OSError(f"GET {path}: {exc}") from exc
-    finally:
-        conn.close()
-
-
-def busy_workers(ns: LocalHost | None, host: str, status_port: int, *, timeout: float = 2.0) -> int | None:
-    """BusyWorkers from an Apache's mod_status (`?auto`), fetched from namespace `ns` (None: our own)."""
-    code, _, body = http_get(ns, host, status_port, "/server-status?auto", timeout=timeout)
-    if code != 200:
-        return None
-    for line in body.decode(errors="replace").splitlines():
-        if line.startswith("BusyWorkers:"):
-            return int(line.split(":", 1)[1])
-    return None

@@ -30,7 +30,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from marllb_cli.agents.rl.common import plain
+from marllb_cli.agents.methods import ALGOS
+from marllb_cli.agents.rl.common import normalise, plain
+from marllb_cli.agents.rl.header import PolicyHeader, write_header
 from marllb_cli.agents.rl.qmix import QmixHyper, QmixLearner
 from marllb_cli.agents.rl.sac import SacHyper, SacLearner
 from marllb_cli.config import Config
@@ -41,11 +43,6 @@ from marllb_cli.sim.traffic import offered_load
 
 __all__ = ["ALGOS", "parse_hyper", "train"]
 
-#: Algorithm → default reward. isac: independent learners; ssac: one LB that sees all traffic;
-#: distr: Distr-LB, independent learners on the per-LB VBF+log (the Markov potential game);
-#: qmix: QMIX on the team (mean) reward; centr: Centr-LB, one SAC learner that sees every LB's observation
-#: and sets every LB's weights (m × n heads), on the team reward.
-ALGOS = {"isac": "jain", "ssac": "jain", "distr": "vbf-log", "qmix": "vbf-log", "centr": "vbf-log"}
 CHECKPOINT, POLICY, CURVE = "checkpoint.pt", "policy.pt", "curve.parquet"
 #: Episode loads are drawn from this range times the config's offered load: a bit below to a bit above it.
 LOAD_SPREAD = (0.8, 1.05)
@@ -174,8 +171,7 @@ class Qmix:
 
 
 def _state(observations: list[np.ndarray]) -> np.ndarray:
-    from marllb_cli.agents.rl.common import normalise
-
+    """QMIX's global state: every LB's normalised observation, concatenated."""
     return np.concatenate([normalise(obs).reshape(-1) for obs in observations])
 
 
@@ -295,7 +291,9 @@ def _mean_finite(values: list[float]) -> float:
 def _save(out: Path, episode: int, meta: dict, team, algo: str, reward: str, rows: list[dict]) -> None:
     """Checkpoint, policy and curve, each replaced atomically (a kill leaves the previous episode's)."""
     _atomic_torch({"episode": episode, "meta": meta, "learners": team.state()}, out / CHECKPOINT)
-    _atomic_torch({"algo": algo, "reward": reward, "episode": episode, **team.policy()}, out / POLICY)
+    policy = team.policy()
+    _atomic_torch({"algo": algo, "reward": reward, "episode": episode, **policy}, out / POLICY)
+    write_header(out, PolicyHeader.of(policy))
     tmp = out / (CURVE + ".tmp")
     pd.DataFrame(rows).to_parquet(tmp, index=False)
     os.replace(tmp, out / CURVE)

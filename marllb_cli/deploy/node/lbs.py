@@ -1,15 +1,14 @@
-"""Start, stop and read the LBs of a deployed testbed: one dataplane and one agent process per LB.
+"""One LB's processes, where the LB is: its dataplane and its agent, started from the specs the controller
+planned (`deploy.base.lb_plan`), stopped, and read.
 
-    start   refuse unless the testbed is up → stop LBs already running → per LB: write the dataplane and
-            agent specs, record the channel file and start the dataplane, wait for its first stats
-            snapshot, start the agent, wait for its first heartbeat. Any failure stops everything started.
-    stop    stop the agents, then the dataplanes (SIGTERM, then SIGKILL), remove the channel files
-    stats   one consistent snapshot per LB from its channel
+    start_lb      write the specs, record the channel file and start the dataplane, wait for its first stats
+                  snapshot, start the agent, wait for its first heartbeat
+    stop_lbs      stop the agents, then the dataplanes (SIGTERM, then SIGKILL), remove the channel files
+    read_snapshot one consistent snapshot of an LB from its channel
 
-`lb_specs` (what an LB runs with), `start_lb` and `stop_lbs` (run where the LB is) serve both kinds: the
-local testbed calls them here for each LB namespace; on a `kind: ssh` LB host `marllb node lb-start` and
-`lb-stop` call them. All of it is recorded in a manifest, so a teardown also removes LBs left running.
-Locally, specs, logs and step logs live under `<state dir>/<testbed>/lb/`.
+The local testbed calls these for each LB namespace (`deploy.local.LocalLbs`); on a `kind: ssh` LB host
+`marllb node lb-start`, `lb-stop` and `lb-stats` call them. Everything is recorded in the node's manifest,
+so a teardown also removes LBs left running.
 """
 
 from __future__ import annotations
@@ -20,27 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from marllb_cli.agents.factory import make_agent, resolve_method
 from marllb_cli.agents.runner import AgentSpec
-from marllb_cli.config import Config
 from marllb_cli.dataplane.channel import Channel, Stats
-from marllb_cli.dataplane.fastpath import DataplaneSpec, ServerSpec
-from marllb_cli.deploy.local import LocalTestbed
-from marllb_cli.deploy.manifest import Manifest, Resource
+from marllb_cli.dataplane.fastpath import DataplaneSpec
+from marllb_cli.deploy.node.manifest import Manifest, Resource
 from marllb_cli.errors import TestbedError
-from marllb_cli.hosts.local import LocalHost, LocalNamespace
+from marllb_cli.hosts.local import LocalHost
 from marllb_cli.services import Service, start_service
-from marllb_cli.topology import Node, Topology
 
 __all__ = [
-    "LbServices",
     "LbSnapshot",
     "SHM_DIR",
     "channel_path",
     "lb_resources",
-    "lb_specs",
     "read_snapshot",
     "start_lb",
+    "steps_log",
     "stop_lbs",
 ]
 
@@ -83,78 +77,6 @@ class LbSnapshot:
         return out
 
 
-class LbServices:
-    """The LB processes of one local testbed."""
-
-    def __init__(self, testbed: LocalTestbed) -> None:
-        self.testbed = testbed
-        self.topology = testbed.topology
-        self.dir = testbed.state_dir / "lb"
-
-    def channel_path(self, lb: Node) -> Path:
-        return channel_path(self.topology.testbed, lb.name)
-
-    def steps_log(self, lb: Node) -> Path:
-        """The agent's per-step JSON lines of the current (or last) `start`."""
-        return steps_log(self.dir, lb.name)
-
-    def require_deployed(self) -> None:
-        """Raise a `TestbedError` with the fix unless the testbed is deployed."""
-        self._manifest()
-
-    # -- start -------------------------------------------------------------------------------------------
-    def start(self, method: str, *, period: float = 0.25, idle_timeout: float = 40.0, seed: int = 0) -> int:
-        """Start a dataplane and an agent on every LB; return how many LBs were already running (replaced)."""
-        method = resolve_method(method)
-        manifest = self._manifest()
-        replaced = len({r.data.get("lb") for r in lb_resources(manifest)})
-        self.stop()
-        manifest = self._manifest()
-        try:
-            for index, lb in enumerate(self.topology.lbs):
-                dataplane, agent = lb_specs(
-                    self.testbed.config,
-                    self.topology,
-                    lb,
-                    method,
-                    period=period,
-                    idle_timeout=idle_timeout,
-                    seed=seed + index,
-                    directory=self.dir,
-                )
-                start_lb(LocalNamespace(lb.namespace), manifest, dataplane, agent, self.dir)
-        except BaseException:
-            self.stop()
-            raise
-        return replaced
-
-    # -- stop --------------------------------------------------------------------------------------------
-    def stop(self) -> int:
-        """Stop every LB process and remove the channels; return how many processes were running."""
-        manifest = Manifest.load(self.testbed.manifest_path)
-        return 0 if manifest is None else stop_lbs(manifest)
-
-    # -- stats -------------------------------------------------------------------------------------------
-    def snapshots(self) -> list[LbSnapshot]:
-        manifest = self._manifest()
-        return [read_snapshot(self.topology.testbed, lb.name, manifest) for lb in self.topology.lbs]
-
-    def stats_json(self) -> list[dict[str, Any]]:
-        """`lb stats`: every LB's snapshot as JSON-ready dicts (`LbSnapshot.as_json`)."""
-        names = [server.name for server in self.topology.servers]
-        return [snapshot.as_json(names) for snapshot in self.snapshots()]
-
-    # -- helpers -----------------------------------------------------------------------------------------
-    def _manifest(self) -> Manifest:
-        manifest = Manifest.load(self.testbed.manifest_path)
-        if manifest is None or not manifest.complete:
-            raise TestbedError(
-                f"testbed {self.topology.testbed} is not deployed",
-                hint=f"run `marllb deploy` with this config first (state: {self.testbed.state_dir})",
-            )
-        return manifest
-
-
 def read_snapshot(testbed: str, lb: str, manifest: Manifest) -> LbSnapshot:
     """One LB's processes and channel, read where the LB runs (its namespace's host, or the LB host)."""
     services = {r.name: Service.from_record(r.name, r.data) for r in lb_resources(manifest) if r.kind == "process"}
@@ -185,50 +107,6 @@ def channel_path(testbed: str, lb: str) -> Path:
 
 def steps_log(directory: Path, lb: str) -> Path:
     return directory / f"{lb}.steps.jsonl"
-
-
-def lb_specs(
-    config: Config,
-    topology: Topology,
-    lb: Node,
-    method: str,
-    *,
-    period: float,
-    idle_timeout: float,
-    seed: int,
-    directory: Path,
-) -> tuple[DataplaneSpec, AgentSpec]:
-    """What LB `lb`'s dataplane and agent run with; `directory` is where they keep files on the LB."""
-    servers = topology.servers
-    cpus = [float(server.cpus or 1.0) for server in servers]
-    # Built here only for its method and first weights; the agent process probes for real.
-    agent = make_agent(method, cpus, probe=lambda: [None] * len(cpus), lb_index=lb.index)
-    channel = channel_path(topology.testbed, lb.name)
-    dataplane = DataplaneSpec(
-        lb=lb.name,
-        interface=lb.interfaces[0].name,
-        vip=str(topology.vip),
-        lb_ip=str(lb.ip),
-        lb_mac=lb.mac,
-        forwarding=topology.forwarding,  # type: ignore[arg-type]
-        servers=[ServerSpec(name=s.name, ip=str(s.ip), mac=s.mac) for s in servers],
-        method=agent.method,
-        weights=[float(w) for w in agent.weights],
-        channel=channel,
-        idle_timeout=idle_timeout,
-        seed=seed,
-    )
-    agent_spec = AgentSpec(
-        lb=lb.name,
-        channel=channel,
-        method=method,
-        cpus=cpus,
-        servers=[str(s.ip) for s in servers],
-        status_port=config.testbed.servers[0].apache.status_port,
-        period=period,
-        steps_log=steps_log(directory, lb.name),
-    )
-    return dataplane, agent_spec
 
 
 def start_lb(host: LocalHost, manifest: Manifest, dataplane: DataplaneSpec, agent: AgentSpec, directory: Path) -> None:

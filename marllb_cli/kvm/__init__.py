@@ -1,1 +1,0 @@
-"""KVM guests for `kind: kvm` testbeds: the Debian base image and per-guest seed disks (`image`)."""
