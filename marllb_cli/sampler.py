@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from marllb_cli.hosts.http import busy_workers
+from marllb_cli.probes import busy_workers
 from marllb_cli.services import until_signalled
 
 __all__ = ["SampledServer", "SamplerSpec", "main"]

@@ -22,7 +22,7 @@ from marllb_cli.agents.base import Agent
 from marllb_cli.agents.factory import make_agent
 from marllb_cli.dataplane.channel import Channel
 from marllb_cli.features import observe
-from marllb_cli.hosts.http import busy_workers
+from marllb_cli.probes import busy_workers
 from marllb_cli.services import until_signalled
 from marllb_cli.steps import step_record
 

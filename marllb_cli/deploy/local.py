@@ -32,13 +32,21 @@ from marllb_cli.deploy.base import (
 from marllb_cli.deploy.node import mediawiki
 from marllb_cli.deploy.node.apache import ApacheInstance, apache_binary, install_docroot, php_module
 from marllb_cli.deploy.node.cgroups import CpuCgroup, cgroup_root
-from marllb_cli.deploy.node.lbs import LbSnapshot, lb_resources, read_snapshot, start_lb, steps_log, stop_lbs
+from marllb_cli.deploy.node.lbs import (
+    LbSnapshot,
+    channel_path,
+    lb_resources,
+    read_snapshot,
+    start_lb,
+    steps_log,
+    stop_lbs,
+)
 from marllb_cli.deploy.node.manifest import Manifest, require_complete, state_root
 from marllb_cli.deploy.node.server import services_running, start_server
 from marllb_cli.deploy.node.undo import teardown_recorded
 from marllb_cli.errors import ConfigError, MissingTool, NamespaceExists, TestbedError
-from marllb_cli.hosts.http import busy_workers, http_get
 from marllb_cli.hosts.local import LocalNamespace
+from marllb_cli.probes import busy_workers, http_get
 from marllb_cli.progress import Progress, no_progress
 from marllb_cli.services import start_service
 from marllb_cli.topology import Node, Topology, plan
@@ -250,6 +258,10 @@ class LocalLbs:
         """`lb stats`: every LB's snapshot as JSON-ready dicts (`LbSnapshot.as_json`)."""
         names = [server.name for server in self.topology.servers]
         return [snapshot.as_json(names) for snapshot in self.snapshots()]
+
+    def channel_path(self, lb: Node) -> Path:
+        """The shared-memory channel between LB `lb`'s dataplane and its agent."""
+        return channel_path(self.topology.testbed, lb.name)
 
     def steps_log(self, lb: Node) -> Path:
         """The agent's per-step JSON lines of the current (or last) `start`."""

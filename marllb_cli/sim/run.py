@@ -24,7 +24,7 @@ import pandas as pd
 
 from marllb_cli.agents.methods import LOOKAHEAD, RL_PREFIX, SIM_METHODS, resolve_method
 from marllb_cli.config import Config
-from marllb_cli.runs import create_run_dir, empty_requests, environment, now_iso, save_results, write_json
+from marllb_cli.runs import RunDir, empty_requests, save_results
 from marllb_cli.sim.compiled import CompiledSim, use_compiled
 from marllb_cli.sim.engine import Engine, ServerModel, ServerState
 from marllb_cli.sim.lbs import LbLayer
@@ -128,8 +128,20 @@ def run_simulation(
     duration_s: float | None = None,
     load: Traffic | None = None,
 ) -> SimRun:
-    """Simulate `method` on the config's servers and LBs; pure (no files)."""
-    resolved = resolve_method(method, SIM_METHODS)
+    """Simulate `method` (checked here) on the config's servers and LBs; pure (no files)."""
+    return _simulate(config, resolve_method(method, SIM_METHODS), method, seed=seed, duration_s=duration_s, load=load)
+
+
+def _simulate(
+    config: Config,
+    resolved: str,
+    method: str,
+    *,
+    seed: int | None,
+    duration_s: float | None,
+    load: Traffic | None = None,
+) -> SimRun:
+    """`run_simulation` of a resolved method (`method`: as the user named it, for the records)."""
     seed = config.experiment.seed if seed is None else seed
     requests_in = load if load is not None else traffic(config, seed=seed, duration_s=duration_s)
     models, names, groups, cpus = server_models(config)
@@ -201,45 +213,37 @@ def simulate_to_run_dir(
     duration_s: float | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> SimOutcome:
-    """Simulate and write a run directory (`meta.json` first with complete=false, as a testbed run)."""
+    """Simulate and write a run directory (`runs.RunDir`: `meta.json` first with complete=false, as a
+    testbed run). The method is checked before the directory exists."""
+    resolved = resolve_method(method, SIM_METHODS)
     seed = config.experiment.seed if seed is None else seed
-    resolve_method(method, SIM_METHODS)
-    run = create_run_dir(runs_dir, method=method, testbed=f"{config.testbed.name}-sim", seed=seed)
-    (run / "config.yaml").write_text(config.resolved_yaml())
     spec = config.sim.traffic
     meta: dict[str, Any] = {
         "kind": "sim",
-        "method": method,
         "testbed": config.testbed.name,
-        "seed": seed,
         "traffic": spec.model_dump(mode="json"),
         "duration_s": duration_s if duration_s is not None else spec.duration_s,
         "capacity_core_s_per_s": capacity(config),
-        "started": now_iso(),
-        "complete": False,
-        **environment(),
     }
-    write_json(run / "meta.json", meta)
-    progress("simulating")
-    sim = run_simulation(config, method, seed=seed, duration_s=duration_s)
-    progress("writing the run directory")
-    summary = save_results(
-        run,
-        method=method,
-        requests=sim.requests,
-        servers=sim.servers,
-        agents=sim.agents,
-        duration_s=sim.duration_s,
-    )
-    jobs_per_s = len(sim.requests) / sim.wall_s if sim.wall_s > 0 else float("inf")
-    meta.update(
-        complete=True,
-        ended=now_iso(),
-        failure=None,
-        requests=len(sim.requests),
-        rate_per_s=sim.rate,
-        wall_s=sim.wall_s,
-        simulated_requests_per_wall_s=jobs_per_s,
-    )
-    write_json(run / "meta.json", meta)
-    return SimOutcome(run, summary, sim.wall_s, jobs_per_s)
+    testbed = f"{config.testbed.name}-sim"
+    with RunDir(runs_dir, config=config, method=method, testbed=testbed, seed=seed, meta=meta) as run:
+        progress("simulating")
+        sim = _simulate(config, resolved, method, seed=seed, duration_s=duration_s)
+        progress("writing the run directory")
+        summary = save_results(
+            run.path,
+            method=method,
+            requests=sim.requests,
+            servers=sim.servers,
+            agents=sim.agents,
+            duration_s=sim.duration_s,
+        )
+        jobs_per_s = len(sim.requests) / sim.wall_s if sim.wall_s > 0 else float("inf")
+        run.finish(
+            complete=True,
+            requests=len(sim.requests),
+            rate_per_s=sim.rate,
+            wall_s=sim.wall_s,
+            simulated_requests_per_wall_s=jobs_per_s,
+        )
+    return SimOutcome(run.path, summary, sim.wall_s, jobs_per_s)

@@ -22,8 +22,7 @@ from scapy.layers.l2 import ARP, Ether
 
 from marllb_cli.config import load_config
 from marllb_cli.dataplane.channel import Channel
-from marllb_cli.deploy.local import LocalTestbed
-from marllb_cli.deploy.local import LocalLbs
+from marllb_cli.deploy.local import LocalLbs, LocalTestbed
 from marllb_cli.hosts import LocalNamespace
 from tests.conftest import REPO, minimal_testbed
 from tests.integration.helpers import deployed

@@ -22,7 +22,7 @@ from marllb_cli.deploy.node.roles import apply_role
 from marllb_cli.deploy.node.undo import remove_resources
 from marllb_cli.errors import NamespaceExists
 from marllb_cli.hosts import LocalNamespace, list_namespaces
-from marllb_cli.hosts.http import http_get
+from marllb_cli.probes import http_get
 from marllb_cli.topology import plan
 from tests.conftest import REPO
 from tests.integration.helpers import NOTHING, leftovers

@@ -155,6 +155,25 @@ def test_ctrl_c_keeps_every_sent_request_and_leaves_nothing_running(testbed, tmp
     assert not list(SHM_DIR.glob(f"marllb-{NAME}-*"))
 
 
+def test_a_qmix_policy_trained_in_simulation_runs_on_both_lbs(testbed, tmp_path, trained):
+    """QMIX's shared agent network, served on each LB with its own id: trained on local-small's simulator
+    (2 LBs), replayed through both of the testbed's LBs."""
+    policy = trained("qmix", "qmix", REPO / "configs" / "local-small.yaml")
+    process = replay(f"rl:{policy}", tmp_path / "runs", "--duration", "8")
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    run = next((tmp_path / "runs").iterdir())
+    assert json.loads((run / "meta.json").read_text())["complete"] is True
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["requests"] == expected_requests(8) and summary["error_rate"] < 0.01
+    for lb in ("lb0", "lb1"):
+        steps = pd.read_parquet(run / "agents" / f"{lb}.parquet")
+        assert len(steps) >= 0.8 * 8 / 0.25
+        assert {w for ws in steps["weights"] for w in ws} <= {1.0, 1.5, 2.0}
+        assert (steps["method"] == "sed").all()
+    assert nothing_running_in(testbed) == []
+
+
 def test_a_policy_trained_in_simulation_runs_on_the_testbed(tmp_path, trained):
     """Sim-to-real in one command: train on sim-moderate (tiny), replay on local-moderate with rl:DIR."""
     name = "itrl"

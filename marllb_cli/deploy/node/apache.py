@@ -22,8 +22,8 @@ from marllb_cli.config import ServerGroup, Testbed
 from marllb_cli.deploy.node.cgroups import CpuCgroup
 from marllb_cli.deploy.node.mediawiki import MediaWikiStack, apache_fragment
 from marllb_cli.errors import MissingTool, TestbedError
-from marllb_cli.hosts.http import http_get
 from marllb_cli.hosts.local import LocalHost, host_for
+from marllb_cli.probes import http_get
 from marllb_cli.processes import kill_pids
 from marllb_cli.topology import Node
 
@@ -46,7 +46,7 @@ def testbed_files() -> Path:
     packaged = Path(str(resources.files("marllb_cli"))) / "_testbed"
     if packaged.is_dir():
         return packaged
-    checkout = Path(__file__).resolve().parents[2] / "testbed"
+    checkout = Path(__file__).resolve().parents[3] / "testbed"
     if checkout.is_dir():
         return checkout
     raise MissingTool("the testbed/ files (Apache template, PHP apps) are not installed with marllb")

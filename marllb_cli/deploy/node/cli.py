@@ -40,8 +40,8 @@ from marllb_cli.deploy.node.roles import apply_role
 from marllb_cli.deploy.node.server import services_running, start_server
 from marllb_cli.deploy.node.undo import teardown_recorded
 from marllb_cli.errors import TestbedError
-from marllb_cli.hosts.http import http_get
 from marllb_cli.hosts.local import LocalHost
+from marllb_cli.probes import http_get
 from marllb_cli.topology import Node, plan
 
 __all__ = ["app"]

@@ -11,7 +11,6 @@ from pathlib import Path
 from marllb_cli.deploy.node.apache import stop_apache
 from marllb_cli.deploy.node.cgroups import CpuCgroup
 from marllb_cli.deploy.node.manifest import Manifest
-from marllb_cli.deploy.node.roles import undo_network
 from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalHost, LocalNamespace
 from marllb_cli.processes import kill_pids
@@ -64,6 +63,8 @@ def remove_resources(manifest: Manifest, progress: Progress, *, host: LocalHost 
             elif resource.kind == "directory":
                 shutil.rmtree(resource.data["path"], ignore_errors=True)
             elif resource.kind in _NETWORK_CHANGES:
+                from marllb_cli.deploy.node.roles import undo_network  # pyroute2: only when there is one
+
                 undo_network(host, resource.kind, resource.data)
         except (TestbedError, OSError) as exc:
             errors.append(exc.message if isinstance(exc, TestbedError) else f"{resource.kind} {resource.name}: {exc}")
