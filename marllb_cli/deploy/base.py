@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -41,6 +42,7 @@ __all__ = [
     "MANIFEST",
     "DeployOutcome",
     "LbControl",
+    "LbStart",
     "NodeStatus",
     "State",
     "Testbed",
@@ -202,20 +204,24 @@ def deploy_recorded(
     return outcome
 
 
+@dataclass(frozen=True)
+class LbStart:
+    """What `LbControl.start` was asked for: a resolved method, the agent period (s), the flow idle timeout
+    (s), and the seed of LB 0 (LB i gets seed + i)."""
+
+    method: str
+    period: float = 0.25
+    idle_timeout: float = 40.0
+    seed: int = 0
+
+
 def lb_plan(
-    config: Config,
-    topology: Topology,
-    lb: Node,
-    method: str,
-    *,
-    period: float,
-    idle_timeout: float,
-    seed: int,
-    directory: Path,
+    config: Config, topology: Topology, lb: Node, start: LbStart, directory: Path
 ) -> tuple[DataplaneSpec, AgentSpec]:
     """What LB `lb`'s dataplane and agent run with; `directory` is where they keep files on the LB.
 
     The dataplane starts on the policy's first selection and weights, before the agent's first step."""
+    method = start.method
     servers = topology.servers
     cpus = [float(server.cpus or 1.0) for server in servers]
     selection, weights = initial_control(method, cpus, len(topology.lbs))
@@ -231,8 +237,8 @@ def lb_plan(
         method=selection,
         weights=[float(w) for w in weights],
         channel=channel,
-        idle_timeout=idle_timeout,
-        seed=seed,
+        idle_timeout=start.idle_timeout,
+        seed=start.seed + lb.index,
     )
     agent = AgentSpec(
         lb=lb.name,
@@ -243,7 +249,7 @@ def lb_plan(
         cpus=cpus,
         servers=[str(s.ip) for s in servers],
         status_port=config.testbed.servers[0].apache.status_port,
-        period=period,
+        period=start.period,
         steps_log=steps_log(directory, lb.name),
     )
     return dataplane, agent

@@ -21,6 +21,7 @@ from marllb_cli.config import Config
 from marllb_cli.deploy.base import (
     MANIFEST,
     DeployOutcome,
+    LbStart,
     NodeStatus,
     TestbedStatus,
     deploy_recorded,
@@ -227,18 +228,10 @@ class LocalLbs:
         replaced = len({r.data.get("lb") for r in lb_resources(manifest)})
         self.stop()
         manifest = self.testbed._manifest()
+        start = LbStart(method, period, idle_timeout, seed)
         try:
-            for index, lb in enumerate(self.topology.lbs):
-                dataplane, agent = lb_plan(
-                    self.testbed.config,
-                    self.topology,
-                    lb,
-                    method,
-                    period=period,
-                    idle_timeout=idle_timeout,
-                    seed=seed + index,
-                    directory=self.dir,
-                )
+            for lb in self.topology.lbs:
+                dataplane, agent = lb_plan(self.testbed.config, self.topology, lb, start, self.dir)
                 start_lb(LocalNamespace(lb.namespace), manifest, dataplane, agent, self.dir)
         except BaseException:
             self.stop()

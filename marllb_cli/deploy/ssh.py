@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from marllb_cli.agents.methods import RL_PREFIX, policy_dir
 from marllb_cli.client_node import ClientProcess
 from marllb_cli.config import Config, ServerGroup, SshHostEntry
-from marllb_cli.deploy.base import DeployOutcome, NodeStatus, TestbedStatus, lb_plan
+from marllb_cli.deploy.base import DeployOutcome, LbStart, NodeStatus, TestbedStatus, lb_plan
 from marllb_cli.deploy.node import mediawiki
 from marllb_cli.deploy.node.manifest import Manifest, require_complete, state_root, testbed_digest
 from marllb_cli.errors import ConfigError, TestbedError
@@ -265,6 +265,7 @@ class SshLbs:
         policy_source = policy_dir(method)
         torch = torch_bundle() if policy_source is not None else None
         lbs = {lb.name: lb for lb in self.topology.lbs}
+        start = LbStart(method, period, idle_timeout, seed)
 
         def start_one(host: SshNode, ssh: SshHost) -> None:
             lb = lbs[host.node]
@@ -276,16 +277,7 @@ class SshLbs:
                 _step(host, "lb start", lambda: ssh.run(["mkdir", "-p", policy]))
                 _step(host, "lb start", lambda: ssh.put(policy_source / "policy.pt", f"{policy}/policy.pt"))
                 remote_method = RL_PREFIX + policy
-            dataplane, agent = lb_plan(
-                self.testbed.config,
-                self.topology,
-                lb,
-                method,
-                period=period,
-                idle_timeout=idle_timeout,
-                seed=seed + lb.index,
-                directory=directory,
-            )
+            dataplane, agent = lb_plan(self.testbed.config, self.topology, lb, start, directory)
             agent = agent.model_copy(update={"method": remote_method})
             _step(host, "lb start", lambda: ssh.run(["mkdir", "-p", str(directory)]))
             files = {"dataplane": dataplane.model_dump_json(), "agent": agent.model_dump_json()}

@@ -162,16 +162,20 @@ def test_a_qmix_policy_trained_in_simulation_runs_on_both_lbs(testbed, tmp_path,
     process = replay(f"rl:{policy}", tmp_path / "runs", "--duration", "8")
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
-    run = next((tmp_path / "runs").iterdir())
+    assert_a_complete_policy_run(next((tmp_path / "runs").iterdir()), 8)
+    assert nothing_running_in(testbed) == []
+
+
+def assert_a_complete_policy_run(run: Path, duration: float) -> None:
+    """Every request of `duration` s answered, and both LBs stepping with the policy's SED weight levels."""
     assert json.loads((run / "meta.json").read_text())["complete"] is True
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["requests"] == expected_requests(8) and summary["error_rate"] < 0.01
+    assert summary["requests"] == expected_requests(duration) and summary["error_rate"] < 0.01
     for lb in ("lb0", "lb1"):
         steps = pd.read_parquet(run / "agents" / f"{lb}.parquet")
-        assert len(steps) >= 0.8 * 8 / 0.25
+        assert len(steps) >= 0.8 * duration / 0.25
         assert {w for ws in steps["weights"] for w in ws} <= {1.0, 1.5, 2.0}
-        assert (steps["method"] == "sed").all()
-    assert nothing_running_in(testbed) == []
+        assert (steps["method"] == "sed").all()  # the policy sets SED weights
 
 
 def test_a_policy_trained_in_simulation_runs_on_the_testbed(tmp_path, trained):
@@ -206,15 +210,7 @@ def test_a_policy_trained_in_simulation_runs_on_the_testbed(tmp_path, trained):
             timeout=120,
         )
         assert result.returncode == 0, result.stderr
-        run = next(runs.iterdir())
-        assert json.loads((run / "meta.json").read_text())["complete"] is True
-        summary = json.loads((run / "summary.json").read_text())
-        assert summary["requests"] == expected_requests(8) and summary["error_rate"] < 0.01
-        for lb in ("lb0", "lb1"):
-            steps = pd.read_parquet(run / "agents" / f"{lb}.parquet")
-            assert len(steps) >= 0.8 * 8 / 0.25
-            assert {w for ws in steps["weights"] for w in ws} <= {1.0, 1.5, 2.0}
-            assert (steps["method"] == "sed").all()  # the policy sets SED weights
+        assert_a_complete_policy_run(next(runs.iterdir()), 8)
     finally:
         testbed.teardown()
     assert leftovers(name) == NOTHING

@@ -15,7 +15,7 @@ import pytest
 from marllb_cli.agents.factory import make_agent
 from marllb_cli.agents.methods import resolve_method
 from marllb_cli.config import load_config
-from marllb_cli.deploy.base import lb_plan
+from marllb_cli.deploy.base import LbStart, lb_plan
 from marllb_cli.features import N_FEATURES
 from marllb_cli.topology import plan
 from tests.conftest import REPO
@@ -37,7 +37,7 @@ def served_agents(policy_dir) -> list:
     method = resolve_method(f"rl:{policy_dir}")
     agents = []
     for lb in topology.lbs:
-        _, spec = lb_plan(config, topology, lb, method, period=0.25, idle_timeout=40, seed=0, directory=policy_dir)
+        _, spec = lb_plan(config, topology, lb, LbStart(method), policy_dir)
         agents.append(make_agent(spec.method, spec.cpus, None, spec.lb_index, spec.n_lbs))
     return agents
 
@@ -80,12 +80,11 @@ def test_the_controller_plans_an_rl_lb_from_the_policy_header_without_torch(trai
         "import sys, json\n"
         "from pathlib import Path\n"
         "from marllb_cli.config import load_config\n"
-        "from marllb_cli.deploy.base import lb_plan\n"
+        "from marllb_cli.deploy.base import LbStart, lb_plan\n"
         "from marllb_cli.topology import plan\n"
         f"config = load_config({str(LOCAL_SMALL)!r})\n"
         "topology = plan(config.testbed)\n"
-        f"dataplane, agent = lb_plan(config, topology, topology.lbs[0], 'rl:{policy}', period=0.25,"
-        " idle_timeout=40, seed=0, directory=Path('lb'))\n"
+        f"dataplane, agent = lb_plan(config, topology, topology.lbs[0], LbStart('rl:{policy}'), Path('lb'))\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'method': dataplane.method,"
         " 'weights': dataplane.weights, 'cpus': agent.cpus}))\n"
     )
@@ -103,6 +102,4 @@ def test_a_policy_for_other_lbs_is_refused_at_plan_time(trained):
     config = load_config(LOCAL_SMALL, ["testbed.lbs=1"])
     topology = plan(config.testbed)
     with pytest.raises(ConfigError, match="QMIX trained for 2 LBs, this config has 1"):
-        lb_plan(
-            config, topology, topology.lbs[0], f"rl:{policy}", period=0.25, idle_timeout=40, seed=0, directory=policy
-        )
+        lb_plan(config, topology, topology.lbs[0], LbStart(f"rl:{policy}"), policy)
