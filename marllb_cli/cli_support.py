@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -13,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from marllb_cli.config import Config, load_config
-from marllb_cli.errors import MarllbError
+from marllb_cli.errors import MarllbError, Terminated
 
 __all__ = [
     "ConfigArg",
@@ -53,19 +61,73 @@ def load(config: Path, overrides: list[str] | None) -> Config:
     return load_config(config, overrides or ())
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP interrupt it like Ctrl-C (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def crash_log(exc: BaseException, command: str) -> Path:
+    """Write the traceback of an unexpected failure to a log file; return its path.
+
+    `$MARLLB_LOG_DIR`, else `~/.cache/marllb/logs`, else the temporary directory."""
+    text = "".join(traceback.format_exception(exc))
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    candidates = [os.environ.get("MARLLB_LOG_DIR"), Path.home() / ".cache" / "marllb" / "logs", tempfile.gettempdir()]
+    for directory in filter(None, candidates):
+        try:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f"marllb-{stamp}-{command}-", suffix=".log", dir=directory)
+            with os.fdopen(fd, "w") as log:
+                log.write(f"marllb {command}: {' '.join(sys.argv)}\n{text}")
+            return Path(name)
+        except OSError:
+            continue
+    return Path("/dev/null")
+
+
 def reports_errors(command: F) -> F:
-    """The one boundary where library errors become a one-line message and an exit code, never a traceback."""
+    """The one boundary where failures become a one-line message and an exit code, never a traceback:
+    a `MarllbError` its own line (exit 1 or 2), Ctrl-C 130, SIGTERM/SIGHUP 128 + signal, and anything
+    unexpected one line with the path of a log holding the details (exit 1; `MARLLB_DEBUG=1` re-raises)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with signals_interrupt():
+                return command(*args, **kwargs)
         except MarllbError as exc:
             err_console.print(f"[bold red]error:[/] {escape(exc.one_line())}", soft_wrap=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
+        except Terminated as exc:
+            err_console.print(f"[yellow]terminated[/] ({exc.args[0]})")
+            raise typer.Exit(128 + exc.signum) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("MARLLB_DEBUG"):
+                raise
+            log = crash_log(exc, command.__name__.removesuffix("_command"))
+            message = f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            err_console.print(
+                f"[bold red]error:[/] {escape(message)} (details: {log})", soft_wrap=True, highlight=False
+            )
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -14,6 +14,8 @@ Both sides offer the same few operations, so `experiment.replay_trace` has one p
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,7 @@ from typing import IO, Protocol
 
 from marllb_cli.hosts.local import LocalNamespace
 
-__all__ = ["ClientNode", "ClientProcess", "LocalClient", "stop_process"]
+__all__ = ["ClientNode", "ClientProcess", "LocalClient", "die_with_parent", "stop_process"]
 
 
 class ClientProcess(Protocol):
@@ -47,6 +49,18 @@ class ClientNode(Protocol):
     def download(self, remote: str, local: Path) -> bool: ...
     def start(self, module: str, args: Sequence[str], log: str) -> ClientProcess: ...
     def close(self) -> None: ...
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child between fork and exec: ask the kernel for SIGTERM when the parent dies (prctl
+    PR_SET_PDEATHSIG; kept across exec), and make sure the parent did not die already."""
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def stop_process(process: ClientProcess, grace_s: float) -> None:
@@ -86,9 +100,12 @@ class LocalClient:
         pass  # the staging area is the run directory: nothing to clean
 
     def start(self, module: str, args: Sequence[str], log: str) -> ClientProcess:
+        """Start `module`; it gets SIGTERM when this process dies (`die_with_parent`), so a controller killed
+        mid-run (even by SIGKILL) leaves no replayer sending the rest of its schedule, and no sampler."""
         with open(log, "w") as stderr:
             return self.ns.popen(
                 [self.python, "-m", module, *args],
+                preexec_fn=die_with_parent,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=stderr,

@@ -59,7 +59,7 @@ NAME_PATTERN = r"^[a-z][a-z0-9]*$"
 class _Strict(BaseModel):
     """Unknown keys are errors (typos must not be silently ignored); models are immutable once loaded."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ApacheSettings(_Strict):
@@ -299,7 +299,7 @@ class WorkDistribution(_Strict):
     distribution: Literal["exponential", "lognormal", "pareto", "deterministic"] = Field(
         "exponential", description="Shape of the work distribution."
     )
-    mean_s: float = Field(0.1, gt=0, description="Mean work (core-seconds at speed 1).")
+    mean_s: float = Field(0.1, gt=0, le=3600, description="Mean work (core-seconds at speed 1).")
     sigma: float = Field(1.0, gt=0, le=5, description="lognormal: σ of the underlying normal.")
     shape: float = Field(1.5, gt=1, le=100, description="pareto: tail index α (> 1 for a finite mean).")
 
@@ -311,26 +311,26 @@ class SimTraffic(_Strict):
     load: float = Field(
         0.9, gt=0, le=2, description="poisson: offered CPU load, a share of Σ cpus × speed (sets the rate)."
     )
-    rate: float | None = Field(None, gt=0, description="poisson: requests/s; overrides `load` when set.")
-    duration_s: float = Field(300.0, gt=0, description="Simulated seconds of arrivals.")
+    rate: float | None = Field(None, gt=0, le=1e6, description="poisson: requests/s; overrides `load` when set.")
+    duration_s: float = Field(300.0, gt=0, le=1e7, description="Simulated seconds of arrivals.")
     work: WorkDistribution = Field(default_factory=WorkDistribution, description="poisson: CPU work per request.")
     io_share: float = Field(
         0.0, ge=0, lt=1, description="Share of each request's service time spent in IO (holds a worker, no CPU)."
     )
     trace: Path | None = Field(None, description="trace: a trace file (papers' TSV, WikiBench or Parquet).")
-    trace_speed: float = Field(1.0, gt=0, description="trace: time compression, as replay-trace --speed.")
+    trace_speed: float = Field(1.0, gt=0, le=1e4, description="trace: time compression, as replay-trace --speed.")
     iteration_s: float = Field(
-        7e-9, gt=0, description="trace: core-seconds per for-loop iteration of a CPU request (× work_scale)."
+        7e-9, gt=0, le=1e-3, description="trace: core-seconds per for-loop iteration of a CPU request (× work_scale)."
     )
-    static_work_s: float = Field(0.001, gt=0, description="trace: core-seconds of a static-file request.")
-    wiki_work_s: float = Field(0.05, gt=0, description="trace: core-seconds of a wiki page request.")
+    static_work_s: float = Field(0.001, gt=0, le=3600, description="trace: core-seconds of a static-file request.")
+    wiki_work_s: float = Field(0.05, gt=0, le=3600, description="trace: core-seconds of a wiki page request.")
 
 
 class Sim(_Strict):
     """The event-driven simulator (`marllb simulate`): traffic and LB details; servers come from `testbed`."""
 
     traffic: SimTraffic = Field(default_factory=SimTraffic, description="The requests.")
-    idle_timeout_s: float = Field(40.0, gt=0, description="An LB ends a flow with no packet for this long.")
+    idle_timeout_s: float = Field(40.0, gt=0, le=1e9, description="An LB ends a flow with no packet for this long.")
     io_speed: float | None = Field(
         None,
         gt=0,
@@ -390,6 +390,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{where}: YAML syntax error: {problem}", hint="check indentation and quoting") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with a 'testbed' section at the top level")
+    _refuse_duplicate_keys(root, path)
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value, path)
@@ -397,6 +398,33 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         return Config.model_validate({**raw, "source": path})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, root)) from None
+
+
+def _refuse_duplicate_keys(root: yaml.Node | None, path: Path) -> None:
+    """YAML keeps the last of two equal keys silently; a config that says a field twice is a mistake.
+    Each node is visited once, so an alias bomb costs no more here than in the loader."""
+    visited: set[int] = set()
+    pending: list[tuple[yaml.Node | None, str]] = [(root, "")]
+    while pending:
+        node, where = pending.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                dotted = f"{where}.{name}" if where else str(name)
+                if name is not None and name in seen:
+                    raise ConfigError(
+                        f"{path}:{key.start_mark.line + 1}: {dotted}: given twice (first on line {seen[name]})",
+                        hint="keep one of them",
+                    )
+                if name is not None:
+                    seen[name] = key.start_mark.line + 1
+                pending.append((value, dotted))
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend((item, f"{where}[{index}]") for index, item in enumerate(node.value))
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path) -> None:

@@ -10,6 +10,9 @@ The hierarchy::
         ├── NamespaceExists     a namespace we would create exists and is not ours
         └── MissingTool         a program the testbed needs is not installed
 
+    KeyboardInterrupt
+    └── Terminated              SIGTERM or SIGHUP, raised where the command is (exit 128 + signal)
+
 Usage::
 
     try:
@@ -29,6 +32,7 @@ __all__ = [
     "TestbedError",
     "NamespaceExists",
     "MissingTool",
+    "Terminated",
 ]
 
 
@@ -77,3 +81,14 @@ class NamespaceExists(TestbedError):
 
 class MissingTool(TestbedError):
     """A program or kernel facility the testbed needs is missing on this machine."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a `timeout`, CI, a closed terminal), raised in the main thread by the CLI's handler
+    so that a command cleans up exactly as after Ctrl-C; `signum` gives the exit code, 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

@@ -16,10 +16,12 @@ request the replayer sent, and the replayer sends the schedule in order, so it i
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from marllb_cli.client_node import ClientNode, ClientProcess, stop_process
 from marllb_cli.config import Config
 from marllb_cli.deploy import testbed_for
 from marllb_cli.deploy.base import LbControl, Testbed
-from marllb_cli.errors import ConfigError, TestbedError
+from marllb_cli.errors import ConfigError, Terminated, TestbedError
 from marllb_cli.replay import ReplaySpec, write_schedule
 from marllb_cli.runs import RunDir, empty_requests, save_results
 from marllb_cli.sampler import SampledServer, SamplerSpec
@@ -69,15 +71,21 @@ class RunOutcome:
     path: Path
     summary: dict[str, Any]
     complete: bool
-    interrupted: bool = False
+    interrupted: bool = False  # Ctrl-C, SIGTERM or SIGHUP: the run stopped early, its requests are kept
     warnings: list[str] = field(default_factory=list)
+    failure: str | None = None
+    stopped_by: int | None = None  # the signal (SIGTERM, SIGHUP) that stopped it, None for Ctrl-C
 
 
 def build_schedule(trace: pd.DataFrame, *, speed: float, duration_s: float | None) -> pd.DataFrame:
     """Intended send times: trace time / speed (speed 0.25 = four times slower), cut at `duration_s` of
     replay time. Columns intended_s, path, class."""
-    if speed <= 0:
-        raise ConfigError(f"--speed {speed:g}: must be positive", hint="e.g. --speed 0.25 replays 4× slower")
+    if not (math.isfinite(speed) and speed > 0):
+        raise ConfigError(
+            f"--speed {speed:g}: must be a finite positive number", hint="e.g. --speed 0.25 replays 4× slower"
+        )
+    if duration_s is not None and not (math.isfinite(duration_s) and duration_s > 0):
+        raise ConfigError(f"--duration {duration_s:g}: must be a finite positive number of seconds")
     intended = trace["t"].to_numpy(np.float64) / speed
     keep = intended < duration_s if duration_s is not None else np.ones(len(intended), dtype=bool)
     return pd.DataFrame(
@@ -136,35 +144,64 @@ def _replay(
     sampler: ClientProcess | None = None
     finished = False
     failure: str | None = None
+    stopped_by: int | None = None  # the signal (SIGTERM, SIGHUP) that stopped it, None for Ctrl-C
     try:
         _stage_inputs(config, testbed.topology, schedule, options, files, client, period)
         lbs.start(method, period=period, seed=seed)
         sampler = client.start("marllb_cli.sampler", [files.remote("sampler.json")], files.remote("sampler.log"))
         replayer = ReplayerProcess(client, files)
         finished = replayer.wait(progress)
-    except KeyboardInterrupt:
-        failure = "interrupted"  # not re-raised: the caller gets the partial run and decides the exit code
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (`cli_support.Terminated`)
+        # Not re-raised: the caller gets the partial run and decides the exit code.
+        failure = f"terminated ({exc.args[0]})" if isinstance(exc, Terminated) else "interrupted"
+        stopped_by = exc.signum if isinstance(exc, Terminated) else None
     except BaseException as exc:
         failure = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        # A second Ctrl-C must not cut the clean-up short: the processes stop and the results are written.
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
-        try:
-            if replayer is not None:
-                replayer.stop()
-            if sampler is not None:
-                stop_process(sampler, grace_s=5.0)
-            lbs.stop()
-            for name in ("requests.csv", "servers.csv", "replay.log", "sampler.log"):
-                files.fetch(client, name)
-            client.close()
-            outcome = _finish(run, schedule, client, replayer, lbs, finished, failure)
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGINT, previous)
+        # A second signal must not cut the clean-up short: the processes stop and the results are written.
+        with _signals_held():
+            steps: list[tuple[str, Callable[[], object]]] = [
+                ("stop the replayer", lambda: replayer and replayer.stop()),
+                ("stop the sampler", lambda: sampler and stop_process(sampler, grace_s=5.0)),
+                ("stop the LBs", lbs.stop),
+                *[(f"fetch {name}", lambda n=name: files.fetch(client, n)) for name in CLIENT_OUTPUTS],
+                ("close the client node", client.close),
+            ]
+            problems = _each(steps)
+            outcome = _finish(run, schedule, client, replayer, lbs, finished, failure, problems)
+            outcome.stopped_by = stopped_by
     return outcome
+
+
+#: What the replayer and sampler leave on the client node, fetched into the run directory.
+CLIENT_OUTPUTS = ("requests.csv", "servers.csv", "replay.log", "sampler.log")
+
+
+def _each(steps: list[tuple[str, Callable[[], object]]]) -> list[str]:
+    """Run every clean-up step whatever the others did; return what failed, one line each."""
+    problems = []
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:
+            problems.append(f"{what}: {type(exc).__name__}: {exc}")
+    return problems
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP ignored for the block (main thread only): clean-up runs to its end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass(frozen=True)
@@ -223,6 +260,7 @@ def _finish(
     lbs: LbControl,
     finished: bool,
     failure: str | None,
+    problems: list[str],
 ) -> RunOutcome:
     """Turn what the processes streamed into the run directory's Parquet and JSON files.
 
@@ -255,17 +293,19 @@ def _finish(
             f"the replayer fell behind: p99 send lag {lag * 1000:.1f} ms (> {LAG_WARNING_S * 1000:.0f} ms); "
             "latencies include client delay — replay slower (--speed) or on a less busy machine"
         )
-    complete = finished and failure is None and len(requests) == len(schedule)
+    warnings += [f"clean-up: {problem}" for problem in problems]
+    complete = finished and failure is None and not problems and len(requests) == len(schedule)
     run_dir.finish(
         complete=complete,
-        failure=failure,
+        failure=failure or ("clean-up failed" if problems else None),
         replayed_requests=len(requests),
         replay_loop=replayer.loop if replayer is not None else None,
         warnings=warnings,
     )
     for transient in ("requests.csv", "servers.csv", "schedule.tsv"):
         (run / transient).unlink(missing_ok=True)
-    return RunOutcome(run, summary, complete, failure == "interrupted", warnings)
+    interrupted = failure is not None and failure.startswith(("interrupted", "terminated"))
+    return RunOutcome(run, summary, complete, interrupted, warnings, failure)
 
 
 def _elapsed(requests: pd.DataFrame) -> float:

@@ -38,11 +38,13 @@ def http_get(
 
 
 def busy_workers(ns: Connector | None, host: str, status_port: int, *, timeout: float = 2.0) -> int | None:
-    """BusyWorkers from an Apache's mod_status (`?auto`), fetched from namespace `ns` (None: our own)."""
+    """BusyWorkers from an Apache's mod_status (`?auto`), fetched from namespace `ns` (None: our own); None
+    when the server does not say, or says something that is not a count (awcmp then keeps its weight)."""
     code, _, body = http_get(ns, host, status_port, "/server-status?auto", timeout=timeout)
     if code != 200:
         return None
     for line in body.decode(errors="replace").splitlines():
         if line.startswith("BusyWorkers:"):
-            return int(line.split(":", 1)[1])
+            value = line.split(":", 1)[1].strip()
+            return int(value) if value.isdigit() else None  # what is not a count is no answer
     return None

@@ -16,6 +16,7 @@ Figures (PNG, matplotlib's Agg backend, no display needed):
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import pandas as pd
 from marllb_cli.errors import ConfigError, RunDirError
 from marllb_cli.runs import Run, load_run
 
-__all__ = ["Report", "build_report", "find_runs", "write_report"]
+__all__ = ["Report", "build_report", "find_runs", "scan_runs", "write_report"]
 
 ALL = "all"
 
@@ -56,27 +57,52 @@ class Report:
 
 def find_runs(paths: list[Path]) -> list[Run]:
     """Run directories from the arguments; a directory of runs (such as `runs/`) stands for all runs in it."""
+    return scan_runs(paths)[0]
+
+
+def scan_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
+    """(runs, why each unusable one was skipped). A run named as an argument must be readable (else a
+    `RunDirError`); inside a directory of runs, one that cannot be read (a run killed before it wrote its
+    summary, a damaged file) is skipped with a warning, so the others are still reported."""
     runs: list[Run] = []
+    skipped: list[str] = []
     for path in paths:
-        if path.is_dir() and not (path / "meta.json").exists():
-            inner = sorted(p for p in path.iterdir() if (p / "meta.json").is_file())
-            if inner:
-                runs.extend(load_run(p) for p in inner)
+        inner = _runs_in(path)
+        if not inner:
+            runs.append(load_run(path))
+            continue
+        for run_path in inner:
+            try:
+                run = load_run(run_path)
+                run.requests()
+            except RunDirError as exc:
+                skipped.append(f"skipped {exc.one_line()}")
                 continue
-        runs.append(load_run(path))
+            runs.append(run)
     if not runs:
-        raise RunDirError("no run directory given", hint="pass run directories, or a directory that holds runs")
-    return runs
+        raise RunDirError(
+            "no readable run directory given" + (f" ({len(skipped)} skipped)" if skipped else ""),
+            hint="pass run directories, or a directory that holds runs",
+        )
+    return runs, skipped
 
 
-def build_report(runs: list[Run], baseline: str | None = None) -> Report:
-    """Aggregate runs per method and class; `baseline` must be one of the methods when given."""
+def _runs_in(path: Path) -> list[Path]:
+    """The run directories inside `path` when it is a directory of runs (such as `runs/`), else []."""
+    if not path.is_dir() or (path / "meta.json").exists():
+        return []
+    return sorted(p for p in path.iterdir() if (p / "meta.json").is_file())
+
+
+def build_report(runs: list[Run], baseline: str | None = None, skipped: list[str] | None = None) -> Report:
+    """Aggregate runs per method and class; `baseline` must be one of the methods when given; `skipped`:
+    warnings about runs left out (`scan_runs`)."""
     methods = sorted({r.method for r in runs})
     if baseline is not None and baseline not in methods:
         raise ConfigError(f"--baseline {baseline}: no run of that method", hint=f"choose one of {', '.join(methods)}")
     if baseline is None and "sed" in methods:
         baseline = "sed"
-    warnings = [
+    warnings = [*(skipped or [])] + [
         f"{r.path}: incomplete run ({r.meta.get('failure') or 'did not finish'})" for r in runs if not r.complete
     ]
     frames = {method: [(r, r.requests()) for r in runs if r.method == method] for method in methods}
@@ -210,6 +236,11 @@ def table_cells(row: dict[str, Any], columns: tuple[str, ...]) -> list[str]:
     return [COLUMNS[name](row) for name in columns]
 
 
+def _markdown_cell(text: str) -> str:
+    """A cell's text that cannot end the cell, the row or start HTML: a method name is whatever a run says."""
+    return html.escape(" ".join(text.split())).replace("|", "\\|")
+
+
 def shown_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows worth printing: per-class rows only where a method's runs have more than one class."""
     classes: dict[str, int] = {}
@@ -260,7 +291,12 @@ def learning_curves(trainings: list[Path], out: Path) -> tuple[Path, list[str]]:
 def write_report(report: Report | None, out: Path, trainings: list[Path] | None = None) -> list[Path]:
     """Write `report.md` and the figures into `out` (runs compared, training directories' learning curves);
     return the files written."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"--out {out}: not a directory", hint="name a new or existing directory") from None
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create it ({exc.strerror})") from None
     lines = ["# marllb report", ""]
     written: list[Path] = []
     if trainings:
@@ -275,15 +311,20 @@ def write_report(report: Report | None, out: Path, trainings: list[Path] | None 
     if report.baseline:
         lines += [f"Baseline for the ratios: **{report.baseline}**. JCT in milliseconds, completed requests only.", ""]
     lines += ["| " + " | ".join(MARKDOWN_COLUMNS) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
-    lines += ["| " + " | ".join(table_cells(row, MARKDOWN_COLUMNS)) + " |" for row in shown_rows(report.rows)]
+    lines += [
+        "| " + " | ".join(map(_markdown_cell, table_cells(row, MARKDOWN_COLUMNS))) + " |"
+        for row in shown_rows(report.rows)
+    ]
     lines += ["", "## Runs", "", "| run | method | seed | kind | complete |", "|---|---|---|---|---|"]
     for run in report.runs:
+        cells = [run.path, run.method, run.meta.get("seed", ""), run.meta.get("kind", "")]
         lines.append(
-            f"| {run.path} | {run.method} | {run.meta.get('seed', '')} | {run.meta.get('kind', '')} "
-            f"| {'yes' if run.complete else '**no**'} |"
+            "| "
+            + " | ".join(_markdown_cell(str(cell)) for cell in cells)
+            + f" | {'yes' if run.complete else '**no**'} |"
         )
     if report.warnings:
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
+        lines += ["", "## Warnings", ""] + [f"- {_markdown_cell(w)}" for w in report.warnings]
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures if p not in written]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from marllb_cli import __version__
-from marllb_cli.errors import RunDirError
+from marllb_cli.errors import RunDirError, Terminated
 
 __all__ = [
     "REQUEST_COLUMNS",
@@ -128,8 +128,13 @@ class RunDir:
         if exc is not None:
             self.meta["complete"] = False
             if self.meta.get("failure") is None:
-                interrupted = isinstance(exc, KeyboardInterrupt)
-                self.meta["failure"] = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
+                self.meta["failure"] = (
+                    f"terminated ({exc.args[0]})"
+                    if isinstance(exc, Terminated)
+                    else "interrupted"
+                    if isinstance(exc, KeyboardInterrupt)
+                    else f"{type(exc).__name__}: {exc}"
+                )
         self.meta["ended"] = now_iso()
         write_json(self.path / "meta.json", self.meta)
 
@@ -246,11 +251,23 @@ class Run:
         self.path = path
         self.meta: dict[str, Any] = _read_json(path / "meta.json")
         self.summary: dict[str, Any] = _read_json(path / "summary.json")
-        self.method: str = self.summary.get("method") or self.meta.get("method", "?")
+        method = self.summary.get("method") or self.meta.get("method", "?")
+        if not isinstance(method, str):
+            raise RunDirError(f"{path / 'summary.json'}: method is not a name ({method!r})", hint=_REWRITE)
+        self.method: str = method
         self.complete: bool = bool(self.meta.get("complete"))
 
     def requests(self) -> pd.DataFrame:
-        return _read_parquet(self.path / "requests.parquet")
+        """requests.parquet with every column of `REQUEST_COLUMNS` in its type, or a `RunDirError`."""
+        path = self.path / "requests.parquet"
+        frame = _read_parquet(path)
+        missing = [column for column in REQUEST_COLUMNS if column not in frame.columns]
+        if missing:
+            raise RunDirError(f"{path}: not a requests table (no {', '.join(missing)})", hint=_REWRITE)
+        try:
+            return frame.astype(REQUEST_COLUMNS)
+        except (TypeError, ValueError) as exc:
+            raise RunDirError(f"{path}: a column has the wrong type ({exc})", hint=_REWRITE) from None
 
     def servers(self) -> pd.DataFrame:
         path = self.path / "servers.parquet"
@@ -273,10 +290,13 @@ def load_run(path: Path) -> Run:
     return Run(path)
 
 
+_REWRITE = "it was not written by marllb, or was changed since: run it again"
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON and bad UTF-8 alike
         raise RunDirError(f"{path}: unreadable ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise RunDirError(f"{path}: expected a JSON object")

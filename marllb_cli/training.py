@@ -19,6 +19,7 @@ was interrupted or not. Everything saved is tensors and plain values (torch.load
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -31,8 +32,8 @@ import pandas as pd
 import torch
 
 from marllb_cli.agents.methods import ALGOS
-from marllb_cli.agents.rl.common import normalise, plain
-from marllb_cli.agents.rl.header import PolicyHeader, write_header
+from marllb_cli.agents.rl.common import load_file, normalise, plain
+from marllb_cli.agents.rl.header import MAX_HIDDEN, PolicyHeader, write_header
 from marllb_cli.agents.rl.qmix import QmixHyper, QmixLearner
 from marllb_cli.agents.rl.sac import SacHyper, SacLearner
 from marllb_cli.config import Config
@@ -190,10 +191,21 @@ def parse_hyper(algo: str, items: list[str]) -> dict[str, Any]:
                 out[key] = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
             elif isinstance(default, tuple):
                 out[key] = tuple(float(v) for v in value.split(","))
+                if not out[key] or not all(0 < v < 1e6 for v in out[key]):
+                    raise ValueError(value)
+            elif isinstance(default, float):
+                out[key] = float(value)
+                if not math.isfinite(out[key]) or out[key] < 0:
+                    raise ValueError(value)
             else:
-                out[key] = float(value) if isinstance(default, float) else int(value)
+                out[key] = int(value)
+                if not 0 <= out[key] <= (MAX_HIDDEN if key in ("hidden", "mixing_hidden") else 1_000_000):
+                    raise ValueError(value)
         except (ValueError, KeyError):
-            raise ConfigError(f"--hyper {item!r}: {value!r} is not a valid {type(default).__name__}") from None
+            raise ConfigError(
+                f"--hyper {item!r}: {value!r} is not a valid {type(default).__name__} for {key}",
+                hint="a finite, non-negative value of the size marllb's learners take",
+            ) from None
     return out
 
 
@@ -210,8 +222,10 @@ def train(
     hyper: dict[str, Any] | None = None,
     load_range: tuple[float, float] | None = None,
     progress: Callable[[dict[str, Any]], None] = lambda _: None,
+    started: Callable[[int], None] = lambda _: None,
 ) -> pd.DataFrame:
-    """Train `algo` for `episodes` episodes into `out`; return the learning curve."""
+    """Train `algo` for `episodes` episodes into `out`; return the learning curve. `started(first episode)`
+    is called once every input is checked, before the first episode; `progress(row)` after each."""
     if algo not in ALGOS:
         raise ConfigError(f"--algo {algo!r}: not available", hint=f"choose one of {', '.join(ALGOS)}")
     reward = reward or ALGOS[algo]
@@ -231,21 +245,29 @@ def train(
     meta = {"algo": algo, "reward": reward, "seed": seed, "episode_s": episode_s, "load_range": list(load_range)}
     start, rows = 0, []
     if resume and (out / CHECKPOINT).exists():
-        saved = torch.load(out / CHECKPOINT, weights_only=True)
+        saved = load_file(out / CHECKPOINT, "training checkpoint")
+        if not isinstance(saved.get("meta"), dict) or not isinstance(saved.get("learners"), list):
+            raise ConfigError(f"{out / CHECKPOINT}: not a marllb training checkpoint", hint="use another --out")
         differs = {key for key in meta if saved["meta"].get(key) != meta[key]}
-        saved_hyper = saved["learners"][0].get("hyper", {})
+        saved_hyper = saved["learners"][0].get("hyper", {}) if saved["learners"] else {}
         differs |= {f"hyper {key}" for key, value in plain(settings).items() if saved_hyper.get(key) != value}
         if differs:
             raise ConfigError(
                 f"{out}: --resume with different settings ({', '.join(sorted(differs))})",
                 hint="resume with the options the run started with, or use another --out",
             )
-        team.load(saved["learners"])
-        start = int(saved["episode"]) + 1
+        try:
+            team.load(saved["learners"])
+            start = int(saved["episode"]) + 1
+        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"{out / CHECKPOINT}: a damaged training checkpoint ({type(exc).__name__})", hint="use another --out"
+            ) from None
         rows = pd.read_parquet(out / CURVE).to_dict("records") if (out / CURVE).exists() else []
     (out / "train.json").write_text(
         json.dumps({**meta, "hyper": settings.__dict__, "config": config.testbed.name}, indent=2, default=list)
     )
+    started(start)
     for episode in range(start, episodes):
         started = time.perf_counter()
         load = float(np.random.default_rng([seed, episode]).uniform(*load_range))

@@ -11,16 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from marllb_cli.agents.base import Agent
 from marllb_cli.agents.factory import make_agent
-from marllb_cli.dataplane.channel import Channel
+from marllb_cli.dataplane.channel import Channel, TornRead
 from marllb_cli.features import observe
 from marllb_cli.probes import busy_workers
 from marllb_cli.services import until_signalled
@@ -71,20 +73,37 @@ def _attach(path: Path, timeout_s: float = 10.0) -> Channel:
             time.sleep(0.05)
 
 
+def usable_weights(weights: Sequence[float], previous: list[float] | None) -> list[float]:
+    """A policy's weights as floats, or `previous` (at first: all 1) when any is non-finite or negative or
+    none is positive: the dataplane would refuse the whole vector, and the LB keeps what is in force."""
+    values = [float(w) for w in weights]
+    if all(math.isfinite(w) and w >= 0 for w in values) and any(w > 0 for w in values):
+        return values
+    log.warning("unusable weights %s; keeping the previous ones", values)
+    return previous if previous is not None else [1.0] * len(values)
+
+
 def run_agent(spec: AgentSpec, agent: Agent, channel: Channel, should_run) -> int:
     """Step `agent` every `spec.period` until `should_run()` is false; return the number of steps."""
     step = 0
+    weights: list[float] | None = None
     next_tick = time.monotonic()
     with open(spec.steps_log, "a", buffering=1) as steps:
         while should_run():
-            stats = channel.read_stats()
-            now = time.monotonic()
-            obs = observe(stats.flows, stats.durations, now)
-            weights = agent.act(obs)
-            channel.write_control(agent.method, list(map(float, weights)))
-            channel.heartbeat()
-            steps.write(json.dumps(step_record(now, step, spec.lb, agent, obs, weights, stats.new_flows)) + "\n")
-            step += 1
+            try:
+                stats = channel.read_stats(patience_s=spec.period / 2)
+            except TornRead:  # the dataplane died mid-publish, or stalls: this step is skipped, not the agent
+                log.warning("%s: no consistent statistics within %.0f ms; step skipped", spec.lb, spec.period * 500)
+                stats = None
+            if stats is not None:
+                now = time.monotonic()
+                obs = observe(stats.flows, stats.durations, now)
+                weights = usable_weights(agent.act(obs), weights)
+                channel.write_control(agent.method, weights)
+                channel.heartbeat()
+                row = step_record(now, step, spec.lb, agent, obs, weights, stats.new_flows)
+                steps.write(json.dumps(row) + "\n")
+                step += 1
             next_tick += spec.period
             now = time.monotonic()
             if next_tick < now:  # overran: skip the missed ticks

@@ -69,5 +69,5 @@ def replay_trace_command(
     )
     console.print(f"run directory: {outcome.path}" + ("" if outcome.complete else " [yellow](incomplete)[/]"))
     if outcome.interrupted:
-        err_console.print("[yellow]interrupted[/]: every request sent so far is in the run directory")
-        raise typer.Exit(130)
+        err_console.print(f"[yellow]{outcome.failure}[/]: every request sent so far is in the run directory")
+        raise typer.Exit(128 + outcome.stopped_by if outcome.stopped_by else 130)

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from marllb_cli.cli_support import JsonOption, console, err_console, reports_errors
@@ -34,8 +35,8 @@ def report_command(
     from marllb_cli.report import (
         TERMINAL_COLUMNS,
         build_report,
-        find_runs,
         is_training_dir,
+        scan_runs,
         shown_rows,
         table_cells,
         write_report,
@@ -46,7 +47,8 @@ def report_command(
         files = write_report(None, out, trainings)
         console.print(f"report: {files[0]} (learning curves of {len(trainings)} trainings)")
         return
-    report = build_report(find_runs([path for path in runs if path not in trainings]), baseline)
+    found, skipped = scan_runs([path for path in runs if path not in trainings])
+    report = build_report(found, baseline, skipped)
     files = write_report(report, out, trainings)
     for warning in report.warnings:
         err_console.print(f"[bold yellow]warning:[/] {warning}")
@@ -61,6 +63,6 @@ def report_command(
             headers.get(column, column), justify="left" if column in ("method", "class") else "right", no_wrap=True
         )
     for row in shown_rows(report.rows):
-        table.add_row(*table_cells(row, TERMINAL_COLUMNS))
+        table.add_row(*(escape(" ".join(cell.split())) for cell in table_cells(row, TERMINAL_COLUMNS)))
     console.print(table)
     console.print(f"report: {files[0]} ({len(files) - 1} figures)")

@@ -46,17 +46,24 @@ def train_command(
     cfg = load(config, set_)
     overrides = parse_hyper(algo, hyper or [])
     torch.set_num_threads(threads)
-    with detail_progress(f"training {algo}") as bar:
-        task = bar.add_task("train", total=episodes, detail="")
+    bar = detail_progress(f"training {algo}")
+    task = bar.add_task("train", total=episodes, detail="", start=False)
 
-        def progress(row: dict) -> None:
-            bar.update(
-                task,
-                completed=row["episode"] + 1,
-                detail=f"reward {row['reward']:.3g}  JCT {row['jct_mean_s'] * 1e3:.0f} ms  "
-                f"p99 {row['jct_p99_s'] * 1e3:.0f} ms",
-            )
+    def started(first_episode: int) -> None:
+        """Shown once the inputs are checked (and a resumed run loaded), so a refusal is one line alone."""
+        bar.start()
+        bar.start_task(task)
+        bar.update(task, completed=first_episode)
 
+    def progress(row: dict) -> None:
+        bar.update(
+            task,
+            completed=row["episode"] + 1,
+            detail=f"reward {row['reward']:.3g}  JCT {row['jct_mean_s'] * 1e3:.0f} ms  "
+            f"p99 {row['jct_p99_s'] * 1e3:.0f} ms",
+        )
+
+    try:
         curve = train(
             cfg,
             algo,
@@ -68,7 +75,10 @@ def train_command(
             resume=resume,
             hyper=overrides,
             progress=progress,
+            started=started,
         )
+    finally:
+        bar.stop()
     last = curve.iloc[-1]
     console.print(
         f"{algo}: {len(curve)} episodes, last mean JCT {last['jct_mean_s'] * 1e3:.1f} ms, p99 "

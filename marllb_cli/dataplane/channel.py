@@ -189,9 +189,10 @@ class Channel:
     def control_seq(self) -> int:
         return int(self.header["control_seq"])
 
-    def read_control(self) -> tuple[int, str, list[float]]:
-        """(sequence number, method, weights), consistent."""
-        record = self._read(self._control, "control_seq")
+    def read_control(self, *, patience_s: float = 1.0) -> tuple[int, str, list[float]]:
+        """(sequence number, method, weights), consistent; `TornRead` if no consistent copy came within
+        `patience_s` (the writer is mid-write, or died there)."""
+        record = self._read(self._control, "control_seq", patience_s=patience_s)
         seq, value = record
         return seq, METHODS[int(value["method"])], [float(w) for w in value["weights"]]
 
@@ -218,8 +219,9 @@ class Channel:
         self._stats[...] = staged
         self.header["stats_seq"] = seq + 2
 
-    def read_stats(self) -> Stats:
-        _, record = self._read(self._stats, "stats_seq")
+    def read_stats(self, *, patience_s: float = 1.0) -> Stats:
+        """The latest consistent statistics; `TornRead` if none came within `patience_s`."""
+        _, record = self._read(self._stats, "stats_seq", patience_s=patience_s)
         return Stats(
             time=float(record["time"]),
             counters=dict(zip(COUNTERS, (int(c) for c in record["counters"]), strict=True)),

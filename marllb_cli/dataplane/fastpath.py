@@ -33,7 +33,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from marllb_cli.dataplane.channel import COUNTERS, Channel
+from marllb_cli.dataplane.channel import COUNTERS, Channel, TornRead
 from marllb_cli.dataplane.flows import IDLE_TIMEOUT_S, LINGER_S, FlowTable
 from marllb_cli.dataplane.packets import GreEncapsulator, Verdict, mac_bytes, parse
 from marllb_cli.dataplane.selection import Selector
@@ -46,6 +46,8 @@ PACKET_IGNORE_OUTGOING = 23
 SO_ATTACH_FILTER = 26
 RECEIVE_BUFFER = 8 << 20
 EXPIRE_INTERVAL_S = 1.0
+#: How long the packet loop waits for a consistent control block (a live agent writes it in microseconds).
+CONTROL_PATIENCE_S = 0.005
 
 log = logging.getLogger("marllb.dataplane")
 
@@ -107,6 +109,7 @@ class Dataplane:
         self.counters = [0] * len(COUNTERS)
         self.channel = Channel.create(spec.channel, len(spec.servers), spec.method, spec.weights)
         self._control_seq = self.channel.control_seq
+        self._torn_seq: int | None = None  # an odd control sequence seen stuck: skipped until it changes
         self._running = True
         lb_mac = mac_bytes(spec.lb_mac)
         self._server_macs = [mac_bytes(server.mac) for server in spec.servers]
@@ -172,10 +175,19 @@ class Dataplane:
         self._publish(monotonic())
 
     def _apply_control(self) -> None:
-        """Take new method and weights from the agent, if it wrote any; bad values keep the old ones."""
-        if self.channel.control_seq == self._control_seq:
+        """Take new method and weights from the agent, if it wrote any; bad values keep the old ones.
+
+        Fail-static: an agent killed between its two sequence stores leaves the sequence odd for good. The
+        packet loop then never waits on it: the weights in force stay, and the stuck sequence is logged once."""
+        seq_now = self.channel.control_seq
+        if seq_now == self._control_seq or seq_now == self._torn_seq:
             return
-        seq, method, weights = self.channel.read_control()
+        try:
+            seq, method, weights = self.channel.read_control(patience_s=CONTROL_PATIENCE_S)
+        except TornRead:
+            self._torn_seq = seq_now
+            log.warning("control %d is half written (agent died mid-write?): keeping the weights in force", seq_now)
+            return
         try:
             self.selector.set_weights(weights)
             self.selector.set_method(method)

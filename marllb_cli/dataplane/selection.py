@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import random
 import struct
 import zlib
@@ -74,9 +75,11 @@ class AliasTable:
 
     def __init__(self, weights: Sequence[float]) -> None:
         n = len(weights)
+        if n == 0 or not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError("weights must be finite, non-negative and at least one positive")
         total = float(sum(weights))
-        if n == 0 or total <= 0 or any(w < 0 for w in weights):
-            raise ValueError("weights must be non-negative and at least one positive")
+        if total <= 0 or not math.isfinite(total):
+            raise ValueError("weights must be finite, non-negative and at least one positive")
         scaled = [w * n / total for w in weights]
         self.prob = [0.0] * n
         self.alias = list(range(n))

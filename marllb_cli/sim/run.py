@@ -128,29 +128,44 @@ def run_simulation(
     duration_s: float | None = None,
     load: Traffic | None = None,
 ) -> SimRun:
-    """Simulate `method` (checked here) on the config's servers and LBs; pure (no files)."""
-    return _simulate(config, resolve_method(method, SIM_METHODS), method, seed=seed, duration_s=duration_s, load=load)
-
-
-def _simulate(
-    config: Config,
-    resolved: str,
-    method: str,
-    *,
-    seed: int | None,
-    duration_s: float | None,
-    load: Traffic | None = None,
-) -> SimRun:
-    """`run_simulation` of a resolved method (`method`: as the user named it, for the records)."""
+    """Simulate `method` on the config's servers and LBs; pure (no files)."""
     seed = config.experiment.seed if seed is None else seed
+    return _simulate(config, _prepare(config, method, seed=seed, duration_s=duration_s, load=load), seed)
+
+
+@dataclass
+class _Prepared:
+    """Everything a simulation needs that can refuse the input, made before anything is written."""
+
+    method: str  # as the user named it, for the records
+    resolved: str
+    selection: str  # what the simulated dataplane applies (an rl: policy sets SED weights)
+    requests: Traffic
+    joint: Any = None
+    agents: Any = None
+
+
+def _prepare(config: Config, method: str, *, seed: int, duration_s: float | None, load: Traffic | None) -> _Prepared:
+    """The method checked, the engine checked against it, the requests drawn and a policy loaded."""
+    resolved = resolve_method(method, SIM_METHODS)
+    selection = "sed" if resolved.startswith(RL_PREFIX) else resolved
+    models = server_models(config)[0]
+    use_compiled(config.sim.engine, selection, models, config.source)
     requests_in = load if load is not None else traffic(config, seed=seed, duration_s=duration_s)
-    models, names, groups, cpus = server_models(config)
-    joint, agents = None, None
+    prepared = _Prepared(method, resolved, selection, requests_in)
     if resolved.startswith(RL_PREFIX):
         from marllb_cli.agents.rl.policy import load_for_simulation
 
-        joint, agents = load_for_simulation(resolved, config.testbed.lbs, [m.cpus * m.speed for m in models])
-    selection = "sed" if method.startswith(RL_PREFIX) else method
+        capacity = [m.cpus * m.speed for m in models]
+        prepared.joint, prepared.agents = load_for_simulation(resolved, config.testbed.lbs, capacity)
+    return prepared
+
+
+def _simulate(config: Config, prepared: _Prepared, seed: int) -> SimRun:
+    """One simulation of what `_prepare` made."""
+    method, resolved, selection = prepared.method, prepared.resolved, prepared.selection
+    requests_in, joint, agents = prepared.requests, prepared.joint, prepared.agents
+    models, names, groups, cpus = server_models(config)
     period = config.experiment.agent_period_ms / 1000
     lookahead = resolved == LOOKAHEAD  # steps the agents itself, between runs of the engine
     engine, lbs = build_simulation(
@@ -215,8 +230,8 @@ def simulate_to_run_dir(
 ) -> SimOutcome:
     """Simulate and write a run directory (`runs.RunDir`: `meta.json` first with complete=false, as a
     testbed run). The method is checked before the directory exists."""
-    resolved = resolve_method(method, SIM_METHODS)
     seed = config.experiment.seed if seed is None else seed
+    prepared = _prepare(config, method, seed=seed, duration_s=duration_s, load=None)  # refuses before any file
     spec = config.sim.traffic
     meta: dict[str, Any] = {
         "kind": "sim",
@@ -228,7 +243,7 @@ def simulate_to_run_dir(
     testbed = f"{config.testbed.name}-sim"
     with RunDir(runs_dir, config=config, method=method, testbed=testbed, seed=seed, meta=meta) as run:
         progress("simulating")
-        sim = _simulate(config, resolved, method, seed=seed, duration_s=duration_s)
+        sim = _simulate(config, prepared, seed)
         progress("writing the run directory")
         summary = save_results(
             run.path,

@@ -57,6 +57,10 @@ def offered_load(config: Config) -> float:
     return spec.rate * spec.work.mean_s * (1 - spec.io_share) / capacity(config)
 
 
+#: The most requests one simulation holds in memory (≈ 1 KB each with its records).
+MAX_REQUESTS = 20_000_000
+
+
 def draw_work(dist: WorkDistribution, n: int, rng: np.random.Generator) -> np.ndarray:
     """`n` work sizes with mean `dist.mean_s`."""
     mean = dist.mean_s
@@ -79,6 +83,12 @@ def traffic(config: Config, *, seed: int, duration_s: float | None = None) -> Tr
         cpu_mean = spec.work.mean_s * (1 - spec.io_share)
         rate = spec.rate if spec.rate is not None else spec.load * capacity(config) / cpu_mean
         expected = rate * duration
+        if expected > MAX_REQUESTS:
+            raise ConfigError(
+                f"{config.source or 'config'}: sim.traffic: {rate:.3g} requests/s for {duration:g} s is ≈ "
+                f"{expected:.3g} requests, more than one simulation holds ({MAX_REQUESTS:,})",
+                hint="lower sim.traffic.rate or duration_s (or --duration)",
+            )
         gaps = arrivals_rng.exponential(1.0 / rate, int(expected + 10 * np.sqrt(expected) + 10))
         arrival = np.cumsum(gaps)
         arrival = arrival[arrival < duration]

@@ -9,6 +9,8 @@
 - **Parquet** (ours): columns `t`, `path`, `class` and optionally `work`.
 
 Malformed lines raise `TraceFormatError` naming file and line, or are skipped and counted with `skip_bad`.
+Every format meets the same rules (`REQUEST_PATH`, finite times ≥ 0): a path is what the replayer puts on the
+request line, so a space, a CR or an LF in it would make a second request.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pandas as pd
 
-from marllb_cli.errors import TraceFormatError
+from marllb_cli.errors import ConfigError, TraceFormatError
 
 __all__ = [
+    "REQUEST_PATH",
     "TRACE_CLASSES",
     "TRACE_COLUMNS",
     "classify",
@@ -38,6 +41,8 @@ __all__ = [
 TRACE_COLUMNS = ("t", "path", "class", "work")
 TRACE_CLASSES = ("cpu", "static", "wiki")
 _CPU_PAGE = re.compile(r"^/dummy\.php(/|\?|$)")
+#: A request path as it may go on the wire: absolute, printable ASCII without spaces, at most 8 KiB.
+REQUEST_PATH = re.compile(r"/[\x21-\x7e]{0,8191}")
 _STATIC_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg", ".ico", ".css", ".js", ".bin", ".txt", ".pdf", ".ogg")
 
 
@@ -91,6 +96,7 @@ def read_marllb_tsv(path: str | Path, *, skip_bad: bool = False) -> tuple[pd.Dat
             try:
                 if len(fields) != 2 or not fields[1].startswith("/"):
                     raise ValueError("expected '<seconds><TAB>/path'")
+                _check_path(fields[1])
                 t = float(fields[0])
                 if not math.isfinite(t) or t < 0:
                     raise ValueError(f"bad time {fields[0]!r}")
@@ -126,6 +132,9 @@ def read_wikibench(
             if fields[3] != "-" or url.hostname != host:
                 continue  # a save (write), or another wiki
             request = url.path + (f"?{url.query}" if url.query else "")
+            if not REQUEST_PATH.fullmatch(request):
+                _bad(path, number, f"bad path {request[:40]!r}", skip_bad, skipped)
+                continue
             if classify(request)[0] == "static" and not url.path.lower().endswith(_STATIC_SUFFIXES):
                 continue  # neither a page nor a static file (API calls, special scripts)
             times.append(t)
@@ -150,14 +159,49 @@ def read_parquet(path: str | Path) -> pd.DataFrame:
         raise TraceFormatError(f"{path}: unknown class(es) {sorted(unknown)}; expected one of {list(TRACE_CLASSES)}")
     if "work" not in frame.columns:
         frame["work"] = np.nan
+    frame["t"] = _column(path, frame, "t", allow_nan=False)
+    frame["work"] = _column(path, frame, "work", allow_nan=True)
+    paths = frame["path"]
+    bad = [i for i, p in enumerate(paths) if not (isinstance(p, str) and REQUEST_PATH.fullmatch(p))]
+    if bad:
+        shown = paths.iloc[bad[0]]
+        shown = shown.item() if isinstance(shown, np.generic) else shown
+        raise TraceFormatError(
+            f"{path}: row {bad[0]}: bad path {repr(shown)[:80]} ({len(bad)} such rows)",
+            hint="a path is '/' and printable ASCII without spaces, CR or LF, at most 8 KiB",
+        )
     frame = frame.sort_values("t", kind="stable").reset_index(drop=True)
     frame["class"] = pd.Categorical(frame["class"].astype(str), categories=TRACE_CLASSES)
     return frame[list(TRACE_COLUMNS)]
 
 
+def _column(path: Path, frame: pd.DataFrame, name: str, *, allow_nan: bool) -> np.ndarray:
+    """A numeric column whose values are finite and ≥ 0 (NaN too where `allow_nan`: no work given)."""
+    try:
+        values = pd.to_numeric(frame[name], errors="raise").to_numpy(np.float64)
+    except (ValueError, TypeError):
+        raise TraceFormatError(f"{path}: column {name} is not numeric") from None
+    ok = (np.isfinite(values) & (values >= 0)) | (np.isnan(values) if allow_nan else False)
+    if not ok.all():
+        row = int(np.flatnonzero(~ok)[0])
+        raise TraceFormatError(
+            f"{path}: row {row}: {name} = {float(values[row])!r} ({int((~ok).sum())} such rows)",
+            hint=f"{name} must be finite and ≥ 0",
+        )
+    return values
+
+
+def _check_path(request: str) -> None:
+    if not REQUEST_PATH.fullmatch(request):
+        raise ValueError(f"bad path {request[:40]!r} (printable ASCII without spaces, at most 8 KiB)")
+
+
 def write_parquet(trace: pd.DataFrame, path: str | Path) -> None:
     """Write a trace in our Parquet format."""
-    trace[list(TRACE_COLUMNS)].to_parquet(path, index=False)
+    try:
+        trace[list(TRACE_COLUMNS)].to_parquet(path, index=False)
+    except OSError as exc:
+        raise ConfigError(f"--out {path}: cannot write it ({exc})", hint="write into an existing directory") from None
 
 
 def read_trace(

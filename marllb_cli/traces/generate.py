@@ -14,6 +14,8 @@ Reproducible: the same seed gives the same trace, and one generator stream is us
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -30,6 +32,28 @@ _STATIC_FILES = ("/static/1k.bin", "/static/10k.bin", "/static/100k.bin")
 _WIKI_STATIC = {"/static/1k.bin": 0.60, "/static/10k.bin": 0.30, "/static/100k.bin": 0.09, "/static/1m.bin": 0.01}
 
 
+#: The most requests one generated trace may hold (≈ 2 GB of Parquet and paths in memory).
+MAX_REQUESTS = 50_000_000
+
+
+def _bounded(option: str, value: float, low: float, high: float, *, low_open: bool = True) -> None:
+    """A finite `value` in (low, high] (or [low, high]), else a one-line error naming the option."""
+    inside = (value > low if low_open else value >= low) and value <= high
+    if not (math.isfinite(value) and inside):
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{option} {value!r}: must be a finite number in {bracket}{low:g}, {high:g}]")
+
+
+def _check_size(rate: float, duration: float) -> None:
+    _bounded("--rate", rate, 0, 1e6)
+    _bounded("--duration", duration, 0, 1e8)
+    if rate * duration > MAX_REQUESTS:
+        raise ConfigError(
+            f"--rate {rate:g} × --duration {duration:g} s ≈ {rate * duration:.3g} requests: at most {MAX_REQUESTS:,}",
+            hint="generate a shorter trace",
+        )
+
+
 def parse_mix(text: str) -> dict[str, float]:
     """`cpu=0.75,static=0.25` → shares that sum to 1 over known classes."""
     mix: dict[str, float] = {}
@@ -39,6 +63,8 @@ def parse_mix(text: str) -> dict[str, float]:
             raise ConfigError(f"--mix {text!r}: expected CLASS=SHARE with CLASS in {', '.join(TRACE_CLASSES)}")
         try:
             mix[name] = float(share)
+            if not math.isfinite(mix[name]):
+                raise ValueError(share)
         except ValueError:
             raise ConfigError(f"--mix {text!r}: {share!r} is not a number") from None
     total = sum(mix.values())
@@ -56,8 +82,8 @@ def poisson(
     seed: int = 0,
 ) -> pd.DataFrame:
     """A Poisson trace of `rate` requests/s over `duration` s; CPU requests carry exponential work."""
-    if rate <= 0 or duration <= 0 or work_mean <= 0:
-        raise ConfigError("rate, duration and work mean must be positive")
+    _check_size(rate, duration)
+    _bounded("--work-mean", work_mean, 0, 1e12)
     mix = mix or {"cpu": 1.0}
     arrivals, classes_rng, work_rng, files_rng = (np.random.default_rng([seed, k]) for k in range(4))
     expected = rate * duration
@@ -99,10 +125,13 @@ def wiki(
     later), drawn by thinning a Poisson process at the peak rate. Page k (1-based) is asked for with
     probability ∝ k^−zipf; `static_share` of requests are static files.
     """
-    if rate <= 0 or duration <= 0 or day_s <= 0 or pages < 1 or zipf < 0:
-        raise ConfigError("rate, duration and day must be positive, pages ≥ 1 and the Zipf exponent ≥ 0")
-    if not 0 <= amplitude < 1 or not 0 <= static_share <= 1:
-        raise ConfigError("amplitude must be in [0, 1) and the static share in [0, 1]")
+    _check_size(rate, duration * (1 + amplitude) if math.isfinite(amplitude) else math.inf)
+    _bounded("--day", day_s, 0, 1e9)
+    _bounded("--pages", pages, 1, 10_000_000, low_open=False)
+    _bounded("--zipf", zipf, 0, 10, low_open=False)
+    _bounded("--static-share", static_share, 0, 1, low_open=False)
+    if not 0 <= amplitude < 1:
+        raise ConfigError(f"--amplitude {amplitude!r}: must be in [0, 1)")
     arrivals, thinning, kinds, page_rng, file_rng = (np.random.default_rng([seed, 10 + k]) for k in range(5))
     peak = rate * (1 + amplitude)
     expected = peak * duration

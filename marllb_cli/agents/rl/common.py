@@ -16,6 +16,7 @@ deviation of every reward the learner has stored so far (`RewardScale`).
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ __all__ = [
     "generator",
     "generator_state",
     "input_size",
+    "load_file",
     "normalise",
     "plain",
 ]
@@ -46,6 +48,29 @@ def normalise(obs: np.ndarray) -> np.ndarray:
     scaled = np.array(obs, dtype=np.float32)
     scaled[:, 1:] /= DURATION_SCALE_S
     return np.log1p(np.maximum(scaled, 0.0))
+
+
+def load_file(path: Path, what: str) -> dict[str, Any]:
+    """A policy or checkpoint `marllb train` wrote: tensors and plain values only (`weights_only`), a dict;
+    anything else is a one-line `ConfigError` (a file holding Python objects is refused, never run)."""
+    import pickle
+    import warnings
+
+    from marllb_cli.errors import ConfigError
+
+    hint = "use a directory written by `marllb train`, or train again"
+    try:
+        with warnings.catch_warnings():  # a foreign file's pickle protocol warning is not the user's business
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}", hint=hint) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+        reason = "it holds Python objects" if isinstance(exc, pickle.UnpicklingError) else type(exc).__name__
+        raise ConfigError(f"{path}: not a marllb {what} (refused: {reason})", hint=hint) from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: not a marllb {what} (a {type(saved).__name__}, not a dict)", hint=hint)
+    return saved
 
 
 def input_size(n_servers: int, n_levels: int, extra: int = 0) -> int:

@@ -27,6 +27,9 @@ from marllb_cli.errors import ConfigError
 __all__ = ["HEADER", "PolicyHeader", "read_header", "write_header"]
 
 HEADER = "policy.json"
+MAX_SERVERS = 4096
+MAX_HIDDEN = 8192
+RETRAIN = "use a directory written by `marllb train`, or train again"
 
 
 @dataclass(frozen=True)
@@ -41,17 +44,37 @@ class PolicyHeader:
     hidden: int
 
     @classmethod
-    def of(cls, policy: dict[str, Any]) -> PolicyHeader:
-        """The header of a policy as `training` saves it (`policy.pt`'s dict)."""
-        hyper = policy["hyper"]
-        return cls(
-            kind=policy.get("kind", "sac"),
-            n_servers=int(policy["n_servers"]),
-            n_agents=int(policy["n_agents"]) if "n_agents" in policy else None,
-            levels=tuple(float(level) for level in hyper["levels"]),
-            residual=bool(hyper.get("residual", False)),
-            hidden=int(hyper["hidden"]),
-        )
+    def of(cls, policy: dict[str, Any], source: Path | str = "policy.pt") -> PolicyHeader:
+        """The header of a policy as `training` saves it (`policy.pt`'s dict), checked: a damaged or foreign
+        file is a one-line `ConfigError`, not an allocation of whatever size it names."""
+        try:
+            hyper = policy["hyper"]
+            header = cls(
+                kind=str(policy.get("kind", "sac")),
+                n_servers=int(policy["n_servers"]),
+                n_agents=int(policy["n_agents"]) if policy.get("n_agents") is not None else None,
+                levels=tuple(float(level) for level in hyper["levels"]),
+                residual=bool(hyper.get("residual", False)),
+                hidden=int(hyper["hidden"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: not a marllb policy (missing or bad {exc})", hint=RETRAIN) from None
+        header.validate(source)
+        return header
+
+    def validate(self, source: Path | str) -> None:
+        """Sizes a policy trained by marllb can have; anything else is refused before a network is built."""
+        problems = [
+            f"kind {self.kind!r}" if self.kind not in ("sac", "qmix", "centr") else "",
+            f"{self.n_servers} servers" if not 1 <= self.n_servers <= MAX_SERVERS else "",
+            f"{self.n_agents} LBs" if self.n_agents is not None and not 1 <= self.n_agents <= MAX_SERVERS else "",
+            f"{len(self.levels)} levels" if not 1 <= len(self.levels) <= 64 else "",
+            "a level that is not a finite positive number" if not all(0 < x < 1e6 for x in self.levels) else "",
+            f"hidden size {self.hidden}" if not 1 <= self.hidden <= MAX_HIDDEN else "",
+        ]
+        problems = [problem for problem in problems if problem]
+        if problems:
+            raise ConfigError(f"{source}: not a policy marllb trains ({', '.join(problems)})", hint=RETRAIN)
 
     def check(self, method: str, n_lbs: int, n_servers: int, *, per_lb: bool) -> None:
         """Refuse a testbed or simulation this policy cannot run on (`per_lb`: each LB acts on its own)."""
@@ -84,11 +107,12 @@ def read_header(directory: Path) -> PolicyHeader:
     """The header of the policy in `directory`; from `policy.pt` (with PyTorch) when it has no JSON header."""
     try:
         data = json.loads((directory / HEADER).read_text())
-        return PolicyHeader(**{**data, "levels": tuple(data["levels"])})
+        header = PolicyHeader(**{**data, "levels": tuple(data["levels"])})
     except FileNotFoundError:
-        pass
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"{directory / HEADER}: not a policy header ({exc})", hint="retrain, or delete it") from None
-    import torch
+        from marllb_cli.agents.rl.common import load_file  # PyTorch: only for a policy without a header
 
-    return PolicyHeader.of(torch.load(directory / "policy.pt", weights_only=True))
+        return PolicyHeader.of(load_file(directory / "policy.pt", "policy"), directory / "policy.pt")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{directory / HEADER}: not a policy header ({exc})", hint=RETRAIN) from None
+    header.validate(directory / HEADER)
+    return header

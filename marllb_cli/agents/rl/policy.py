@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from marllb_cli.agents.methods import RL_PREFIX
-from marllb_cli.agents.rl.common import GreedyPolicy, Recurrent, input_size
+from marllb_cli.agents.rl.common import GreedyPolicy, Recurrent, input_size, load_file
 from marllb_cli.agents.rl.header import PolicyHeader
+from marllb_cli.errors import ConfigError
 
 __all__ = ["JointPolicy", "RlPolicy", "load_for_simulation", "load_policies"]
 
@@ -55,8 +56,9 @@ def _scale(saved: dict, capacity: Sequence[float], copies: int = 1) -> np.ndarra
 def _load(method: str, n_lbs: int, n_servers: int, *, per_lb: bool) -> dict:
     """policy.pt of a resolved `rl:DIR` (`methods.resolve_method` checked that it exists), checked against
     the LBs and servers it is to run on."""
-    saved = torch.load(Path(method.removeprefix(RL_PREFIX)) / "policy.pt", weights_only=True)
-    PolicyHeader.of(saved).check(method, n_lbs, n_servers, per_lb=per_lb)
+    path = Path(method.removeprefix(RL_PREFIX)) / "policy.pt"
+    saved = load_file(path, "policy")
+    PolicyHeader.of(saved, path).check(method, n_lbs, n_servers, per_lb=per_lb)
     torch.set_num_threads(1)  # one small GRU per step: threads only add contention with the dataplane
     return saved
 
@@ -76,7 +78,7 @@ def _joint(saved: dict, n_lbs: int, capacity: Sequence[float]) -> JointPolicy:
     levels = tuple(saved["hyper"]["levels"])
     heads = n_lbs * len(capacity)
     net = Recurrent(input_size(heads, len(levels)), saved["hyper"]["hidden"], heads, len(levels))
-    net.load_state_dict(saved["actors"][0])
+    net = _actor(net, saved, 0)
     return JointPolicy(GreedyPolicy(net, levels, scale=_scale(saved, capacity, n_lbs)), n_lbs)
 
 
@@ -94,8 +96,20 @@ def _per_lb(saved: dict, n_lbs: int, capacity: Sequence[float]) -> list[RlPolicy
     n_in = input_size(n_servers, len(levels), extra=n_lbs if qmix else 0)
     policies = []
     for i in range(n_lbs):
-        net = Recurrent(n_in, hyper["hidden"], n_servers, len(levels))
-        net.load_state_dict(saved["actors"][i % len(saved["actors"])])
+        net = _actor(Recurrent(n_in, hyper["hidden"], n_servers, len(levels)), saved, i)
         extra = np.eye(n_lbs, dtype=np.float32)[i] if qmix else None
         policies.append(RlPolicy(GreedyPolicy(net, levels, extra, _scale(saved, capacity))))
     return policies
+
+
+def _actor(net: Recurrent, saved: dict, index: int) -> Recurrent:
+    """`net` with the weights of actor `index` (modulo the actors saved: one actor may serve every LB)."""
+    try:
+        actors = saved["actors"]
+        net.load_state_dict(actors[index % len(actors)])
+    except (KeyError, TypeError, IndexError, RuntimeError, ZeroDivisionError) as exc:
+        raise ConfigError(
+            f"policy.pt: its actor weights do not fit its header ({type(exc).__name__})",
+            hint="use a directory written by `marllb train`, or train again",
+        ) from None
+    return net

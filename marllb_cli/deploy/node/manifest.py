@@ -81,15 +81,23 @@ class Manifest:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        return cls(
-            path=path,
-            testbed=raw["testbed"],
-            config_digest=raw.get("config_digest", ""),
-            complete=raw.get("complete", False),
-            resources=[Resource(**item) for item in raw.get("resources", [])],
-            created_at=raw.get("created_at", 0.0),
-            facts=raw.get("facts", {}),
-        )
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
+            raise _damaged(path, exc) from None
+        try:
+            manifest = cls(
+                path=path,
+                testbed=str(raw["testbed"]),
+                config_digest=str(raw.get("config_digest", "")),
+                complete=bool(raw.get("complete", False)),
+                resources=[Resource(**item) for item in raw.get("resources", [])],
+                created_at=float(raw.get("created_at", 0.0)),
+                facts=dict(raw.get("facts", {})),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _damaged(path, exc) from None
+        if not all(isinstance(r.kind, str) and isinstance(r.data, dict) for r in manifest.resources):
+            raise _damaged(path, ValueError("a resource is not a kind with its data"))
+        return manifest
 
     def save(self) -> None:
         """Write atomically (temp file + rename) so a crash never leaves half a manifest."""
@@ -123,6 +131,15 @@ class Manifest:
 
     def names(self, kind: ResourceKind) -> set[str]:
         return {resource.name for resource in self.of_kind(kind)}
+
+
+def _damaged(path: Path, exc: BaseException) -> TestbedError:
+    """A record that cannot be read: say which, and how to recover by hand (it is what teardown follows)."""
+    return TestbedError(
+        f"{path}: damaged record of what marllb made ({type(exc).__name__}: {exc})",
+        hint=f"move it away (mv {path} {path}.bad), remove what it listed by hand (ip netns list; cgroups "
+        "named marllb-<testbed>), then deploy again",
+    )
 
 
 def require_complete(path: Path, what: str, hint: str) -> Manifest:
