@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -140,6 +140,26 @@ class ClientSettings(_Strict):
     )
 
 
+#: Directories that no marllb directory may be: teardown deletes inside `workdir` and `image_cache`.
+SYSTEM_DIRECTORIES = frozenset(
+    "/ /bin /boot /dev /etc /home /lib /lib32 /lib64 /libx32 /media /mnt /opt /proc /root /run /sbin /srv "
+    "/sys /tmp /usr /var /usr/bin /usr/lib /usr/local /usr/sbin /usr/share /var/lib /var/cache /var/log "
+    "/var/tmp /var/run /run/user".split()
+)
+
+
+def own_directory(value: str) -> str:
+    """`value` if it can be a directory of marllb's own: absolute, no `..`, not a system directory."""
+    path = PurePosixPath(value)
+    if not path.is_absolute():
+        raise ValueError(f"{value} must be an absolute path")
+    if ".." in path.parts:
+        raise ValueError(f"{value} must not contain '..'")
+    if str(path) in SYSTEM_DIRECTORIES:
+        raise ValueError(f"{value} is a system directory; use a directory of marllb's own, e.g. /var/lib/marllb")
+    return value
+
+
 class SshHostEntry(_Strict):
     """One existing host of a `kind: ssh` testbed, reached over SSH with a key. Hosts of a role are numbered
     in the order listed: the first `lb` host is lb0, the first `server` host srv0 (in server-group order)."""
@@ -162,6 +182,8 @@ class SshHostEntry(_Strict):
         description="Where marllb lives on the host: its venv and each testbed's state.",
     )
     python: str = Field("python3", pattern=r"^[A-Za-z0-9_./-]+$", description="Python ≥ 3.11 on the host.")
+
+    _own_workdir = field_validator("workdir")(own_directory)
 
 
 class SshSettings(_Strict):
@@ -186,6 +208,7 @@ class KvmSettings(_Strict):
         "http://deb.debian.org/debian", pattern=r"^https?://\S+$", description="Debian archive for debootstrap."
     )
     boot_timeout_s: float = Field(600.0, gt=0, le=3600, description="How long to wait for every guest's sshd.")
+    _own_cache = field_validator("image_cache")(lambda value: Path(own_directory(str(value))))
     accel: Literal["auto", "kvm", "tcg"] = Field(
         "auto",
         description="kvm: hardware virtualisation; tcg: qemu's emulation (slow, works anywhere); auto: kvm when "

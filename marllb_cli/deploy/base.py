@@ -31,6 +31,7 @@ from marllb_cli.config import Config
 from marllb_cli.dataplane.fastpath import DataplaneSpec, ServerSpec
 from marllb_cli.deploy.node.lbs import channel_path, steps_log
 from marllb_cli.deploy.node.manifest import MANIFEST, Manifest, testbed_digest
+from marllb_cli.deploy.node.owned import claim
 from marllb_cli.errors import MissingTool, NamespaceExists
 from marllb_cli.progress import Progress, no_progress
 from marllb_cli.topology import Node, Topology
@@ -191,6 +192,7 @@ def deploy_recorded(
     outcome = redeploy(testbed, Manifest.load(path), progress)
     if outcome == "unchanged":
         return outcome
+    claim(testbed.state_dir, f"testbed {testbed.config.testbed.name}")
     manifest = Manifest(path, testbed.config.testbed.name, config_digest=testbed_digest(testbed.config.testbed))
     manifest.save()
     try:

@@ -17,7 +17,6 @@ whether the deploy completed, the config digest, and the hosts' facts).
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from marllb_cli.config import Config, ServerGroup, SshHostEntry
 from marllb_cli.deploy.base import DeployOutcome, LbStart, NodeStatus, TestbedStatus, lb_plan
 from marllb_cli.deploy.node import mediawiki
 from marllb_cli.deploy.node.manifest import Manifest, require_complete, state_root, testbed_digest
+from marllb_cli.deploy.node.owned import claim, remove_owned
 from marllb_cli.errors import ConfigError, TestbedError
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.hosts.provision import Bundle, bundle, install_torch, provision, torch_bundle
@@ -58,7 +58,8 @@ class SshNode:
 
     @property
     def state(self) -> str:
-        return f"{self.entry.workdir}/{self.testbed}"
+        """This testbed's state on the host: under `testbeds/`, so no testbed name meets the venv or wheels."""
+        return f"{self.entry.workdir}/testbeds/{self.testbed}"
 
     @property
     def python(self) -> str:
@@ -109,6 +110,7 @@ class SshTestbed:
         previous = Manifest.load(self.record_path)
         wheels = wheels or bundle()
         config_text = self.config.resolved_yaml().encode()
+        claim(self.state_dir, f"testbed {self.config.testbed.name}")
         record = Manifest(self.record_path, self.config.testbed.name, config_digest=testbed_digest(self.config.testbed))
         record.facts = {"macs": previous.facts.get("macs", {})} if previous else {}
         record.save()
@@ -139,7 +141,7 @@ class SshTestbed:
             return int(removed["removed"])
 
         removed = sum(self.on_all_hosts(down).values())
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        remove_owned(self.state_dir)
         return removed
 
     def status(self, *, probe: bool = True) -> TestbedStatus:
@@ -181,7 +183,8 @@ class SshTestbed:
         progress(host.label, 1, len(DEPLOY_STEPS))
         _step(host, "provision", lambda: provision(ssh, host.entry.workdir, host.entry.python, wheels))
         progress(host.label, 2, len(DEPLOY_STEPS))
-        _step(host, "upload config", lambda: ssh.run(["mkdir", "-p", host.state]))
+        owner = f"testbed {self.config.testbed.name}"
+        _step(host, "claim state", lambda: ssh.run(host.node_command("claim", "--state", host.state, "--owner", owner)))
         _step(host, "upload config", lambda: ssh.put_bytes(config_text, f"{host.state}/config.yaml"))
         group = self._group(host)
         if group is not None and group.app == "mediawiki" and group.mediawiki.dump is not None:

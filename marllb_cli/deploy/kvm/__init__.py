@@ -39,7 +39,7 @@ from marllb_cli.deploy.base import (
     require_root,
     require_tools,
 )
-from marllb_cli.deploy.kvm.image import GUEST_WORKDIR, BaseImage, base_image, seed_disk
+from marllb_cli.deploy.kvm.image import GUEST_WORKDIR, BaseImage, base_image, purge_cache, seed_disk
 from marllb_cli.deploy.netns import build_network
 from marllb_cli.deploy.node.manifest import Manifest, state_root
 from marllb_cli.deploy.node.roles import OFFLOADS_OFF
@@ -112,7 +112,7 @@ class KvmTestbed:
         """Stop the guests and remove everything the manifest lists; `purge` also removes the image cache."""
         removed = teardown_recorded(self.manifest_path, self.state_dir, progress)
         if purge:
-            shutil.rmtree(self.config.testbed.kvm.image_cache, ignore_errors=True)
+            purge_cache(self.config.testbed.kvm.image_cache)
         return removed
 
     def status(self, *, probe: bool = True) -> TestbedStatus:

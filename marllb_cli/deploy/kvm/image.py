@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marllb_cli.deploy.node import mediawiki
+from marllb_cli.deploy.node.owned import MARKER, claim, owner_of, remove_owned
 from marllb_cli.errors import MissingTool
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.hosts.provision import Bundle, install_torch, provision
 from marllb_cli.processes import run_checked
 
-__all__ = ["BaseImage", "Chroot", "GUEST_WORKDIR", "PACKAGES", "base_image", "seed_disk"]
+__all__ = ["claim_cache", "purge_cache", "BaseImage", "Chroot", "GUEST_WORKDIR", "PACKAGES", "base_image", "seed_disk"]
 
 SUITE = "bookworm"
 #: Where marllb lives in a guest: the `workdir` a guest's SSH host entry gets (`deploy.kvm`).
@@ -117,6 +118,7 @@ def base_image(
     new marllb or guest set-up does not download the distribution again. marllb is installed into the image
     exactly as `provision` installs it on a host (same venv, same marker), so guests need no provisioning,
     and so is PyTorch (`install_torch`), so an LB guest runs `rl:` policies without a download."""
+    claim_cache(cache)
     tree = cache / f"debootstrap-{SUITE}-{_digest(SUITE, mirror, *PACKAGES)}"
     recipe = (SUITE, mirror, IMAGE_SIZE, *PACKAGES, SEED_SCRIPT, SEED_UNIT, wheels.digest, torch.digest)
     directory = cache / f"image-{SUITE}-{_digest(*recipe)}"
@@ -158,6 +160,37 @@ def base_image(
     (directory / "complete").write_text(f"configured and packed in {time.monotonic() - started:.0f} s\n")
     _prune(cache, keep=(tree, directory))
     return image
+
+
+CACHE_OWNER = "kvm image cache"
+_CACHE_ENTRIES = ("image-*", "debootstrap-*", "*.tmp")
+
+
+def claim_cache(cache: Path) -> None:
+    """The image cache is marllb's (`owned.claim`); a cache from before markers, holding nothing but image
+    and debootstrap entries, is adopted."""
+    if cache.is_dir() and owner_of(cache) is None:
+        entries = list(cache.iterdir())
+        if entries and all(any(entry.match(pattern) for pattern in _CACHE_ENTRIES) for entry in entries):
+            (cache / MARKER).write_text(CACHE_OWNER + "\n")
+    claim(cache, CACHE_OWNER)
+
+
+def purge_cache(cache: Path) -> int:
+    """`teardown --purge`: the images and debootstrap trees marllb built, and nothing else; the directory
+    goes too when that leaves it empty. A directory without marllb's marker is left alone. Returns the
+    entries removed."""
+    if owner_of(cache) != CACHE_OWNER:
+        return 0
+    entries = [entry for pattern in _CACHE_ENTRIES for entry in cache.glob(pattern)]
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if {entry.name for entry in cache.iterdir()} <= {MARKER}:
+        remove_owned(cache, CACHE_OWNER)
+    return len(entries)
 
 
 def _prune(cache: Path, keep: tuple[Path, Path], *, images_kept: int = 2) -> None:

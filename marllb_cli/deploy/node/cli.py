@@ -3,6 +3,7 @@ called by `marllb deploy`, `lb start`, `status` and `teardown` over SSH. Each co
 and keeps its record in the node's state directory (`<workdir>/<testbed>`, `--state`), so `down` removes
 exactly what `up` and `lb-start` made.
 
+    claim     make the state directory (with marllb's marker), or accept ours; refuse anything else
     up        make this host the config's node NAME (`deploy.roles`: routes, VIP, sysctls, nftables), and on
               a server Apache inside its CPU cgroup; idempotent (same config and healthy: nothing to do).
               Prints the node's facts as JSON (the MAC of its data interface, which the LBs need).
@@ -36,6 +37,7 @@ from marllb_cli.deploy.node.apache import ApacheInstance, install_docroot
 from marllb_cli.deploy.node.cgroups import CpuCgroup
 from marllb_cli.deploy.node.lbs import read_snapshot, start_lb, stop_lbs
 from marllb_cli.deploy.node.manifest import MANIFEST, Manifest, require_complete
+from marllb_cli.deploy.node.owned import claim
 from marllb_cli.deploy.node.roles import apply_role
 from marllb_cli.deploy.node.server import services_running, start_server
 from marllb_cli.deploy.node.undo import teardown_recorded
@@ -82,6 +84,17 @@ def up(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
     manifest.complete = True
     manifest.save()
     typer.echo(json.dumps({**_facts(me), "changed": True}))
+
+
+@app.command("claim")
+@reports_errors
+def claim_command(
+    state: StateOption,
+    owner: Annotated[str, typer.Option(help="Who the directory is for (testbed NAME).")],
+) -> None:
+    """Make this node's state directory for OWNER (with marllb's marker), or accept it when it is already
+    theirs; refuse a directory marllb did not make, so `down` never deletes what was there before."""
+    claim(state, owner)
 
 
 @app.command("lb-start")

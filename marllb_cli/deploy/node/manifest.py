@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from marllb_cli.errors import TestbedError
+from marllb_cli.config import own_directory
+from marllb_cli.errors import ConfigError, TestbedError
 
 __all__ = ["MANIFEST", "Manifest", "Resource", "require_complete", "state_root", "testbed_digest"]
 
@@ -48,8 +49,27 @@ def testbed_digest(testbed: BaseModel) -> str:
 
 
 def state_root() -> Path:
-    """Where testbeds keep their state: `$MARLLB_STATE_DIR`, else /run/marllb (gone at reboot, like netns)."""
-    return Path(os.environ.get("MARLLB_STATE_DIR", "/run/marllb"))
+    """Where testbeds keep their state: `$MARLLB_STATE_DIR`, else /run/marllb (gone at reboot, like netns).
+
+    What is there drives teardown (it deletes what a manifest lists), so the root must be absolute, not a
+    system directory, and, when it exists, owned by this user and writable by no one else."""
+    value = os.environ.get("MARLLB_STATE_DIR", "/run/marllb")
+    try:
+        root = Path(own_directory(value))
+    except ValueError as exc:
+        raise ConfigError(
+            f"MARLLB_STATE_DIR: {exc}", hint="unset it (/run/marllb) or name a directory of its own"
+        ) from None
+    try:
+        info = root.stat()
+    except FileNotFoundError:
+        return root
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise ConfigError(
+            f"MARLLB_STATE_DIR: {root} is writable by another user than this one",
+            hint=f"chmod go-w {root} (and own it), or use another directory",
+        )
+    return root
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 from marllb_cli.deploy.node.apache import stop_apache
 from marllb_cli.deploy.node.cgroups import CpuCgroup
 from marllb_cli.deploy.node.manifest import Manifest
+from marllb_cli.deploy.node.owned import remove_owned
 from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalHost, LocalNamespace
 from marllb_cli.processes import kill_pids
@@ -24,16 +25,17 @@ _NETWORK_CHANGES = ("route", "address", "sysctl", "nft", "offloads", "link")
 
 def teardown_recorded(manifest_path: Path, state_dir: Path, progress: Progress = no_progress) -> int:
     """The one teardown of a manifest (local and kvm testbeds, `marllb node down`): remove what it lists,
-    newest first, then the state directory; return how many resources it listed. An error leaves the
-    manifest in place, so the teardown can run again."""
+    newest first, then the state directory if marllb made it (`owned`); return how many resources it
+    listed. An error leaves the manifest in place, so the teardown can run again."""
     manifest = Manifest.load(manifest_path)
     if manifest is None:
-        shutil.rmtree(state_dir, ignore_errors=True)
+        remove_owned(state_dir)
         return 0
     errors = remove_resources(manifest, progress)
     if errors:
         raise TestbedError(f"teardown of {manifest.testbed} incomplete: {'; '.join(errors)}")
-    shutil.rmtree(state_dir, ignore_errors=True)
+    if not remove_owned(state_dir):
+        manifest_path.unlink(missing_ok=True)  # a directory marllb did not make: only its own record goes
     return len(manifest.resources)
 
 
