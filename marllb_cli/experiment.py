@@ -145,9 +145,11 @@ def _replay(
     finished = False
     failure: str | None = None
     stopped_by: int | None = None  # the signal (SIGTERM, SIGHUP) that stopped it, None for Ctrl-C
+    lbs_started = False
     try:
         _stage_inputs(config, testbed.topology, schedule, options, files, client, period)
         lbs.start(method, period=period, seed=seed)
+        lbs_started = True
         sampler = client.start("marllb_cli.sampler", [files.remote("sampler.json")], files.remote("sampler.log"))
         replayer = ReplayerProcess(client, files)
         finished = replayer.wait(progress)
@@ -161,17 +163,34 @@ def _replay(
     finally:
         # A second signal must not cut the clean-up short: the processes stop and the results are written.
         with _signals_held():
+            liveness: list[dict[str, Any]] = []
             steps: list[tuple[str, Callable[[], object]]] = [
                 ("stop the replayer", lambda: replayer and replayer.stop()),
                 ("stop the sampler", lambda: sampler and stop_process(sampler, grace_s=5.0)),
+                ("check the LBs", lambda: lbs_started and liveness.extend(lb_liveness(lbs.stats_json(), period))),
                 ("stop the LBs", lbs.stop),
                 *[(f"fetch {name}", lambda n=name: files.fetch(client, n)) for name in CLIENT_OUTPUTS],
                 ("close the client node", client.close),
             ]
             problems = _each(steps)
-            outcome = _finish(run, schedule, client, replayer, lbs, finished, failure, problems)
+            outcome = _finish(run, schedule, client, replayer, lbs, finished, failure, problems, liveness)
             outcome.stopped_by = stopped_by
     return outcome
+
+
+def lb_liveness(stats: list[dict[str, Any]], period: float) -> list[dict[str, Any]]:
+    """Each LB at the end of a run, from `lb stats`: which of its processes had died (the dataplane, the
+    agent, or an agent whose last step is more than ten periods old)."""
+    out = []
+    for lb in stats:
+        age = lb.get("agent_heartbeat_age_s")
+        dead = [
+            *(["dataplane died"] if not lb.get("dataplane_running") else []),
+            *(["agent died"] if not lb.get("agent_running") else []),
+            *(["agent stalled"] if lb.get("agent_running") and (age is None or age > 10 * period) else []),
+        ]
+        out.append({"lb": lb["lb"], "dead": dead, "agent_heartbeat_age_s": age})
+    return out
 
 
 #: What the replayer and sampler leave on the client node, fetched into the run directory.
@@ -261,6 +280,7 @@ def _finish(
     finished: bool,
     failure: str | None,
     problems: list[str],
+    liveness: list[dict[str, Any]],
 ) -> RunOutcome:
     """Turn what the processes streamed into the run directory's Parquet and JSON files.
 
@@ -294,10 +314,15 @@ def _finish(
             "latencies include client delay — replay slower (--speed) or on a less busy machine"
         )
     warnings += [f"clean-up: {problem}" for problem in problems]
-    complete = finished and failure is None and not problems and len(requests) == len(schedule)
+    dead = [f"{lb['lb']} {what}" for lb in liveness for what in lb["dead"]]
+    if dead:
+        warnings.append(f"degraded: {', '.join(dead)} during the run (the LB kept its last weights)")
+    complete = finished and failure is None and not problems and not dead and len(requests) == len(schedule)
     run_dir.finish(
         complete=complete,
-        failure=failure or ("clean-up failed" if problems else None),
+        failure=failure or ("clean-up failed" if problems else None) or (f"degraded: {dead[0]}" if dead else None),
+        degraded=bool(dead),
+        lbs=liveness,
         replayed_requests=len(requests),
         replay_loop=replayer.loop if replayer is not None else None,
         warnings=warnings,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ __all__ = ["Channel", "COUNTERS", "LAYOUT_VERSION", "Stats", "TornRead"]
 
 MAGIC = 0x424C4C4D  # b"MLLB" little-endian
 LAYOUT_VERSION = 1
+#: Bounds a header may state (a larger one is not a channel marllb wrote, and would map gigabytes).
+MAX_SERVERS, MAX_SLOTS = 4096, 1 << 16
 #: Counters the dataplane publishes: one per parse verdict, then what it did with the frames.
 COUNTERS = (*VERDICT_NAMES, "forwarded", "send_errors", "untracked", "overflow", "closed", "timed_out", "open")
 
@@ -125,6 +128,10 @@ class Channel:
             raise ValueError(f"{path}: not a marllb channel of layout version {LAYOUT_VERSION}")
         self.n = int(self.header["n_servers"])
         self.slots = int(self.header["slots"])
+        if not (1 <= self.n <= MAX_SERVERS and 1 <= self.slots <= MAX_SLOTS) or len(buffer) != self.size(
+            self.n, self.slots
+        ):
+            raise ValueError(f"{path}: not a marllb channel (its header does not match its size)")
         control, stats = _control_dtype(self.n), _stats_dtype(self.n, self.slots)
         self._control = np.ndarray((), control, buffer=buffer, offset=_HEADER.itemsize)
         self._stats = np.ndarray((), stats, buffer=buffer, offset=_HEADER.itemsize + control.itemsize)
@@ -139,7 +146,7 @@ class Channel:
         cls, path: Path, n: int, method: str, weights: Sequence[float], *, slots: int = RESERVOIR_SLOTS
     ) -> Channel:
         """Create the file (it must not exist), write the header and the initial method and weights."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, cls.size(n, slots))
             buffer = mmap.mmap(fd, cls.size(n, slots))
@@ -155,9 +162,15 @@ class Channel:
 
     @classmethod
     def attach(cls, path: Path) -> Channel:
-        fd = os.open(path, os.O_RDWR)
+        """Map an existing channel: never through a symlink, and only a regular file of this user that no
+        one else can read or write (the name is predictable; whoever could plant the file would steer the
+        LB)."""
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            buffer = mmap.mmap(fd, os.fstat(fd).st_size)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+                raise ValueError(f"{path}: not a marllb channel (not a private file of this user)")
+            buffer = mmap.mmap(fd, info.st_size)
         finally:
             os.close(fd)
         if len(buffer) < _HEADER.itemsize:

@@ -8,14 +8,18 @@ client's segments:
     FIN or RST                  the flow ends: q_j −= 1, its completion time (now − SYN time) is sampled
     no segment for idle_timeout the flow ends by timeout: q_j −= 1 as well (the papers' artefact forgot this)
 
-An ended flow stays in the table for `linger` seconds as a forwarding-only entry, so the client's last ACK
-(after its FIN, or answering the server's FIN) still reaches the same server instead of being hashed to
-another one that would answer with a reset — what IPVS does with its FIN_WAIT/TIME_WAIT states. A SYN on
-a lingering key is a new connection reusing the port and starts a new flow.
+An ended flow stays in the table as a forwarding-only entry: `linger` seconds after a FIN or RST, so the
+client's last ACK still reaches the same server instead of being hashed to another one that would answer
+with a reset (IPVS's FIN_WAIT/TIME_WAIT), and `established_linger` (15 minutes, IPVS's established TCP
+timeout) after an idle timeout. With direct server return the client may send nothing while a long request
+computes; its next segment (the ACK of the response) must still reach that server. A SYN on a lingering
+key is a new connection reusing the port and starts a new flow.
 
 Segments of flows the table never saw (the LB restarted, or the router moved the flow) go to the Maglev
-server of their hash and are counted as untracked. The table is bounded: beyond `max_flows` open flows a
-SYN is forwarded by hash untracked (counted as overflow), so a SYN flood cannot exhaust memory.
+server of their hash and are counted as untracked. The table is bounded: beyond `max_flows` entries, open
+or lingering, a SYN is forwarded by hash untracked (counted as overflow), so neither a SYN flood nor a
+flood of SYN+RST pairs can exhaust memory. (The compiled simulator bounds open flows only: it never
+reaches the bound.)
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ from marllb_cli.dataplane.packets import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from marllb_cli.dataplane.selection import Selector
 from marllb_cli.features import RESERVOIR_SLOTS, Reservoir
 
-__all__ = ["FlowTable", "IDLE_TIMEOUT_S", "LINGER_S", "MAX_FLOWS"]
+__all__ = ["ESTABLISHED_LINGER_S", "FlowTable", "IDLE_TIMEOUT_S", "LINGER_S", "MAX_FLOWS"]
 
 IDLE_TIMEOUT_S = 40.0
 LINGER_S = 2.0
+#: How long an idle-timed-out flow keeps forwarding to its server without a segment (IPVS: 15 minutes).
+ESTABLISHED_LINGER_S = 900.0
 MAX_FLOWS = 262_144
 
 # Entry fields (a list per flow: cheaper than an object on the per-packet path).
-_SERVER, _SYN_TIME, _LAST, _OPEN = 0, 1, 2, 3
+_SERVER, _SYN_TIME, _LAST, _OPEN, _KEEP = 0, 1, 2, 3, 4
 
 
 class FlowTable:
@@ -46,6 +52,7 @@ class FlowTable:
         *,
         idle_timeout: float = IDLE_TIMEOUT_S,
         linger: float = LINGER_S,
+        established_linger: float = ESTABLISHED_LINGER_S,
         max_flows: int = MAX_FLOWS,
         slots: int = RESERVOIR_SLOTS,
         keep_probability: float = 1.0,
@@ -54,6 +61,7 @@ class FlowTable:
         self.selector = selector
         self.idle_timeout = idle_timeout
         self.linger = linger
+        self.established_linger = max(established_linger, linger)
         self.max_flows = max_flows
         rng = rng or random.Random()
         n = selector.n
@@ -82,15 +90,18 @@ class FlowTable:
             server = entry[_SERVER]
             entry[_LAST] = now
             self.packets[server] += 1
-            if entry[_OPEN]:
+            if not entry[_OPEN]:
+                if flags & (TCP_FIN | TCP_RST):  # a timed-out flow closing: its trailing ACK, then gone
+                    entry[_KEEP] = min(entry[_KEEP], self.linger)
+            else:
                 if flags & (TCP_FIN | TCP_RST):
-                    self._end(entry, now)
+                    self._end(entry, now, self.linger)
                     self.closed += 1
                     self.completions[server].add(now, now - entry[_SYN_TIME])
                 elif flags & TCP_ACK:
                     self.durations[server].add(now, now - entry[_SYN_TIME])
             return server
-        if not syn_only or self._open >= self.max_flows:
+        if not syn_only or (entry is None and len(self._table) >= self.max_flows):
             if syn_only:
                 self.overflow += 1
             self.untracked += 1
@@ -98,7 +109,7 @@ class FlowTable:
             self.packets[server] += 1
             return server
         server = self.selector.choose(zlib.crc32(key), self.flows)
-        self._table[key] = [server, now, now, True]
+        self._table[key] = [server, now, now, True, self.linger]
         self._open += 1
         self.flows[server] += 1
         self.new_flows[server] += 1
@@ -116,17 +127,19 @@ class FlowTable:
             idle = now - entry[_LAST]
             if entry[_OPEN]:
                 if idle >= self.idle_timeout:
-                    self._end(entry, now)
+                    self._end(entry, now, self.established_linger)
                     timed_out += 1
-            elif idle >= self.linger:
+            elif idle >= entry[_KEEP]:
                 forget.append(key)
         for key in forget:
             del self._table[key]
         self.timed_out += timed_out
         return timed_out
 
-    def _end(self, entry: list, now: float) -> None:
+    def _end(self, entry: list, now: float, keep: float) -> None:
+        """The flow is over for q_j; its entry keeps forwarding until `keep` seconds pass without a segment."""
         entry[_OPEN] = False
+        entry[_KEEP] = keep
         entry[_LAST] = now
         self.flows[entry[_SERVER]] -= 1
         self._open -= 1

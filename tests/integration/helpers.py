@@ -24,7 +24,7 @@ def leftovers(name: str) -> dict[str, object]:
         "cgroup": (root / f"marllb-{name}").exists(),
         "processes": processes,
         "state": Path(f"/run/marllb/{name}").exists(),
-        "shm": sorted(p.name for p in SHM_DIR.glob(f"marllb-{name}-*")),
+        "shm": sorted(p.name for p in SHM_DIR.glob(f"marllb-{name}*")),  # the channel directory, or old-style files
     }
 
 

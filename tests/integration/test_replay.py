@@ -106,7 +106,7 @@ def test_ecmp_and_sed_runs_are_complete_and_sed_wins_on_heterogeneous_servers(te
             assert summary["error_rate"] < 0.01
         summaries[method] = summary
         assert nothing_running_in(testbed) == []
-        assert not list(SHM_DIR.glob(f"marllb-{NAME}-*"))
+        assert not list(SHM_DIR.glob(f"marllb-{NAME}-*/*"))
     assert summaries["sed"]["jct_p99_s"] < summaries["ecmp"]["jct_p99_s"]
     assert summaries["sed"]["jct_mean_s"] < summaries["ecmp"]["jct_mean_s"]
 
@@ -152,7 +152,7 @@ def test_ctrl_c_keeps_every_sent_request_and_leaves_nothing_running(testbed, tmp
     assert json.loads((run / "summary.json").read_text())["requests"] == len(requests)
     assert not (run / "requests.csv").exists()
     assert nothing_running_in(testbed) == []
-    assert not list(SHM_DIR.glob(f"marllb-{NAME}-*"))
+    assert not list(SHM_DIR.glob(f"marllb-{NAME}-*/*"))
 
 
 def test_a_qmix_policy_trained_in_simulation_runs_on_both_lbs(testbed, tmp_path, trained):

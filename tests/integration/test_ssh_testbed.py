@@ -315,7 +315,9 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts, trained):
         steps = pd.read_parquet(run / "agents" / "lb0.parquet")
         # The agents' times were shifted onto this machine's clock, the t0 onto it as well: they overlap.
         assert len(steps) > 20 and steps["t_s"].between(-5, 40).all(), steps["t_s"].describe()
-        assert not list((hosts["tmp"] / "hostfs" / "client" / TESTBED / "runs").iterdir())  # staged files removed
+        assert not list(
+            (hosts["tmp"] / "hostfs" / "client" / "testbeds" / TESTBED / "runs").iterdir()
+        )  # staged files removed
 
     finally:  # whatever failed above, the hosts must not keep our VIP, processes, cgroups or channels
         removed = marllb(hosts, "teardown", str(hosts["config"]))
@@ -334,5 +336,5 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts, trained):
         pids = LocalNamespace(node.namespace).pids()
         commands = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids if Path(f"/proc/{pid}").exists()}
         assert commands <= {"sshd"}, (node.name, commands)
-        assert not (hosts["tmp"] / "hostfs" / node.name / TESTBED).exists()
+        assert not (hosts["tmp"] / "hostfs" / node.name / "testbeds" / TESTBED).exists()
     assert marllb(hosts, "status", str(hosts["config"]), "--json").returncode == 0

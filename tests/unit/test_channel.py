@@ -92,3 +92,43 @@ def test_a_reader_never_sees_a_torn_snapshot(path):
     writer.join()
     assert writer.exitcode == 0
     assert len(seen) > 10  # the reader really ran concurrently with the writer
+
+
+def test_an_agent_killed_mid_write_leaves_the_dataplane_on_its_weights(path):
+    """Fail-static (reliability review, risk 3): an agent killed between its two sequence stores leaves the
+    control sequence odd for good. On 094bd00 the dataplane busy-waited 1 s and died of `TornRead`; now it
+    keeps the weights in force, without waiting, and takes the next complete write."""
+    import time
+
+    from marllb_cli.dataplane.fastpath import Dataplane
+
+    channel = Channel.create(path, 3, "sed", [1.0, 2.0, 3.0])
+    dataplane = Dataplane.__new__(Dataplane)  # the control path only: no socket
+    dataplane.channel = channel
+    dataplane.selector = Selector(3, weights=[1.0, 2.0, 3.0])
+    dataplane._control_seq = channel.control_seq
+    dataplane._torn_seq = None
+    agent = Channel.attach(path)
+    agent.header["control_seq"] = agent.control_seq + 1  # the first store of a write, then SIGKILL
+    agent._control["weights"] = [9.0, 9.0, 9.0]
+    started = time.monotonic()
+    for _ in range(50):  # 50 publish intervals of a second of traffic
+        dataplane._apply_control()
+    assert time.monotonic() - started < 0.5
+    assert dataplane.selector.weights == [1.0, 2.0, 3.0]
+    agent.header["control_seq"] = agent.control_seq + 1  # a new agent's complete write
+    agent.write_control("lsq", [1.0, 1.0, 4.0])
+    dataplane._apply_control()
+    assert (dataplane.selector.method, dataplane.selector.weights) == ("lsq", [1.0, 1.0, 4.0])
+
+
+def test_non_finite_weights_from_an_agent_keep_the_old_ones(path):
+    from marllb_cli.dataplane.fastpath import Dataplane
+
+    channel = Channel.create(path, 2, "sed", [1.0, 2.0])
+    dataplane = Dataplane.__new__(Dataplane)
+    dataplane.channel, dataplane.selector = channel, Selector(2, weights=[1.0, 2.0])
+    dataplane._control_seq, dataplane._torn_seq = channel.control_seq, None
+    Channel.attach(path).write_control("sed", [float("nan"), 1.0])
+    dataplane._apply_control()
+    assert dataplane.selector.weights == [1.0, 2.0]

@@ -124,3 +124,41 @@ def test_the_table_is_bounded():
     for i in range(150):
         flows.server_for(key(i), SYN, 0.0)
     assert len(flows) == 100 and flows.overflow == 50 and sum(flows.flows) == 100
+
+
+def test_syn_rst_pairs_cannot_grow_the_table_past_its_bound():
+    """Reliability review §5: with max_flows 100, 50 000 SYN+RST pairs left 50 000 entries (lingering ones
+    were not counted against the bound)."""
+    flows = FlowTable(Selector(4), max_flows=100, rng=random.Random(0))
+    for i in range(50_000):
+        flows.server_for(key(i), SYN, i * 1e-5)
+        flows.server_for(key(i), RST, i * 1e-5)
+    assert len(flows._table) <= 100
+    assert flows.overflow == 50_000 - 100 and flows.flows == [0, 0, 0, 0]
+
+
+def test_a_request_longer_than_the_idle_timeout_keeps_its_server():
+    """With direct server return the client is silent while a long request computes: after the idle
+    timeout the flow leaves q_j, but the ACK of the response must still reach its server (IPVS keeps an
+    established entry 15 minutes), not be hashed to another server that would answer with a reset."""
+    flows = table(8, method="lsq", idle_timeout=40.0)
+    for i in range(7):
+        flows.server_for(key(100 + i), SYN, 0.0)  # lsq fills servers 0..6, so the long one goes to 7
+    server = flows.server_for(key(0), SYN, 0.0)
+    assert server == 7 and flows.selector.by_hash(zlib.crc32(key(0))) != 7
+    flows.server_for(key(0), ACK, 0.01)
+    assert flows.expire(41.0) == 8 and flows.flows == [0] * 8  # timed out: no longer counted in q_j
+    assert flows.server_for(key(0), ACK, 45.0) == 7 and flows.untracked == 0  # still forwarded to it
+    flows.expire(944.0)  # 899 s without a segment
+    assert flows.server_for(key(0), ACK, 945.0) == 7 and flows.untracked == 0
+    assert flows.server_for(key(0), FIN_ACK, 946.0) == 7  # closing: kept for its trailing ACK only
+    assert flows.server_for(key(0), ACK, 946.5) == 7
+    flows.expire(949.0)
+    flows.server_for(key(0), ACK, 949.5)
+    assert flows.untracked == 1 and flows.flows == [0] * 8
+    flows.server_for(key(1), SYN, 950.0)
+    flows.server_for(key(1), ACK, 950.1)
+    assert flows.expire(991.0) == 1  # timed out, then 15 minutes without a segment: forgotten
+    flows.expire(991.0 + 900.0)
+    flows.server_for(key(1), ACK, 1891.5)
+    assert flows.untracked == 2

@@ -13,6 +13,8 @@ so a teardown also removes LBs left running.
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,8 +103,27 @@ def read_snapshot(testbed: str, lb: str, manifest: Manifest) -> LbSnapshot:
 
 
 def channel_path(testbed: str, lb: str) -> Path:
-    """The shared-memory channel between an LB's dataplane and its agent."""
-    return SHM_DIR / f"marllb-{testbed}-{lb}"
+    """The shared-memory channel between an LB's dataplane and its agent, in the LB's private (0700)
+    directory of /dev/shm: no other user can plant a file under the name the dataplane will create."""
+    return SHM_DIR / f"marllb-{testbed}-{lb}" / "channel"
+
+
+def private_directory(directory: Path, manifest: Manifest) -> None:
+    """`directory` for this testbed's channels: made 0700 (recorded first, so teardown removes it), or, when
+    it exists, accepted only if the manifest lists it and it is still a private directory of this user."""
+    if directory.exists() or directory.is_symlink():
+        info = os.lstat(directory)
+        ours = str(directory) in {r.data.get("path") for r in manifest.of_kind("directory")}
+        private = stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o077
+        if not (ours and private):
+            raise TestbedError(
+                f"{directory} exists but testbed {manifest.testbed} did not create it as a private directory",
+                hint=f"if no marllb process uses it, remove it yourself: rm -r {directory}",
+            )
+        return
+    manifest.record("directory", directory.name, path=str(directory))
+    directory.mkdir(mode=0o700)
+    os.chmod(directory, 0o700)  # whatever the umask
 
 
 def steps_log(directory: Path, lb: str) -> Path:
@@ -115,6 +136,7 @@ def start_lb(host: LocalHost, manifest: Manifest, dataplane: DataplaneSpec, agen
     Runs where the LB is: in its namespace (local testbed) or on the LB host itself (`marllb node lb-start`).
     The channel and every process are recorded in `manifest` before they exist."""
     name, channel = dataplane.lb, dataplane.channel
+    private_directory(channel.parent, manifest)
     if channel.exists() and str(channel) not in {r.data.get("path") for r in manifest.of_kind("file")}:
         raise TestbedError(
             f"{channel} exists but testbed {manifest.testbed} did not create it",
@@ -129,12 +151,12 @@ def start_lb(host: LocalHost, manifest: Manifest, dataplane: DataplaneSpec, agen
 
     manifest.record("file", f"{name}-channel", path=str(channel), lb=name)
     for role, module, spec_file, ready, what in (
-        ("dataplane", "marllb_cli.dataplane.fastpath", dataplane_file, lambda: _published(channel), "publish stats"),
-        ("agent", "marllb_cli.agents.runner", agent_file, lambda: _heartbeat(channel) > 0, "take its first step"),
+        ("dataplane", "marllb_cli.dataplane.fastpath", dataplane_file, _published, "publish stats"),
+        ("agent", "marllb_cli.agents.runner", agent_file, _stepped, "take its first step"),
     ):
         service = start_service(host, f"{name}-{role}", module, [str(spec_file)], directory / f"{name}.{role}.log")
         manifest.record("process", service.name, lb=name, **service.as_record())
-        _wait(service, ready, what)
+        _wait(service, lambda s=service, is_ready=ready: is_ready(channel, s), what)
 
 
 def stop_lbs(manifest: Manifest) -> int:
@@ -174,12 +196,21 @@ def _wait(service: Service, ready: Callable[[], bool], what: str, timeout_s: flo
     raise TestbedError(f"{service.name} did not {what}: {reason}", hint=f"see {service.log}")
 
 
-def _published(channel: Path) -> bool:
+def _published(channel: Path, dataplane: Service) -> bool:
+    """The channel exists, was made by the dataplane just started (not a file someone planted), and holds
+    its first statistics."""
     try:
         with Channel.attach(channel) as reader:
+            if int(reader.header["dataplane_pid"]) != dataplane.pid:
+                return False
             return reader.read_stats().time > 0
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, TypeError, OSError):
         return False
+
+
+def _stepped(channel: Path, agent: Service) -> bool:
+    """The agent took its first step (its heartbeat is set)."""
+    return _heartbeat(channel) > 0
 
 
 def _heartbeat(channel: Path) -> float:
