@@ -61,16 +61,36 @@ def load(config: Path, overrides: list[str] | None) -> Config:
     return load_config(config, overrides or ())
 
 
+_COMMAND_PID: int | None = None
+
+
 def _terminate(signum: int, frame: Any) -> None:
+    if os.getpid() != _COMMAND_PID:  # a forked child (pyroute2's netns helpers): die as it would have
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Terminated(signum)
+
+
+def _default_signals_in_child() -> None:
+    """A process forked from a command (pyroute2 forks helpers that live inside namespaces) must never run
+    the command's clean-up: with the command's handlers, a SIGTERM or Ctrl-C sent to it would unwind a copy
+    of the command's stack in the child, and that copy would tear down the testbed its parent is building."""
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_signals_in_child)
 
 
 @contextmanager
 def signals_interrupt() -> Iterator[None]:
     """While a command runs, SIGTERM and SIGHUP interrupt it like Ctrl-C (main thread only)."""
+    global _COMMAND_PID
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _COMMAND_PID = os.getpid()
     previous = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield

@@ -165,7 +165,12 @@ class SshHostEntry(_Strict):
     in the order listed: the first `lb` host is lb0, the first `server` host srv0 (in server-group order)."""
 
     role: Literal["client", "router", "lb", "server"] = Field(description="What the host does in the testbed.")
-    address: str = Field(min_length=1, max_length=253, description="Host name or address that SSH connects to.")
+    address: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9.:_-]*$",
+        description="Host name or address that SSH connects to (letters, digits, '.', ':', '-', '_').",
+    )
     port: int = Field(22, ge=1, le=65535, description="SSH port.")
     user: str = Field("root", pattern=r"^[a-z_][a-z0-9_.-]*$", max_length=32, description="SSH user (needs root).")
     key_file: Path | None = Field(None, description="Private key; unset: the user's default keys (~/.ssh/id_*).")

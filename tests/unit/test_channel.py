@@ -132,3 +132,25 @@ def test_non_finite_weights_from_an_agent_keep_the_old_ones(path):
     Channel.attach(path).write_control("sed", [float("nan"), 1.0])
     dataplane._apply_control()
     assert dataplane.selector.weights == [1.0, 2.0]
+
+
+def test_attach_never_follows_a_link_nor_maps_a_file_others_can_write(path, tmp_path):
+    """Reliability review, risk 4: on 094bd00 `attach` followed a symlink planted under the channel's
+    predictable name and opened its target read-write, and trusted any file's owner, mode and header."""
+    import os
+
+    target = tmp_path / "target"
+    Channel.create(target, 2, "sed", [1, 1]).close()
+    path.symlink_to(target)
+    with pytest.raises(OSError):
+        Channel.attach(path)
+    path.unlink()
+    Channel.create(path, 2, "sed", [1, 1]).close()
+    os.chmod(path, 0o666)
+    with pytest.raises(ValueError, match="not a private file"):
+        Channel.attach(path)
+    os.chmod(path, 0o600)
+    with open(path, "r+b") as handle:  # a header that claims more servers than the file holds
+        handle.truncate(Channel.size(2) - 8)
+    with pytest.raises(ValueError, match="header does not match its size"):
+        Channel.attach(path)

@@ -103,3 +103,9 @@ def test_a_state_root_others_can_write_is_refused(cli, write_config, monkeypatch
     monkeypatch.setenv("MARLLB_STATE_DIR", str(root))
     result = cli("status", write_config(minimal_testbed("unitroot")))
     assert result.exit_code == 2 and "writable by another user" in result.stderr
+
+
+@pytest.mark.parametrize("address", ["h; rm -rf / #", "evil\nhost", "$(reboot)", "a b"])
+def test_an_ssh_address_that_is_not_a_host_name_is_refused(address):
+    with pytest.raises(ConfigError, match=r"testbed\.hosts\[0\]\.address"):
+        load_config(REPO / "configs" / "ssh-example.yaml", [f"testbed.hosts.0.address={address!r}"])
