@@ -108,10 +108,13 @@ def settle(testbed: LocalTestbed) -> set[int]:
         time.sleep(0.2)
 
 
-def kill_while_running(args: tuple, sig: signal.Signals, low: float, high: float, rng, what: str) -> tuple[int, str]:
+def kill_while_running(
+    args: tuple, sig: signal.Signals, low: float, high: float, rng, what: str, before=lambda: None
+) -> tuple[int, str]:
     """`kill_after` at a random time in [low, high] s; when the command finished first, again earlier (a
-    kill point must hit the command while it works)."""
+    kill point must hit the command while it works), each time after `before()`."""
     for attempt in range(4):
+        before()
         code, stderr = kill_after(start(*args), sig, rng.uniform(low, high) * 0.6**attempt, what)
         if code != 0:
             return code, stderr
@@ -119,10 +122,12 @@ def kill_while_running(args: tuple, sig: signal.Signals, low: float, high: float
 
 
 def test_killing_deploy_anywhere_leaves_a_testbed_the_next_deploy_rebuilds(testbed, rng):
+    def teardown() -> None:  # each kill meets a deploy that builds
+        assert run("teardown", CONFIG, "--set", f"testbed.name={NAME}").returncode == 0
+
     for sig in SIGNALS:
-        run("teardown", CONFIG, "--set", f"testbed.name={NAME}")  # each kill meets a deploy that builds
         args = ("deploy", CONFIG, "--set", f"testbed.name={NAME}")
-        code, stderr = kill_while_running(args, sig, 0.4, 2.0, rng, "deploy")
+        code, stderr = kill_while_running(args, sig, 0.4, 2.0, rng, "deploy", teardown)
         assert expected_code(sig, code) and code != 0, stderr
         again = run("deploy", CONFIG, "--set", f"testbed.name={NAME}")
         assert again.returncode == 0, again.stderr
@@ -130,11 +135,15 @@ def test_killing_deploy_anywhere_leaves_a_testbed_the_next_deploy_rebuilds(testb
         assert settle(testbed) == set()
 
 
+def stop_lbs() -> None:
+    assert run("lb", "stop", CONFIG, "--set", f"testbed.name={NAME}").returncode == 0
+
+
 def test_killing_lb_start_leaves_only_recorded_processes_and_the_next_start_works(testbed, rng):
     assert testbed.status().state == "up"
     for sig in SIGNALS:
         args = ("lb", "start", CONFIG, "--set", f"testbed.name={NAME}")
-        code, stderr = kill_while_running(args, sig, 0.5, 1.5, rng, "lb start")
+        code, stderr = kill_while_running(args, sig, 0.5, 1.5, rng, "lb start", stop_lbs)
         assert expected_code(sig, code) and code != 0, stderr
         assert settle(testbed) == set()  # a dataplane or agent started before the kill is in the manifest
         again = run("lb", "start", CONFIG, "--set", f"testbed.name={NAME}")
