@@ -41,7 +41,7 @@ test-integration: install system-deps
 	$(PY) -m pytest -m "integration and not slow and not kvm" tests
 
 # What `kind: kvm` needs besides: debootstrap builds the guests' image, qemu runs them.
-KVM_PACKAGES := debootstrap qemu-system-x86 qemu-utils
+KVM_PACKAGES := debootstrap qemu-system-x86 qemu-utils debian-archive-keyring
 
 system-deps-kvm:
 	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(KVM_PACKAGES)"

@@ -125,11 +125,14 @@ class SshTestbed:
         return "rebuilt" if changed or previous.config_digest != record.config_digest else "unchanged"
 
     def teardown(self, progress: Progress = no_progress, *, purge: bool = False) -> int:
-        """Undo everything on every host; return how many resources the hosts removed."""
+        """Undo everything on every host; return how many resources the hosts removed.
+
+        Without the controller's record (it lives in /run: gone after a controller reboot) the hosts are
+        asked all the same, since each keeps its own record on disk; a host that cannot be reached then is
+        skipped (an SSH testbed that never was deployed needs no teardown), with a warning line."""
         if purge:
             raise ConfigError("--purge removes a kvm testbed's image cache; this testbed is kind ssh")
-        if not self.record_path.exists():
-            return 0
+        recorded = self.record_path.exists()
         done = [0]
         lock = threading.Lock()
 
@@ -140,9 +143,12 @@ class SshTestbed:
                 progress("teardown", done[0], len(self.hosts))
             return int(removed["removed"])
 
-        removed = sum(self.on_all_hosts(down).values())
+        results = self.on_all_hosts(down, tolerate_errors=not recorded)
+        unreachable = [host.label for host, value in results.items() if not isinstance(value, int)]
+        if unreachable:
+            progress(f"not reached (no record here): {', '.join(unreachable)}", 0, 1)
         remove_owned(self.state_dir)
-        return removed
+        return sum(value for value in results.values() if isinstance(value, int))
 
     def status(self, *, probe: bool = True) -> TestbedStatus:
         """Each host's `node status` (servers probe their own Apache)."""
@@ -158,6 +164,8 @@ class SshTestbed:
                 if isinstance(report, dict):
                     statuses[host.node].up = bool(report["up"])
                     statuses[host.node].http_status = report["http_status"]
+                    if report.get("missing"):  # set up once, but no longer (the host rebooted?)
+                        statuses[host.node].error = f"not in effect: {', '.join(report['missing'])}"
                 else:  # the host could not be asked: say why instead of a bare "down"
                     statuses[host.node].error = report.one_line()
         ordered = [statuses[node.name] for node in self.topology.nodes if node.name in statuses]
@@ -246,6 +254,10 @@ class SshTestbed:
                 except TestbedError as exc:
                     errors.append(exc.one_line())
                     results[host] = exc
+                except (ValueError, KeyError, TypeError) as exc:  # an answer that is not what `marllb node` says
+                    error = TestbedError(f"{host.label}: unexpected answer ({type(exc).__name__}: {exc})")
+                    errors.append(error.one_line())
+                    results[host] = error
         if errors and not tolerate_errors:
             raise TestbedError("; ".join(errors))
         return results

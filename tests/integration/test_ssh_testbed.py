@@ -269,6 +269,17 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts, trained):
         assert again.returncode == 0, again.stderr
         assert "unchanged" in again.stdout
 
+        # A rebooted router forgets its VIP route while its record on disk says complete (reliability
+        # review §2.5): status must not say up, and deploy must set it up again.
+        router.run(["ip", "route", "del", f"{VIP}/32"])
+        status = json.loads(marllb(hosts, "status", str(hosts["config"]), "--json").stdout)
+        router_status = next(n for n in status["nodes"] if n["name"] == "router")
+        assert status["state"] == "degraded" and router_status["up"] is False
+        assert f"route {VIP}/32" in router_status["error"]
+        healed = marllb(hosts, "deploy", str(hosts["config"]))
+        assert healed.returncode == 0 and "rebuilt" in healed.stdout, healed.stderr
+        assert VIP in router.run(["ip", "route"]).stdout
+
         started_lbs = marllb(hosts, "lb", "start", str(hosts["config"]), "--method", "sed")
         assert started_lbs.returncode == 0, started_lbs.stderr
         # One request at a time, so no flow is ever open: SED's (flows + 1) / weight picks the 2-unit server.
@@ -320,6 +331,8 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts, trained):
         )  # staged files removed
 
     finally:  # whatever failed above, the hosts must not keep our VIP, processes, cgroups or channels
+        # As after a controller reboot (its record lives in /run): teardown asks the hosts all the same.
+        shutil.rmtree(hosts["state"] / TESTBED, ignore_errors=True)
         removed = marllb(hosts, "teardown", str(hosts["config"]))
     assert removed.returncode == 0, removed.stderr
     print(f"ssh deploy (6 hosts, fresh venvs) took {deploy_s:.1f} s")

@@ -202,6 +202,7 @@ class KvmTestbed:
             ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk), "-F", "qcow2", str(overlay)],
             "qemu-img create",
         )
+        overlay.chmod(0o600)  # the guest's disk: its MediaWiki database credentials, among others
         vcpus = max(1, math.ceil(guest.cores)) if guest.cores else 1
         data_tap, mgmt_tap = f"d-{guest.name}", f"m-{guest.name}"
         mgmt_mac = mac_address(self.topology.testbed, _MGMT_MAC_CODE, guest.index + (0 if guest.role == "lb" else 512))

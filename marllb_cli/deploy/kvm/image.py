@@ -18,6 +18,7 @@ images, and `marllb teardown --purge` removes it all.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,8 @@ from marllb_cli.processes import run_checked
 __all__ = ["claim_cache", "purge_cache", "BaseImage", "Chroot", "GUEST_WORKDIR", "PACKAGES", "base_image", "seed_disk"]
 
 SUITE = "bookworm"
+#: The archive keyring debootstrap checks the release against (package debian-archive-keyring).
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 #: Where marllb lives in a guest: the `workdir` a guest's SSH host entry gets (`deploy.kvm`).
 GUEST_WORKDIR = "/var/lib/marllb"
 PACKAGES = (
@@ -128,11 +131,16 @@ def base_image(
     for tool in ("debootstrap", "qemu-img", "mkfs.ext4"):
         if shutil.which(tool) is None:
             raise MissingTool(f"{tool} is not installed", hint="run `make system-deps-kvm`")
+    if not Path(DEBIAN_KEYRING).is_file():
+        raise MissingTool(f"{DEBIAN_KEYRING} is missing", hint="run `make system-deps-kvm` (debian-archive-keyring)")
     if not (tree / "complete").exists():
         shutil.rmtree(tree, ignore_errors=True)
         (tree / "root").mkdir(parents=True)
         progress(f"debootstrap {SUITE} (once, minutes; cached in {tree})")
-        command = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(tree / "root")]
+        # Signed: the release file is checked against Debian's archive keyring, whatever the mirror's scheme.
+        keyring = ["--force-check-gpg", f"--keyring={DEBIAN_KEYRING}"]
+        command = ["debootstrap", "--variant=minbase", *keyring, f"--include={','.join(PACKAGES)}", SUITE]
+        command.append(str(tree / "root"))
         run_checked([*command, mirror], "debootstrap", timeout=3600)
         (tree / "complete").touch()
     started = time.monotonic()
@@ -232,14 +240,18 @@ def seed_disk(
     """Write the small ext4 disk that gives one guest its identity (see `SEED_SCRIPT`)."""
     content = path.with_suffix(".d")
     shutil.rmtree(content, ignore_errors=True)
-    content.mkdir(parents=True)
+    content.mkdir(parents=True, mode=0o700)
     (content / "hostname").write_text(hostname + "\n")
     (content / "addresses").write_text("".join(f"{iface} {address}\n" for iface, address in addresses))
     (content / "gateway").write_text((gateway or "") + "\n" if gateway else "")
     (content / "authorized_keys").write_text(authorized_key.strip() + "\n")
     shutil.copy(host_key, content / "ssh_host_ed25519_key")
     shutil.copy(host_key.with_suffix(".pub"), content / "ssh_host_ed25519_key.pub")
+    # The seed holds the guest's private host key: the image is root's alone, made so before a byte is in it.
+    path.unlink(missing_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     run_checked(["mkfs.ext4", "-q", "-F", "-d", str(content), str(path), "4M"], "mkfs.ext4 (seed)", timeout=60)
+    path.chmod(0o600)
     shutil.rmtree(content)
 
 

@@ -38,7 +38,7 @@ from marllb_cli.deploy.node.cgroups import CpuCgroup
 from marllb_cli.deploy.node.lbs import read_snapshot, start_lb, stop_lbs
 from marllb_cli.deploy.node.manifest import MANIFEST, Manifest, require_complete
 from marllb_cli.deploy.node.owned import claim
-from marllb_cli.deploy.node.roles import apply_role
+from marllb_cli.deploy.node.roles import apply_role, missing_changes
 from marllb_cli.deploy.node.server import services_running, start_server
 from marllb_cli.deploy.node.undo import teardown_recorded
 from marllb_cli.errors import TestbedError
@@ -142,10 +142,13 @@ def status(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
     me = _node(cfg, node)
     manifest = Manifest.load(state / MANIFEST)
     deployed = manifest is not None and manifest.complete
-    report: dict[str, object] = {"deployed": deployed, "up": deployed, "http_status": None}
-    if deployed and manifest is not None and me.role == "server":
-        report["http_status"] = _http_status(me)
-        report["up"] = report["http_status"] == 200 and services_running(manifest, me.name)
+    report: dict[str, object] = {"deployed": deployed, "up": deployed, "http_status": None, "missing": []}
+    if deployed and manifest is not None:
+        report["missing"] = missing = missing_changes(LocalHost(), me, manifest)
+        report["up"] = not missing
+        if me.role == "server":
+            report["http_status"] = _http_status(me)
+            report["up"] = not missing and report["http_status"] == 200 and services_running(manifest, me.name)
     typer.echo(json.dumps(report))
 
 
@@ -208,6 +211,10 @@ def _down(state: Path) -> int:
 
 
 def _healthy(cfg: Config, me: Node, state: Path, manifest: Manifest) -> bool:
+    """Whether a completed set-up is still in effect (after a host reboot the record says complete, but
+    routes, addresses, nftables and sysctls are gone)."""
+    if missing_changes(LocalHost(), me, manifest):
+        return False
     if me.role != "server":
         return True
     running = bool(_apache(cfg, me, state).cgroup.pids()) and services_running(manifest, me.name)

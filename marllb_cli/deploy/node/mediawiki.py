@@ -139,7 +139,7 @@ class MediaWikiStack:
         if len(str(self.db_socket)) > _SOCKET_PATH_MAX:
             raise TestbedError(
                 f"{self.server}: the socket path {self.db_socket} is longer than {_SOCKET_PATH_MAX} bytes",
-                hint="use a shorter state directory (--state-dir) or workdir",
+                hint="use a shorter state directory (MARLLB_STATE_DIR) or workdir",
             )
         manifest.record("directory", f"mediawiki-{self.server}", path=str(self.root))
         shutil.rmtree(self.root, ignore_errors=True)
@@ -190,8 +190,10 @@ class MediaWikiStack:
         user = _service_user("memcache")
         run = self.cache_socket.parent
         run.mkdir()
-        shutil.chown(run, user, _primary_group(user))
-        # Mode 0777 on the socket: the Apache workers (www-data) must be able to connect to it.
+        # The socket is 0777 for its owner's sake, but sits in a directory only memcached and Apache's group
+        # (www-data) may enter: no other local user can read or poison the wiki's object and session cache.
+        shutil.chown(run, user, "www-data")
+        run.chmod(0o750)
         memory = str(self.settings.memcached_mb)
         argv = ["memcached", "-u", user, "-s", str(self.cache_socket), "-a", "0777", "-m", memory]
         service = self._start_process(host, manifest, "memcached", argv)

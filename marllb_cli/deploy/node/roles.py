@@ -26,7 +26,7 @@ from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.topology import Node, Topology
 
-__all__ = ["GRE_DEVICE", "OFFLOADS_OFF", "apply_role", "nft_table", "role_sysctls", "undo_network"]
+__all__ = ["missing_changes", "GRE_DEVICE", "OFFLOADS_OFF", "apply_role", "nft_table", "role_sysctls", "undo_network"]
 
 #: A raw-socket LB re-sends frames the kernel handed it. With checksum offload the sender's veth leaves
 #: TCP checksums unfinished (the server then drops the segment), and with TSO/GSO/GRO one frame can exceed
@@ -130,6 +130,27 @@ def undo_network(host: LocalHost, kind: str, data: dict) -> None:
         host.call(_link_del, data["ifname"])
     elif kind == "offloads" and data["restore"]:
         host.run(["ethtool", "-K", data["iface"], *data["restore"]], check=False)
+
+
+def missing_changes(host: LocalHost, node: Node, manifest: Manifest) -> list[str]:
+    """What of the role `apply_role` gave this host is no longer in effect (a reboot forgets routes,
+    addresses, nftables and sysctls, while the record on disk still says `complete`): one line each."""
+    expected = dict(role_sysctls(node))
+    missing = []
+    for resource in manifest.resources:
+        data = resource.data
+        if resource.kind == "route" and not host.run(["ip", "-4", "route", "show", data["dst"]], check=False).stdout:
+            missing.append(f"route {data['dst']}")
+        elif resource.kind == "address":
+            shown = host.run(["ip", "-4", "addr", "show", "dev", data["iface"]], check=False).stdout
+            if f" {data['address']}/" not in shown:
+                missing.append(f"address {data['address']} on {data['iface']}")
+        elif resource.kind == "nft" and host.run(["nft", "list", "table", "ip", data["table"]], check=False).returncode:
+            missing.append(f"nftables table {data['table']}")
+        elif resource.kind == "sysctl" and data["key"] in expected:
+            if host.call(_sysctl_read, data["key"]).split() != [str(expected[data["key"]])]:
+                missing.append(f"sysctl {data['key']}")
+    return missing
 
 
 def _record(manifest: Manifest | None, kind: str, name: str, **data: object) -> None:
