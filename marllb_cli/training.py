@@ -256,14 +256,16 @@ def train(
                 f"{out}: --resume with different settings ({', '.join(sorted(differs))})",
                 hint="resume with the options the run started with, or use another --out",
             )
+        rows = pd.read_parquet(out / CURVE).to_dict("records") if (out / CURVE).exists() else []
         try:
             team.load(saved["learners"])
             start = int(saved["episode"]) + 1
+            # The curve as of the checkpoint (a kill between the two writes must not lose or repeat a row).
+            rows = [dict(row) for row in saved["curve"]] if "curve" in saved else rows
         except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
             raise ConfigError(
                 f"{out / CHECKPOINT}: a damaged training checkpoint ({type(exc).__name__})", hint="use another --out"
             ) from None
-        rows = pd.read_parquet(out / CURVE).to_dict("records") if (out / CURVE).exists() else []
     (out / "train.json").write_text(
         json.dumps({**meta, "hyper": settings.__dict__, "config": config.testbed.name}, indent=2, default=list)
     )
@@ -312,7 +314,7 @@ def _mean_finite(values: list[float]) -> float:
 
 def _save(out: Path, episode: int, meta: dict, team, algo: str, reward: str, rows: list[dict]) -> None:
     """Checkpoint, policy and curve, each replaced atomically (a kill leaves the previous episode's)."""
-    _atomic_torch({"episode": episode, "meta": meta, "learners": team.state()}, out / CHECKPOINT)
+    _atomic_torch({"episode": episode, "meta": meta, "learners": team.state(), "curve": rows}, out / CHECKPOINT)
     policy = team.policy()
     _atomic_torch({"algo": algo, "reward": reward, "episode": episode, **policy}, out / POLICY)
     write_header(out, PolicyHeader.of(policy))

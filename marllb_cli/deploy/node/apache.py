@@ -154,7 +154,12 @@ class ApacheInstance:
                 stdout=subprocess.DEVNULL,
                 stderr=start_log,
             )
-            code = launcher.wait(timeout=timeout_s)
+            try:
+                code = launcher.wait(timeout=timeout_s)
+            except BaseException:  # timeout, Ctrl-C, SIGTERM: a launcher left unreaped stays a zombie in the
+                launcher.kill()  # cgroup, and the cgroup cannot be removed until it is reaped
+                launcher.wait()
+                raise
         if code != 0:
             raise TestbedError(f"{self.node.name}: apache2 failed to start: {self._last_error()}")
         deadline = time.monotonic() + timeout_s

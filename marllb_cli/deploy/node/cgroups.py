@@ -113,4 +113,16 @@ class CpuCgroup:
             except OSError as exc:
                 if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                     raise TestbedError(f"cannot remove cgroup {self.path}: {exc.strerror}") from None
+                _reap_exited_children()  # a zombie child of ours still holds the group (cgroup v1)
                 time.sleep(0.05)
+
+
+def _reap_exited_children() -> None:
+    """Reap every child of this process that has exited (only ever called while tearing down)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
