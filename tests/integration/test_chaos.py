@@ -86,6 +86,12 @@ def expected_code(sig: signal.Signals, code: int) -> bool:
     return code in ((-9, 0) if sig == signal.SIGKILL else (128 + sig, -sig, 0))
 
 
+def ensure_up(testbed: LocalTestbed) -> None:
+    """Each test starts from a deployed testbed, so one failure does not cascade into the next tests."""
+    if testbed.status().state != "up":
+        testbed.deploy()
+
+
 def pids_in_testbed(testbed: LocalTestbed) -> set[int]:
     """Processes in the client, router and LB namespaces (the servers' Apache lives in cgroups)."""
     topology = testbed.topology
@@ -140,7 +146,7 @@ def stop_lbs() -> None:
 
 
 def test_killing_lb_start_leaves_only_recorded_processes_and_the_next_start_works(testbed, rng):
-    assert testbed.status().state == "up"
+    ensure_up(testbed)
     for sig in SIGNALS:
         args = ("lb", "start", CONFIG, "--set", f"testbed.name={NAME}")
         code, stderr = kill_while_running(args, sig, 0.5, 1.5, rng, "lb start", stop_lbs)
@@ -177,7 +183,7 @@ def check_sent_requests_are_recorded(run: Path, sig: signal.Signals) -> None:
 
 
 def test_killing_replay_loses_no_sent_request_and_leaves_no_load_running(testbed, rng, tmp_path):
-    assert testbed.status().state == "up"
+    ensure_up(testbed)
     runs = tmp_path / "runs"
     for sig in (*SIGNALS, *SIGNALS):
         before = set(runs.iterdir()) if runs.exists() else set()
@@ -201,6 +207,7 @@ def test_an_agent_killed_mid_run_leaves_its_lb_forwarding_and_the_run_degraded(t
     """Fail-static, and honest about it (reliability review, risk 3): SIGKILL of lb0's agent mid-replay. Its
     dataplane keeps forwarding on the last weights, every request is answered, and the run is marked
     incomplete with the reason; on 094bd00 it said `complete: true`."""
+    ensure_up(testbed)
     runs = tmp_path / "runs"
     process = start(*replay_args(runs, 10))
     deadline = time.monotonic() + 60

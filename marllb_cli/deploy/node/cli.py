@@ -67,7 +67,8 @@ def up(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
         if manifest.complete and manifest.config_digest == digest and _healthy(cfg, me, state, manifest):
             typer.echo(json.dumps({**_facts(me), "changed": False}))
             return
-        _down(state)
+        # Undo the old set-up but keep the directory: its marker and the config the controller just uploaded.
+        teardown_recorded(state / MANIFEST, state, keep_directory=True)
     manifest = Manifest(state / MANIFEST, cfg.testbed.name, config_digest=digest)
     manifest.save()
     try:

@@ -23,19 +23,23 @@ __all__ = ["remove_resources", "teardown_recorded"]
 _NETWORK_CHANGES = ("route", "address", "sysctl", "nft", "offloads", "link")
 
 
-def teardown_recorded(manifest_path: Path, state_dir: Path, progress: Progress = no_progress) -> int:
+def teardown_recorded(
+    manifest_path: Path, state_dir: Path, progress: Progress = no_progress, *, keep_directory: bool = False
+) -> int:
     """The one teardown of a manifest (local and kvm testbeds, `marllb node down`): remove what it lists,
     newest first, then the state directory if marllb made it (`owned`); return how many resources it
-    listed. An error leaves the manifest in place, so the teardown can run again."""
+    listed. An error leaves the manifest in place, so the teardown can run again. `keep_directory`: a
+    redeploy over a broken set-up keeps the directory (its marker, the uploaded config) and drops the record."""
     manifest = Manifest.load(manifest_path)
     if manifest is None:
-        remove_owned(state_dir)
+        if not keep_directory:
+            remove_owned(state_dir)
         return 0
     errors = remove_resources(manifest, progress)
     if errors:
         raise TestbedError(f"teardown of {manifest.testbed} incomplete: {'; '.join(errors)}")
-    if not remove_owned(state_dir):
-        manifest_path.unlink(missing_ok=True)  # a directory marllb did not make: only its own record goes
+    if keep_directory or not remove_owned(state_dir):
+        manifest_path.unlink(missing_ok=True)  # only the record goes (kept, or a directory marllb did not make)
     return len(manifest.resources)
 
 
