@@ -37,6 +37,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from marllb_cli.services import exit_on_stdin_eof
+
 __all__ = ["ReplaySpec", "ROW_FIELDS", "Replayer", "main", "read_schedule", "write_schedule"]
 
 ROW_FIELDS = (
@@ -254,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     _raise_fd_limit()
     name, loop_class = _event_loop(spec.loop)
     replayer = Replayer(spec, intended, paths)
+    exit_on_stdin_eof()
     print(json.dumps({"loop": name}), flush=True)
     runner = asyncio.Runner(loop_factory=loop_class) if loop_class else asyncio.Runner()
     with runner:

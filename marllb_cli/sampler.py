@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from marllb_cli.probes import busy_workers
-from marllb_cli.services import until_signalled
+from marllb_cli.services import exit_on_stdin_eof, until_signalled
 
 __all__ = ["SampledServer", "SamplerSpec", "main"]
 
@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="marllb-sampler", description="busy-worker sampler of a replay")
     parser.add_argument("spec", type=Path, help="SamplerSpec JSON written by `marllb replay-trace`")
     args = parser.parse_args(argv)
-    sample(SamplerSpec.model_validate_json(args.spec.read_text()), until_signalled())
+    keep_going = until_signalled()
+    exit_on_stdin_eof()
+    sample(SamplerSpec.model_validate_json(args.spec.read_text()), keep_going)
     return 0
 
 

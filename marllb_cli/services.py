@@ -18,7 +18,7 @@ from pathlib import Path
 
 from marllb_cli.hosts.local import LocalHost
 
-__all__ = ["Service", "start_process", "start_service", "until_signalled"]
+__all__ = ["EXIT_ON_STDIN_EOF", "Service", "exit_on_stdin_eof", "start_process", "start_service", "until_signalled"]
 
 #: Popen handles of services this process started: kept so that a long-lived caller (a test session) can
 #: reap them, and so that dropping the handle does not warn about a process that is meant to outlive it.
@@ -100,6 +100,30 @@ def start_process(
     while start_time is None and time.monotonic() < deadline:
         start_time = _start_time(process.pid)
     return Service(name, process.pid, start_time or 0, str(log))
+
+
+#: Set by a controller that starts a process over SSH: the process stops when its stdin closes.
+EXIT_ON_STDIN_EOF = "MARLLB_EXIT_ON_STDIN_EOF"
+
+
+def exit_on_stdin_eof() -> None:
+    """When `$MARLLB_EXIT_ON_STDIN_EOF` is set, SIGTERM this process once its stdin reaches end of file.
+
+    A process the controller started over SSH has the session's channel as stdin. If the controller dies,
+    sshd closes the session and stdin ends: the replayer then stops sending and the sampler stops probing,
+    as a local child does when its parent dies (`client_node.die_with_parent`)."""
+    if not os.environ.get(EXIT_ON_STDIN_EOF):
+        return
+
+    def watch() -> None:
+        try:
+            while sys.stdin.buffer.read(65536):
+                pass
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
 def until_signalled() -> Callable[[], bool]:

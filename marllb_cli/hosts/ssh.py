@@ -197,13 +197,16 @@ class SshHost:
 
 class SshProcess:
     """A command running on an SSH host, with the `Popen` methods the run uses. The remote shell prints its
-    pid first and then execs the command, so signals go to the command itself (`kill -TERM <pid>`)."""
+    pid first and then execs the command, so signals go to the command itself (`kill -TERM <pid>`).
+
+    The command's stdin is the session, held open here: when this process dies, sshd closes it, and a
+    marllb process started this way (`MARLLB_EXIT_ON_STDIN_EOF`) stops instead of running on unattended."""
 
     def __init__(self, ssh: SshHost, argv: Sequence[str], log: str) -> None:
         self.ssh = ssh
-        script = f"echo $$; exec {shlex.join(argv)} 2>{shlex.quote(log)}"
+        script = f"echo $$; MARLLB_EXIT_ON_STDIN_EOF=1 exec {shlex.join(argv)} 2>{shlex.quote(log)}"
         try:
-            _, out, _ = ssh.client.exec_command(shlex.join(["sh", "-c", script]))
+            self.stdin, out, _ = ssh.client.exec_command(shlex.join(["sh", "-c", script]))
             self.channel = out.channel
             self.pid = int(out.readline())
         except (paramiko.SSHException, OSError, ValueError) as exc:

@@ -88,3 +88,29 @@ def test_the_agent_loop_reads_stats_writes_weights_and_logs_each_step(tmp_path):
     assert [row["step"] for row in rows] == [0, 1, 2, 3]
     assert rows[0]["flows"] == [2, 1] and rows[0]["weights"] == [0.5, 1.0] and rows[0]["busy_workers"] == [1, 1]
     assert set(rows[0]["rewards"]) == set(REWARDS)
+
+
+def test_a_sampler_started_over_ssh_stops_when_its_session_ends(tmp_path):
+    """A process the controller starts over SSH has the session as stdin (`hosts.ssh.SshProcess`): when the
+    controller dies, sshd closes it, and the sampler must stop rather than probe forever (reliability
+    review, risk 2). Here the session is a pipe that this test closes."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from marllb_cli.sampler import SamplerSpec
+
+    spec = tmp_path / "sampler.json"
+    spec.write_text(
+        SamplerSpec(servers=[], status_port=8080, period_s=0.05, out=tmp_path / "out.csv").model_dump_json()
+    )
+    env = {**os.environ, "MARLLB_EXIT_ON_STDIN_EOF": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "marllb_cli.sampler", str(spec)], stdin=subprocess.PIPE, env=env, cwd=tmp_path
+    )
+    time.sleep(1.0)
+    assert process.poll() is None  # the session is open: it keeps sampling
+    process.stdin.close()
+    assert process.wait(timeout=5) == 0  # session gone: SIGTERM to itself, a clean stop
+    assert (tmp_path / "out.csv").read_text().startswith("t,server,group,busy")
