@@ -36,7 +36,7 @@ from marllb_cli.deploy import testbed_for
 from marllb_cli.deploy.base import LbControl, Testbed
 from marllb_cli.errors import ConfigError, Terminated, TestbedError
 from marllb_cli.replay import ReplaySpec, write_schedule
-from marllb_cli.runs import RunDir, empty_requests, save_results
+from marllb_cli.runs import RunDir, requests_from_replay, save_results
 from marllb_cli.sampler import SampledServer, SamplerSpec
 from marllb_cli.steps import read_steps_log
 from marllb_cli.topology import Topology
@@ -291,7 +291,7 @@ def _finish(
     else:
         t0 = time.monotonic() - client.offset
     run = run_dir.path
-    requests = _requests(run / "requests.csv", schedule)
+    requests = requests_from_replay(run / "requests.csv", schedule)
     agents = {
         lb.name: read_steps_log(lbs.steps_log(lb), t0 + client.offset)
         for lb in lbs.topology.lbs
@@ -336,28 +336,6 @@ def _finish(
 def _elapsed(requests: pd.DataFrame) -> float:
     ends = requests[["intended_s", "done_s"]].max(axis=1)
     return float(ends.max()) if len(requests) else 0.0
-
-
-def _requests(csv_path: Path, schedule: pd.DataFrame) -> pd.DataFrame:
-    """The replayer's rows, joined with the schedule's intended time, class and path; in schedule order."""
-    try:
-        rows = pd.read_csv(csv_path, keep_default_na=False, dtype={"server": str, "error": str})
-    except (FileNotFoundError, pd.errors.EmptyDataError):
-        return empty_requests(0)  # the replayer never started (the LBs failed first, say)
-    rows = rows.sort_values("index").drop_duplicates("index")
-    requests = empty_requests(len(rows))
-    index = rows["index"].to_numpy(np.int64)
-    requests["intended_s"] = schedule["intended_s"].to_numpy()[index]
-    requests["class"] = pd.array(schedule["class"].to_numpy()[index], dtype="string")
-    requests["path"] = pd.array(schedule["path"].to_numpy()[index], dtype="string")
-    for column in ("send_lag_s", "connect_s", "first_byte_s", "done_s"):
-        requests[column] = pd.to_numeric(rows[column], errors="coerce").to_numpy(np.float64)
-    requests["status"] = rows["status"].to_numpy(np.int64)
-    requests["bytes"] = rows["bytes"].to_numpy(np.int64)
-    requests["server"] = pd.array(rows["server"].astype(str).to_numpy(), dtype="string")
-    requests["error"] = pd.array(rows["error"].astype(str).to_numpy(), dtype="string")
-    requests["jct_s"] = requests["done_s"] - requests["intended_s"]
-    return requests
 
 
 def servers_frame(csv_path: Path, t0: float) -> pd.DataFrame:

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from marllb_cli.errors import ConfigError, RunDirError
-from marllb_cli.runs import Run, load_run
+from marllb_cli.runs import Run, load_run, recover_killed
 
 __all__ = ["Report", "build_report", "find_runs", "scan_runs", "write_report"]
 
@@ -72,6 +72,8 @@ def scan_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
             runs.append(load_run(path))
             continue
         for run_path in inner:
+            if recover_killed(run_path):
+                skipped.append(f"recovered {run_path}: its controller was killed; requests from the replayer's rows")
             try:
                 run = load_run(run_path)
                 run.requests()

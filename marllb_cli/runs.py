@@ -39,6 +39,8 @@ __all__ = [
     "empty_requests",
     "environment",
     "load_run",
+    "recover_killed",
+    "requests_from_replay",
     "now_iso",
     "save_results",
     "summarize",
@@ -177,6 +179,60 @@ def empty_requests(n: int) -> pd.DataFrame:
         else:
             data[column] = pd.array([""] * n, dtype="string")
     return pd.DataFrame(data)
+
+
+def requests_from_replay(csv_path: Path, schedule: pd.DataFrame) -> pd.DataFrame:
+    """The replayer's rows (`marllb_cli.replay`), joined with the schedule's intended time, class and path;
+    in schedule order."""
+    try:
+        rows = pd.read_csv(csv_path, keep_default_na=False, dtype={"server": str, "error": str})
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return empty_requests(0)  # the replayer never started (the LBs failed first, say)
+    rows = rows.sort_values("index").drop_duplicates("index")
+    requests = empty_requests(len(rows))
+    index = rows["index"].to_numpy(np.int64)
+    requests["intended_s"] = schedule["intended_s"].to_numpy()[index]
+    requests["class"] = pd.array(schedule["class"].to_numpy()[index], dtype="string")
+    requests["path"] = pd.array(schedule["path"].to_numpy()[index], dtype="string")
+    for column in ("send_lag_s", "connect_s", "first_byte_s", "done_s"):
+        requests[column] = pd.to_numeric(rows[column], errors="coerce").to_numpy(np.float64)
+    requests["status"] = rows["status"].to_numpy(np.int64)
+    requests["bytes"] = rows["bytes"].to_numpy(np.int64)
+    requests["server"] = pd.array(rows["server"].astype(str).to_numpy(), dtype="string")
+    requests["error"] = pd.array(rows["error"].astype(str).to_numpy(), dtype="string")
+    requests["jct_s"] = requests["done_s"] - requests["intended_s"]
+    return requests
+
+
+def recover_killed(path: Path) -> bool:
+    """Finish the files of a testbed run whose controller was killed (SIGKILL, a crash) before it wrote its
+    results: requests.parquet and summary.json from the replayer's own rows (every request it sent, in-flight
+    ones as `interrupted`), and `failure` in meta.json. Busy workers and agent steps are not recovered.
+    Returns whether it did; a run that is not such a run is left as it is."""
+    meta_path, csv_path, schedule_path = path / "meta.json", path / "requests.csv", path / "schedule.parquet"
+    if (path / "summary.json").exists() or not (csv_path.is_file() and schedule_path.is_file()):
+        return False
+    try:
+        meta = _read_json(meta_path)
+        requests = requests_from_replay(csv_path, pd.read_parquet(schedule_path))
+    except (RunDirError, OSError, ValueError, KeyError):
+        return False
+    if meta.get("complete") or meta.get("kind") != "testbed":
+        return False
+    ends = requests[["intended_s", "done_s"]].max(axis=1)
+    servers = pd.DataFrame({"t_s": [], "server": [], "group": [], "busy": []})
+    duration = float(ends.max()) if len(requests) else 0.0
+    save_results(
+        path, method=str(meta.get("method", "?")), requests=requests, servers=servers, agents={}, duration_s=duration
+    )
+    meta.update(
+        failure=meta.get("failure") or "killed: marllb stopped before writing the results",
+        recovered="requests.parquet and summary.json from the replayer's rows; no busy workers or agent steps",
+        replayed_requests=len(requests),
+    )
+    write_json(meta_path, meta)
+    csv_path.unlink()
+    return True
 
 
 def _completed(requests: pd.DataFrame) -> pd.Series:

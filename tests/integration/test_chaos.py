@@ -197,9 +197,16 @@ def test_killing_replay_loses_no_sent_request_and_leaves_no_load_running(testbed
             check_sent_requests_are_recorded(made.pop(), sig)
     complete = run("replay-trace", *replay_args(runs, 3)[1:])
     assert complete.returncode == 0, complete.stderr  # the next run recovers: the LBs are replaced
+    killed = [path for path in runs.iterdir() if (path / "requests.csv").exists()]  # SIGKILLed mid-replay
     report = run("report", runs, "--out", tmp_path / "report", "--json")
     assert report.returncode == 0, report.stderr
-    assert any(row["method"] == "sed" for row in json.loads(report.stdout)["rows"])
+    data = json.loads(report.stdout)
+    assert any(row["method"] == "sed" for row in data["rows"])
+    for path in killed:  # the report finished their files from the replayer's own rows
+        meta = json.loads((path / "meta.json").read_text())
+        assert meta["complete"] is False and meta["failure"].startswith("killed")
+        assert len(pd.read_parquet(path / "requests.parquet")) == meta["replayed_requests"]
+        assert any("recovered" in warning and path.name in warning for warning in data["warnings"])
     assert pids_in_testbed(testbed) == set()
 
 

@@ -151,3 +151,34 @@ def test_report_draws_learning_curves_of_training_directories(cli, tmp_path):
     assert both.exit_code == 0, both.output
     text = (tmp_path / "both" / "report.md").read_text()
     assert "## Learning curves" in text and "| 1 | sed | all |" in text
+
+
+def test_report_finishes_a_run_whose_controller_was_killed(tmp_path):
+    """SIGKILL of `replay-trace` leaves meta.json (complete: false), the schedule and the replayer's own
+    rows, but no results: `report` over the folder recovers them (every sent request, in schedule order)."""
+    import json
+
+    from marllb_cli.replay import ROW_FIELDS
+    from marllb_cli.report import scan_runs
+
+    runs = tmp_path / "runs"
+    run = create_run_dir(runs, method="sed", testbed="t", seed=0)
+    write_json(run / "meta.json", {"kind": "testbed", "method": "sed", "complete": False})
+    schedule = pd.DataFrame(
+        {"intended_s": [0.0, 0.5, 1.0], "path": ["/a", "/b", "/c"], "class": ["static"] * 3}
+    ).astype({"path": "string", "class": "string"})
+    schedule.to_parquet(run / "schedule.parquet", index=False)
+    rows = [
+        {"index": 1, "send_lag_s": 0.001, "connect_s": 0.51, "first_byte_s": 0.6, "done_s": 0.7, "status": 200,
+         "bytes": 10, "server": "srv1", "error": ""},
+        {"index": 0, "send_lag_s": 0.001, "connect_s": 0.01, "first_byte_s": 0.1, "done_s": 0.2, "status": 200,
+         "bytes": 10, "server": "srv0", "error": ""},
+    ]  # fmt: skip
+    pd.DataFrame(rows, columns=list(ROW_FIELDS)).to_csv(run / "requests.csv", index=False)
+    found, warnings = scan_runs([runs])
+    assert [r.path for r in found] == [run] and any("recovered" in w for w in warnings)
+    requests = found[0].requests()
+    assert requests["intended_s"].tolist() == [0.0, 0.5] and requests["jct_s"].round(6).tolist() == [0.2, 0.2]
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["complete"] is False and meta["failure"].startswith("killed") and meta["replayed_requests"] == 2
+    assert not (run / "requests.csv").exists()
