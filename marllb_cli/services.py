@@ -116,10 +116,12 @@ def exit_on_stdin_eof() -> None:
         return
 
     def watch() -> None:
+        # The raw descriptor, not sys.stdin: a daemon thread blocked inside a buffered reader would hold its
+        # lock when the process exits normally, and the interpreter aborts at shutdown.
         try:
-            while sys.stdin.buffer.read(65536):
+            while os.read(0, 65536):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -114,3 +114,25 @@ def test_a_sampler_started_over_ssh_stops_when_its_session_ends(tmp_path):
     process.stdin.close()
     assert process.wait(timeout=5) == 0  # session gone: SIGTERM to itself, a clean stop
     assert (tmp_path / "out.csv").read_text().startswith("t,server,group,busy")
+
+
+def test_a_process_watching_its_session_still_exits_cleanly_when_done(tmp_path):
+    """The stdin watcher must not keep a finished process from exiting (a daemon thread blocked in a
+    buffered read made the interpreter abort at shutdown: the replayer ended with -1 over SSH)."""
+    import os
+    import subprocess
+    import sys
+
+    script = "from marllb_cli.services import exit_on_stdin_eof; exit_on_stdin_eof(); print('done')"
+    env = {**os.environ, "MARLLB_EXIT_ON_STDIN_EOF": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,  # held open, as the controller holds the session: the watcher stays blocked
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    out = process.stdout.read()
+    assert process.wait(timeout=30) == 0 and out == "done\n", process.stderr.read()
+    process.stdin.close()
