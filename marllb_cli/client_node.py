@@ -14,8 +14,6 @@ Both sides offer the same few operations, so `experiment.replay_trace` has one p
 
 from __future__ import annotations
 
-import ctypes
-import os
 import shutil
 import signal
 import subprocess
@@ -25,8 +23,9 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from marllb_cli.hosts.local import LocalNamespace
+from marllb_cli.processes import die_with_parent
 
-__all__ = ["ClientNode", "ClientProcess", "LocalClient", "die_with_parent", "stop_process"]
+__all__ = ["ClientNode", "ClientProcess", "LocalClient", "stop_process"]
 
 
 class ClientProcess(Protocol):
@@ -49,18 +48,6 @@ class ClientNode(Protocol):
     def download(self, remote: str, local: Path) -> bool: ...
     def start(self, module: str, args: Sequence[str], log: str) -> ClientProcess: ...
     def close(self) -> None: ...
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """In a child between fork and exec: ask the kernel for SIGTERM when the parent dies (prctl
-    PR_SET_PDEATHSIG; kept across exec), and make sure the parent did not die already."""
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def stop_process(process: ClientProcess, grace_s: float) -> None:
@@ -105,7 +92,7 @@ class LocalClient:
         with open(log, "w") as stderr:
             return self.ns.popen(
                 [self.python, "-m", module, *args],
-                preexec_fn=die_with_parent,
+                preexec_fn=die_with_parent(signal.SIGTERM),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=stderr,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -425,7 +426,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         return Config.model_validate({**raw, "source": path})
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path, root)) from None
+        set_keys = [parse_override(item)[0] for item in overrides]
+        raise ConfigError(_describe(exc, path, root, set_keys)) from None
 
 
 def _refuse_duplicate_keys(root: yaml.Node | None, path: Path) -> None:
@@ -474,8 +476,9 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path) -> None:
         raise ConfigError(f"{path}: --set {key}: {last!r} does not name a field")
 
 
-def _describe(exc: ValidationError, path: Path, root: yaml.Node | None) -> str:
-    """First validation error as `file:line: field: problem`, plus how many more there are."""
+def _describe(exc: ValidationError, path: Path, root: yaml.Node | None, set_keys: Sequence[str] = ()) -> str:
+    """First validation error as `file:line: field: problem` (or `file: --set KEY: problem` when the value came
+    from the command line, not the file), plus how many more there are."""
     # A misspelt key also makes its real name "missing": report the unknown key first, it is the cause.
     errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
     error = errors[0]
@@ -486,10 +489,21 @@ def _describe(exc: ValidationError, path: Path, root: yaml.Node | None) -> str:
         message = f"unknown key {loc[-1]!r}" + _suggest(exc, loc)
     elif error["type"] == "missing":
         message = "required field is missing"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    for key in reversed(set_keys):  # the last --set of a field wins, so it is the one to name
+        given = _dotted_key(key)
+        if field == given:
+            return f"{path}: --set {key}: {message}{more}"
+        if field.startswith((f"{given}.", f"{given}[")):
+            return f"{path}: --set {key}: {field}: {message}{more}"
     line = _line_of(root, loc)
     where = f"{path}:{line}" if line else str(path)
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return f"{where}: {field or '(top level)'}: {message}{more}"
+
+
+def _dotted_key(key: str) -> str:
+    """A `--set` key as `_dotted` spells a field: `testbed.hosts.0.workdir` → `testbed.hosts[0].workdir`."""
+    return _dotted(tuple(int(part) if part.isdigit() else part for part in key.split(".")))
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -10,7 +11,22 @@ from collections.abc import Callable, Sequence
 
 from marllb_cli.errors import TestbedError
 
-__all__ = ["kill_pids", "run_checked"]
+__all__ = ["die_with_parent", "kill_pids", "run_checked"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A `preexec_fn`: the child gets `sig` when this process dies (prctl PR_SET_PDEATHSIG, kept across
+    exec), and gets it at once if this process died before the child got that far."""
+
+    def arm() -> None:
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return arm
 
 
 def run_checked(argv: Sequence[str], what: str, *, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -111,7 +111,7 @@ def exit_on_stdin_eof() -> None:
 
     A process the controller started over SSH has the session's channel as stdin. If the controller dies,
     sshd closes the session and stdin ends: the replayer then stops sending and the sampler stops probing,
-    as a local child does when its parent dies (`client_node.die_with_parent`)."""
+    as a local child does when its parent dies (`processes.die_with_parent`)."""
     if not os.environ.get(EXIT_ON_STDIN_EOF):
         return
 

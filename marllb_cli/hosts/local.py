@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -126,9 +127,21 @@ class LocalNamespace(LocalHost):
         return (NETNS_DIR / self.name).exists()
 
     def create(self) -> None:
-        from pyroute2 import netns
+        """`ip netns add`, killed with us: a helper that outlived a killed deploy (pyroute2 creates namespaces
+        in a forked child) could finish creating the namespace after the next deploy cleaned up, and leave
+        it behind as a namespace no manifest lists."""
+        from marllb_cli.processes import die_with_parent
 
-        netns.create(self.name)
+        result = subprocess.run(
+            ["ip", "netns", "add", self.name],
+            capture_output=True,
+            text=True,
+            preexec_fn=die_with_parent(signal.SIGKILL),
+            check=False,
+            timeout=30,
+        )
+        if result.returncode != 0:
+            raise TestbedError(f"cannot create namespace {self.name}: {result.stderr.strip() or 'no output'}")
 
     def remove(self) -> None:
         """Delete the namespace; its interfaces go with it once no process is left inside."""

@@ -134,3 +134,16 @@ def test_bad_override_is_exit_2(write_config, cli):
     result = cli("status", write_config(minimal_testbed()), "--set", "testbed.lbs")
     assert result.exit_code == 2
     assert "expected KEY=VALUE" in result.stderr
+
+
+def test_a_bad_value_from_set_is_located_at_the_set_not_at_a_line_of_the_file(write_config):
+    """Reliability review (S05/S06): a value given with --set was reported at `file:1`, a line that never
+    held it."""
+    config = write_config(minimal_testbed("unitset"))
+    with pytest.raises(ConfigError) as error:
+        load_config(config, ["testbed.cpu_unit=.nan"])
+    assert error.value.message == f"{config}: --set testbed.cpu_unit: Input should be a finite number"
+    with pytest.raises(ConfigError, match=r": --set testbed\.servers\.1: testbed\.servers\[1\]\.cpus: "):
+        load_config(config, ["testbed.servers.1={name: x, count: 1, cpus: -1}"])
+    with pytest.raises(ConfigError, match=r"config\.yaml:\d+: testbed\.servers\[0\]\.cpus: "):
+        load_config(write_config(minimal_testbed("unitset", servers=[{"name": "s", "count": 1, "cpus": -1}])))

@@ -85,7 +85,7 @@ def test_a_system_directory_as_image_cache_is_refused(write_config, override, fi
 
 @pytest.mark.parametrize("workdir", ["/", "/usr", "/var", "/var/lib/../..", "relative"])
 def test_a_system_directory_as_ssh_workdir_is_refused(workdir):
-    with pytest.raises(ConfigError, match=r"testbed\.hosts\[0\]\.workdir"):
+    with pytest.raises(ConfigError, match=r"--set testbed\.hosts\.0\.workdir: "):
         load_config(REPO / "configs" / "ssh-example.yaml", [f"testbed.hosts.0.workdir={workdir}"])
 
 
@@ -107,5 +107,5 @@ def test_a_state_root_others_can_write_is_refused(cli, write_config, monkeypatch
 
 @pytest.mark.parametrize("address", ["h; rm -rf / #", "evil\nhost", "$(reboot)", "a b"])
 def test_an_ssh_address_that_is_not_a_host_name_is_refused(address):
-    with pytest.raises(ConfigError, match=r"testbed\.hosts\[0\]\.address"):
+    with pytest.raises(ConfigError, match=r"--set testbed\.hosts\.0\.address: "):
         load_config(REPO / "configs" / "ssh-example.yaml", [f"testbed.hosts.0.address={address!r}"])
