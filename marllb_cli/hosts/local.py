@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from marllb_cli.errors import TestbedError
 
-__all__ = ["LocalHost", "LocalNamespace", "host_for", "list_namespaces", "NETNS_DIR"]
+__all__ = ["LocalHost", "LocalNamespace", "host_for", "list_namespaces", "NETNS_DIR", "sysctl_path"]
 
 NETNS_DIR = Path("/var/run/netns")
 _CLONE_NEWNET = 0x40000000
@@ -35,6 +35,13 @@ def list_namespaces() -> set[str]:
     from pyroute2 import netns  # here, not at import: `marllb status` of an absent testbed never needs it
 
     return set(netns.listnetns())
+
+
+def sysctl_path(key: str) -> Path:
+    """A sysctl key as its /proc/sys path. Keys are dotted (`net.ipv4.ip_forward`) or, where a name holds a
+    dot of its own (a VLAN interface `eth0.100`), slashed (`net/ipv4/conf/eth0.100/arp_ignore`), as
+    sysctl(8) accepts both."""
+    return Path("/proc/sys") / (key if "/" in key else key.replace(".", "/"))
 
 
 def host_for(namespace: str) -> LocalHost:
@@ -84,7 +91,7 @@ class LocalHost:
 
     def sysctl(self, key: str, value: int | str) -> None:
         """Set a per-namespace sysctl (`net.ipv4.ip_forward`) and read it back to confirm it took."""
-        path = Path("/proc/sys") / key.replace(".", "/")
+        path = sysctl_path(key)
 
         def write_and_read() -> str:
             path.write_text(f"{value}\n")

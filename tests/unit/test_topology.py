@@ -57,3 +57,29 @@ def test_gre_mode_lowers_client_mtu_by_the_encapsulation(write_config):
     assert (
         plan(load_config(write_config(minimal_testbed("abc"), name="b.yaml")).testbed).client.interfaces[0].mtu == 1500
     )
+
+
+def test_sysctl_keys_of_an_interface_with_a_dot_reach_its_own_directory():
+    """Reliability review §1.2: `eth0.100` (a VLAN) made `net.ipv4.conf.eth0.100.arp_ignore`, a path that
+    does not exist; interface keys are slashed, as sysctl(8) also accepts."""
+    from pathlib import Path
+
+    from marllb_cli.deploy.node.roles import role_sysctls
+    from marllb_cli.hosts.local import sysctl_path
+    from marllb_cli.topology import Interface, Node
+
+    vlan = Node(
+        name="srv0",
+        role="server",
+        index=0,
+        namespace="",
+        interfaces=(
+            Interface(
+                name="eth0.100", ip=ipaddress.IPv4Interface("10.1.0.101/24"), mac="02:00:00:00:00:01", segment="data"
+            ),
+        ),
+    )
+    paths = {str(sysctl_path(key)) for key, _ in role_sysctls(vlan)}
+    assert "/proc/sys/net/ipv4/conf/eth0.100/arp_ignore" in paths
+    assert "/proc/sys/net/ipv4/conf/all/arp_ignore" in paths
+    assert sysctl_path("net.ipv4.ip_forward") == Path("/proc/sys/net/ipv4/ip_forward")

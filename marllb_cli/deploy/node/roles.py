@@ -16,14 +16,12 @@ it. In a local namespace nothing needs recording: deleting the namespace undoes 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from marllb_cli.deploy.node.manifest import Manifest
 from marllb_cli.errors import TestbedError
-from marllb_cli.hosts.local import LocalHost
+from marllb_cli.hosts.local import LocalHost, sysctl_path
 from marllb_cli.topology import Node, Topology
 
 __all__ = ["missing_changes", "GRE_DEVICE", "OFFLOADS_OFF", "apply_role", "nft_table", "role_sysctls", "undo_network"]
@@ -57,11 +55,11 @@ def role_sysctls(node: Node) -> list[tuple[str, int]]:
             # Hold the VIP on lo without answering ARP for it: only LBs may attract VIP traffic.
             ("net.ipv4.conf.all.arp_ignore", 1),
             ("net.ipv4.conf.all.arp_announce", 2),
-            (f"net.ipv4.conf.{iface}.arp_ignore", 1),
-            (f"net.ipv4.conf.{iface}.arp_announce", 2),
+            (f"net/ipv4/conf/{iface}/arp_ignore", 1),  # slashed: an interface name may hold a dot (VLAN)
+            (f"net/ipv4/conf/{iface}/arp_announce", 2),
             # GRE packets arrive on the tunnel while the client is routed via the data interface.
             ("net.ipv4.conf.all.rp_filter", 0),
-            (f"net.ipv4.conf.{iface}.rp_filter", 0),
+            (f"net/ipv4/conf/{iface}/rp_filter", 0),
             # A full accept queue resets the connection (a failed request), as on the papers' servers.
             ("net.ipv4.tcp_abort_on_overflow", 1),
             ("net.core.somaxconn", 4096),
@@ -231,4 +229,4 @@ def _link(ipr: IPRoute, iface: str) -> int:
 
 
 def _sysctl_read(key: str) -> str:
-    return (Path("/proc/sys") / key.replace(".", "/")).read_text().strip()
+    return sysctl_path(key).read_text().strip()
