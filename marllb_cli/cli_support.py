@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from marllb_cli.config import Config, load_config
 from marllb_cli.errors import MarllbError, Terminated
+from marllb_cli.processes import become_subreaper
 
 __all__ = [
     "ConfigArg",
@@ -91,6 +92,7 @@ def signals_interrupt() -> Iterator[None]:
         yield
         return
     _COMMAND_PID = os.getpid()
+    become_subreaper()  # a command reaps what it orphans (Apache's daemon), so teardown can remove cgroups
     previous = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield

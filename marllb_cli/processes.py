@@ -11,9 +11,18 @@ from collections.abc import Callable, Sequence
 
 from marllb_cli.errors import TestbedError
 
-__all__ = ["die_with_parent", "kill_pids", "run_checked"]
+__all__ = ["become_subreaper", "die_with_parent", "kill_pids", "run_checked"]
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Make this process the reaper of its orphaned descendants (prctl PR_SET_CHILD_SUBREAPER). Apache
+    daemonises: a master killed during a failed start would otherwise be a zombie that only the machine's
+    init may reap, and some inits reap late; until then its cgroup cannot be removed. As reaper, teardown
+    reaps it itself (`cgroups._reap_exited_children`)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:

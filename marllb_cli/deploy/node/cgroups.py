@@ -98,11 +98,11 @@ class CpuCgroup:
     def exists(self) -> bool:
         return self.path.is_dir()
 
-    def remove(self, *, grace_s: float = 3.0) -> None:
+    def remove(self, *, grace_s: float = 10.0) -> None:
         """Stop every process in the group (they are ours: we put them there), then remove the directory."""
         if not self.exists():
             return
-        kill_pids(self.pids, grace_s=grace_s)
+        kill_pids(self.pids, grace_s=min(grace_s, 3.0))
         deadline = time.monotonic() + grace_s
         while True:
             try:
