@@ -36,7 +36,7 @@ from marllb_cli.deploy import testbed_for
 from marllb_cli.deploy.base import LbControl, Testbed
 from marllb_cli.errors import ConfigError, Terminated, TestbedError
 from marllb_cli.replay import ReplaySpec, write_schedule
-from marllb_cli.runs import RunDir, requests_from_replay, save_results
+from marllb_cli.runs import RunDir, elapsed, requests_from_replay, save_results
 from marllb_cli.sampler import SampledServer, SamplerSpec
 from marllb_cli.steps import read_steps_log
 from marllb_cli.topology import Topology
@@ -297,7 +297,7 @@ def _finish(
         for lb in lbs.topology.lbs
         if lbs.steps_log(lb).exists()
     }
-    duration = float(requests["intended_s"].max()) if finished and len(requests) else _elapsed(requests)
+    duration = float(requests["intended_s"].max()) if finished and len(requests) else elapsed(requests)
     summary = save_results(
         run,
         method=run_dir.meta["method"],
@@ -331,11 +331,6 @@ def _finish(
         (run / transient).unlink(missing_ok=True)
     interrupted = failure is not None and failure.startswith(("interrupted", "terminated"))
     return RunOutcome(run, summary, complete, interrupted, warnings, failure)
-
-
-def _elapsed(requests: pd.DataFrame) -> float:
-    ends = requests[["intended_s", "done_s"]].max(axis=1)
-    return float(ends.max()) if len(requests) else 0.0
 
 
 def servers_frame(csv_path: Path, t0: float) -> pd.DataFrame:

@@ -36,6 +36,7 @@ __all__ = [
     "Run",
     "RunDir",
     "create_run_dir",
+    "elapsed",
     "empty_requests",
     "environment",
     "load_run",
@@ -204,6 +205,12 @@ def requests_from_replay(csv_path: Path, schedule: pd.DataFrame) -> pd.DataFrame
     return requests
 
 
+def elapsed(requests: pd.DataFrame) -> float:
+    """How long a run that stopped early lasted: its last intended send or completion (0 when empty)."""
+    ends = requests[["intended_s", "done_s"]].max(axis=1)
+    return float(ends.max()) if len(requests) else 0.0
+
+
 def recover_killed(path: Path) -> bool:
     """Finish the files of a testbed run whose controller was killed (SIGKILL, a crash) before it wrote its
     results: requests.parquet and summary.json from the replayer's own rows (every request it sent, in-flight
@@ -219,9 +226,8 @@ def recover_killed(path: Path) -> bool:
         return False
     if meta.get("complete") or meta.get("kind") != "testbed":
         return False
-    ends = requests[["intended_s", "done_s"]].max(axis=1)
     servers = pd.DataFrame({"t_s": [], "server": [], "group": [], "busy": []})
-    duration = float(ends.max()) if len(requests) else 0.0
+    duration = elapsed(requests)
     save_results(
         path, method=str(meta.get("method", "?")), requests=requests, servers=servers, agents={}, duration_s=duration
     )
