@@ -211,7 +211,9 @@ class KvmSettings(_Strict):
     )
     image_cache: Path = Field(Path("/var/cache/marllb"), description="Where the Debian base image is built once.")
     mirror: str = Field(
-        "http://deb.debian.org/debian", pattern=r"^https?://\S+$", description="Debian archive for debootstrap."
+        "http://deb.debian.org/debian",
+        pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$",
+        description="Debian archive for debootstrap (http or https; a host name and a plain path).",
     )
     boot_timeout_s: float = Field(600.0, gt=0, le=3600, description="How long to wait for every guest's sshd.")
     _own_cache = field_validator("image_cache")(lambda value: Path(own_directory(str(value))))

@@ -256,6 +256,29 @@ def is_training_dir(path: Path) -> bool:
     return (path / "curve.parquet").is_file()
 
 
+CURVE_COLUMNS = ("episode", "reward", "jct_mean_s", "wall_s")
+
+
+def _read_training(path: Path) -> tuple[pd.DataFrame, dict]:
+    """A training directory's curve and train.json, or a RunDirError naming the file that is damaged."""
+    try:
+        curve = pd.read_parquet(path / "curve.parquet")
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{path / 'curve.parquet'}: unreadable learning curve ({exc.__class__.__name__})") from None
+    missing = [column for column in CURVE_COLUMNS if column not in curve.columns]
+    wrong = [c for c in CURVE_COLUMNS if c in curve.columns and not pd.api.types.is_numeric_dtype(curve[c])]
+    if missing or wrong:
+        problem = f"no {', '.join(missing)}" if missing else f"{', '.join(wrong)} of the wrong type"
+        raise RunDirError(f"{path / 'curve.parquet'}: damaged learning curve ({problem})")
+    try:
+        meta = json.loads((path / "train.json").read_text()) if (path / "train.json").exists() else {}
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{path / 'train.json'}: unreadable ({exc.__class__.__name__})") from None
+    if not isinstance(meta, dict):
+        raise RunDirError(f"{path / 'train.json'}: damaged (not a JSON object)")
+    return curve, meta
+
+
 def learning_curves(trainings: list[Path], out: Path) -> tuple[Path, list[str]]:
     """`learning_curves.png` (episode reward and mean JCT per training directory) and a Markdown table."""
     import matplotlib
@@ -269,11 +292,7 @@ def learning_curves(trainings: list[Path], out: Path) -> tuple[Path, list[str]]:
         "|---|---|---|---|---|---|---|",
     ]
     for path in trainings:
-        try:
-            curve = pd.read_parquet(path / "curve.parquet")
-            meta = json.loads((path / "train.json").read_text()) if (path / "train.json").exists() else {}
-        except (OSError, ValueError) as exc:
-            raise RunDirError(f"{path}: unreadable learning curve ({exc.__class__.__name__})") from None
+        curve, meta = _read_training(path)
         label = f"{path.name} ({meta.get('algo', '?')})"
         top.plot(curve["episode"], curve["reward"], label=label)
         bottom.plot(curve["episode"], curve["jct_mean_s"] * 1e3, label=label)

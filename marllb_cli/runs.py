@@ -318,9 +318,16 @@ class Run:
             raise RunDirError(f"{path / 'summary.json'}: method is not a name ({method!r})", hint=_REWRITE)
         self.method: str = method
         self.complete: bool = bool(self.meta.get("complete"))
+        self._requests: pd.DataFrame | None = None
 
     def requests(self) -> pd.DataFrame:
-        """requests.parquet with every column of `REQUEST_COLUMNS` in its type, or a `RunDirError`."""
+        """requests.parquet with every column of `REQUEST_COLUMNS` in its type, or a `RunDirError`; read once
+        (`report` checks every run of a folder before it aggregates them)."""
+        if self._requests is None:
+            self._requests = self._read_requests()
+        return self._requests
+
+    def _read_requests(self) -> pd.DataFrame:
         path = self.path / "requests.parquet"
         frame = _read_parquet(path)
         missing = [column for column in REQUEST_COLUMNS if column not in frame.columns]

@@ -46,6 +46,31 @@ def marllb(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess[str
     return result
 
 
+STRANGER_SENDS_GRE = """
+import socket, sys
+inner = bytes.fromhex("45000014000100004006" + "0000" + "0a000001" + "0a63ff01")  # an IPv4 header to the VIP
+with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_GRE) as sock:
+    sock.sendto(b"\\x00\\x00\\x08\\x00" + inner, (sys.argv[1], 0))
+"""
+
+
+def gre_drops_after_a_stranger_sends() -> tuple[int, int]:
+    """One server guest sends a GRE packet to another (a host on the data network that is not an LB); return
+    the receiver's drop counters: (GRE from a non-LB, tunnel packets not for the VIP)."""
+    from marllb_cli.config import load_config
+    from marllb_cli.deploy import testbed_for
+    from marllb_cli.deploy.node.roles import nft_table
+
+    kvm = testbed_for(load_config(CONFIG, [f"testbed.name={NAME}"]))
+    sender, receiver = [host for host in kvm.ssh.hosts if host.node.startswith("srv")][:2]
+    receiver_ip = str(next(node.ip for node in kvm.topology.servers if node.name == receiver.node))
+    kvm.ssh.connect(sender).run(["python3", "-c", STRANGER_SENDS_GRE, receiver_ip])
+    time.sleep(0.5)
+    listed = kvm.ssh.connect(receiver).run(["nft", "list", "table", "ip", nft_table(NAME)]).stdout
+    counters = [int(line.split("counter packets ")[1].split()[0]) for line in listed.splitlines() if "counter" in line]
+    return counters[0], counters[1]
+
+
 def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path, trained):
     stages: dict[str, float] = {}
     started = time.monotonic()
@@ -78,6 +103,8 @@ def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path, trained)
         assert requests["server"].nunique() == 3
         steps = pd.read_parquet(run / "agents" / "lb0.parquet")
         assert len(steps) > 60 and steps["t_s"].between(-120, 120).all()  # moved onto this machine's clock
+        # A server's tunnel takes GRE from the LBs only: the LBs' 100+ requests passed, a stranger's is dropped.
+        assert gre_drops_after_a_stranger_sends() == (1, 0)
 
         # A static file through the LBs (GRE to a server guest), whole.
         client = LocalNamespace(f"{NAME}-client")

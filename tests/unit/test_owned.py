@@ -5,6 +5,7 @@ cache, and `workdir: /`, `image_cache: /` and `MARLLB_STATE_DIR=/` were accepted
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 
 from marllb_cli.config import load_config
 from marllb_cli.deploy.kvm.image import claim_cache, purge_cache
-from marllb_cli.deploy.node.owned import MARKER, claim, owner_of, remove_owned
+from marllb_cli.deploy.node.owned import MARKER, claim, mounts_below, owner_of, remove_owned
 from marllb_cli.errors import ConfigError, TestbedError
 from tests.conftest import REPO, minimal_testbed
 
@@ -109,3 +110,23 @@ def test_a_state_root_others_can_write_is_refused(cli, write_config, monkeypatch
 def test_an_ssh_address_that_is_not_a_host_name_is_refused(address):
     with pytest.raises(ConfigError, match=r"--set testbed\.hosts\.0\.address: "):
         load_config(REPO / "configs" / "ssh-example.yaml", [f"testbed.hosts.0.address={address!r}"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_removing_a_tree_never_deletes_through_a_mount_left_in_it(tmp_path):
+    """A debootstrap killed mid-run leaves the host's /proc and /sys (or a bind of /dev) mounted in its tree;
+    an rmtree of the tree then deleted the host's files through the mount."""
+    host_files = tmp_path / "host-dev"
+    host_files.mkdir()
+    (host_files / "null").write_text("a file of the host")
+    cache = tmp_path / "cache"
+    claim_cache(cache)
+    target = cache / "debootstrap-bookworm-0123" / "root" / "dev"
+    target.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(host_files), str(target)], check=True)
+    try:
+        assert purge_cache(cache) == 1
+        assert (host_files / "null").read_text() == "a file of the host"
+        assert not mounts_below(tmp_path / "cache") and not cache.exists()
+    finally:
+        subprocess.run(["umount", "--lazy", str(target)], capture_output=True)

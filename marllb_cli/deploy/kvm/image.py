@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marllb_cli.deploy.node import mediawiki
-from marllb_cli.deploy.node.owned import MARKER, claim, owner_of, remove_owned
+from marllb_cli.deploy.node.owned import MARKER, claim, owner_of, remove_owned, remove_tree
 from marllb_cli.errors import MissingTool
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.hosts.provision import Bundle, install_torch, provision
@@ -134,7 +134,7 @@ def base_image(
     if not Path(DEBIAN_KEYRING).is_file():
         raise MissingTool(f"{DEBIAN_KEYRING} is missing", hint="run `make system-deps-kvm` (debian-archive-keyring)")
     if not (tree / "complete").exists():
-        shutil.rmtree(tree, ignore_errors=True)
+        remove_tree(tree)  # a killed debootstrap leaves /proc and /sys mounted in it
         (tree / "root").mkdir(parents=True)
         progress(f"debootstrap {SUITE} (once, minutes; cached in {tree})")
         # Signed: the release file is checked against Debian's archive keyring, whatever the mirror's scheme.
@@ -145,7 +145,7 @@ def base_image(
         (tree / "complete").touch()
     started = time.monotonic()
     progress("configuring the image")
-    shutil.rmtree(directory, ignore_errors=True)
+    remove_tree(directory)
     directory.mkdir(parents=True)
     root = directory / "root"
     run_checked(["cp", "-a", str(tree / "root"), str(root)], "copying the debootstrapped tree", timeout=900)
@@ -164,7 +164,7 @@ def base_image(
     )
     run_checked(["qemu-img", "convert", "-O", "qcow2", str(raw), str(image.disk)], "qemu-img convert", timeout=900)
     raw.unlink()
-    shutil.rmtree(root)
+    remove_tree(root)
     (directory / "complete").write_text(f"configured and packed in {time.monotonic() - started:.0f} s\n")
     _prune(cache, keep=(tree, directory))
     return image
@@ -193,7 +193,7 @@ def purge_cache(cache: Path) -> int:
     entries = [entry for pattern in _CACHE_ENTRIES for entry in cache.glob(pattern)]
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_tree(entry)
         else:
             entry.unlink(missing_ok=True)
     if {entry.name for entry in cache.iterdir()} <= {MARKER}:
@@ -209,7 +209,7 @@ def _prune(cache: Path, keep: tuple[Path, Path], *, images_kept: int = 2) -> Non
     old = [path for path in images if path not in keep][images_kept - 1 :]
     old += [path for path in cache.glob(f"debootstrap-{SUITE}-*") if path not in keep]
     for path in old:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
 
 
 class Chroot(LocalHost):

@@ -8,18 +8,23 @@ directory exists and is not ours) and never deleted at teardown.
     claim(dir, owner)          make `dir` (its parents as needed) with the marker, or accept it when it
                                already carries ours; refuse one that exists without it
     remove_owned(dir, owner)   rmtree only when the marker is there (and says `owner`); otherwise leave it
+    remove_tree(dir)           rmtree that first unmounts whatever is mounted below `dir`: a debootstrap
+                               killed mid-run leaves the host's /proc and /sys mounted in its tree, and an
+                               rmtree that crossed into them would delete the host's files
 
 The config refuses a `workdir` or `image_cache` that is a system directory (`config.own_directory`).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from marllb_cli.errors import TestbedError
 
-__all__ = ["MARKER", "claim", "owner_of", "remove_owned"]
+__all__ = ["MARKER", "claim", "mounts_below", "owner_of", "remove_owned", "remove_tree"]
 
 MARKER = ".marllb-owned"
 
@@ -52,5 +57,36 @@ def remove_owned(directory: Path, owner: str | None = None) -> bool:
     found = None if directory.is_symlink() else owner_of(directory)
     if found is None or (owner is not None and found != owner):
         return False
-    shutil.rmtree(directory, ignore_errors=True)
+    remove_tree(directory)
     return True
+
+
+def mounts_below(directory: Path) -> list[Path]:
+    """Mount points at or below `directory`, deepest first (from /proc/self/mountinfo)."""
+    root = os.path.realpath(directory)
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        point = fields[4].encode().decode("unicode_escape")  # octal escapes (\040 for a space)
+        if point == root or point.startswith(root.rstrip("/") + "/"):
+            found.append(Path(point))
+    return sorted(set(found), key=lambda path: len(path.parts), reverse=True)
+
+
+def remove_tree(directory: Path) -> None:
+    """rmtree `directory` without ever deleting through a mount: detach every mount below it first, and
+    leave the tree in place when one cannot be detached."""
+    for point in mounts_below(directory):
+        subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)
+    if mounts_below(directory):
+        raise TestbedError(
+            f"{directory}: something is still mounted below it; not removed",
+            hint=f"unmount what `findmnt -R {directory}` lists, then run the command again",
+        )
+    shutil.rmtree(directory, ignore_errors=True)

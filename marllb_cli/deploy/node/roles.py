@@ -7,7 +7,8 @@ a namespace of the local testbed (`LocalNamespace`) and a real host running `mar
              interface, so the dataplane never sees a frame larger than the MTU
     server   holds the VIP on `lo` without answering ARP for it; a full accept queue resets (a failed request);
              with `forwarding: gre` on a kernel that has `ip_gre` (a real host, a KVM guest), a GRE tunnel
-             `mlbgre` that takes packets from any LB (the local testbed terminates GRE in user space instead)
+             `mlbgre` that takes packets from the LBs only (nftables drops other sources); the local testbed
+             terminates GRE in user space instead
 
 On a real host every change is recorded in the node's manifest *before* it is made, with what was there
 before (a sysctl's old value, a feature's old state), so `marllb node down` puts the host back as it found
@@ -96,6 +97,9 @@ def apply_role(
             host.run(["modprobe", "ip_gre"])
             _record(manifest, "link", GRE_DEVICE, ifname=GRE_DEVICE)
             host.call(_gre_add, GRE_DEVICE, str(node.ip))
+            table = nft_table(topology.testbed)
+            _record(manifest, "nft", table, table=table)
+            _gre_only_from_lbs(host, table, [str(lb.ip) for lb in topology.lbs], vip)
     sysctls = role_sysctls(node)
     if node.role == "server" and kernel_gre:  # decapsulated packets arrive on the tunnel: no reverse-path check
         sysctls.append((f"net.ipv4.conf.{GRE_DEVICE}.rp_filter", 0))
@@ -167,6 +171,22 @@ def _kernel_ignores_vip(host: LocalHost, table: str, vip: str) -> None:
         "  chain vip {\n"
         "    type filter hook prerouting priority -300; policy accept;\n"
         f"    ip daddr {vip} counter drop\n"
+        "  }\n"
+        "}\n"
+    )
+    host.run(["nft", "-f", "-"], input=ruleset)
+
+
+def _gre_only_from_lbs(host: LocalHost, table: str, lbs: list[str], vip: str) -> None:
+    """A server's tunnel takes any remote and its reverse-path check is off, so without this any host on the
+    data network could inject packets into it. Accept GRE only from the testbed's LBs, and from the tunnel
+    only packets for the VIP; count what is dropped (`nft list table ip <table>`)."""
+    ruleset = (
+        f"table ip {table} {{\n"
+        "  chain gre {\n"
+        "    type filter hook prerouting priority -300; policy accept;\n"
+        f"    ip protocol gre ip saddr != {{ {', '.join(lbs)} }} counter drop\n"
+        f'    iifname "{GRE_DEVICE}" ip daddr != {vip} counter drop\n'
         "  }\n"
         "}\n"
     )
