@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     _raise_fd_limit()
     name, loop_class = _event_loop(spec.loop)
     replayer = Replayer(spec, intended, paths)
-    exit_on_stdin_eof()
+    exit_on_stdin_eof(args.spec)
     print(json.dumps({"loop": name}), flush=True)
     runner = asyncio.Runner(loop_factory=loop_class) if loop_class else asyncio.Runner()
     with runner:

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", type=Path, help="SamplerSpec JSON written by `marllb replay-trace`")
     args = parser.parse_args(argv)
     keep_going = until_signalled()
-    exit_on_stdin_eof()
+    exit_on_stdin_eof(args.spec)
     sample(SamplerSpec.model_validate_json(args.spec.read_text()), keep_going)
     return 0
 

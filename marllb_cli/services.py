@@ -6,6 +6,7 @@ later never signals an unrelated process that happens to reuse the pid.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,16 @@ from pathlib import Path
 
 from marllb_cli.hosts.local import LocalHost
 
-__all__ = ["EXIT_ON_STDIN_EOF", "Service", "exit_on_stdin_eof", "start_process", "start_service", "until_signalled"]
+__all__ = [
+    "EXIT_ON_STDIN_EOF",
+    "PID_SUFFIX",
+    "Service",
+    "exit_on_stdin_eof",
+    "start_process",
+    "start_service",
+    "stop_recorded_clients",
+    "until_signalled",
+]
 
 #: Popen handles of services this process started: kept so that a long-lived caller (a test session) can
 #: reap them, and so that dropping the handle does not warn about a process that is meant to outlive it.
@@ -106,14 +116,24 @@ def start_process(
 EXIT_ON_STDIN_EOF = "MARLLB_EXIT_ON_STDIN_EOF"
 
 
-def exit_on_stdin_eof() -> None:
-    """When `$MARLLB_EXIT_ON_STDIN_EOF` is set, SIGTERM this process once its stdin reaches end of file.
+#: Beside a remote replayer's or sampler's spec: `<spec>.pid`, its pid and start time.
+PID_SUFFIX = ".pid"
+
+
+def exit_on_stdin_eof(spec: Path) -> None:
+    """When `$MARLLB_EXIT_ON_STDIN_EOF` is set, SIGTERM this process once its stdin reaches end of file, and
+    record it beside its spec (`<spec>.pid`).
 
     A process the controller started over SSH has the session's channel as stdin. If the controller dies,
     sshd closes the session and stdin ends: the replayer then stops sending and the sampler stops probing,
-    as a local child does when its parent dies (`processes.die_with_parent`)."""
+    as a local child does when its parent dies (`processes.die_with_parent`). A controller whose machine
+    vanished without closing the connection leaves the session open; the record lets the next
+    `replay-trace` or `teardown` stop what it left (`stop_recorded_clients`)."""
     if not os.environ.get(EXIT_ON_STDIN_EOF):
         return
+    pid = os.getpid()
+    record = Service(spec.name, pid, _start_time(pid) or 0, "").as_record()
+    spec.with_name(spec.name + PID_SUFFIX).write_text(json.dumps(record))
 
     def watch() -> None:
         # The raw descriptor, not sys.stdin: a daemon thread blocked inside a buffered reader would hold its
@@ -138,3 +158,21 @@ def until_signalled() -> Callable[[], bool]:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())
     return lambda: not stopped.is_set()
+
+
+def stop_recorded_clients(runs: Path) -> int:
+    """Stop the replayers and samplers recorded under `runs/*/` (`exit_on_stdin_eof`) that still run: a
+    previous controller's leftovers. The start time in each record keeps a reused pid safe. Returns how many
+    it stopped."""
+    stopped = 0
+    for record in sorted(runs.glob(f"*/*{PID_SUFFIX}")):
+        try:
+            data = json.loads(record.read_text())
+            service = Service.from_record(record.name, {**data, "log": ""})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a record half-written by a process killed at once: nothing ran long enough to matter
+        if service.running():
+            service.stop(grace_s=5.0)
+            stopped += 1
+        record.unlink(missing_ok=True)
+    return stopped

@@ -182,7 +182,10 @@ class SshTestbed:
     def client(self) -> SshClient:
         """The client host, where `replay-trace` runs its replayer and sampler."""
         host = next(host for host in self.hosts if host.entry.role == "client")
-        return SshClient(self.connect(host), host.python, host.state)
+        ssh = self.connect(host)
+        # A controller that vanished without closing its session may have left a replayer sending.
+        _step(host, "stop-clients", lambda: ssh.run(host.args("stop-clients")))
+        return SshClient(ssh, host.python, host.state)
 
     # -- steps -----------------------------------------------------------------------------------------
     def _deploy_host(

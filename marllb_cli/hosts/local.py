@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from marllb_cli.errors import TestbedError
 
-__all__ = ["LocalHost", "LocalNamespace", "host_for", "list_namespaces", "NETNS_DIR", "sysctl_path"]
+__all__ = ["LocalHost", "LocalNamespace", "host_for", "list_namespaces", "NETNS_DIR", "sysctl_path", "telling_line"]
 
 NETNS_DIR = Path("/var/run/netns")
 _CLONE_NEWNET = 0x40000000
@@ -76,10 +76,9 @@ class LocalHost:
         except subprocess.TimeoutExpired:
             raise TestbedError(f"{self.name}: `{' '.join(argv)}` did not finish within {timeout:.0f} s") from None
         if check and result.returncode != 0:
-            output = (result.stderr or result.stdout).strip().splitlines()
             raise TestbedError(
                 f"{self.name}: `{' '.join(argv)}` failed with exit {result.returncode}: "
-                f"{output[-1] if output else 'no output'}"
+                f"{telling_line(result.stderr or result.stdout)}"
             )
         return result
 
@@ -195,3 +194,13 @@ class LocalNamespace(LocalHost):
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]
+
+
+def telling_line(output: str) -> str:
+    """The line of a failed command's output that says what went wrong: the last one naming an error (nft
+    and many tools print the error, then the offending input and a `^^^` marker under it), else the last."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "error" in line.lower():
+            return line
+    return lines[-1] if lines else "no output"

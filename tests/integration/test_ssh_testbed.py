@@ -314,8 +314,20 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts, trained):
             assert "libtorch" in Path(f"/proc/{agent}/maps").read_text()  # the policy network runs there
         assert sum(curl_vip(wiring, 10).values()) == 10
 
+        # A replayer a vanished controller left on the client host (its session never closed) is stopped
+        # by the next replay-trace, found by the record it left beside its spec.
+        client_runs = hosts["tmp"] / "hostfs" / "client" / "testbeds" / TESTBED / "runs"
+        (client_runs / "earlier").mkdir(parents=True)
+        leftover = LocalNamespace(wiring.client.namespace).popen(["sleep", "600"])
+        start_time = int(Path(f"/proc/{leftover.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        record = {"pid": leftover.pid, "start_time": start_time, "log": ""}
+        (client_runs / "earlier" / "replay.json.pid").write_text(json.dumps(record))
+
         # replay-trace: the replayer and the sampler run on the client host, their files come back here.
         run = replay_on_client_host(hosts)
+        assert leftover.wait(timeout=5) == -15  # SIGTERM from `node stop-clients`
+        assert not list(client_runs.glob("*/*.pid"))
+        (client_runs / "earlier").rmdir()  # what the earlier run staged stays until teardown
         requests = pd.read_parquet(run / "requests.parquet")
         assert json.loads((run / "meta.json").read_text())["complete"] is True
         assert len(requests) > 40 and (requests["status"] == 200).all(), requests["error"].value_counts()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 
 import numpy as np
 import pytest
@@ -123,10 +124,10 @@ def test_a_process_watching_its_session_still_exits_cleanly_when_done(tmp_path):
     import subprocess
     import sys
 
-    script = "from marllb_cli.services import exit_on_stdin_eof; exit_on_stdin_eof(); print('done')"
+    script = "from marllb_cli.services import exit_on_stdin_eof as e; import sys, pathlib; e(pathlib.Path(sys.argv[1]))"
     env = {**os.environ, "MARLLB_EXIT_ON_STDIN_EOF": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", script + "; print('done')", str(tmp_path / "spec.json")],
         stdin=subprocess.PIPE,  # held open, as the controller holds the session: the watcher stays blocked
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -136,3 +137,40 @@ def test_a_process_watching_its_session_still_exits_cleanly_when_done(tmp_path):
     out = process.stdout.read()
     assert process.wait(timeout=30) == 0 and out == "done\n", process.stderr.read()
     process.stdin.close()
+
+
+def test_a_remote_client_left_running_is_stopped_by_its_record_and_nothing_else(tmp_path):
+    """Over SSH a replayer records itself beside its spec; the next replay-trace or teardown stops such
+    leftovers (`node stop-clients`), and a record whose pid now belongs to another process stops nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from marllb_cli.services import stop_recorded_clients
+
+    runs = tmp_path / "runs"
+    (runs / "r1").mkdir(parents=True)
+    spec = runs / "r1" / "replay.json"
+    script = "from marllb_cli.services import exit_on_stdin_eof as e; import sys, pathlib, time; "
+    script += "e(pathlib.Path(sys.argv[1])); time.sleep(300)"
+    env = {**os.environ, "MARLLB_EXIT_ON_STDIN_EOF": "1"}
+    leftover = subprocess.Popen([sys.executable, "-c", script, str(spec)], stdin=subprocess.PIPE, env=env)
+    record = runs / "r1" / "replay.json.pid"
+    deadline = time.monotonic() + 20
+    while not record.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert json.loads(record.read_text())["pid"] == leftover.pid
+    bystander = subprocess.Popen(["sleep", "300"])
+    (runs / "r2").mkdir()
+    reused = {"pid": bystander.pid, "start_time": 1, "log": ""}  # the pid, but not the process recorded
+    (runs / "r2" / "sampler.json.pid").write_text(json.dumps(reused))
+    try:
+        assert stop_recorded_clients(runs) == 1
+        assert leftover.wait(timeout=10) != 0 and bystander.poll() is None
+        assert not list(runs.glob("*/*.pid"))
+    finally:
+        bystander.kill()
+        leftover.kill()
+        bystander.wait()
+        leftover.wait()

@@ -130,3 +130,11 @@ def test_removing_a_tree_never_deletes_through_a_mount_left_in_it(tmp_path):
         assert not mounts_below(tmp_path / "cache") and not cache.exists()
     finally:
         subprocess.run(["umount", "--lazy", str(target)], capture_output=True)
+
+
+def test_a_failed_command_is_reported_by_its_error_line_not_its_caret_marker():
+    """nft prints its error, then the input and a `^^^` marker: the KVM deploy once said only "^^^"."""
+    from marllb_cli.hosts.local import LocalHost
+
+    with pytest.raises(TestbedError, match="Error: Could not process rule|Error: syntax error"):
+        LocalHost().run(["nft", "-c", "-f", "-"], input="table ip t { chain c { ip protocol nosuchproto drop } }\n")

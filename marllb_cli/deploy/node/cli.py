@@ -11,7 +11,8 @@ exactly what `up` and `lb-start` made.
     lb-stop   stop them
     lb-stats  JSON: this LB's processes, method, weights and per-server counters (`marllb lb stats`)
     status    JSON: whether the node is set up, and for a server whether Apache answers
-    down      undo everything in the record, newest first, and remove the state directory
+    stop-clients  stop the replayers and samplers a previous controller left running on this (client) host
+    down      stop those, undo everything in the record, newest first, and remove the state directory
 
 The logic is the local testbed's own (`roles.apply_role`, `server.start_server`, `lbs.start_lb`,
 `undo.teardown_recorded`), run on `LocalHost` instead of a namespace.
@@ -44,6 +45,7 @@ from marllb_cli.deploy.node.undo import teardown_recorded
 from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.probes import http_get
+from marllb_cli.services import stop_recorded_clients
 from marllb_cli.topology import Node, plan
 
 __all__ = ["app"]
@@ -207,7 +209,15 @@ def _deployed(state: Path) -> Manifest:
     )
 
 
+@app.command("stop-clients")
+@reports_errors
+def stop_clients(state: StateOption) -> None:
+    """Stop the replayers and samplers of earlier runs still running here; print how many as JSON."""
+    typer.echo(json.dumps({"stopped": stop_recorded_clients(state / "runs")}))
+
+
 def _down(state: Path) -> int:
+    stop_recorded_clients(state / "runs")
     return teardown_recorded(state / MANIFEST, state)
 
 

@@ -185,7 +185,7 @@ def _gre_only_from_lbs(host: LocalHost, table: str, lbs: list[str], vip: str) ->
         f"table ip {table} {{\n"
         "  chain gre {\n"
         "    type filter hook prerouting priority -300; policy accept;\n"
-        f"    ip protocol gre ip saddr != {{ {', '.join(lbs)} }} counter drop\n"
+        f"    ip protocol 47 ip saddr != {{ {', '.join(lbs)} }} counter drop\n"  # 47: GRE (no /etc/protocols needed)
         f'    iifname "{GRE_DEVICE}" ip daddr != {vip} counter drop\n'
         "  }\n"
         "}\n"
