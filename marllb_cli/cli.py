@@ -13,6 +13,7 @@ import typer
 from marllb_cli import __version__
 from marllb_cli.cli_support import console
 from marllb_cli.commands.bench import bench_app
+from marllb_cli.commands.calibrate import calibrate_command
 from marllb_cli.commands.lb import lb_app
 from marllb_cli.commands.replay import replay_trace_command
 from marllb_cli.commands.report import report_command
@@ -39,6 +40,7 @@ app.command("train")(train_command)
 app.command("deploy")(deploy)
 app.command("status")(status)
 app.command("teardown")(teardown)
+app.command("calibrate")(calibrate_command)
 
 
 def _version(value: bool) -> None:

@@ -30,11 +30,13 @@ import numpy as np
 import pandas as pd
 
 from marllb_cli.agents.methods import resolve_method
+from marllb_cli.calibration import CALIBRATION_FILE, Calibration, LoadPlan, plan_load, trace_window
 from marllb_cli.client_node import ClientNode, ClientProcess, stop_process
 from marllb_cli.config import Config
 from marllb_cli.deploy import testbed_for
 from marllb_cli.deploy.base import LbControl, Testbed
-from marllb_cli.errors import ConfigError, Terminated, TestbedError
+from marllb_cli.deploy.node.cgroups import CpuUsage
+from marllb_cli.errors import ConfigError, MarllbError, Terminated, TestbedError
 from marllb_cli.replay import ReplaySpec, write_schedule
 from marllb_cli.runs import RunDir, elapsed, requests_from_replay, save_results
 from marllb_cli.sampler import SampledServer, SamplerSpec
@@ -42,7 +44,7 @@ from marllb_cli.steps import read_steps_log
 from marllb_cli.topology import Topology
 from marllb_cli.traces import read_trace
 
-__all__ = ["ReplayOptions", "RunOutcome", "build_schedule", "replay_trace"]
+__all__ = ["ReplayOptions", "RunOutcome", "build_schedule", "replay_trace", "utilisation"]
 
 #: p99 send lag above which the replayer itself is the bottleneck and latencies are suspect.
 LAG_WARNING_S = 0.010
@@ -62,6 +64,8 @@ class ReplayOptions:
     timeout_s: float = 60.0
     trace_format: str = "auto"
     skip_bad: bool = False
+    load: float | None = None  # the speed that offers this load on the calibrated testbed (instead of `speed`)
+    start_s: float = 0.0  # skip the trace's first seconds (its start-up ramp)
 
 
 @dataclass
@@ -75,6 +79,8 @@ class RunOutcome:
     warnings: list[str] = field(default_factory=list)
     failure: str | None = None
     stopped_by: int | None = None  # the signal (SIGTERM, SIGHUP) that stopped it, None for Ctrl-C
+    utilisation: dict[str, Any] | None = None  # meta.json's: how busy the servers were
+    load: dict[str, Any] | None = None  # meta.json's: the load the calibration says the run offered
 
 
 def build_schedule(trace: pd.DataFrame, *, speed: float, duration_s: float | None) -> pd.DataFrame:
@@ -93,6 +99,43 @@ def build_schedule(trace: pd.DataFrame, *, speed: float, duration_s: float | Non
     ).astype({"class": "string", "path": "string"})
 
 
+def _load_plan(
+    config: Config, testbed: Testbed, trace: pd.DataFrame, options: ReplayOptions
+) -> tuple[LoadPlan, Calibration] | None:
+    """With `--load`: the speed that offers it, from the testbed's calibration (which must exist and fit this
+    config and machine). Without: the load `--speed` offers, when there is a valid calibration (else None)."""
+    path = testbed.state_dir / CALIBRATION_FILE
+    if options.load is None:
+        try:
+            calibration = Calibration.load(path)
+            calibration.check(config, path)
+            return plan_load(trace, calibration, speed=options.speed, duration_s=options.duration_s), calibration
+        except MarllbError:
+            return None  # no calibration (or a stale one): the run just does not say what load it offered
+    calibration = Calibration.load(path)
+    calibration.check(config, path)
+    return plan_load(trace, calibration, load=options.load, duration_s=options.duration_s), calibration
+
+
+def _load_meta(planned: tuple[LoadPlan, Calibration] | None, target: float | None) -> dict[str, Any] | None:
+    if planned is None:
+        return None
+    plan, calibration = planned
+    return {
+        "target": target,
+        "offered": plan.load,
+        "speed": plan.speed,
+        "rate_rps": plan.rate_rps,
+        "work_core_s": plan.work_core_s,
+        "capacity_cores": calibration.capacity_cores,
+        "calibration": {
+            "created": calibration.created,
+            "machine": calibration.machine,
+            **calibration.model.model_dump(),
+        },
+    }
+
+
 def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgress = lambda _: None) -> RunOutcome:
     """Run one experiment on the deployed testbed `config` describes; always writes the run directory.
 
@@ -104,7 +147,11 @@ def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgres
     if options.duration_s is not None and options.duration_s <= 0:
         raise ConfigError(f"--duration {options.duration_s:g}: must be positive")
     trace, skipped = read_trace(options.trace, fmt=options.trace_format, skip_bad=options.skip_bad)
-    schedule = build_schedule(trace, speed=options.speed, duration_s=options.duration_s)
+    lines = len(trace)
+    trace = trace_window(trace, options.start_s, None)
+    planned = _load_plan(config, testbed, trace, options)
+    speed = planned[0].speed if planned is not None and options.load is not None else options.speed
+    schedule = build_schedule(trace, speed=speed, duration_s=options.duration_s)
     if schedule.empty:
         raise ConfigError(f"{options.trace}: no request falls within --duration {options.duration_s:g} s")
     seed = config.experiment.seed if options.seed is None else options.seed
@@ -112,10 +159,11 @@ def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgres
     meta: dict[str, Any] = {
         "kind": "testbed",
         "testbed": topology.testbed,
-        "trace": {"file": str(options.trace), "skipped_lines": skipped, "lines": len(trace)},
-        "speed": options.speed,
+        "trace": {"file": str(options.trace), "skipped_lines": skipped, "lines": lines, "start_s": options.start_s},
+        "speed": speed,
         "duration_s": options.duration_s,
         "scheduled_requests": len(schedule),
+        "load": _load_meta(planned, options.load),
     }
     run_dir = RunDir(
         options.runs_dir, config=config, method=options.method, testbed=topology.testbed, seed=seed, meta=meta
@@ -146,11 +194,13 @@ def _replay(
     failure: str | None = None
     stopped_by: int | None = None  # the signal (SIGTERM, SIGHUP) that stopped it, None for Ctrl-C
     lbs_started = False
+    usage: list[tuple[float, dict[str, CpuUsage]]] = []  # the servers' CPU counters as the replay starts and ends
     try:
         _stage_inputs(config, testbed.topology, schedule, options, files, client, period)
         lbs.start(method, period=period, seed=seed)
         lbs_started = True
         sampler = client.start("marllb_cli.sampler", [files.remote("sampler.json")], files.remote("sampler.log"))
+        usage.append((time.monotonic(), testbed.server_usage()))
         replayer = ReplayerProcess(client, files)
         finished = replayer.wait(progress)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (`cli_support.Terminated`)
@@ -166,6 +216,10 @@ def _replay(
             liveness: list[dict[str, Any]] = []
             steps: list[tuple[str, Callable[[], object]]] = [
                 ("stop the replayer", lambda: replayer and replayer.stop()),
+                (
+                    "read the servers' CPU counters",
+                    lambda: usage and usage.append((time.monotonic(), testbed.server_usage())),
+                ),
                 ("stop the sampler", lambda: sampler and stop_process(sampler, grace_s=5.0)),
                 ("check the LBs", lambda: lbs_started and liveness.extend(lb_liveness(lbs.stats_json(), period))),
                 ("stop the LBs", lbs.stop),
@@ -173,9 +227,32 @@ def _replay(
                 ("close the client node", client.close),
             ]
             problems = _each(steps)
+            run.meta["utilisation"] = utilisation(usage, testbed.topology) if len(usage) == 2 else None
             outcome = _finish(run, schedule, client, replayer, lbs, finished, failure, problems, liveness)
             outcome.stopped_by = stopped_by
+            outcome.utilisation, outcome.load = run.meta["utilisation"], run.meta.get("load")
     return outcome
+
+
+def utilisation(usage: list[tuple[float, dict[str, CpuUsage]]], topology: Topology) -> dict[str, Any]:
+    """How busy the servers were from the replay's start to its end, from their CPU counters: each server's
+    CPU seconds over its quota × the window, the share of CFS periods in which it was throttled, and the
+    testbed's mean (all CPU seconds over all quotas: the load it actually carried)."""
+    (t0, before), (t1, after) = usage
+    window = t1 - t0
+    servers = {}
+    for server in topology.servers:
+        cpu = after[server.name].cpu_s - before[server.name].cpu_s
+        periods = after[server.name].periods - before[server.name].periods
+        throttled = after[server.name].throttled_periods - before[server.name].throttled_periods
+        servers[server.name] = {
+            "cpu_s": cpu,
+            "utilisation": cpu / (window * (server.cores or 1.0)),
+            "throttled_share": throttled / periods if periods > 0 else None,
+        }
+    capacity = sum(server.cores or 1.0 for server in topology.servers)
+    mean = sum(server["cpu_s"] for server in servers.values()) / (window * capacity)
+    return {"window_s": window, "mean": mean, "servers": servers}
 
 
 def lb_liveness(stats: list[dict[str, Any]], period: float) -> list[dict[str, Any]]:

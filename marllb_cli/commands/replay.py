@@ -8,7 +8,9 @@ from typing import Annotated, Any
 import typer
 
 from marllb_cli.agents.methods import HEURISTICS
-from marllb_cli.cli_support import ConfigArg, SetOption, console, detail_progress, err_console, load, reports_errors
+from marllb_cli.cli_support import ConfigArg, SetOption, console, detail_progress, err_console, reports_errors
+from marllb_cli.cli_support import load as load_config
+from marllb_cli.errors import ConfigError
 
 
 @reports_errors
@@ -18,7 +20,16 @@ def replay_trace_command(
     method: Annotated[
         str, typer.Option("--method", "-m", help=f"LB policy: {', '.join(HEURISTICS)}, or rl:DIR (a trained policy).")
     ] = "sed",
-    speed: Annotated[float, typer.Option(help="Replay speed: 0.25 sends the trace 4× slower.")] = 1.0,
+    speed: Annotated[
+        float | None, typer.Option(help="Replay speed: 0.25 sends the trace 4× slower [default: 1].")
+    ] = None,
+    load: Annotated[
+        float | None,
+        typer.Option(help="Offered load (0.85: 85 % of the servers' CPU): the speed comes from `marllb calibrate`."),
+    ] = None,
+    start: Annotated[
+        float, typer.Option(help="Skip the trace's first S seconds (trace time: its start-up ramp).")
+    ] = 0.0,
     duration: Annotated[
         float | None, typer.Option(help="Replay only requests due in the first S seconds (after --speed).")
     ] = None,
@@ -31,16 +42,22 @@ def replay_trace_command(
     """Replay a trace open-loop through the LBs running METHOD and record every request in a run directory.
 
     Starts the dataplanes and agents, samples the servers' busy workers every agent period, replays the
-    trace from the client namespace, stops the LBs and writes runs/<id>/. Ctrl-C stops early and keeps
-    every request sent so far (the run is marked incomplete).
+    trace from the client namespace, stops the LBs and writes runs/<id>/ (with the servers' measured CPU
+    utilisation). --load picks the speed that offers that share of the servers' CPU, from the testbed's
+    calibration (`marllb calibrate`). Ctrl-C stops early and keeps every request sent so far (the run is
+    marked incomplete).
     """
     from marllb_cli.experiment import ReplayOptions, replay_trace
 
-    cfg = load(config, set_)
+    if speed is not None and load is not None:
+        raise ConfigError("--speed and --load both given", hint="--load derives the speed; give one of them")
+    cfg = load_config(config, set_)
     options = ReplayOptions(
         trace=trace,
         method=method,
-        speed=speed,
+        speed=1.0 if speed is None else speed,
+        load=load,
+        start_s=start,
         duration_s=duration,
         runs_dir=runs_dir,
         seed=seed,
@@ -67,6 +84,9 @@ def replay_trace_command(
         f"{method}: {s['requests']:,} requests, {s['errors']:,} errors, {jct}, "
         f"send lag p99 {(s['send_lag_p99_s'] or 0) * 1e3:.1f} ms"
     )
+    if outcome.utilisation is not None:
+        offered = f"offered {outcome.load['offered']:.2f}, " if outcome.load else ""
+        console.print(f"load: {offered}servers busy {outcome.utilisation['mean']:.0%} of their CPU quota")
     console.print(f"run directory: {outcome.path}" + ("" if outcome.complete else " [yellow](incomplete)[/]"))
     if outcome.interrupted:
         err_console.print(f"[yellow]{outcome.failure}[/]: every request sent so far is in the run directory")

@@ -29,6 +29,7 @@ from marllb_cli.agents.factory import initial_control
 from marllb_cli.agents.runner import AgentSpec
 from marllb_cli.config import Config
 from marllb_cli.dataplane.fastpath import DataplaneSpec, ServerSpec
+from marllb_cli.deploy.node.cgroups import CpuUsage
 from marllb_cli.deploy.node.lbs import channel_path, steps_log
 from marllb_cli.deploy.node.manifest import MANIFEST, Manifest, testbed_digest
 from marllb_cli.deploy.node.owned import claim
@@ -164,6 +165,11 @@ class Testbed(Protocol):
     def lbs(self) -> LbControl: ...
 
     def client(self) -> ClientNode: ...
+
+    def server_usage(self) -> dict[str, CpuUsage]:
+        """Each server's CPU counters now (`CpuCgroup.usage`), by server name: what `calibrate` samples and
+        what a run's utilisation is measured from."""
+        ...
 
 
 def redeploy(testbed: Testbed, manifest: Manifest | None, progress: Progress) -> DeployOutcome:

@@ -32,7 +32,7 @@ from marllb_cli.deploy.base import (
 )
 from marllb_cli.deploy.node import mediawiki
 from marllb_cli.deploy.node.apache import ApacheInstance, apache_binary, install_docroot, php_module
-from marllb_cli.deploy.node.cgroups import CpuCgroup, cgroup_root
+from marllb_cli.deploy.node.cgroups import CpuCgroup, CpuUsage, cgroup_root
 from marllb_cli.deploy.node.lbs import (
     LbSnapshot,
     channel_path,
@@ -103,6 +103,9 @@ class LocalTestbed:
         from marllb_cli.client_node import LocalClient
 
         return LocalClient(LocalNamespace(self.topology.client.namespace))
+
+    def server_usage(self) -> dict[str, CpuUsage]:
+        return {server.name: self.apache(server).cgroup.usage() for server in self.topology.servers}
 
     def apache(self, server: Node) -> ApacheInstance:
         """The Apache instance of one server node."""

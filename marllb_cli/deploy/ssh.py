@@ -29,6 +29,7 @@ from marllb_cli.client_node import ClientProcess
 from marllb_cli.config import Config, ServerGroup, SshHostEntry
 from marllb_cli.deploy.base import DeployOutcome, LbStart, NodeStatus, TestbedStatus, lb_plan
 from marllb_cli.deploy.node import mediawiki
+from marllb_cli.deploy.node.cgroups import CpuUsage
 from marllb_cli.deploy.node.manifest import Manifest, require_complete, state_root, testbed_digest
 from marllb_cli.deploy.node.owned import claim, remove_owned
 from marllb_cli.errors import ConfigError, TestbedError
@@ -178,6 +179,15 @@ class SshTestbed:
 
     def lbs(self) -> SshLbs:
         return SshLbs(self)
+
+    def server_usage(self) -> dict[str, CpuUsage]:
+        """Each server host's `node usage`, asked of all at once."""
+        servers = [host for host in self.hosts if host.entry.role == "server"]
+
+        def ask(host: SshNode, ssh: SshHost) -> CpuUsage:
+            return CpuUsage(**json.loads(ssh.run(host.args("usage", config=True)).stdout))
+
+        return {host.node: usage for host, usage in self.on_all_hosts(ask, hosts=servers).items()}
 
     def client(self) -> SshClient:
         """The client host, where `replay-trace` runs its replayer and sampler."""

@@ -41,6 +41,7 @@ from marllb_cli.deploy.base import (
 )
 from marllb_cli.deploy.kvm.image import GUEST_WORKDIR, BaseImage, base_image, purge_cache, seed_disk
 from marllb_cli.deploy.netns import build_network
+from marllb_cli.deploy.node.cgroups import CpuUsage
 from marllb_cli.deploy.node.manifest import Manifest, state_root
 from marllb_cli.deploy.node.roles import OFFLOADS_OFF
 from marllb_cli.deploy.node.undo import teardown_recorded
@@ -136,6 +137,9 @@ class KvmTestbed:
 
     def lbs(self) -> SshLbs:
         return SshLbs(self.ssh)
+
+    def server_usage(self) -> dict[str, CpuUsage]:
+        return self.ssh.server_usage()
 
     def client(self) -> LocalClient:
         """The client namespace: a run's replayer and sampler start there, as on a local testbed."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from marllb_cli.errors import MissingTool, TestbedError
 from marllb_cli.processes import kill_pids
 
-__all__ = ["CpuCgroup", "cgroup_root"]
+__all__ = ["CpuCgroup", "CpuUsage", "cgroup_root"]
 
 CGROUP_FS = Path("/sys/fs/cgroup")
 
@@ -32,6 +32,24 @@ def cgroup_root() -> tuple[Path, int]:
         "no CPU cgroup controller found under /sys/fs/cgroup (neither v2 'cpu' nor v1 'cpu')",
         hint="mount the cgroup cpu controller; server capacities cannot be enforced without it",
     )
+
+
+@dataclass(frozen=True)
+class CpuUsage:
+    """A cgroup's CPU counters at one moment: what its processes used, and how often CFS held it back."""
+
+    cpu_s: float
+    periods: int
+    throttled_periods: int
+    throttled_s: float
+
+    def as_json(self) -> dict[str, float | int]:
+        return {
+            "cpu_s": self.cpu_s,
+            "periods": self.periods,
+            "throttled_periods": self.throttled_periods,
+            "throttled_s": self.throttled_s,
+        }
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,25 @@ class CpuCgroup:
             period = (self.path / "cpu.cfs_period_us").read_text().strip()
         return float("inf") if quota in ("max", "-1") else int(quota) / int(period)
 
+    def usage(self) -> CpuUsage:
+        """CPU seconds used so far and the CFS throttling counters. On v2 `cpu.stat` holds them all; v1's cpu
+        controller counts only throttling, so the CPU time is summed over the group's processes (user and
+        system time, with that of children they reaped: Apache's master reaps its workers)."""
+        stat = dict(line.split() for line in (self.path / "cpu.stat").read_text().splitlines() if " " in line)
+        if self.version == 2:
+            return CpuUsage(
+                cpu_s=int(stat["usage_usec"]) / 1e6,
+                periods=int(stat.get("nr_periods", 0)),
+                throttled_periods=int(stat.get("nr_throttled", 0)),
+                throttled_s=int(stat.get("throttled_usec", 0)) / 1e6,
+            )
+        return CpuUsage(
+            cpu_s=sum(_process_cpu_s(pid) for pid in self.pids()),
+            periods=int(stat.get("nr_periods", 0)),
+            throttled_periods=int(stat.get("nr_throttled", 0)),
+            throttled_s=int(stat.get("throttled_time", 0)) / 1e9,
+        )
+
     def add_self(self) -> None:
         """Move the calling process into the group (used between fork and exec, so children inherit it)."""
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
@@ -115,6 +152,19 @@ class CpuCgroup:
                     raise TestbedError(f"cannot remove cgroup {self.path}: {exc.strerror}") from None
                 _reap_exited_children()  # a zombie child of ours still holds the group (cgroup v1)
                 time.sleep(0.05)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_s(pid: int) -> float:
+    """utime + stime + cutime + cstime of one process, in seconds (0 when it has just exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state); utime is field 14
+    return sum(int(value) for value in fields[11:15]) / _TICKS
 
 
 def _reap_exited_children() -> None:

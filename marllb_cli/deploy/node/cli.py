@@ -11,6 +11,7 @@ exactly what `up` and `lb-start` made.
     lb-stop   stop them
     lb-stats  JSON: this LB's processes, method, weights and per-server counters (`marllb lb stats`)
     status    JSON: whether the node is set up, and for a server whether Apache answers
+    usage     JSON: a server's CPU counters (CPU seconds used, CFS throttling)
     stop-clients  stop the replayers and samplers a previous controller left running on this (client) host
     down      stop those, undo everything in the record, newest first, and remove the state directory
 
@@ -135,6 +136,17 @@ def lb_stats(config: ConfigOption, node: NodeOption, state: StateOption) -> None
     servers = [server.name for server in plan(cfg.testbed).servers]
     snapshot = read_snapshot(cfg.testbed.name, _node(cfg, node).name, _deployed(state))
     typer.echo(json.dumps(snapshot.as_json(servers)))
+
+
+@app.command()
+@reports_errors
+def usage(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
+    """JSON: this server's CPU counters (`CpuCgroup.usage`: CPU seconds, CFS periods and throttling)."""
+    cfg = load_config(config)
+    me = _node(cfg, node)
+    if me.role != "server":
+        raise TestbedError(f"{node} is a {me.role}; only servers have a CPU quota")
+    typer.echo(json.dumps(_apache(cfg, me, state).cgroup.usage().as_json()))
 
 
 @app.command()

@@ -1,0 +1,93 @@
+"""`marllb calibrate`: measure the deployed testbed's request costs, store them, and say what a trace offers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, detail_progress, load, reports_errors
+
+__all__ = ["calibrate_command"]
+
+
+@reports_errors
+def calibrate_command(
+    config: ConfigArg,
+    trace: Annotated[
+        Path | None,
+        typer.Option("--trace", "-t", help="A trace: print the load it offers and the speed for --target-load."),
+    ] = None,
+    target_load: Annotated[
+        float, typer.Option("--target-load", help="With --trace: the load to find the speed for.")
+    ] = 0.85,
+    start: Annotated[
+        float, typer.Option(help="With --trace: skip its first S seconds (as replay-trace --start).")
+    ] = 0.0,
+    duration: Annotated[
+        float | None, typer.Option(help="With --trace: replay seconds (as replay-trace --duration).")
+    ] = None,
+    json_: JsonOption = False,
+    set_: SetOption = None,
+) -> None:
+    """Measure what requests cost on the deployed testbed's servers and store it (`calibration.json` in the
+    testbed's state; `replay-trace --load` reads it).
+
+    Sends phases of identical requests from the client node straight to each server (the CPU page at four
+    loop sizes one at a time, then saturated, static files, wiki pages where there is a wiki) while reading
+    each server's CPU counter; fits cost = overhead + iterations × seconds per iteration. Takes 20–40 s.
+    """
+    from marllb_cli.calibrating import calibrate
+
+    cfg = load(config, set_)
+    with detail_progress("calibrating") as bar:
+        task = bar.add_task("calibrate", total=None, detail="starting the load probe")
+        calibration, path = calibrate(cfg, lambda phase: bar.update(task, detail=phase))
+    plan = _plan(calibration, trace, target_load, start, duration) if trace is not None else None
+    if json_:
+        console.print_json(
+            json.dumps({"path": str(path), **calibration.model_dump(mode="json"), "trace": plan and plan.model_dump()})
+        )
+        return
+    model = calibration.model
+    table = Table(title=f"calibration of {calibration.testbed} ({calibration.machine})")
+    for column in ("server", "group", "cores", "ns/iter", "overhead ms", "r²", "static ms", "2M alone ms", "saturated"):
+        table.add_column(column, justify="left" if column in ("server", "group") else "right")
+    for server in calibration.servers:
+        alone = dict(server.alone_ms)
+        table.add_row(
+            server.name,
+            server.group,
+            f"{server.cores:g}",
+            f"{server.fit.iteration_s * 1e9:.2f}",
+            f"{server.fit.overhead_s * 1e3:.2f}",
+            f"{server.fit.r2:.3f}",
+            f"{server.static_s * 1e3:.2f}",
+            f"{alone.get(2_000_000.0, float('nan')):.0f}",
+            f"{server.saturated_cpu_share:.0%} of quota",
+        )
+    console.print(table)
+    wiki = f", wiki page {model.wiki_s * 1e3:.1f} ms" if model.wiki_s is not None else ""
+    console.print(
+        f"cost model: {model.iteration_s * 1e9:.2f} ns per iteration + {model.cpu_overhead_s * 1e3:.2f} ms per CPU "
+        f"request, static file {model.static_s * 1e3:.2f} ms{wiki} (core time; capacity "
+        f"{calibration.capacity_cores:g} cores)"
+    )
+    console.print(f"saved: {path}")
+    if plan is not None:
+        at_one = _plan(calibration, trace, None, start, duration, speed=1.0)
+        console.print(
+            f"{trace}: load {at_one.load:.2f} at speed 1; load {plan.load:.2f} at speed {plan.speed:.4g} "
+            f"({plan.requests:,} requests, {plan.rate_rps:.1f}/s)"
+        )
+
+
+def _plan(calibration, trace: Path, load: float | None, start: float, duration: float | None, speed=None):
+    from marllb_cli.calibration import plan_load, trace_window
+    from marllb_cli.traces import read_trace
+
+    frame, _ = read_trace(trace)
+    return plan_load(trace_window(frame, start, None), calibration, load=load, speed=speed, duration_s=duration)
