@@ -1,11 +1,12 @@
 """`marllb calibrate`: measure what requests cost on a deployed testbed's servers and store the cost model.
 
-    check the testbed is up → plan the phases (a ladder of for-loop sizes one request at a time, a saturated
-    phase, static files, wiki pages where there is a wiki) → start the load probe on the client node
+    check the testbed is up → plan the phases (a ladder of for-loop sizes one request at a time, two
+    saturated phases, static files, wiki pages where there is a wiki) → start the load probe on the client node
     (`loadprobe`, straight to the servers' addresses, not through the LBs) → sample every server's CPU
     counter while it runs (`Testbed.server_usage`) → per phase and server, CPU seconds used over requests
-    answered → fit cost(n) = overhead + n × iteration_s per server and pooled (`calibration.fit_cpu_cost`)
-    → `calibration.json` in the testbed's state directory.
+    answered → fit cost(n) = overhead + n × iteration_s per server, alone and saturated, and pooled over the
+    saturated phases for the model (`calibration.fit_cpu_cost`) → `calibration.json` in the testbed's state
+    directory.
 
 The probe idles between phases, so each phase's CPU is the counter's rise from the last sample before it to
 the first after it. The probe runs on the client node's clock, the sampling on this machine's; the client
@@ -45,7 +46,7 @@ from marllb_cli.loadprobe import Phase, ProbeSpec, Stream
 from marllb_cli.topology import Node
 from marllb_cli.wikipages import page_path
 
-__all__ = ["LADDER", "calibrate", "plan_phases"]
+__all__ = ["LADDER", "SATURATED_LADDER", "calibrate", "plan_phases"]
 
 #: Executed for-loop iterations of the ladder's phases, one request at a time.
 LADDER = (0, 500_000, 2_000_000, 6_000_000)
@@ -54,7 +55,11 @@ GUESS_ITERATION_S, GUESS_OVERHEAD_S = 7e-9, 0.002
 #: Core-seconds each ladder phase asks of each server: enough that the CPU counters' resolution (10 ms
 #: ticks on cgroup v1) is a few per cent of it.
 PHASE_CORE_S = 0.5
-SATURATED_ITERATIONS, SATURATED_WALL_S, SATURATED_CONCURRENCY = 2_000_000, 2.0, 8
+#: Saturated phases (more requests in flight than the quota serves): what a loaded server pays per request.
+#: Under load a request costs more than alone (CFS throttling every period, context switches, Apache forking
+#: workers): on local-small ≈ 0.7 ms more each, 8 % of a typical request. Two sizes, so the loaded cost is a
+#: line of its own, and the model a trace's load is computed with.
+SATURATED_LADDER, SATURATED_WALL_S, SATURATED_CONCURRENCY = (500_000, 4_000_000), 2.0, 8
 STATIC_PATH, STATIC_REQUESTS, WIKI_REQUESTS = "/static/1k.bin", 100, 20
 #: A phase may lose this share of its requests (a reset under saturation) before the calibration is refused.
 MAX_FAILED_SHARE = 0.05
@@ -71,7 +76,7 @@ def _count(core_s: float, per_request_s: float, low: int = 5, high: int = 200) -
 
 
 def plan_phases(config: Config, servers: tuple[Node, ...]) -> list[Phase]:
-    """The probe's phases: warm-up, the ladder (alone), saturated, static files, and wiki pages when there is a
+    """The probe's phases: warm-up, the ladder (alone), saturated ones, static files, and wiki pages when there is a
     wiki. Every phase goes to every server (wiki: the mediawiki servers) at once."""
     scale = config.testbed.work_scale
     wiki = [s for s in servers if (g := config.testbed.group(s.group)) is not None and g.app == "mediawiki"]
@@ -86,15 +91,16 @@ def plan_phases(config: Config, servers: tuple[Node, ...]) -> list[Phase]:
     for n in LADDER:
         per_request = GUESS_OVERHEAD_S + n * GUESS_ITERATION_S
         phases.append(phase(f"cpu-{n}", _path(n, scale), lambda s, r=per_request: _count(PHASE_CORE_S, r)))
-    saturated_request = GUESS_OVERHEAD_S + SATURATED_ITERATIONS * GUESS_ITERATION_S
-    phases.append(
-        phase(
-            "saturated",
-            _path(SATURATED_ITERATIONS, scale),
-            lambda s: _count(SATURATED_WALL_S * (s.cores or 1.0), saturated_request, 10, 1000),
-            concurrency=SATURATED_CONCURRENCY,
+    for n in SATURATED_LADDER:
+        per_request = GUESS_OVERHEAD_S + n * GUESS_ITERATION_S
+        phases.append(
+            phase(
+                f"saturated-{n}",
+                _path(n, scale),
+                lambda s, r=per_request: _count(SATURATED_WALL_S * (s.cores or 1.0), r, 10, 1000),
+                concurrency=SATURATED_CONCURRENCY,
+            )
         )
-    )
     phases.append(phase("static", STATIC_PATH, lambda s: STATIC_REQUESTS))
     if wiki:
         phases.append(phase("wiki", page_path(1), lambda s: WIKI_REQUESTS, on=wiki))
@@ -225,15 +231,14 @@ def _calibration(
             )
         return rise[server].cpu_s / max(1, answered["ok"])
 
-    ladder = [n for n in LADDER if f"cpu-{n}" in by_phase]
     points: list[tuple[float, float]] = []
     calibrated = []
     for server in servers:
-        costs = [per_request(f"cpu-{n}", server.name) for n in ladder]
-        points += list(zip(ladder, costs, strict=True))
-        saturated_line, saturated_rise = by_phase["saturated"]
-        saturated = saturated_line["servers"][server.name]
-        wall = saturated["elapsed_s"]
+        alone = [per_request(f"cpu-{n}", server.name) for n in LADDER]
+        loaded = [per_request(f"saturated-{n}", server.name) for n in SATURATED_LADDER]
+        points += list(zip(SATURATED_LADDER, loaded, strict=True))
+        line, rise = by_phase[f"saturated-{SATURATED_LADDER[-1]}"]
+        wall = line["servers"][server.name]["elapsed_s"]
         wiki_line = by_phase.get("wiki", ({"servers": {}}, {}))[0]
         wiki = per_request("wiki", server.name) if server.name in wiki_line["servers"] else None
         calibrated.append(
@@ -241,14 +246,15 @@ def _calibration(
                 name=server.name,
                 group=server.group or "",
                 cores=float(server.cores or 0.0),
-                fit=fit_cpu_cost(ladder, costs),
+                fit=fit_cpu_cost(LADDER, alone),
+                loaded_fit=fit_cpu_cost(SATURATED_LADDER, loaded),
                 static_s=per_request("static", server.name),
                 wiki_s=wiki,
                 alone_ms=[
-                    (float(n), by_phase[f"cpu-{n}"][0]["servers"][server.name]["median_s"] * 1e3) for n in ladder
+                    (float(n), by_phase[f"cpu-{n}"][0]["servers"][server.name]["median_s"] * 1e3) for n in LADDER
                 ],
-                saturated_cpu_share=saturated_rise[server.name].cpu_s / (wall * (server.cores or 1.0)),
-                saturated_rps=saturated["ok"] / wall,
+                saturated_cpu_share=rise[server.name].cpu_s / (wall * (server.cores or 1.0)),
+                saturated_rps=line["servers"][server.name]["ok"] / wall,
             )
         )
     pooled = fit_cpu_cost([n for n, _ in points], [cost for _, cost in points])

@@ -11,8 +11,9 @@ on another machine. A calibration replaces the guess with a measurement on the t
     offered load of a trace window at speed s  =  (Σ cost in the window) / (window length / s) / Σ cores
 
 `fit_cpu_cost` fits the first line from phases of identical requests (CPU seconds each server's cgroup used,
-over the requests sent); the calibration keeps each server's fit and the pooled one, and it is valid only for
-the config and the machine it was measured on (`Calibration.check`).
+over the requests answered). A request costs more on a loaded server than alone, so the model is the pooled
+fit of saturated phases; the calibration keeps each server's fits, alone and loaded, and it is valid only
+for the config and the machine it was measured on (`Calibration.check`).
 """
 
 from __future__ import annotations
@@ -77,12 +78,14 @@ class CpuFit(_Strict):
 
 
 class ServerCalibration(_Strict):
-    """One server, measured: its own fit, its service time alone, and what it achieves when saturated."""
+    """One server, measured: its fits (one request at a time, and saturated), its response time alone, and what
+    it achieves when saturated."""
 
     name: str
     group: str
     cores: float = Field(description="Its CPU quota, cores.")
-    fit: CpuFit
+    fit: CpuFit = Field(description="Core-seconds per request, one request at a time.")
+    loaded_fit: CpuFit = Field(description="Core-seconds per request with more in flight than the quota serves.")
     static_s: float
     wiki_s: float | None = None
     alone_ms: list[tuple[float, float]] = Field(

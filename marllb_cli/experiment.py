@@ -1,6 +1,7 @@
 """One testbed experiment run: `marllb replay-trace`.
 
-    check the testbed is up → read the trace, build the schedule (speed, duration) → create the run
+    check the testbed is up → read the trace, cut it (--start), find the speed (--speed, or --load from the
+    testbed's calibration), build the schedule (duration) → create the run
     directory (`runs.RunDir`: config.yaml, meta.json with complete=false) → send the schedule and specs to
     the client node (`Testbed.client()`: the client namespace, or the client host of `kind: ssh`) → start
     the LBs (`Testbed.lbs()`) with the method → start the sampler (every server's busy workers every agent
@@ -44,7 +45,7 @@ from marllb_cli.steps import read_steps_log
 from marllb_cli.topology import Topology
 from marllb_cli.traces import read_trace
 
-__all__ = ["ReplayOptions", "RunOutcome", "build_schedule", "replay_trace", "utilisation"]
+__all__ = ["ReplayOptions", "ReplayPlan", "RunOutcome", "build_schedule", "plan_replay", "replay_trace", "utilisation"]
 
 #: p99 send lag above which the replayer itself is the bottleneck and latencies are suspect.
 LAG_WARNING_S = 0.010
@@ -136,11 +137,22 @@ def _load_meta(planned: tuple[LoadPlan, Calibration] | None, target: float | Non
     }
 
 
-def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgress = lambda _: None) -> RunOutcome:
-    """Run one experiment on the deployed testbed `config` describes; always writes the run directory.
+@dataclass
+class ReplayPlan:
+    """A replay checked and ready to run: everything `plan_replay` validates before anything starts."""
 
-    Ctrl-C (KeyboardInterrupt) stops the run early and returns it with `interrupted` set; any other error
-    is raised after the run directory has been written."""
+    config: Config
+    options: ReplayOptions
+    testbed: Testbed
+    method: str
+    seed: int
+    schedule: pd.DataFrame
+    meta: dict[str, Any]
+
+
+def plan_replay(config: Config, options: ReplayOptions) -> ReplayPlan:
+    """Check the testbed is up and every input (method, trace, --start, --load and its calibration, --speed,
+    --duration) before anything starts or any run directory exists."""
     method = resolve_method(options.method)
     testbed = testbed_for(config)
     testbed.require_deployed()
@@ -154,23 +166,39 @@ def replay_trace(config: Config, options: ReplayOptions, progress: ReplayProgres
     schedule = build_schedule(trace, speed=speed, duration_s=options.duration_s)
     if schedule.empty:
         raise ConfigError(f"{options.trace}: no request falls within --duration {options.duration_s:g} s")
-    seed = config.experiment.seed if options.seed is None else options.seed
-    topology = testbed.topology
     meta: dict[str, Any] = {
         "kind": "testbed",
-        "testbed": topology.testbed,
+        "testbed": testbed.topology.testbed,
         "trace": {"file": str(options.trace), "skipped_lines": skipped, "lines": lines, "start_s": options.start_s},
         "speed": speed,
         "duration_s": options.duration_s,
         "scheduled_requests": len(schedule),
         "load": _load_meta(planned, options.load),
     }
+    seed = config.experiment.seed if options.seed is None else options.seed
+    return ReplayPlan(config, options, testbed, method, seed, schedule, meta)
+
+
+def replay_trace(
+    config: Config, options: ReplayOptions, progress: ReplayProgress = lambda _: None, *, plan: ReplayPlan | None = None
+) -> RunOutcome:
+    """Run one experiment on the deployed testbed `config` describes (as `plan`, when already planned);
+    always writes the run directory.
+
+    Ctrl-C (KeyboardInterrupt) stops the run early and returns it with `interrupted` set; any other error
+    is raised after the run directory has been written."""
+    plan = plan or plan_replay(config, options)
     run_dir = RunDir(
-        options.runs_dir, config=config, method=options.method, testbed=topology.testbed, seed=seed, meta=meta
+        options.runs_dir,
+        config=config,
+        method=options.method,
+        testbed=plan.testbed.topology.testbed,
+        seed=plan.seed,
+        meta=plan.meta,
     )
     with run_dir as run:
-        schedule.to_parquet(run.path / "schedule.parquet", index=False)
-        return _replay(config, testbed, run, schedule, options, method, seed, progress)
+        plan.schedule.to_parquet(run.path / "schedule.parquet", index=False)
+        return _replay(config, plan.testbed, run, plan.schedule, options, plan.method, plan.seed, progress)
 
 
 def _replay(
@@ -200,7 +228,7 @@ def _replay(
         lbs.start(method, period=period, seed=seed)
         lbs_started = True
         sampler = client.start("marllb_cli.sampler", [files.remote("sampler.json")], files.remote("sampler.log"))
-        usage.append((time.monotonic(), testbed.server_usage()))
+        usage.extend(_counters(testbed, run))
         replayer = ReplayerProcess(client, files)
         finished = replayer.wait(progress)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (`cli_support.Terminated`)
@@ -216,10 +244,7 @@ def _replay(
             liveness: list[dict[str, Any]] = []
             steps: list[tuple[str, Callable[[], object]]] = [
                 ("stop the replayer", lambda: replayer and replayer.stop()),
-                (
-                    "read the servers' CPU counters",
-                    lambda: usage and usage.append((time.monotonic(), testbed.server_usage())),
-                ),
+                ("read the servers' CPU counters", lambda: usage and usage.extend(_counters(testbed, run))),
                 ("stop the sampler", lambda: sampler and stop_process(sampler, grace_s=5.0)),
                 ("check the LBs", lambda: lbs_started and liveness.extend(lb_liveness(lbs.stats_json(), period))),
                 ("stop the LBs", lbs.stop),
@@ -232,6 +257,16 @@ def _replay(
             outcome.stopped_by = stopped_by
             outcome.utilisation, outcome.load = run.meta["utilisation"], run.meta.get("load")
     return outcome
+
+
+def _counters(testbed: Testbed, run: RunDir) -> list[tuple[float, dict[str, CpuUsage]]]:
+    """The servers' CPU counters now, or nothing (and a note in meta.json) when they cannot be read: the
+    utilisation is a figure about the run, not a reason to lose it."""
+    try:
+        return [(time.monotonic(), testbed.server_usage())]
+    except (MarllbError, OSError, ValueError, KeyError) as exc:
+        run.meta.setdefault("notes", []).append(f"no utilisation: the servers' CPU counters: {exc}")
+        return []
 
 
 def utilisation(usage: list[tuple[float, dict[str, CpuUsage]]], topology: Topology) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def calibrate_command(
     testbed's state; `replay-trace --load` reads it).
 
     Sends phases of identical requests from the client node straight to each server (the CPU page at four
-    loop sizes one at a time, then saturated, static files, wiki pages where there is a wiki) while reading
+    loop sizes one at a time, then two sizes saturated, static files, wiki pages where there is a wiki) while reading
     each server's CPU counter; fits cost = overhead + iterations × seconds per iteration. Takes 20–40 s.
     """
     from marllb_cli.calibrating import calibrate
@@ -54,7 +54,8 @@ def calibrate_command(
         return
     model = calibration.model
     table = Table(title=f"calibration of {calibration.testbed} ({calibration.machine})")
-    for column in ("server", "group", "cores", "ns/iter", "overhead ms", "r²", "static ms", "2M alone ms", "saturated"):
+    columns = ("server", "group", "cores", "ns/iter", "overhead ms", "loaded ns/iter", "loaded overhead ms")
+    for column in (*columns, "static ms", "2M alone ms", "saturated"):
         table.add_column(column, justify="left" if column in ("server", "group") else "right")
     for server in calibration.servers:
         alone = dict(server.alone_ms)
@@ -64,15 +65,18 @@ def calibrate_command(
             f"{server.cores:g}",
             f"{server.fit.iteration_s * 1e9:.2f}",
             f"{server.fit.overhead_s * 1e3:.2f}",
-            f"{server.fit.r2:.3f}",
+            f"{server.loaded_fit.iteration_s * 1e9:.2f}",
+            f"{server.loaded_fit.overhead_s * 1e3:.2f}",
             f"{server.static_s * 1e3:.2f}",
             f"{alone.get(2_000_000.0, float('nan')):.0f}",
-            f"{server.saturated_cpu_share:.0%} of quota",
+            f"{server.saturated_cpu_share:.0%}",
         )
     console.print(table)
+    console.print("ns/iter, overhead: core time per request, one at a time and loaded; saturated: CPU used / quota")
     wiki = f", wiki page {model.wiki_s * 1e3:.1f} ms" if model.wiki_s is not None else ""
     console.print(
-        f"cost model: {model.iteration_s * 1e9:.2f} ns per iteration + {model.cpu_overhead_s * 1e3:.2f} ms per CPU "
+        f"cost model (loaded): {model.iteration_s * 1e9:.2f} ns per iteration + "
+        f"{model.cpu_overhead_s * 1e3:.2f} ms per CPU "
         f"request, static file {model.static_s * 1e3:.2f} ms{wiki} (core time; capacity "
         f"{calibration.capacity_cores:g} cores)"
     )

@@ -47,7 +47,7 @@ def replay_trace_command(
     calibration (`marllb calibrate`). Ctrl-C stops early and keeps every request sent so far (the run is
     marked incomplete).
     """
-    from marllb_cli.experiment import ReplayOptions, replay_trace
+    from marllb_cli.experiment import ReplayOptions, plan_replay, replay_trace
 
     if speed is not None and load is not None:
         raise ConfigError("--speed and --load both given", hint="--load derives the speed; give one of them")
@@ -64,6 +64,7 @@ def replay_trace_command(
         timeout_s=timeout,
         skip_bad=skip_bad,
     )
+    plan = plan_replay(cfg, options)  # every input checked before the progress display starts
     with detail_progress(f"replaying {method}") as bar:
         task = bar.add_task("replay", total=None, detail="starting LBs")
 
@@ -71,7 +72,7 @@ def replay_trace_command(
             detail = f"sent {data['sent']:,}  errors {data['errors']:,}  send lag p99 {data['lag_p99_s'] * 1e3:.1f} ms"
             bar.update(task, total=data["total"], completed=data["done"], detail=detail)
 
-        outcome = replay_trace(cfg, options, progress)
+        outcome = replay_trace(cfg, options, progress, plan=plan)
     s = outcome.summary
     for warning in outcome.warnings:
         err_console.print(f"[bold yellow]warning:[/] {warning}")

@@ -115,6 +115,7 @@ def calibration_for(config) -> Calibration:
             group="g",
             cores=cores,
             fit=fit,
+            loaded_fit=fit,
             static_s=0.0005,
             alone_ms=[(0.0, 3.0), (2e6, 60.0)],
             saturated_cpu_share=0.97,
@@ -199,14 +200,15 @@ def test_the_load_probe_sends_each_phase_and_counts_what_was_answered():
 
 
 def test_phases_are_sized_for_each_server_and_ask_wiki_pages_only_of_wikis():
-    from marllb_cli.calibrating import LADDER, plan_phases
+    from marllb_cli.calibrating import LADDER, SATURATED_LADDER, plan_phases
     from marllb_cli.topology import plan
 
     config = load_config(SMALL)
     phases = plan_phases(config, plan(config.testbed).servers)
     names = [phase.name for phase in phases]
-    assert names == ["warm-up", *[f"cpu-{n}" for n in LADDER], "saturated", "static"]
-    saturated = next(phase for phase in phases if phase.name == "saturated")
+    saturated_names = [f"saturated-{n}" for n in SATURATED_LADDER]
+    assert names == ["warm-up", *[f"cpu-{n}" for n in LADDER], *saturated_names, "static"]
+    saturated = next(phase for phase in phases if phase.name == saturated_names[0])
     counts = {stream.server: stream.count for stream in saturated.streams}
     assert counts["srv2"] == pytest.approx(2 * counts["srv0"], abs=1)  # twice the cores, twice the requests
     assert all(stream.path == "/dummy.php/?n=0" for stream in phases[1].streams)

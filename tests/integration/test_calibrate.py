@@ -1,0 +1,87 @@
+"""`marllb calibrate` and `replay-trace --load` on a real local testbed: the load asked for is the load the
+servers carry, measured from their CPU counters, on whatever CPU this runs on.
+
+Testbed name `itcal` (configs/local-small.yaml renamed); the trace is generated here, not the shipped one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from marllb_cli.config import load_config
+from marllb_cli.deploy.local import LocalTestbed
+from tests.conftest import REPO
+from tests.integration.helpers import deployed
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local testbed needs root"),
+]
+NAME = "itcal"
+CONFIG = REPO / "configs" / "local-small.yaml"
+MARLLB = [sys.executable, "-m", "marllb_cli"]
+
+
+def marllb(*args: object) -> subprocess.CompletedProcess[str]:
+    argv = [*MARLLB, *map(str, args)]
+    if args[0] != "trace":
+        argv += ["--set", f"testbed.name={NAME}"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    with deployed(LocalTestbed(load_config(CONFIG, [f"testbed.name={NAME}"]))) as testbed:
+        yield testbed
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calibrate") / "poisson.parquet"
+    made = marllb("trace", "gen", "poisson", "--rate", "100", "--duration", "60", "--seed", "11", "--out", path)
+    assert made.returncode == 0, made.stderr
+    return path
+
+
+def replay_at(load: float, trace: Path, runs: Path) -> tuple[dict, pd.DataFrame]:
+    result = marllb("replay-trace", CONFIG, "--trace", trace, "--load", load, "--duration", 30, "--runs-dir", runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = max(runs.iterdir(), key=lambda path: path.stat().st_mtime)
+    return json.loads((run / "meta.json").read_text()), pd.read_parquet(run / "requests.parquet")
+
+
+def test_a_load_asked_for_is_the_load_the_servers_carry(testbed, trace, tmp_path):
+    refused = marllb("replay-trace", CONFIG, "--trace", trace, "--load", "0.85", "--runs-dir", tmp_path / "none")
+    assert refused.returncode == 2 and "no calibration" in refused.stderr and "marllb calibrate" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "none").exists()
+
+    calibrated = marllb("calibrate", CONFIG, "--trace", trace, "--json")
+    assert calibrated.returncode == 0, calibrated.stderr[-2000:]
+    calibration = json.loads(calibrated.stdout)
+    assert (testbed.state_dir / "calibration.json").is_file()
+    assert 5e-10 < calibration["model"]["iteration_s"] < 3e-8  # a PHP loop iteration: ns, on any CPU
+    for server in calibration["servers"]:
+        assert server["fit"]["r2"] > 0.95 and server["loaded_fit"]["r2"] > 0.9, server
+        assert 0.8 < server["saturated_cpu_share"] < 1.25, server  # a saturated server uses its quota
+    assert calibration["trace"]["load"] == pytest.approx(0.85, rel=0.01)
+
+    meta, requests = replay_at(0.85, trace, tmp_path / "runs")
+    print("load 0.85:", json.dumps(meta["utilisation"]))
+    assert meta["load"]["target"] == 0.85 and meta["load"]["offered"] == pytest.approx(0.85, rel=0.01)
+    assert meta["utilisation"]["mean"] == pytest.approx(0.85, abs=0.05)
+    assert (requests["status"] == 200).all()
+
+    meta, requests = replay_at(1.1, trace, tmp_path / "runs")
+    print("load 1.1:", json.dumps(meta["utilisation"]))
+    assert meta["utilisation"]["mean"] > 0.92  # saturated: every server near its quota ...
+    third = requests["intended_s"].max() / 3
+    early = requests.loc[requests["intended_s"] < third, "jct_s"].mean()
+    late = requests.loc[requests["intended_s"] > 2 * third, "jct_s"].mean()
+    assert late > 2 * early, (early, late)  # ... and the queues grow over the run
