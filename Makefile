@@ -58,14 +58,17 @@ bench: install system-deps
 DEMO_CONFIG ?= configs/local-small.yaml
 DEMO_TRACE ?= traces/rate_200_steady_30s.tsv
 DEMO_SECONDS ?= 60
-# Deploy the small testbed, replay the shipped trace open loop (4× slower, ≈ 50 requests/s) through ECMP
-# and then SED LBs, print the report, and tear down (also on failure or Ctrl-C). Runs stay in runs/demo-*.
+DEMO_LOAD ?= 0.85
+# Deploy the small testbed, calibrate it, replay the shipped trace open loop at the speed that offers 85 % of
+# the servers' CPU on this machine, through ECMP and then SED LBs, print the report, and tear down (also on
+# failure or Ctrl-C). Runs stay in runs/demo-*.
 demo: install system-deps
 	@set -e; trap '$(MARLLB) teardown $(DEMO_CONFIG)' EXIT; \
 	runs=runs/demo-$$(date +%Y%m%dT%H%M%S); \
 	$(MARLLB) deploy $(DEMO_CONFIG); \
+	$(MARLLB) calibrate $(DEMO_CONFIG) --trace $(DEMO_TRACE) --target-load $(DEMO_LOAD); \
 	for method in ecmp sed; do \
-	  $(MARLLB) replay-trace $(DEMO_CONFIG) --trace $(DEMO_TRACE) --method $$method --speed 0.25 \
+	  $(MARLLB) replay-trace $(DEMO_CONFIG) --trace $(DEMO_TRACE) --method $$method --load $(DEMO_LOAD) \
 	    --duration $(DEMO_SECONDS) --runs-dir $$runs; \
 	done; \
 	$(MARLLB) report $$runs --out $$runs/report

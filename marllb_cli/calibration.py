@@ -45,9 +45,9 @@ __all__ = [
     "machine_id",
     "offered_load",
     "plan_load",
+    "simulator_config",
     "request_costs",
     "speed_for_load",
-    "trace_window",
 ]
 
 CALIBRATION_FILE = "calibration.json"
@@ -199,20 +199,6 @@ def request_costs(trace: pd.DataFrame, model: CostModel) -> np.ndarray:
     return cost
 
 
-def trace_window(trace: pd.DataFrame, start_s: float, length_s: float | None) -> pd.DataFrame:
-    """The requests of trace time [start_s, start_s + length_s), their times moved so the window starts at 0."""
-    if not (math.isfinite(start_s) and start_s >= 0):
-        raise ConfigError(f"--start {start_s:g}: must be a finite number of seconds ≥ 0")
-    t = trace["t"].to_numpy(np.float64)
-    if start_s > 0 and (len(t) == 0 or start_s >= t.max()):
-        raise ConfigError(f"--start {start_s:g}: the trace ends before that ({t.max() if len(t) else 0:g} s)")
-    keep = t >= start_s
-    if length_s is not None:
-        keep &= t < start_s + length_s
-    window = trace.loc[keep].reset_index(drop=True)
-    return window.assign(t=window["t"] - start_s)
-
-
 def offered_load(costs: np.ndarray, times: np.ndarray, *, speed: float, capacity_cores: float) -> float:
     """The share of the servers' capacity a window of requests asks for when replayed at `speed`: its work over
     its replay time. The window's length is the span from its start (0) to its last request."""
@@ -265,7 +251,7 @@ def plan_load(
     speed: float | None = None,
     duration_s: float | None = None,
 ) -> LoadPlan:
-    """The replay of `window` (a trace already cut at its start, `trace_window`) at `speed`, or at the speed
+    """The replay of `window` (a trace already cut at its start, `traces.trace_window`) at `speed`, or at the speed
     that offers `load`; `duration_s` (replay seconds) cuts it as `replay-trace --duration` does."""
     model, capacity = calibration.model, calibration.capacity_cores
     if speed is None:
@@ -284,3 +270,36 @@ def plan_load(
         rate_rps=int(keep.sum()) / span,
         work_core_s=float(costs.sum()),
     )
+
+
+def simulator_config(
+    config: Config,
+    calibration: Calibration,
+    *,
+    trace: Path | None = None,
+    speed: float = 1.0,
+    start_s: float = 0.0,
+) -> str:
+    """`config` as YAML with a simulator that models the calibrated testbed: servers as CFS quotas of
+    cpus × cpu_unit cores (`sim.cores_per_unit`), the measured per-iteration and per-request costs; with
+    `trace`, traffic that replays it from `start_s` at `speed` (what `replay-trace --load` would send)."""
+    import yaml
+
+    data = config.model_dump(mode="json")
+    model = calibration.model
+    data["sim"]["cores_per_unit"] = config.testbed.cpu_unit
+    traffic = data["sim"]["traffic"]
+    traffic.update(
+        iteration_s=model.iteration_s,
+        cpu_overhead_s=model.cpu_overhead_s,
+        static_work_s=max(model.static_s, 1e-6),  # below the counters' resolution: not free
+    )
+    if model.wiki_s is not None:
+        traffic["wiki_work_s"] = max(model.wiki_s, 1e-6)
+    if trace is not None:
+        traffic.update(kind="trace", trace=str(trace.resolve()), trace_speed=speed, trace_start_s=start_s)
+    header = (
+        f"# Written by `marllb calibrate --sim-out` for testbed {calibration.testbed}, measured on "
+        f"{calibration.machine} at {calibration.created}.\n# `marllb simulate` on this file models that testbed.\n"
+    )
+    return header + yaml.safe_dump(data, sort_keys=False)

@@ -350,8 +350,14 @@ class SimTraffic(_Strict):
     )
     trace: Path | None = Field(None, description="trace: a trace file (papers' TSV, WikiBench or Parquet).")
     trace_speed: float = Field(1.0, gt=0, le=1e4, description="trace: time compression, as replay-trace --speed.")
+    trace_start_s: float = Field(
+        0.0, ge=0, le=1e9, description="trace: skip the trace's first seconds, as replay-trace --start."
+    )
     iteration_s: float = Field(
         7e-9, gt=0, le=1e-3, description="trace: core-seconds per for-loop iteration of a CPU request (× work_scale)."
+    )
+    cpu_overhead_s: float = Field(
+        0.0, ge=0, le=10, description="trace: core-seconds of a CPU request besides its loop (`marllb calibrate`)."
     )
     static_work_s: float = Field(0.001, gt=0, le=3600, description="trace: core-seconds of a static-file request.")
     wiki_work_s: float = Field(0.05, gt=0, le=3600, description="trace: core-seconds of a wiki page request.")
@@ -367,6 +373,14 @@ class Sim(_Strict):
         gt=0,
         description="IO-seconds each server's IO device serves per second, one IO phase at a time (FIFO); the "
         "same on every server whatever its cpus (NeurIPS'22: equal IO speed). Unset: IO phases never queue.",
+    )
+    cores_per_unit: float | None = Field(
+        None,
+        gt=0,
+        le=64,
+        description="Model the testbed's servers: a server is a CFS quota of cpus × cores_per_unit cores (set it "
+        "to testbed.cpu_unit; `marllb calibrate --sim-out` does), work is core-seconds, and one job alone gets up to "
+        "min(1 core, the quota). Unset: a server is `cpus` cores and one job at most one of them.",
     )
     engine: Literal["auto", "compiled", "python"] = Field(
         "auto",

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from marllb_cli.agents.methods import resolve_method
-from marllb_cli.calibration import CALIBRATION_FILE, Calibration, LoadPlan, plan_load, trace_window
+from marllb_cli.calibration import CALIBRATION_FILE, Calibration, LoadPlan, plan_load
 from marllb_cli.client_node import ClientNode, ClientProcess, stop_process
 from marllb_cli.config import Config
 from marllb_cli.deploy import testbed_for
@@ -43,7 +43,7 @@ from marllb_cli.runs import RunDir, elapsed, requests_from_replay, save_results
 from marllb_cli.sampler import SampledServer, SamplerSpec
 from marllb_cli.steps import read_steps_log
 from marllb_cli.topology import Topology
-from marllb_cli.traces import read_trace
+from marllb_cli.traces import read_trace, trace_window
 
 __all__ = ["ReplayOptions", "ReplayPlan", "RunOutcome", "build_schedule", "plan_replay", "replay_trace", "utilisation"]
 

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, detail_progress, load, reports_errors
+from marllb_cli.errors import ConfigError
 
 __all__ = ["calibrate_command"]
 
@@ -30,6 +31,10 @@ def calibrate_command(
     duration: Annotated[
         float | None, typer.Option(help="With --trace: replay seconds (as replay-trace --duration).")
     ] = None,
+    sim_out: Annotated[
+        Path | None,
+        typer.Option("--sim-out", help="Write the config with a simulator that models this testbed (YAML)."),
+    ] = None,
     json_: JsonOption = False,
     set_: SetOption = None,
 ) -> None:
@@ -47,6 +52,14 @@ def calibrate_command(
         task = bar.add_task("calibrate", total=None, detail="starting the load probe")
         calibration, path = calibrate(cfg, lambda phase: bar.update(task, detail=phase))
     plan = _plan(calibration, trace, target_load, start, duration) if trace is not None else None
+    if sim_out is not None:
+        from marllb_cli.calibration import simulator_config
+
+        text = simulator_config(cfg, calibration, trace=trace, speed=plan.speed if plan else 1.0, start_s=start)
+        try:
+            sim_out.write_text(text)
+        except OSError as exc:
+            raise ConfigError(f"--sim-out {sim_out}: cannot write ({exc.strerror})") from None
     if json_:
         console.print_json(
             json.dumps({"path": str(path), **calibration.model_dump(mode="json"), "trace": plan and plan.model_dump()})
@@ -80,7 +93,7 @@ def calibrate_command(
         f"request, static file {model.static_s * 1e3:.2f} ms{wiki} (core time; capacity "
         f"{calibration.capacity_cores:g} cores)"
     )
-    console.print(f"saved: {path}")
+    console.print(f"saved: {path}" + (f"; simulator model: {sim_out}" if sim_out else ""))
     if plan is not None:
         at_one = _plan(calibration, trace, None, start, duration, speed=1.0)
         console.print(
@@ -90,8 +103,8 @@ def calibrate_command(
 
 
 def _plan(calibration, trace: Path, load: float | None, start: float, duration: float | None, speed=None):
-    from marllb_cli.calibration import plan_load, trace_window
-    from marllb_cli.traces import read_trace
+    from marllb_cli.calibration import plan_load
+    from marllb_cli.traces import read_trace, trace_window
 
     frame, _ = read_trace(trace)
     return plan_load(trace_window(frame, start, None), calibration, load=load, speed=speed, duration_s=duration)

@@ -12,7 +12,7 @@ queueing-theory validation run on them, and `tests/unit/test_sim_compiled.py` ch
 the same decision for every request and shows the agents the same observations at every step. It follows
 them line by line, in particular:
 
-    engine      per-server virtual time V with dV/dt = speed × min(1, cpus/k); a job admitted at V₀ with
+    engine      per-server virtual time V with dV/dt = min(job_cap, speed × cpus/k); a job admitted at V₀ with
                 work w finishes when V = V₀ + w; ties between jobs by job number, between servers by
                 server number, an IO end before a completion at the same instant; events before an
                 arrival at the same instant; the next agent step before both
@@ -115,6 +115,7 @@ class _State(NamedTuple):
     # servers
     cpus: np.ndarray  # f8[n]
     speed: np.ndarray  # f8[n]
+    job_cap: np.ndarray  # f8[n]: the most one job gets
     max_workers: np.ndarray  # i8[n]
     backlog: np.ndarray  # i8[n]
     io_speed: np.ndarray  # f8[n]
@@ -317,7 +318,7 @@ def _advance(st, s, now):
 @_jit
 def _rerate(st, s):
     k = st.n_active[s]
-    st.rate[s] = st.speed[s] * min(1.0, st.cpus[s] / k) if k > 0 else 0.0
+    st.rate[s] = min(st.job_cap[s], st.speed[s] * st.cpus[s] / k) if k > 0 else 0.0
 
 
 @_jit
@@ -593,6 +594,7 @@ class CompiledSim:
             open_flow=np.zeros(n_jobs, dtype=np.int8),
             cpus=np.array([m.cpus for m in servers], dtype=np.float64),
             speed=np.array([m.speed for m in servers], dtype=np.float64),
+            job_cap=np.array([m.job_cap for m in servers], dtype=np.float64),
             max_workers=np.array([m.max_workers for m in servers], dtype=np.int64),
             backlog=np.array([m.backlog for m in servers], dtype=np.int64),
             io_speed=np.array([m.io_speed for m in servers], dtype=np.float64),

@@ -2,8 +2,10 @@
 
 One server model covers everything we need, by its three limits:
 
-    cpus         cores; every active job runs at speed × min(1, cpus / active) — processor sharing in which
-                 one job can use at most one core (an Apache worker is one process)
+    cpus         cores; every active job runs at min(job_rate, speed × cpus / active) — processor sharing in
+                 which one job can use at most `job_rate` (default `speed`: one core, as an Apache worker is
+                 one process; on a testbed whose server is a CFS quota below a core, a lone job gets the whole
+                 quota, so `job_rate` is min(1 core, the quota): `sim.cores_per_unit`)
     max_workers  jobs served at once (Apache prefork: 32); the rest wait in a FIFO backlog (a job in an IO
                  phase holds its worker but uses no CPU: it joins processor sharing when its IO is done)
     backlog      waiting room (Apache: 128); a job arriving to a full backlog is rejected (a failed request)
@@ -46,6 +48,11 @@ class ServerModel:
     max_workers: float = APACHE_WORKERS
     backlog: float = APACHE_BACKLOG
     io_speed: float = INF
+    job_rate: float | None = None  # the most one job gets; None: speed (one core)
+
+    @property
+    def job_cap(self) -> float:
+        return self.speed if self.job_rate is None else self.job_rate
 
 
 @dataclass
@@ -95,7 +102,7 @@ class ServerState:
 
     def rerate(self) -> None:
         k = len(self.active)
-        self.r = self.model.speed * min(1.0, self.model.cpus / k) if k else 0.0
+        self.r = min(self.model.job_cap, self.model.speed * self.model.cpus / k) if k else 0.0
 
     def advance(self, now: float) -> None:
         if self.active:

@@ -59,7 +59,9 @@ class SimOutcome:
 def server_models(config: Config) -> tuple[list[ServerModel], list[str], list[str], list[float]]:
     """Per server: its model, name, group and cpus, in the testbed's order (srv0, srv1, ...)."""
     models, names, groups, cpus = [], [], [], []
+    unit = config.sim.cores_per_unit  # set: the testbed's CFS quotas (cpus × unit cores), work in core-seconds
     for group in config.testbed.servers:
+        speed = group.speed * (unit or 1.0)
         for _ in range(group.count):
             names.append(f"srv{len(names)}")
             groups.append(group.name)
@@ -67,7 +69,8 @@ def server_models(config: Config) -> tuple[list[ServerModel], list[str], list[st
             models.append(
                 ServerModel(
                     cpus=group.cpus,
-                    speed=group.speed,
+                    speed=speed,
+                    job_rate=min(group.speed, group.cpus * speed) if unit else None,
                     max_workers=group.apache.max_request_workers,
                     backlog=group.apache.listen_backlog,
                     io_speed=config.sim.io_speed if config.sim.io_speed is not None else math.inf,

@@ -9,8 +9,9 @@ unless `rate` is given. Work distributions all have
 mean `mean_s`: exponential; lognormal with σ (μ = ln mean − σ²/2); Pareto with tail index α and scale
 mean × (α − 1)/α; deterministic.
 
-Trace: times / trace_speed; a CPU request's work is its for-loop iterations × work_scale × iteration_s
-core-seconds (what the testbed's PHP page costs), a static file `static_work_s`, a wiki page `wiki_work_s`.
+Trace: from trace_start_s on, times / trace_speed; a CPU request's work is cpu_overhead_s + its for-loop
+iterations × work_scale × iteration_s core-seconds (what the testbed's PHP page costs: `marllb calibrate`
+measures both), a static file `static_work_s`, a wiki page `wiki_work_s`.
 
 `io_share` splits each request's service demand d into d × (1 − io_share) of CPU work and d × io_share
 seconds of IO, the NeurIPS'22 application mixes (0, 0.25, 0.5).
@@ -24,7 +25,7 @@ import numpy as np
 
 from marllb_cli.config import Config, WorkDistribution
 from marllb_cli.errors import ConfigError
-from marllb_cli.traces import read_trace
+from marllb_cli.traces import read_trace, trace_window
 
 __all__ = ["Traffic", "capacity", "draw_work", "offered_load", "traffic"]
 
@@ -45,8 +46,10 @@ class Traffic:
 
 
 def capacity(config: Config) -> float:
-    """Σ cpus × speed over every server: core-seconds of work the cluster does per second."""
-    return sum(g.count * g.cpus * g.speed for g in config.testbed.servers)
+    """Σ cpus × speed over every server (× sim.cores_per_unit when set): core-seconds of work the cluster
+    does per second."""
+    unit = config.sim.cores_per_unit or 1.0
+    return sum(g.count * g.cpus * g.speed * unit for g in config.testbed.servers)
 
 
 def offered_load(config: Config) -> float:
@@ -99,6 +102,7 @@ def traffic(config: Config, *, seed: int, duration_s: float | None = None) -> Tr
         if spec.trace is None:
             raise ConfigError(f"{config.source}: sim.traffic.trace: required when sim.traffic.kind is trace")
         trace, _ = read_trace(spec.trace)
+        trace = trace_window(trace, spec.trace_start_s, None)
         arrival = trace["t"].to_numpy(np.float64) / spec.trace_speed
         keep = arrival < duration
         trace = trace[keep]
@@ -107,7 +111,7 @@ def traffic(config: Config, *, seed: int, duration_s: float | None = None) -> Tr
         iterations = trace["work"].to_numpy(np.float64)
         demand = np.where(
             cls == "cpu",
-            np.nan_to_num(iterations, nan=0.0) * config.testbed.work_scale * spec.iteration_s,
+            spec.cpu_overhead_s + np.nan_to_num(iterations, nan=0.0) * config.testbed.work_scale * spec.iteration_s,
             np.where(cls == "static", spec.static_work_s, spec.wiki_work_s),
         )
         demand = np.maximum(demand, 1e-9)

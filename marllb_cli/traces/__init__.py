@@ -13,6 +13,7 @@ from marllb_cli.traces.formats import (
     read_trace,
     read_wikibench,
     trace_stats,
+    trace_window,
     write_parquet,
 )
 from marllb_cli.traces.generate import poisson, wiki
@@ -26,6 +27,7 @@ __all__ = [
     "read_trace",
     "read_wikibench",
     "trace_stats",
+    "trace_window",
     "wiki",
     "write_parquet",
 ]

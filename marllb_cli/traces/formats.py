@@ -35,6 +35,7 @@ __all__ = [
     "read_trace",
     "read_wikibench",
     "trace_stats",
+    "trace_window",
     "write_parquet",
 ]
 
@@ -277,3 +278,17 @@ def trace_stats(trace: pd.DataFrame, *, bins: int = 10) -> dict:
         },
         "classes": {c: float((trace["class"] == c).mean()) if n else 0.0 for c in TRACE_CLASSES},
     }
+
+
+def trace_window(trace: pd.DataFrame, start_s: float, length_s: float | None) -> pd.DataFrame:
+    """The requests of trace time [start_s, start_s + length_s), their times moved so the window starts at 0."""
+    if not (math.isfinite(start_s) and start_s >= 0):
+        raise ConfigError(f"--start {start_s:g}: must be a finite number of seconds ≥ 0")
+    t = trace["t"].to_numpy(np.float64)
+    if start_s > 0 and (len(t) == 0 or start_s >= t.max()):
+        raise ConfigError(f"--start {start_s:g}: the trace ends before that ({t.max() if len(t) else 0:g} s)")
+    keep = t >= start_s
+    if length_s is not None:
+        keep &= t < start_s + length_s
+    window = trace.loc[keep].reset_index(drop=True)
+    return window.assign(t=window["t"] - start_s)

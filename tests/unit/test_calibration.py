@@ -24,10 +24,10 @@ from marllb_cli.calibration import (
     plan_load,
     request_costs,
     speed_for_load,
-    trace_window,
 )
 from marllb_cli.config import load_config
 from marllb_cli.errors import ConfigError, RunDirError
+from marllb_cli.traces import trace_window
 from tests.conftest import REPO
 
 SMALL = REPO / "configs" / "local-small.yaml"
@@ -219,3 +219,27 @@ def test_phases_are_sized_for_each_server_and_ask_wiki_pages_only_of_wikis():
     assert wiki.streams and all(
         wiki_config.testbed.group(groups[stream.server]).app == "mediawiki" for stream in wiki.streams
     )
+
+
+def test_the_simulator_config_models_the_calibrated_testbed(tmp_path):
+    import yaml
+
+    from marllb_cli.calibration import simulator_config
+    from marllb_cli.sim.run import server_models
+    from marllb_cli.sim.traffic import traffic
+
+    config = load_config(SMALL)
+    calibration = calibration_for(config)
+    trace = tmp_path / "t.parquet"
+    poisson_trace(rate=50, seconds=30, work=4e6).assign(path="/dummy.php/?n=4000000").to_parquet(trace)
+    text = simulator_config(config, calibration, trace=trace, speed=0.5, start_s=5.0)
+    (tmp_path / "sim.yaml").write_text(text)
+    sim = load_config(tmp_path / "sim.yaml")
+    assert yaml.safe_load(text)["testbed"] == config.testbed.model_dump(mode="json")
+    assert sim.sim.cores_per_unit == 0.25 and sim.sim.traffic.iteration_s == 7e-9
+    models, _, _, cpus = server_models(sim)
+    assert [m.cpus * m.speed for m in models] == [0.25, 0.25, 0.5, 0.5]  # the quotas, in cores
+    assert [m.job_cap for m in models] == [0.25, 0.25, 0.5, 0.5] and cpus == [1, 1, 2, 2]
+    load = traffic(sim, seed=0, duration_s=1e6)
+    assert load.arrival.min() >= 0 and load.arrival.max() <= 50  # (30 − 5) s of trace at half speed
+    assert load.work.tolist() == pytest.approx([0.002 + 4e6 * 7e-9] * len(load.work))  # work_scale 1 here

@@ -63,6 +63,7 @@ def _steps_until_last_finish(run) -> dict[str, pd.DataFrame]:
         (IO50, "sed", {"io_speed": None}),  # IO phases as pure delays, ending out of order
         (MODERATE, "sed", {"load": 1.4}),  # overload: full backlogs and rejections
         (MODERATE, "ecmp", {"idle_timeout_s": 0.3}),  # long requests end by idle timeout
+        (MODERATE, "sed", {"cores_per_unit": 0.25}),  # testbed quotas: a lone job gets the whole quota
     ],
 )
 def test_every_request_goes_where_the_python_reference_sends_it(path, method, sim):

@@ -129,3 +129,18 @@ def test_apache_limits_queue_then_reject():
     assert result.start[:2].tolist() == pytest.approx([0, 1e-6])
     assert np.all(result.start[2:5] >= 1.9)  # they started only when a worker freed up (two share one core)
     assert result.finish[0] == pytest.approx(2.0, abs=1e-5)  # two jobs of work 1 sharing one core
+
+
+def test_a_lone_job_gets_a_quota_below_a_core_whole_and_at_most_one_core():
+    """A testbed server is a CFS quota: a request alone runs at full core speed until the quota is spent, so
+    on average it gets min(1 core, quota); several share the quota. The default caps a job at one `cpus`."""
+    arrival = np.array([0.0, 10.0, 10.0, 20.0])
+    work = np.array([0.05, 0.05, 0.05, 0.5])
+    half_core = ServerModel(cpus=2, speed=0.25, max_workers=INF, backlog=INF, job_rate=0.5)  # 2 units × 0.25
+    done = simulate(arrival, work, [half_core], lambda job, now: 0).response
+    assert done[0] == pytest.approx(0.1)  # alone: the whole 0.5-core quota
+    assert done[1] == done[2] == pytest.approx(0.2)  # two share it
+    capped = ServerModel(cpus=2, speed=0.25, max_workers=INF, backlog=INF)
+    assert simulate(arrival, work, [capped], lambda job, now: 0).response[0] == pytest.approx(0.2)
+    four_cores = ServerModel(cpus=16, speed=0.25, max_workers=INF, backlog=INF, job_rate=1.0)
+    assert simulate(arrival, work, [four_cores], lambda job, now: 0).response[3] == pytest.approx(0.5)
