@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -222,7 +223,7 @@ def _replay(
     failure: str | None = None
     stopped_by: int | None = None  # the signal (SIGTERM, SIGHUP) that stopped it, None for Ctrl-C
     lbs_started = False
-    usage: list[tuple[float, dict[str, CpuUsage]]] = []  # the servers' CPU counters as the replay starts and ends
+    usage: list[Counters] = []  # the servers' and this machine's CPU counters as the replay starts and ends
     try:
         _stage_inputs(config, testbed.topology, schedule, options, files, client, period)
         lbs.start(method, period=period, seed=seed)
@@ -259,21 +260,36 @@ def _replay(
     return outcome
 
 
-def _counters(testbed: Testbed, run: RunDir) -> list[tuple[float, dict[str, CpuUsage]]]:
+#: (monotonic time, each server's CPU counters, this machine's (busy, steal) CPU seconds)
+Counters = tuple[float, dict[str, CpuUsage], tuple[float, float]]
+#: Above this share of this machine's CPUs busy, a local testbed's servers may not have got their quotas.
+HOST_BUSY_WARNING = 0.95
+
+
+def host_cpu_seconds() -> tuple[float, float]:
+    """This machine's CPU seconds (all CPUs) spent busy, and stolen by its hypervisor, since boot (/proc/stat)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / ticks, steal / ticks
+
+
+def _counters(testbed: Testbed, run: RunDir) -> list[Counters]:
     """The servers' CPU counters now, or nothing (and a note in meta.json) when they cannot be read: the
     utilisation is a figure about the run, not a reason to lose it."""
     try:
-        return [(time.monotonic(), testbed.server_usage())]
+        return [(time.monotonic(), testbed.server_usage(), host_cpu_seconds())]
     except (MarllbError, OSError, ValueError, KeyError) as exc:
         run.meta.setdefault("notes", []).append(f"no utilisation: the servers' CPU counters: {exc}")
         return []
 
 
-def utilisation(usage: list[tuple[float, dict[str, CpuUsage]]], topology: Topology) -> dict[str, Any]:
+def utilisation(usage: list[Counters], topology: Topology) -> dict[str, Any]:
     """How busy the servers were from the replay's start to its end, from their CPU counters: each server's
     CPU seconds over its quota × the window, the share of CFS periods in which it was throttled, and the
-    testbed's mean (all CPU seconds over all quotas: the load it actually carried)."""
-    (t0, before), (t1, after) = usage
+    testbed's mean (all CPU seconds over all quotas: the load it actually carried). And how busy this
+    machine was (on a local testbed, a busy machine starves the servers below their quotas)."""
+    (t0, before, host0), (t1, after, host1) = usage
     window = t1 - t0
     servers = {}
     for server in topology.servers:
@@ -287,7 +303,13 @@ def utilisation(usage: list[tuple[float, dict[str, CpuUsage]]], topology: Topolo
         }
     capacity = sum(server.cores or 1.0 for server in topology.servers)
     mean = sum(server["cpu_s"] for server in servers.values()) / (window * capacity)
-    return {"window_s": window, "mean": mean, "servers": servers}
+    cpus = os.cpu_count() or 1
+    host = {
+        "cpus": cpus,
+        "busy_share": (host1[0] - host0[0]) / (window * cpus),
+        "steal_share": (host1[1] - host0[1]) / (window * cpus),
+    }
+    return {"window_s": window, "mean": mean, "servers": servers, "host": host}
 
 
 def lb_liveness(stats: list[dict[str, Any]], period: float) -> list[dict[str, Any]]:
@@ -424,6 +446,12 @@ def _finish(
         warnings.append(
             f"the replayer fell behind: p99 send lag {lag * 1000:.1f} ms (> {LAG_WARNING_S * 1000:.0f} ms); "
             "latencies include client delay — replay slower (--speed) or on a less busy machine"
+        )
+    host = (run_dir.meta.get("utilisation") or {}).get("host")
+    if host and host["busy_share"] > HOST_BUSY_WARNING:
+        warnings.append(
+            f"this machine's CPUs were {host['busy_share']:.0%} busy during the run (steal {host['steal_share']:.0%}): "
+            "a local testbed's servers may have got less than their quotas; run nothing else beside it"
         )
     warnings += [f"clean-up: {problem}" for problem in problems]
     dead = [f"{lb['lb']} {what}" for lb in liveness for what in lb["dead"]]
