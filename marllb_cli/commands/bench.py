@@ -184,3 +184,86 @@ def policies(
         table.add_row(r.name, f"{r.jct_mean_ms:.1f}", f"{r.jct_p99_ms:.0f}", ratio, training)
     console.print(table)
     err_console.print("record these figures with the command line in docs/benchmarks.md")
+
+
+@bench_app.command()
+@reports_errors
+def fidelity(
+    config: ConfigArg,
+    trace: Annotated[Path, typer.Option("--trace", "-t", help="The trace both sides replay.")],
+    load_: Annotated[
+        list[float] | None, typer.Option("--load", help="Offered load (repeatable; default 0.7 and 0.9).")
+    ] = None,
+    method: Annotated[
+        list[str] | None,
+        typer.Option("--method", "-m", help="Methods (repeatable; default ecmp wcmp lsq sed awcmp; rl:DIR too)."),
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Runs of every method at every load on each side.", min=1)] = 3,
+    duration: Annotated[float, typer.Option(help="Seconds of each replay (and of each simulation).", min=1)] = 30.0,
+    start: Annotated[float, typer.Option(help="Skip the trace's first S seconds.", min=0)] = 0.0,
+    out: Annotated[Path, typer.Option("--out", help="Where runs, models and fidelity.json go.")] = Path("fidelity"),
+    set_: SetOption = None,
+    json_: JsonOption = False,
+) -> None:
+    """Testbed against simulator, method by method: calibrate the deployed testbed, then replay and simulate
+    the same requests at each load (at the calibrated cost, and at the cost the testbed paid); mean / p90 /
+    p99 JCT, errors, request shares, stability, the ratios testbed / sim and each side's ranking (root;
+    minutes: loads × methods × repeats × duration)."""
+    from marllb_cli.bench.fidelity import FIDELITY_METHODS
+    from marllb_cli.bench.fidelity import fidelity as run_fidelity
+
+    loads = load_ or [0.7, 0.9]
+    methods = [resolve_method(m) for m in dict.fromkeys(method or FIDELITY_METHODS)]
+    with console.status("fidelity") as status:
+        report = run_fidelity(
+            load(config, set_),
+            trace,
+            loads=loads,
+            methods=methods,
+            repeats=repeats,
+            duration_s=duration,
+            start_s=start,
+            out=out,
+            progress=status.update,
+        )
+    if json_:
+        print(json.dumps(report, indent=1))
+        return
+    for entry in report["loads"]:
+        table = Table(title=f"load {entry['load']:g} (speed {entry['speed']:.3g}), {repeats} runs each: JCT in ms")
+        columns = ("method", "testbed mean ± sd", "sim mean ± sd", "tb / sim", "tb / sim cal", "tb p99", "sim p99")
+        columns = (*columns, "errors tb/sim")
+        for column in (*columns, "unstable tb/sim"):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for row in entry["methods"]:
+            tb, sim = row["testbed"], row["sim"]
+            table.add_row(
+                row["method"],
+                _mean_sd(tb),
+                _mean_sd(sim),
+                "" if row["ratio"] is None else f"{row['ratio']:.2f}",
+                "" if row["ratio_calibrated"] is None else f"{row['ratio_calibrated']:.2f}",
+                _ms(tb["jct_p99_s"]),
+                _ms(sim["jct_p99_s"]),
+                f"{tb['error_rate']:.1%} / {sim['error_rate']:.1%}",
+                f"{'yes' if tb['unstable'] else 'no'} / {'yes' if sim['unstable'] else 'no'}",
+            )
+        console.print(table)
+        ranking = entry["ranking"]
+        same = "same" if ranking["testbed"] == ranking["sim"] else "different"
+        console.print(f"ranking ({same}): testbed {' < '.join(ranking['testbed'])}; sim {' < '.join(ranking['sim'])}")
+        console.print(
+            f"sim: at the cost the testbed paid ({entry['cost_scale']:.2f} × calibrated); "
+            "sim cal: at the calibrated cost"
+        )
+    console.print(f"written: {out / 'fidelity.json'}")
+    err_console.print("record these figures with the command line in docs/benchmarks.md")
+
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds * 1e3:.0f}"
+
+
+def _mean_sd(side: dict) -> str:
+    spread = side["jct_mean_std_s"]
+    return _ms(side["jct_mean_s"]) + ("" if spread is None else f" ± {spread * 1e3:.0f}")

@@ -85,3 +85,24 @@ def test_a_load_asked_for_is_the_load_the_servers_carry(testbed, trace, tmp_path
     early = requests.loc[requests["intended_s"] < third, "jct_s"].mean()
     late = requests.loc[requests["intended_s"] > 2 * third, "jct_s"].mean()
     assert late > 2 * early, (early, late)  # ... and the queues grow over the run
+
+
+def test_the_simulator_ranks_methods_as_the_testbed_does(testbed, trace, tmp_path):
+    """A short `bench fidelity` (CI bounds; the real figures are in docs/benchmarks.md): at load 0.8 SED is
+    stable and near the simulator's JCT, while ECMP, which splits evenly over servers of 1 and 2 units,
+    overloads the small ones on both sides."""
+    out = tmp_path / "fidelity"
+    result = marllb(
+        "bench", "fidelity", CONFIG, "--trace", trace, "--load", "0.8", "-m", "sed", "-m", "ecmp",
+        "--repeats", "1", "--duration", "12", "--out", out, "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    (entry,) = report["loads"]
+    rows = {row["method"]: row for row in entry["methods"]}
+    print("fidelity:", {m: (row["testbed"]["jct_mean_s"], row["sim"]["jct_mean_s"]) for m, row in rows.items()})
+    assert entry["ranking"]["testbed"] == entry["ranking"]["sim"] == ["sed", "ecmp"]
+    assert 0.6 < rows["sed"]["ratio"] < 1.7 and not rows["sed"]["testbed"]["unstable"]
+    assert rows["ecmp"]["testbed"]["unstable"] and rows["ecmp"]["sim"]["unstable"]
+    assert 0.9 < entry["cost_scale"] < 1.2  # what requests cost on the testbed, against the calibration
+    assert (out / "fidelity.json").is_file() and len(list((out / "testbed").iterdir())) == 2

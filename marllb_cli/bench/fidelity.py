@@ -1,0 +1,196 @@
+"""`marllb bench fidelity`: does the simulator tell the truth about the testbed?
+
+    calibrate the deployed testbed (fresh) → for each load: the speed that offers it, and the simulator
+    config that models the testbed replaying the same trace window at that speed (`calibration.
+    simulator_config`) → for each repeat, each method in turn (interleaved, so a drift of the machine
+    spreads over all methods): replay on the testbed → simulate the same requests twice: at the calibrated
+    cost, and at the cost the testbed's stable runs actually paid (the median of their carried / offered
+    load: `cost_scale`), which separates an error of the cost model from one of the queueing model → per
+    load and method, each side's mean / p90 / p99 JCT, error rate, per-server request shares and stability
+    (over repeats: mean and spread), the ratios testbed / sim, and each side's ranking of the methods.
+
+A run is *unstable* when its queues grow over the run: the mean JCT of the last third of the requests is
+more than twice that of the first third, or more than 1 % of the requests failed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from marllb_cli.config import Config, load_config
+
+__all__ = ["FIDELITY_METHODS", "fidelity", "run_figures", "unstable"]
+
+FIDELITY_METHODS = ("ecmp", "wcmp", "lsq", "sed", "awcmp")
+#: A run whose last third's mean JCT exceeds the first third's by this factor has a growing queue.
+GROWTH_FACTOR, ERROR_SHARE = 2.0, 0.01
+Progress = Callable[[str], None]
+
+
+def unstable(requests: pd.DataFrame) -> bool:
+    """Whether the queues grew over the run (see the module docstring)."""
+    ok = (requests["error"] == "") & requests["status"].between(200, 399)
+    if len(requests) == 0 or (~ok).mean() > ERROR_SHARE:
+        return True
+    third = requests["intended_s"].max() / 3
+    early = requests.loc[ok & (requests["intended_s"] < third), "jct_s"].mean()
+    late = requests.loc[ok & (requests["intended_s"] > 2 * third), "jct_s"].mean()
+    return bool(late > GROWTH_FACTOR * early)
+
+
+def run_figures(run: Path, servers: Sequence[str]) -> dict[str, Any]:
+    """One run's figures: JCT mean / p90 / p99 (s), error rate, request share per server, stability."""
+    summary = json.loads((run / "summary.json").read_text())
+    requests = pd.read_parquet(run / "requests.parquet")
+    counts = requests["server"].value_counts()
+    return {
+        "run": str(run),
+        "jct_mean_s": summary["jct_mean_s"],
+        "jct_p90_s": summary["jct_p90_s"],
+        "jct_p99_s": summary["jct_p99_s"],
+        "error_rate": summary["error_rate"],
+        "shares": {server: float(counts.get(server, 0)) / max(1, len(requests)) for server in servers},
+        "unstable": unstable(requests),
+    }
+
+
+def _side(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Figures over the repeats of one method on one side: means, and the spread of the mean JCT."""
+
+    def mean(key: str) -> float | None:
+        values = [run[key] for run in runs if run[key] is not None]
+        return float(np.mean(values)) if values else None
+
+    means = [run["jct_mean_s"] for run in runs if run["jct_mean_s"] is not None]
+    return {
+        "jct_mean_s": mean("jct_mean_s"),
+        "jct_mean_std_s": statistics.stdev(means) if len(means) > 1 else None,
+        "jct_p90_s": mean("jct_p90_s"),
+        "jct_p99_s": mean("jct_p99_s"),
+        "error_rate": mean("error_rate"),
+        "shares": {server: float(np.mean([run["shares"][server] for run in runs])) for server in runs[0]["shares"]},
+        "unstable": any(run["unstable"] for run in runs),
+        "runs": [run["run"] for run in runs],
+    }
+
+
+def _ratio(testbed: dict[str, Any], sim: dict[str, Any]) -> float | None:
+    if testbed["jct_mean_s"] is None or not sim["jct_mean_s"]:
+        return None
+    return testbed["jct_mean_s"] / sim["jct_mean_s"]
+
+
+def _ranking(rows: list[dict[str, Any]], side: str) -> list[str]:
+    return [row["method"] for row in sorted(rows, key=lambda row: row[side]["jct_mean_s"] or float("inf"))]
+
+
+def fidelity(
+    config: Config,
+    trace: Path,
+    *,
+    loads: Sequence[float],
+    methods: Sequence[str],
+    repeats: int,
+    duration_s: float,
+    start_s: float,
+    out: Path,
+    progress: Progress = lambda _: None,
+) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring); write `fidelity.json` into `out` and return it."""
+    from marllb_cli.calibrating import calibrate
+    from marllb_cli.calibration import plan_load, simulator_config
+    from marllb_cli.experiment import ReplayOptions, plan_replay, replay_trace
+    from marllb_cli.sim.run import simulate_to_run_dir
+    from marllb_cli.topology import plan
+    from marllb_cli.traces import read_trace, trace_window
+
+    for method in methods:  # every method checked before anything runs
+        plan_replay(config, ReplayOptions(trace=trace, method=method, start_s=start_s, duration_s=duration_s))
+    out.mkdir(parents=True, exist_ok=True)
+    progress("calibrating")
+    calibration, _ = calibrate(config, progress)
+    window = trace_window(read_trace(trace)[0], start_s, None)
+    servers = [server.name for server in plan(config.testbed).servers]
+    report: dict[str, Any] = {
+        "testbed": config.testbed.name,
+        "trace": str(trace),
+        "start_s": start_s,
+        "duration_s": duration_s,
+        "repeats": repeats,
+        "calibration": calibration.model_dump(mode="json"),
+        "loads": [],
+    }
+    for load in loads:
+        speed = plan_load(window, calibration, load=load, duration_s=duration_s).speed
+        figures: dict[str, dict[str, list[dict[str, Any]]]] = {
+            m: {"testbed": [], "sim": [], "sim_calibrated": []} for m in methods
+        }
+        carried: list[float] = []  # carried / offered of each stable testbed run: what requests really cost
+        for repeat in range(repeats):
+            for method in methods:
+                progress(f"load {load:g}, repeat {repeat + 1}/{repeats}: {method} on the testbed")
+                options = ReplayOptions(
+                    trace=trace,
+                    method=method,
+                    load=load,
+                    start_s=start_s,
+                    duration_s=duration_s,
+                    runs_dir=out / "testbed",
+                    seed=repeat,
+                )
+                outcome = replay_trace(config, options)
+                run = run_figures(outcome.path, servers)
+                figures[method]["testbed"].append(run)
+                meta = json.loads((outcome.path / "meta.json").read_text())
+                if not run["unstable"] and meta.get("utilisation") and meta.get("load"):
+                    carried.append(meta["utilisation"]["mean"] / meta["load"]["offered"])
+        cost_scale = float(np.median(carried)) if carried else 1.0
+        models = {
+            "sim_calibrated": calibration,
+            "sim": calibration.model_copy(
+                update={
+                    "model": calibration.model.model_copy(
+                        update={
+                            "iteration_s": calibration.model.iteration_s * cost_scale,
+                            "cpu_overhead_s": calibration.model.cpu_overhead_s * cost_scale,
+                        }
+                    )
+                }
+            ),
+        }
+        sim_paths = {}
+        for side, model in models.items():
+            sim_paths[side] = out / f"{side.replace('_', '-')}-load{load:g}.yaml"
+            sim_paths[side].write_text(simulator_config(config, model, trace=trace, speed=speed, start_s=start_s))
+            sim_config = load_config(sim_paths[side])
+            for repeat in range(repeats):
+                for method in methods:
+                    progress(f"load {load:g}: {method} in the simulator ({side})")
+                    simulated = simulate_to_run_dir(
+                        sim_config, method, runs_dir=out / side, seed=repeat, duration_s=duration_s
+                    )
+                    figures[method][side].append(run_figures(simulated.path, servers))
+        rows = []
+        for method in methods:
+            sides = {side: _side(runs) for side, runs in figures[method].items()}
+            rows.append({"method": method, **sides, "ratio": _ratio(sides["testbed"], sides["sim"])})
+            rows[-1]["ratio_calibrated"] = _ratio(sides["testbed"], sides["sim_calibrated"])
+        report["loads"].append(
+            {
+                "load": load,
+                "speed": speed,
+                "cost_scale": cost_scale,
+                "sim_configs": {side: str(path) for side, path in sim_paths.items()},
+                "methods": rows,
+                "ranking": {side: _ranking(rows, side) for side in ("testbed", "sim", "sim_calibrated")},
+            }
+        )
+        (out / "fidelity.json").write_text(json.dumps(report, indent=1))  # after every load: nothing lost
+    return report
