@@ -16,3 +16,32 @@ def test_schedule_round_trips_every_float_and_path(tmp_path):
     times, read_paths = read_schedule(tmp_path / "s.tsv")
     assert times.dtype == np.float64 and np.array_equal(times, intended)  # bit for bit
     assert read_paths == paths
+
+
+def test_the_pacer_never_wakes_before_its_deadline():
+    """The timerfd pacer (how close to the deadline it wakes is `marllb bench replay`'s figure)."""
+    import asyncio
+    import time
+
+    from marllb_cli.replay import Pacer
+
+    async def wake_ups() -> list[float]:
+        pacer = Pacer()
+        early = []
+        try:
+            for step in range(50):
+                deadline = time.monotonic() + 0.0007 * (step % 5)
+                await pacer.until(deadline)
+                early.append(deadline - time.monotonic())
+            started = time.monotonic()
+            await pacer.until(started - 1.0)  # a deadline past: at once
+            assert time.monotonic() - started < 0.05
+        finally:
+            pacer.close()
+        assert pacer.fd == -1
+        return early
+
+    assert max(asyncio.run(wake_ups())) <= 0
+    probe = Pacer()
+    assert probe.precise  # Linux has timerfd: the precise path is the one tested
+    probe.close()
