@@ -309,9 +309,71 @@ def learning_curves(trainings: list[Path], out: Path) -> tuple[Path, list[str]]:
     return _save(fig, out / "learning_curves.png"), lines
 
 
-def write_report(report: Report | None, out: Path, trainings: list[Path] | None = None) -> list[Path]:
-    """Write `report.md` and the figures into `out` (runs compared, training directories' learning curves);
-    return the files written."""
+def is_fidelity_dir(path: Path) -> bool:
+    """A directory written by `marllb bench fidelity` (it has fidelity.json)."""
+    return (path / "fidelity.json").is_file()
+
+
+def fidelity_figure(directories: list[Path], out: Path) -> tuple[Path, list[str]]:
+    """`fidelity.png` (testbed against simulator mean JCT, per method and load, with each side's spread over
+    repeats, on the diagonal when they agree) and a Markdown table of the figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [
+        "| fidelity | load | method | testbed mean (ms) | sim mean (ms) | testbed / sim | at calibrated cost | "
+        "unstable tb / sim |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    fig, ax = plt.subplots(figsize=(6, 6))
+    markers = "osD^v<>"
+    low, high = math.inf, 0.0
+    for directory in directories:
+        try:
+            data = json.loads((directory / "fidelity.json").read_text())
+            entries = [(entry["load"], row) for entry in data["loads"] for row in entry["methods"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunDirError(f"{directory / 'fidelity.json'}: unreadable ({exc.__class__.__name__})") from None
+        for index, (load, row) in enumerate(entries):
+            tb, sim = row["testbed"], row["sim"]
+            if tb["jct_mean_s"] is None or sim["jct_mean_s"] is None:
+                continue
+            x, y = sim["jct_mean_s"] * 1e3, tb["jct_mean_s"] * 1e3
+            low, high = min(low, x, y), max(high, x, y)
+            ax.errorbar(
+                x,
+                y,
+                xerr=(sim["jct_mean_std_s"] or 0) * 1e3,
+                yerr=(tb["jct_mean_std_s"] or 0) * 1e3,
+                fmt=markers[sorted({e[0] for e in entries}).index(load) % len(markers)],
+                color=f"C{index % len(set(r['method'] for _, r in entries))}",
+                label=f"{row['method']} @ {load:g}",
+            )
+            ratio = f"{row['ratio']:.2f}" if row.get("ratio") else ""
+            calibrated = f"{row['ratio_calibrated']:.2f}" if row.get("ratio_calibrated") else ""
+            unstable = f"{'yes' if tb['unstable'] else 'no'} / {'yes' if sim['unstable'] else 'no'}"
+            lines.append(
+                f"| {_markdown_cell(str(directory))} | {load:g} | {_markdown_cell(row['method'])} | {y:.0f} | "
+                f"{x:.0f} | {ratio} | {calibrated} | {unstable} |"
+            )
+    if high > 0:
+        span = [low / 1.5, high * 1.5]
+        ax.plot(span, span, color="grey", lw=1)
+        ax.fill_between(span, [v / 1.15 for v in span], [v * 1.15 for v in span], color="grey", alpha=0.15)
+        ax.set(xscale="log", yscale="log", xlim=span, ylim=span)
+    ax.set(xlabel="simulator mean JCT (ms)", ylabel="testbed mean JCT (ms)", title="Simulator fidelity (band: ±15 %)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, out / "fidelity.png"), lines
+
+
+def write_report(
+    report: Report | None, out: Path, trainings: list[Path] | None = None, fidelities: list[Path] | None = None
+) -> list[Path]:
+    """Write `report.md` and the figures into `out` (runs compared, training directories' learning curves,
+    `bench fidelity` directories' testbed-against-simulator figure); return the files written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -324,6 +386,10 @@ def write_report(report: Report | None, out: Path, trainings: list[Path] | None 
         figure, table = learning_curves(trainings, out)
         written.append(figure)
         lines += ["## Learning curves", "", *table, "", f"![learning curves]({figure.name})", ""]
+    if fidelities:
+        figure, table = fidelity_figure(fidelities, out)
+        written.append(figure)
+        lines += ["## Simulator fidelity", "", *table, "", f"![simulator fidelity]({figure.name})", ""]
     if report is None:
         path = out / "report.md"
         path.write_text("\n".join(lines) + "\n")

@@ -30,11 +30,13 @@ def report_command(
 
     Runs of the same method (seeds) are pooled; their spread is shown as the std of the per-run means.
     Writes report.md and PNG figures (JCT CDF, JCT over time, busy workers per server group, requests per
-    server) into --out. Training directories (`marllb train --out`) add learning curves.
+    server) into --out. Training directories (`marllb train --out`) add learning curves, `bench fidelity`
+    directories a figure of testbed against simulator JCT per method.
     """
     from marllb_cli.report import (
         TERMINAL_COLUMNS,
         build_report,
+        is_fidelity_dir,
         is_training_dir,
         scan_runs,
         shown_rows,
@@ -43,13 +45,14 @@ def report_command(
     )
 
     trainings = [path for path in runs if is_training_dir(path)]
-    if trainings and len(trainings) == len(runs):  # learning curves only
-        files = write_report(None, out, trainings)
-        console.print(f"report: {files[0]} (learning curves of {len(trainings)} trainings)")
+    fidelities = [path for path in runs if is_fidelity_dir(path)]
+    if len(trainings) + len(fidelities) == len(runs):  # learning curves and fidelity figures only
+        files = write_report(None, out, trainings, fidelities)
+        console.print(f"report: {files[0]} ({len(trainings)} trainings, {len(fidelities)} fidelity benchmarks)")
         return
-    found, skipped = scan_runs([path for path in runs if path not in trainings])
+    found, skipped = scan_runs([path for path in runs if path not in trainings and path not in fidelities])
     report = build_report(found, baseline, skipped)
-    files = write_report(report, out, trainings)
+    files = write_report(report, out, trainings, fidelities)
     for warning in report.warnings:
         err_console.print(f"[bold yellow]warning:[/] {warning}")
     if json_:

@@ -182,3 +182,21 @@ def test_report_finishes_a_run_whose_controller_was_killed(tmp_path):
     meta = json.loads((run / "meta.json").read_text())
     assert meta["complete"] is False and meta["failure"].startswith("killed") and meta["replayed_requests"] == 2
     assert not (run / "requests.csv").exists()
+
+
+def test_report_draws_a_fidelity_benchmark_and_refuses_a_damaged_one(cli, tmp_path):
+    side = {"jct_mean_s": 0.07, "jct_mean_std_s": 0.004, "jct_p90_s": 0.1, "jct_p99_s": 0.4, "error_rate": 0.0,
+            "shares": {"srv0": 0.5, "srv1": 0.5}, "unstable": False, "runs": []}  # fmt: skip
+    row = {"method": "sed", "testbed": side, "sim": {**side, "jct_mean_s": 0.05}, "sim_calibrated": side,
+           "ratio": 1.4, "ratio_calibrated": 1.0}  # fmt: skip
+    bench = tmp_path / "fidelity"
+    bench.mkdir()
+    (bench / "fidelity.json").write_text(json.dumps({"loads": [{"load": 0.9, "methods": [row]}]}))
+    result = cli("report", bench, "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "| 0.9 | sed | 70 | 50 | 1.40 | 1.00 | no / no |" in text
+    assert (tmp_path / "r" / "fidelity.png").stat().st_size > 10_000
+    (bench / "fidelity.json").write_text('{"loads": [{"load": 0.9}]}')
+    result = cli("report", bench, "--out", tmp_path / "r2")
+    assert result.exit_code == 2 and "fidelity.json: unreadable" in result.stderr
