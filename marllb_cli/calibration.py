@@ -39,6 +39,7 @@ __all__ = [
     "CostModel",
     "CpuFit",
     "LoadPlan",
+    "PilotRun",
     "ServerCalibration",
     "config_digest",
     "fit_cpu_cost",
@@ -95,6 +96,19 @@ class ServerCalibration(_Strict):
     saturated_rps: float = Field(description="Requests/s it completed while saturated.")
 
 
+class PilotRun(_Strict):
+    """A short replay through the LBs at a known offered load: what the servers really carried. Requests cost
+    a little more or less in a real replay than in the probe's phases (the replayer, the LBs and the sampler
+    share the machine), so the model is the phases' model × `scale` = carried / offered."""
+
+    offered: float
+    carried: float
+    scale: float
+    requests: int
+    jct_mean_s: float | None
+    run: str
+
+
 class Calibration(_Strict):
     """`calibration.json` in the testbed's state directory."""
 
@@ -103,7 +117,9 @@ class Calibration(_Strict):
     config_digest: str
     machine: str
     created: str
-    model: CostModel
+    model: CostModel = Field(description="The cost model loads are computed with (the phases' × the pilot's scale).")
+    phase_model: CostModel | None = Field(None, description="The model the phases alone gave.")
+    pilot: PilotRun | None = None
     servers: list[ServerCalibration]
 
     @property

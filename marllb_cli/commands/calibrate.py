@@ -31,6 +31,12 @@ def calibrate_command(
     duration: Annotated[
         float | None, typer.Option(help="With --trace: replay seconds (as replay-trace --duration).")
     ] = None,
+    pilot: Annotated[
+        float,
+        typer.Option(
+            "--pilot-s", help="Seconds of the pilot replay through SED LBs that corrects the model (0: none).", min=0
+        ),
+    ] = 20.0,
     sim_out: Annotated[
         Path | None,
         typer.Option("--sim-out", help="Write the config with a simulator that models this testbed (YAML)."),
@@ -43,14 +49,15 @@ def calibrate_command(
 
     Sends phases of identical requests from the client node straight to each server (the CPU page at four
     loop sizes one at a time, then two sizes saturated, static files, wiki pages where there is a wiki) while reading
-    each server's CPU counter; fits cost = overhead + iterations × seconds per iteration. Takes 20–40 s.
+    each server's CPU counter; fits cost = overhead + iterations × seconds per iteration; then replays 20 s
+    through SED LBs at load 0.85 and scales the model by the load the servers really carried. Takes ≈ 45 s.
     """
     from marllb_cli.calibrating import calibrate
 
     cfg = load(config, set_)
     with detail_progress("calibrating") as bar:
         task = bar.add_task("calibrate", total=None, detail="starting the load probe")
-        calibration, path = calibrate(cfg, lambda phase: bar.update(task, detail=phase))
+        calibration, path = calibrate(cfg, lambda phase: bar.update(task, detail=phase), pilot_s=pilot)
     plan = _plan(calibration, trace, target_load, start, duration) if trace is not None else None
     if sim_out is not None:
         from marllb_cli.calibration import simulator_config
@@ -93,6 +100,12 @@ def calibrate_command(
         f"request, static file {model.static_s * 1e3:.2f} ms{wiki} (core time; capacity "
         f"{calibration.capacity_cores:g} cores)"
     )
+    if calibration.pilot is not None:
+        p = calibration.pilot
+        console.print(
+            f"pilot replay (sed, {p.requests:,} requests): carried {p.carried:.2f} where the phases predicted "
+            f"{p.offered:.2f}; the model is the phases' × {p.scale:.3f}"
+        )
     console.print(f"saved: {path}" + (f"; simulator model: {sim_out}" if sim_out else ""))
     if plan is not None:
         at_one = _plan(calibration, trace, None, start, duration, speed=1.0)
