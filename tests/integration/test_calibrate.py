@@ -71,6 +71,8 @@ def test_a_load_asked_for_is_the_load_the_servers_carry(testbed, trace, tmp_path
         assert server["fit"]["r2"] > 0.95 and server["loaded_fit"]["r2"] > 0.9, server
         assert 0.8 < server["saturated_cpu_share"] < 1.25, server  # a saturated server uses its quota
     assert calibration["trace"]["load"] == pytest.approx(0.85, rel=0.01)
+    pilot = calibration["pilot"]  # the phases' model, corrected by what a replay through the LBs carried
+    assert pilot["requests"] > 1000 and 0.8 < pilot["scale"] < 1.25, pilot
 
     meta, requests = replay_at(0.85, trace, tmp_path / "runs")
     print("load 0.85:", json.dumps(meta["utilisation"]))
