@@ -130,3 +130,42 @@ def test_a_residual_policy_sets_capacity_times_its_levels(cli, trained, tmp_path
     steps = __import__("pandas").read_parquet(next(runs.iterdir()) / "agents" / "lb0.parquet")
     ratios = {round(w / c, 6) for ws in steps["weights"] for w, c in zip(ws, cpus, strict=True)}
     assert ratios <= {0.5, 1.0, 2.0} and len(steps) >= 20
+
+
+def test_the_double_q_target_equals_a_hand_computation():
+    """At o_{t+1} each head's level is the online network's argmax, its value the target network's; the target
+    mixer mixes the LBs' means and TD(λ) runs over them. Online and target networks are made to differ, so
+    double Q is told apart from the target's own max."""
+    import numpy as np
+
+    from marllb_cli.agents.rl.qmix import QmixHyper, QmixLearner
+
+    hyper = QmixHyper(hidden=8, mixing_hidden=4, gamma=0.9, td_lambda=0.6)
+    learner = QmixLearner(2, 2, hyper, seed=5)
+    torch.manual_seed(6)
+    for p in learner.agent.parameters():
+        p.data.add_(0.5 * torch.randn_like(p))
+    x = torch.randn(1, 4, 2, learner.n_in)
+    s = torch.randn(1, 4, learner.mixer.hyper_b1.in_features)
+    r = torch.tensor([[0.5, -1.0, 2.0]])
+    with torch.no_grad():
+        online = learner._utilities(learner.agent, x)
+        target_u = learner._utilities(learner.agent_target, x).numpy()
+        got = learner.double_q_target(online, x, s, r)
+    online = online.numpy()
+
+    def values(pick) -> torch.Tensor:  # v(o_{t+1}) for t = 0..2, each LB's mean over heads, then the mixer
+        q = np.zeros((1, 3, 2), dtype=np.float32)
+        for t in range(3):
+            for i in range(2):
+                q[0, t, i] = np.mean([target_u[0, t + 1, i, j, pick(t, i, j)] for j in range(2)])
+        with torch.no_grad():
+            return learner.mixer_target(torch.from_numpy(q), s[:, 1:])
+
+    v = values(lambda t, i, j: int(np.argmax(online[0, t + 1, i, j])))
+    g2 = r[0, 2] + 0.9 * v[0, 2]
+    g1 = r[0, 1] + 0.9 * (0.4 * v[0, 1] + 0.6 * g2)
+    g0 = r[0, 0] + 0.9 * (0.4 * v[0, 0] + 0.6 * g1)
+    assert got[0].tolist() == pytest.approx([g0.item(), g1.item(), g2.item()], rel=1e-5)
+    greedy_target = values(lambda t, i, j: int(np.argmax(target_u[0, t + 1, i, j])))
+    assert not torch.allclose(v, greedy_target)  # the online argmax chose other levels than the target's

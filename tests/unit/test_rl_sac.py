@@ -121,3 +121,32 @@ def test_bench_policies_compares_a_trained_policy_on_unseen_seeds(cli, trained, 
     assert rows["distr"]["train_episodes"] == 1 and rows["distr"]["train_wall_s"] > 0
     bad = cli("bench", "policies", config, "-p", "nodir")
     assert bad.exit_code == 2 and "NAME=DIR" in bad.stderr
+
+
+def test_the_bootstrapped_target_equals_a_hand_computation():
+    """γ > 0: r_t + γ E_j Σ_a π_j(a|o_{t+1}) (min(Q1⁻, Q2⁻)_j(o_{t+1}, a) − α log π_j(a|o_{t+1})), computed here
+    step by step, head by head, level by level from the networks' outputs (the toys above use γ = 0)."""
+    hyper = SacHyper(hidden=8, levels=(1.0, 1.5, 2.0), gamma=0.9)
+    learner = SacLearner(2, hyper, seed=3)
+    torch.manual_seed(4)
+    for net in (learner.q1_target, learner.q2_target):  # targets that differ from each other
+        for p in net.parameters():
+            p.data.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 4, learner.n_in)
+    r = torch.randn(2, 3)
+    alpha = torch.tensor(0.3)
+    got = learner.soft_target(x, r, alpha)
+    with torch.no_grad():
+        probs = torch.softmax(learner.actor(x)[0], -1).numpy()
+        q1, q2 = learner.q1_target(x)[0].numpy(), learner.q2_target(x)[0].numpy()
+    for b in range(2):
+        for t in range(3):
+            heads = []
+            for j in range(2):
+                value = 0.0
+                for a in range(3):
+                    p = probs[b, t + 1, j, a]
+                    value += p * (min(q1[b, t + 1, j, a], q2[b, t + 1, j, a]) - 0.3 * np.log(p))
+                heads.append(value)
+            expected = r[b, t].item() + 0.9 * sum(heads) / 2
+            assert got[b, t].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)

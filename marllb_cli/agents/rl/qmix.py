@@ -176,12 +176,7 @@ class QmixLearner:
         utilities = self._utilities(self.agent, x)  # [B, T+1, m, n, L]
         q_taken = utilities[:, :-1].gather(-1, a.unsqueeze(-1)).squeeze(-1).mean(-1)  # [B, T, m]
         q_tot = self.mixer(q_taken, s[:, :-1])  # [B, T]
-        with torch.no_grad():
-            best_next = utilities[:, 1:].argmax(-1, keepdim=True)  # double Q: online argmax …
-            target_u = self._utilities(self.agent_target, x)[:, 1:]
-            q_next = target_u.gather(-1, best_next).squeeze(-1).mean(-1)  # … evaluated by the target
-            v_next = self.mixer_target(q_next, s[:, 1:])  # [B, T]
-            target = td_lambda(r, v_next, h.gamma, h.td_lambda)
+        target = self.double_q_target(utilities.detach(), x, s, r)
         loss = F.mse_loss(q_tot, target)
         self.optimizer.zero_grad()
         loss.backward()
@@ -193,6 +188,19 @@ class QmixLearner:
             "alpha": self.epsilon(),
             "entropy": float("nan"),
         }
+
+    @torch.no_grad()
+    def double_q_target(
+        self, utilities: torch.Tensor, x: torch.Tensor, s: torch.Tensor, r: torch.Tensor
+    ) -> torch.Tensor:
+        """TD(λ) targets with double Q: at o_{t+1} each head's level is the online network's argmax
+        (`utilities` [B, T+1, m, n, L]), its value the target network's, mixed by the target mixer."""
+        h = self.hyper
+        best_next = utilities[:, 1:].argmax(-1, keepdim=True)
+        target_u = self._utilities(self.agent_target, x)[:, 1:]
+        q_next = target_u.gather(-1, best_next).squeeze(-1).mean(-1)  # [B, T, m]
+        v_next = self.mixer_target(q_next, s[:, 1:])  # [B, T]
+        return td_lambda(r, v_next, h.gamma, h.td_lambda)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def hyper_state(self) -> dict:

@@ -53,6 +53,7 @@ class SacHyper:
     updates_per_episode: int = 25
     warmup_episodes: int = 2  # act uniformly at random, no updates, for the first episodes
     target_entropy_scale: float = 0.5  # per head: scale × log L (L = weight levels)
+    grad_clip: float = 10.0  # gradient-norm clip of the actor and of the critics (as QMIX's): 240-step BPTT
     levels: tuple[float, ...] = field(default=(1.0, 1.5, 2.0))
     residual: bool = False  # weight = server capacity × level: a uniform choice of levels is SED itself
     reward_norm: bool = True  # standardise rewards with their running mean and std (`common.RewardScale`)
@@ -128,13 +129,7 @@ class SacLearner:
         x, a = batch["x"], batch["a"]  # [B, T+1, n_in], [B, T, N]
         r = self.reward_scale(batch["r"])  # [B, T]
         alpha = self.log_alpha.exp().detach()
-
-        with torch.no_grad():
-            logits, _ = self.actor(x)
-            log_pi = torch.log_softmax(logits[:, 1:], -1)  # at o_{t+1}: [B, T, N, L]
-            q_next = torch.min(self.q1_target(x)[0][:, 1:], self.q2_target(x)[0][:, 1:])
-            v_next = (log_pi.exp() * (q_next - alpha * log_pi)).sum(-1).mean(-1)  # E_j Σ_a π (Q − α log π)
-            target = r + hyper.gamma * v_next
+        target = self.soft_target(x, r, alpha)
 
         def q_taken(q: nn.Module) -> torch.Tensor:
             values = q(x)[0][:, :-1]  # [B, T, N, L]
@@ -143,6 +138,7 @@ class SacLearner:
         critic_loss = F.mse_loss(q_taken(self.q1), target) + F.mse_loss(q_taken(self.q2), target)
         self.critic_opt.zero_grad()
         critic_loss.backward()
+        nn.utils.clip_grad_norm_([*self.q1.parameters(), *self.q2.parameters()], hyper.grad_clip)
         self.critic_opt.step()
 
         logits, _ = self.actor(x[:, :-1])
@@ -153,6 +149,7 @@ class SacLearner:
         actor_loss = (pi * (alpha * log_pi - q_min)).sum(-1).mean()
         self.actor_opt.zero_grad()
         actor_loss.backward()
+        nn.utils.clip_grad_norm_(self.actor.parameters(), hyper.grad_clip)
         self.actor_opt.step()
 
         entropy = -(pi.detach() * log_pi.detach()).sum(-1).mean()
@@ -171,6 +168,17 @@ class SacLearner:
             "alpha": float(alpha),
             "entropy": float(entropy),
         }
+
+    @torch.no_grad()
+    def soft_target(self, x: torch.Tensor, r: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """r_t + γ V(o_{t+1}) with the soft value V = E_j Σ_a π_j(a) (min(Q1⁻, Q2⁻)_j(a) − α log π_j(a)) of the
+        target critics under the current policy; x [B, T+1, n_in], r [B, T] → [B, T]. The episode is
+        truncated, so its last step bootstraps too."""
+        logits, _ = self.actor(x)
+        log_pi = torch.log_softmax(logits[:, 1:], -1)  # at o_{t+1}: [B, T, N, L]
+        q_next = torch.min(self.q1_target(x)[0][:, 1:], self.q2_target(x)[0][:, 1:])
+        v_next = (log_pi.exp() * (q_next - alpha * log_pi)).sum(-1).mean(-1)
+        return r + self.hyper.gamma * v_next
 
     # -- checkpoints (state dicts and tensors only: loadable with torch.load(weights_only=True)) ---------
     def hyper_state(self) -> dict:
