@@ -152,15 +152,7 @@ class UsageSampler:
         if not before or not after:
             raise TestbedError("the CPU counters were not sampled around a calibration phase", hint="calibrate again")
         first, last = before[-1], after[0]
-        return {
-            name: CpuUsage(
-                cpu_s=last[name].cpu_s - first[name].cpu_s,
-                periods=last[name].periods - first[name].periods,
-                throttled_periods=last[name].throttled_periods - first[name].throttled_periods,
-                throttled_s=last[name].throttled_s - first[name].throttled_s,
-            )
-            for name in first
-        }
+        return {name: last[name].since(first[name]) for name in first}
 
 
 #: The pilot replay: SED through the LBs at this load for this long, on a Poisson trace of the papers' work.
@@ -208,17 +200,16 @@ def _with_pilot(config: Config, calibration: Calibration, work: Path, pilot_s: f
     trace = poisson(rate=PILOT_RATE, duration=3 * pilot_s, seed=0)
     path = work / "pilot.parquet"
     write_parquet(trace, path)
-    speed = plan_load(trace, calibration, load=PILOT_LOAD, duration_s=pilot_s).speed
-    options = ReplayOptions(trace=path, method="sed", speed=speed, duration_s=pilot_s, runs_dir=work / "pilot")
+    plan = plan_load(trace, calibration, load=PILOT_LOAD, duration_s=pilot_s)
+    options = ReplayOptions(trace=path, method="sed", speed=plan.speed, duration_s=pilot_s, runs_dir=work / "pilot")
     outcome = replay_trace(config, options)
-    meta = json.loads((outcome.path / "meta.json").read_text())
-    offered = plan_load(trace, calibration, speed=speed, duration_s=pilot_s).load
-    if not outcome.complete or not meta.get("utilisation"):
+    offered = plan.load  # what the phases' model says that speed offers
+    if not outcome.complete or not outcome.utilisation:
         raise TestbedError(
             f"the calibration's pilot replay did not complete ({outcome.failure or 'no CPU counters'})",
             hint=f"see {outcome.path}; check the testbed with `marllb status`, then calibrate again",
         )
-    carried = float(meta["utilisation"]["mean"])
+    carried = float(outcome.utilisation["mean"])
     scale = carried / offered
     if not PILOT_SCALE_RANGE[0] <= scale <= PILOT_SCALE_RANGE[1]:
         raise TestbedError(

@@ -107,16 +107,15 @@ def _load_plan(
     """With `--load`: the speed that offers it, from the testbed's calibration (which must exist and fit this
     config and machine). Without: the load `--speed` offers, when there is a valid calibration (else None)."""
     path = testbed.state_dir / CALIBRATION_FILE
-    if options.load is None:
-        try:
-            calibration = Calibration.load(path)
-            calibration.check(config, path)
-            return plan_load(trace, calibration, speed=options.speed, duration_s=options.duration_s), calibration
-        except MarllbError:
-            return None  # no calibration (or a stale one): the run just does not say what load it offered
-    calibration = Calibration.load(path)
-    calibration.check(config, path)
-    return plan_load(trace, calibration, load=options.load, duration_s=options.duration_s), calibration
+    try:
+        calibration = Calibration.load(path)
+        calibration.check(config, path)
+        speed = None if options.load is not None else options.speed
+        return plan_load(trace, calibration, load=options.load, speed=speed, duration_s=options.duration_s), calibration
+    except MarllbError:
+        if options.load is not None:
+            raise
+        return None  # no calibration (or a stale one): the run just does not say what load it offered
 
 
 def _load_meta(planned: tuple[LoadPlan, Calibration] | None, target: float | None) -> dict[str, Any] | None:
@@ -142,8 +141,6 @@ def _load_meta(planned: tuple[LoadPlan, Calibration] | None, target: float | Non
 class ReplayPlan:
     """A replay checked and ready to run: everything `plan_replay` validates before anything starts."""
 
-    config: Config
-    options: ReplayOptions
     testbed: Testbed
     method: str
     seed: int
@@ -177,7 +174,7 @@ def plan_replay(config: Config, options: ReplayOptions) -> ReplayPlan:
         "load": _load_meta(planned, options.load),
     }
     seed = config.experiment.seed if options.seed is None else options.seed
-    return ReplayPlan(config, options, testbed, method, seed, schedule, meta)
+    return ReplayPlan(testbed, method, seed, schedule, meta)
 
 
 def replay_trace(
@@ -293,13 +290,11 @@ def utilisation(usage: list[Counters], topology: Topology) -> dict[str, Any]:
     window = t1 - t0
     servers = {}
     for server in topology.servers:
-        cpu = after[server.name].cpu_s - before[server.name].cpu_s
-        periods = after[server.name].periods - before[server.name].periods
-        throttled = after[server.name].throttled_periods - before[server.name].throttled_periods
+        rise = after[server.name].since(before[server.name])
         servers[server.name] = {
-            "cpu_s": cpu,
-            "utilisation": cpu / (window * (server.cores or 1.0)),
-            "throttled_share": throttled / periods if periods > 0 else None,
+            "cpu_s": rise.cpu_s,
+            "utilisation": rise.cpu_s / (window * (server.cores or 1.0)),
+            "throttled_share": rise.throttled_periods / rise.periods if rise.periods > 0 else None,
         }
     capacity = sum(server.cores or 1.0 for server in topology.servers)
     mean = sum(server["cpu_s"] for server in servers.values()) / (window * capacity)

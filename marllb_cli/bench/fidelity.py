@@ -148,9 +148,8 @@ def fidelity(
                 outcome = replay_trace(config, options)
                 run = run_figures(outcome.path, servers)
                 figures[method]["testbed"].append(run)
-                meta = json.loads((outcome.path / "meta.json").read_text())
-                if not run["unstable"] and meta.get("utilisation") and meta.get("load"):
-                    carried.append(meta["utilisation"]["mean"] / meta["load"]["offered"])
+                if not run["unstable"] and outcome.utilisation and outcome.load:
+                    carried.append(outcome.utilisation["mean"] / outcome.load["offered"])
         cost_scale = float(np.median(carried)) if carried else 1.0
         models = {
             "sim_calibrated": calibration,

@@ -53,12 +53,17 @@ def calibrate_command(
     through SED LBs at load 0.85 and scales the model by the load the servers really carried. Takes ≈ 45 s.
     """
     from marllb_cli.calibrating import calibrate
+    from marllb_cli.calibration import plan_load
+    from marllb_cli.traces import read_trace, trace_window
 
     cfg = load(config, set_)
     with detail_progress("calibrating") as bar:
         task = bar.add_task("calibrate", total=None, detail="starting the load probe")
         calibration, path = calibrate(cfg, lambda phase: bar.update(task, detail=phase), pilot_s=pilot)
-    plan = _plan(calibration, trace, target_load, start, duration) if trace is not None else None
+    plan = window = None
+    if trace is not None:
+        window = trace_window(read_trace(trace)[0], start, None)
+        plan = plan_load(window, calibration, load=target_load, duration_s=duration)
     if sim_out is not None:
         from marllb_cli.calibration import simulator_config
 
@@ -108,16 +113,8 @@ def calibrate_command(
         )
     console.print(f"saved: {path}" + (f"; simulator model: {sim_out}" if sim_out else ""))
     if plan is not None:
-        at_one = _plan(calibration, trace, None, start, duration, speed=1.0)
+        at_one = plan_load(window, calibration, speed=1.0, duration_s=duration)
         console.print(
             f"{trace}: load {at_one.load:.2f} at speed 1; load {plan.load:.2f} at speed {plan.speed:.4g} "
             f"({plan.requests:,} requests, {plan.rate_rps:.1f}/s)"
         )
-
-
-def _plan(calibration, trace: Path, load: float | None, start: float, duration: float | None, speed=None):
-    from marllb_cli.calibration import plan_load
-    from marllb_cli.traces import read_trace, trace_window
-
-    frame, _ = read_trace(trace)
-    return plan_load(trace_window(frame, start, None), calibration, load=load, speed=speed, duration_s=duration)

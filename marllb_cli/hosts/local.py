@@ -198,9 +198,10 @@ class LocalNamespace(LocalHost):
 
 def telling_line(output: str) -> str:
     """The line of a failed command's output that says what went wrong: the last one naming an error (nft
-    and many tools print the error, then the offending input and a `^^^` marker under it), else the last."""
-    lines = [line.strip(" \t│╭╮╰╯─") for line in output.strip().splitlines()]  # box drawing: a usage error
-    lines = [line for line in lines if line]
+    and many tools print the error, then the offending input and a `^^^` marker under it), else the last.
+    A usage box (typer) is read without its frame, whose title is the bare word "Error"."""
+    lines = [line.strip(" \t│╭╮╰╯─") for line in output.strip().splitlines()]
+    lines = [line for line in lines if line and line.lower() != "error"]
     for line in reversed(lines):
         if "error" in line.lower():
             return line

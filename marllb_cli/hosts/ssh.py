@@ -27,6 +27,7 @@ from pathlib import Path
 import paramiko
 
 from marllb_cli.errors import TestbedError
+from marllb_cli.hosts.local import telling_line
 
 __all__ = ["SshHost", "SshTarget", "SshProcess"]
 
@@ -137,10 +138,7 @@ class SshHost:
         except (paramiko.SSHException, OSError) as exc:
             raise TestbedError(f"{self.name}: `{command}` failed: {exc}") from None
         if check and code != 0:
-            lines = (err or out).strip().splitlines()
-            raise TestbedError(
-                f"{self.name}: `{command}` failed with exit {code}: {lines[-1] if lines else 'no output'}"
-            )
+            raise TestbedError(f"{self.name}: `{command}` failed with exit {code}: {telling_line(err or out)}")
         return subprocess.CompletedProcess(list(argv), code, out, err)
 
     def put(self, local: Path, remote: str) -> None:

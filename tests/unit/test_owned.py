@@ -138,3 +138,14 @@ def test_a_failed_command_is_reported_by_its_error_line_not_its_caret_marker():
 
     with pytest.raises(TestbedError, match="Error: Could not process rule|Error: syntax error"):
         LocalHost().run(["nft", "-c", "-f", "-"], input="table ip t { chain c { ip protocol nosuchproto drop } }\n")
+
+
+def test_the_telling_line_skips_a_usage_box_and_a_caret_marker():
+    """Local and SSH commands alike report this line; the KVM tier's SSH failure once said only `╰───╯`."""
+    from marllb_cli.hosts.local import telling_line
+
+    box = "Usage: x usage [OPTIONS]\n╭─ Error ───╮\n│ No such command 'usage'. │\n╰───────────╯\n"
+    assert telling_line(box) == "No such command 'usage'."
+    nft = "/dev/stdin:4:17-19: Error: Could not resolve protocol name\n    ip protocol gre\n                ^^^\n"
+    assert telling_line(nft) == "/dev/stdin:4:17-19: Error: Could not resolve protocol name"
+    assert telling_line("") == "no output"

@@ -43,6 +43,15 @@ class CpuUsage:
     throttled_periods: int
     throttled_s: float
 
+    def since(self, earlier: CpuUsage) -> CpuUsage:
+        """What the counters rose by since `earlier`."""
+        return CpuUsage(
+            cpu_s=self.cpu_s - earlier.cpu_s,
+            periods=self.periods - earlier.periods,
+            throttled_periods=self.throttled_periods - earlier.throttled_periods,
+            throttled_s=self.throttled_s - earlier.throttled_s,
+        )
+
     def as_json(self) -> dict[str, float | int]:
         return {
             "cpu_s": self.cpu_s,
