@@ -317,11 +317,25 @@ class Testbed(_Strict):
         return next((group for group in self.servers if group.name == name), None)
 
 
+class CoordinatorSettings(_Strict):
+    """Where the coordinator of a QMIX or Centr-LB training episode on the testbed listens, and how long it
+    waits for the agents' observations each step."""
+
+    lb: int = Field(0, ge=0, le=255, description="Index of the LB on whose address (and node) it runs.")
+    port: int = Field(7460, ge=1024, le=65535, description="TCP port on that LB's data address.")
+    deadline_ms: int = Field(
+        100, ge=1, le=60_000, description="An agent's observation must arrive within this after a tick."
+    )
+
+
 class Experiment(_Strict):
     """How a run behaves, independent of where it runs."""
 
     agent_period_ms: int = Field(250, ge=10, le=60_000, description="Agent step: features in, weights out.")
     seed: int = Field(0, ge=0, description="Seed of every random draw of a run.")
+    coordinator: CoordinatorSettings = Field(
+        default_factory=CoordinatorSettings, description="The QMIX/Centr-LB coordinator of testbed training."
+    )
 
 
 class WorkDistribution(_Strict):

@@ -32,9 +32,11 @@ import numpy as np
 import pandas as pd
 
 from marllb_cli.agents.methods import resolve_method
+from marllb_cli.agents.runner import LearningSpec
 from marllb_cli.calibration import CALIBRATION_FILE, Calibration, LoadPlan, plan_load
 from marllb_cli.client_node import ClientNode, ClientProcess, stop_process
 from marllb_cli.config import Config
+from marllb_cli.coordination.coordinator import CoordinatorSpec
 from marllb_cli.deploy import testbed_for
 from marllb_cli.deploy.base import LbControl, Testbed
 from marllb_cli.deploy.node.cgroups import CpuUsage
@@ -146,6 +148,8 @@ class ReplayPlan:
     seed: int
     schedule: pd.DataFrame
     meta: dict[str, Any]
+    learning: LearningSpec | None = None  # a training episode's exploring agents (`live_training`)
+    coordinator: CoordinatorSpec | None = None  # and its coordinator, for QMIX and Centr-LB
 
 
 def plan_replay(config: Config, options: ReplayOptions) -> ReplayPlan:
@@ -196,20 +200,14 @@ def replay_trace(
     )
     with run_dir as run:
         plan.schedule.to_parquet(run.path / "schedule.parquet", index=False)
-        return _replay(config, plan.testbed, run, plan.schedule, options, plan.method, plan.seed, progress)
+        return _replay(config, plan, run, options, progress)
 
 
 def _replay(
-    config: Config,
-    testbed: Testbed,
-    run: RunDir,
-    schedule: pd.DataFrame,
-    options: ReplayOptions,
-    method: str,
-    seed: int,
-    progress: ReplayProgress,
+    config: Config, plan: ReplayPlan, run: RunDir, options: ReplayOptions, progress: ReplayProgress
 ) -> RunOutcome:
     """Start the LBs, the sampler and the replayer; whatever happens, stop them and write the results."""
+    testbed, schedule = plan.testbed, plan.schedule
     period = config.experiment.agent_period_ms / 1000
     lbs = testbed.lbs()
     client = testbed.client()
@@ -223,7 +221,7 @@ def _replay(
     usage: list[Counters] = []  # the servers' and this machine's CPU counters as the replay starts and ends
     try:
         _stage_inputs(config, testbed.topology, schedule, options, files, client, period)
-        lbs.start(method, period=period, seed=seed)
+        lbs.start(plan.method, period=period, seed=plan.seed, learning=plan.learning, coordinator=plan.coordinator)
         lbs_started = True
         sampler = client.start("marllb_cli.sampler", [files.remote("sampler.json")], files.remote("sampler.log"))
         usage.extend(_counters(testbed, run))

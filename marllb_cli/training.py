@@ -42,7 +42,17 @@ from marllb_cli.rewards import REWARDS
 from marllb_cli.sim.env import LoadBalancingEnv
 from marllb_cli.sim.traffic import offered_load
 
-__all__ = ["ALGOS", "parse_hyper", "train"]
+__all__ = [
+    "ALGOS",
+    "logged_inputs",
+    "atomic_torch",
+    "make_team",
+    "mean_finite",
+    "parse_hyper",
+    "resume_from",
+    "save_training",
+    "train",
+]
 
 CHECKPOINT, POLICY, CURVE = "checkpoint.pt", "policy.pt", "curve.parquet"
 #: Episode loads are drawn from this range times the config's offered load: a bit below to a bit above it.
@@ -76,6 +86,13 @@ class IndependentSac:
         for i, learner in enumerate(self.learners):
             next_input = learner.features(observations[i], learner.prev_action)
             learner.store(np.stack(self.inputs[i]), np.stack(self.actions[i]), rewards[:, i], next_input)
+
+    def store_logged(self, i: int, obs: np.ndarray, actions: np.ndarray, prev: np.ndarray, rewards: np.ndarray) -> None:
+        """LB i's episode as its testbed agent logged it: observations [T+1, n, F], the levels chosen at each
+        [T+1, n] (the last is not a transition), the levels in force before the first, rewards [T]."""
+        learner = self.learners[i]
+        x = logged_inputs(learner.features, obs, actions, prev)
+        learner.store(x[:-1], actions[:-1], rewards, x[-1])
 
     def update(self) -> list[dict[str, float]]:
         return [learner.update() for learner in self.learners]
@@ -113,6 +130,12 @@ class Centralised:
 
     def end_episode(self, observations: list[np.ndarray], rewards: np.ndarray) -> None:
         self.sac.end_episode([np.concatenate(observations)], rewards.mean(axis=1, keepdims=True))
+
+    def store_logged(self, obs: np.ndarray, actions: np.ndarray, prev: np.ndarray, rewards: np.ndarray) -> None:
+        """An episode as the coordinator logged it: obs [T+1, m, n, F], actions [T+1, m, n], prev [m, n], team
+        rewards [T]; every LB's servers are one learner's heads."""
+        t1 = len(obs)
+        self.sac.store_logged(0, obs.reshape(t1, -1, obs.shape[-1]), actions.reshape(t1, -1), prev.reshape(-1), rewards)
 
     def update(self) -> list[dict[str, float]]:
         return self.sac.update()
@@ -152,6 +175,13 @@ class Qmix:
         states = np.stack([*self.states, _state(observations)])
         self.learner.store(np.stack(self.inputs), np.stack(self.actions), rewards.mean(axis=1), next_inputs, states)
 
+    def store_logged(self, obs: np.ndarray, actions: np.ndarray, prev: np.ndarray, rewards: np.ndarray) -> None:
+        """An episode as the coordinator logged it: obs [T+1, m, n, F], actions [T+1, m, n], prev [m, n], team
+        rewards [T]."""
+        x = logged_inputs(lambda o, p: self.learner.features(list(o), p), obs, actions, prev)
+        states = np.stack([_state(list(o)) for o in obs])
+        self.learner.store(x[:-1], actions[:-1], rewards, x[-1], states)
+
     def update(self) -> list[dict[str, float]]:
         return [self.learner.update()]
 
@@ -171,9 +201,22 @@ class Qmix:
         }
 
 
+def logged_inputs(features: Callable, obs: np.ndarray, actions: np.ndarray, prev: np.ndarray) -> np.ndarray:
+    """Network inputs of a logged episode: step k's observation with the levels in force before it (`prev`
+    at k = 0, else the action of step k − 1), as the agent encoded them when it acted. [T+1, ...]."""
+    before = np.concatenate([prev[None], actions[:-1]])
+    return np.stack([features(o, p) for o, p in zip(obs, before, strict=True)])
+
+
 def _state(observations: list[np.ndarray]) -> np.ndarray:
     """QMIX's global state: every LB's normalised observation, concatenated."""
     return np.concatenate([normalise(obs).reshape(-1) for obs in observations])
+
+
+def make_team(algo: str, n_lbs: int, n_servers: int, settings: Any, seed: int) -> IndependentSac | Centralised | Qmix:
+    """The learners of `algo` for `n_lbs` LBs over `n_servers` servers."""
+    kind = {"qmix": Qmix, "centr": Centralised}.get(algo, IndependentSac)
+    return kind(n_lbs, n_servers, settings, seed)  # type: ignore[arg-type]
 
 
 def parse_hyper(algo: str, items: list[str]) -> dict[str, Any]:
@@ -238,40 +281,17 @@ def train(
         config, reward=reward, levels=settings.levels, episode_s=episode_s, residual=settings.residual
     )
     n_lbs, n_servers = len(env.possible_agents), len(env.models)
-    kind = {"qmix": Qmix, "centr": Centralised}.get(algo, IndependentSac)
-    team = kind(n_lbs, n_servers, settings, seed)  # type: ignore[arg-type]
+    team = make_team(algo, n_lbs, n_servers, settings, seed)
     out.mkdir(parents=True, exist_ok=True)
     load_range = load_range or tuple(factor * offered_load(config) for factor in LOAD_SPREAD)
     meta = {"algo": algo, "reward": reward, "seed": seed, "episode_s": episode_s, "load_range": list(load_range)}
-    start, rows = 0, []
-    if resume and (out / CHECKPOINT).exists():
-        saved = load_file(out / CHECKPOINT, "training checkpoint")
-        if not isinstance(saved.get("meta"), dict) or not isinstance(saved.get("learners"), list):
-            raise ConfigError(f"{out / CHECKPOINT}: not a marllb training checkpoint", hint="use another --out")
-        differs = {key for key in meta if saved["meta"].get(key) != meta[key]}
-        saved_hyper = saved["learners"][0].get("hyper", {}) if saved["learners"] else {}
-        differs |= {f"hyper {key}" for key, value in plain(settings).items() if saved_hyper.get(key) != value}
-        if differs:
-            raise ConfigError(
-                f"{out}: --resume with different settings ({', '.join(sorted(differs))})",
-                hint="resume with the options the run started with, or use another --out",
-            )
-        rows = pd.read_parquet(out / CURVE).to_dict("records") if (out / CURVE).exists() else []
-        try:
-            team.load(saved["learners"])
-            start = int(saved["episode"]) + 1
-            # The curve as of the checkpoint (a kill between the two writes must not lose or repeat a row).
-            rows = [dict(row) for row in saved["curve"]] if "curve" in saved else rows
-        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"{out / CHECKPOINT}: a damaged training checkpoint ({type(exc).__name__})", hint="use another --out"
-            ) from None
+    start, rows = resume_from(out, meta, settings, team) if resume else (0, [])
     (out / "train.json").write_text(
         json.dumps({**meta, "hyper": settings.__dict__, "config": config.testbed.name}, indent=2, default=list)
     )
     started(start)
     for episode in range(start, episodes):
-        started = time.perf_counter()
+        began = time.perf_counter()
         load = float(np.random.default_rng([seed, episode]).uniform(*load_range))
         observations, _ = env.reset(seed=seed * 100_003 + episode, options={"load": load})
         team.reset()
@@ -297,33 +317,62 @@ def train(
             "jct_p99_s": float(np.quantile(jct, 0.99)) if len(jct) else float("nan"),
             "requests": int(len(result.finish)),
             "rejected": int((~done).sum()),
-            "wall_s": time.perf_counter() - started,
-            **{k: _mean_finite([x[k] for x in losses]) for k in ("critic_loss", "actor_loss", "alpha", "entropy")},
+            "wall_s": time.perf_counter() - began,
+            **{k: mean_finite([x[k] for x in losses]) for k in ("critic_loss", "actor_loss", "alpha", "entropy")},
         }
         rows.append(row)
-        _save(out, episode, meta, team, algo, reward, rows)
+        save_training(out, episode, meta, team, algo, reward, rows)
         progress(row)
     return pd.DataFrame(rows)
 
 
-def _mean_finite(values: list[float]) -> float:
+def resume_from(out: Path, meta: dict[str, Any], settings: Any, team: Any) -> tuple[int, list[dict]]:
+    """`--resume`: load OUT/checkpoint.pt into `team` when it exists and was made with the same `meta` and
+    hyperparameters; return (the first episode to run, the curve's rows so far). (0, []) without one."""
+    if not (out / CHECKPOINT).exists():
+        return 0, []
+    saved = load_file(out / CHECKPOINT, "training checkpoint")
+    if not isinstance(saved.get("meta"), dict) or not isinstance(saved.get("learners"), list):
+        raise ConfigError(f"{out / CHECKPOINT}: not a marllb training checkpoint", hint="use another --out")
+    differs = {key for key in meta if saved["meta"].get(key) != meta[key]}
+    saved_hyper = saved["learners"][0].get("hyper", {}) if saved["learners"] else {}
+    differs |= {f"hyper {key}" for key, value in plain(settings).items() if saved_hyper.get(key) != value}
+    if differs:
+        raise ConfigError(
+            f"{out}: --resume with different settings ({', '.join(sorted(differs))})",
+            hint="resume with the options the run started with, or use another --out",
+        )
+    rows = pd.read_parquet(out / CURVE).to_dict("records") if (out / CURVE).exists() else []
+    try:
+        team.load(saved["learners"])
+        start = int(saved["episode"]) + 1
+        # The curve as of the checkpoint (a kill between the two writes must not lose or repeat a row).
+        rows = [dict(row) for row in saved["curve"]] if "curve" in saved else rows
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{out / CHECKPOINT}: a damaged training checkpoint ({type(exc).__name__})", hint="use another --out"
+        ) from None
+    return start, rows
+
+
+def mean_finite(values: list[float]) -> float:
     """Mean of the finite values (QMIX has no actor loss), NaN when there are none."""
     finite = [v for v in values if np.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def _save(out: Path, episode: int, meta: dict, team, algo: str, reward: str, rows: list[dict]) -> None:
+def save_training(out: Path, episode: int, meta: dict, team, algo: str, reward: str, rows: list[dict]) -> None:
     """Checkpoint, policy and curve, each replaced atomically (a kill leaves the previous episode's)."""
-    _atomic_torch({"episode": episode, "meta": meta, "learners": team.state(), "curve": rows}, out / CHECKPOINT)
+    atomic_torch({"episode": episode, "meta": meta, "learners": team.state(), "curve": rows}, out / CHECKPOINT)
     policy = team.policy()
-    _atomic_torch({"algo": algo, "reward": reward, "episode": episode, **policy}, out / POLICY)
+    atomic_torch({"algo": algo, "reward": reward, "episode": episode, **policy}, out / POLICY)
     write_header(out, PolicyHeader.of(policy))
     tmp = out / (CURVE + ".tmp")
     pd.DataFrame(rows).to_parquet(tmp, index=False)
     os.replace(tmp, out / CURVE)
 
 
-def _atomic_torch(obj: Any, path: Path) -> None:
+def atomic_torch(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)

@@ -15,22 +15,39 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from marllb_cli.agents.base import Agent
 from marllb_cli.agents.factory import make_agent
+from marllb_cli.coordination.link import CoordinatedAgent, CoordinatorAddress
 from marllb_cli.dataplane.channel import Channel, TornRead
 from marllb_cli.features import observe
 from marllb_cli.probes import busy_workers
 from marllb_cli.services import until_signalled
 from marllb_cli.steps import step_record
 
-__all__ = ["AgentSpec", "run_agent", "main"]
+__all__ = ["AgentSpec", "LearningSpec", "learning_agent", "periods", "run_agent", "main"]
 
 log = logging.getLogger("marllb.agent")
+
+
+class LearningSpec(BaseModel):
+    """An agent in a training episode on the live testbed (`marllb train --env testbed`): it explores, and its
+    step log records the full observation and the levels chosen, from which the controller rebuilds every
+    transition. Without a coordinator it samples from its own SAC actor (`policy`); with one, the coordinator
+    acts for every LB (QMIX, Centr-LB)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    policy: Path | None = None
+    levels: list[float]
+    residual: bool = False
+    uniform: bool = False  # warm-up: levels drawn uniformly at random
+    seed: int = 0
+    coordinator: CoordinatorAddress | None = None
 
 
 class AgentSpec(BaseModel):
@@ -47,6 +64,7 @@ class AgentSpec(BaseModel):
     status_port: int = 8080
     period: float = 0.25
     steps_log: Path
+    learning: LearningSpec | None = None
 
 
 def _probe(servers: list[str], port: int, timeout: float):
@@ -83,13 +101,28 @@ def usable_weights(weights: Sequence[float], previous: list[float] | None) -> li
     return previous if previous is not None else [1.0] * len(values)
 
 
+def periods(period: float, should_run) -> Iterator[None]:
+    """Yield every `period` on CLOCK_MONOTONIC until `should_run()` is false; a step that overruns skips the
+    missed ticks instead of bunching up."""
+    next_tick = time.monotonic()
+    while should_run():
+        yield
+        next_tick += period
+        now = time.monotonic()
+        if next_tick < now:
+            next_tick += period * ((now - next_tick) // period + 1)
+        time.sleep(max(0.0, next_tick - now))
+
+
 def run_agent(spec: AgentSpec, agent: Agent, channel: Channel, should_run) -> int:
-    """Step `agent` every `spec.period` until `should_run()` is false; return the number of steps."""
+    """Step `agent` every `spec.period` (a coordinated agent: at every TICK of its coordinator) until
+    `should_run()` is false; return the number of steps."""
     step = 0
     weights: list[float] | None = None
-    next_tick = time.monotonic()
+    clock = agent.ticks(should_run) if isinstance(agent, CoordinatedAgent) else periods(spec.period, should_run)
+    record = getattr(agent, "record", None)
     with open(spec.steps_log, "a", buffering=1) as steps:
-        while should_run():
+        for _ in clock:
             try:
                 stats = channel.read_stats(patience_s=spec.period / 2)
             except TornRead:  # the dataplane died mid-publish, or stalls: this step is skipped, not the agent
@@ -102,14 +135,25 @@ def run_agent(spec: AgentSpec, agent: Agent, channel: Channel, should_run) -> in
                 channel.write_control(agent.method, weights)
                 channel.heartbeat()
                 row = step_record(now, step, spec.lb, agent, obs, weights, stats.new_flows)
+                if record is not None:
+                    row.update(record(obs))
                 steps.write(json.dumps(row) + "\n")
                 step += 1
-            next_tick += spec.period
-            now = time.monotonic()
-            if next_tick < now:  # overran: skip the missed ticks
-                next_tick += spec.period * ((now - next_tick) // spec.period + 1)
-            time.sleep(max(0.0, next_tick - now))
     return step
+
+
+def learning_agent(spec: AgentSpec) -> Agent:
+    """The exploring agent of a training episode (`spec.learning`)."""
+    learning = spec.learning
+    assert learning is not None
+    if learning.coordinator is not None:
+        scale = np.asarray(spec.cpus) if learning.residual else np.ones(len(spec.cpus))
+        return CoordinatedAgent(learning.coordinator, spec.lb, spec.lb_index, learning.levels, scale, spec.period)
+    if learning.policy is None:
+        raise ValueError("a learning agent without a coordinator needs its policy")
+    from marllb_cli.agents.rl.exploring import ExploringPolicy
+
+    return ExploringPolicy(learning.policy, spec.lb_index, spec.cpus, uniform=learning.uniform, seed=learning.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,12 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     spec = AgentSpec.model_validate_json(args.spec.read_text())
     probe = _probe(spec.servers, spec.status_port, timeout=spec.period * 0.8)
-    agent = make_agent(spec.method, spec.cpus, probe, spec.lb_index, spec.n_lbs)
+    if spec.learning is not None:
+        agent = learning_agent(spec)
+    else:
+        agent = make_agent(spec.method, spec.cpus, probe, spec.lb_index, spec.n_lbs)
     channel = _attach(spec.channel)
     should_run = until_signalled()
     log.info("%s: %s every %.0f ms, pid %d", spec.lb, spec.method, spec.period * 1000, os.getpid())
     steps = run_agent(spec, agent, channel, should_run)
     log.info("%s: stopped after %d steps", spec.lb, steps)
+    if isinstance(agent, CoordinatedAgent):
+        agent.close()
     channel.close()
     return 0
 

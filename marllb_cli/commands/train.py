@@ -9,6 +9,19 @@ import typer
 
 from marllb_cli.agents.methods import ALGOS
 from marllb_cli.cli_support import ConfigArg, SetOption, console, detail_progress, load, reports_errors
+from marllb_cli.errors import ConfigError
+
+
+def parse_load_range(text: str) -> tuple[float, float]:
+    """`0.85` or `0.7:0.95` → (low, high), each a finite load in (0, 2]; else a one-line error."""
+    parts = text.split(":")
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(0 < v <= 2 for v in values) or values[0] > values[-1]:
+        raise ConfigError(f"--load {text!r}: expected LOAD or LOW:HIGH with 0 < LOW <= HIGH <= 2", hint="e.g. 0.7:0.95")
+    return values[0], values[-1]
 
 
 @reports_errors
@@ -17,7 +30,7 @@ def train_command(
     algo: Annotated[str, typer.Option(help=f"Algorithm: {', '.join(ALGOS)}.")],
     reward: Annotated[str | None, typer.Option(help="Reward (default: jain; vbf-log for distr).")] = None,
     episodes: Annotated[int, typer.Option(help="Episodes to train (in total, with --resume).", min=1)] = 72,
-    episode_s: Annotated[float, typer.Option("--episode-s", help="Simulated seconds per episode.", min=1)] = 60.0,
+    episode_s: Annotated[float, typer.Option("--episode-s", help="Seconds per episode.", min=1)] = 60.0,
     seed: Annotated[int, typer.Option(help="Seed of the networks, the exploration and the traffic.")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Training directory.")] = Path("train"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
@@ -32,21 +45,58 @@ def train_command(
             min=1,
         ),
     ] = 1,
+    env: Annotated[
+        str,
+        typer.Option(
+            help="sim: the simulator's environment; testbed: real episodes through the deployed testbed's LBs."
+        ),
+    ] = "sim",
+    trace: Annotated[
+        Path | None,
+        typer.Option(help="--env testbed: the trace each episode replays a window of (default: generated Poisson)."),
+    ] = None,
+    load_range: Annotated[
+        str | None,
+        typer.Option(
+            "--load",
+            metavar="LOW[:HIGH]",
+            help="Episode loads, drawn uniformly (default: 0.8–1.05 × the config's load); --env testbed needs "
+            "`marllb calibrate`.",
+        ),
+    ] = None,
+    speed: Annotated[
+        float | None,
+        typer.Option(help="--env testbed: replay every episode at this fixed speed instead (no calibration).", min=0),
+    ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(help="--env testbed: start from this simulator-trained run's learners (fine-tuning)."),
+    ] = None,
     set_: SetOption = None,
 ) -> None:
-    """Train per-LB policies in the simulator; writes checkpoint.pt, policy.pt and curve.parquet into OUT.
+    """Train per-LB policies; writes checkpoint.pt, policy.pt and curve.parquet into OUT.
 
-    Each episode draws its offered load from 0.8–1.05 × the config's load and its requests from its own
-    seed. Run the result with `marllb simulate CONFIG --method rl:OUT`.
+    --env sim (default): episodes in the simulator. --env testbed: each episode replays a window of a trace
+    through the deployed testbed's LBs, whose agents explore (QMIX and Centr-LB through a coordinator over
+    TCP), and the learners update between episodes; each episode is a run in OUT/episodes/. Each episode
+    draws its offered load from 0.8–1.05 × the config's load (or --load) and its requests from its own seed.
+    Run the result with `marllb simulate CONFIG --method rl:OUT` or `marllb replay-trace ... --method rl:OUT`.
     """
     import torch
 
     from marllb_cli.training import parse_hyper, train
 
     cfg = load(config, set_)
+    if env not in ("sim", "testbed"):
+        raise ConfigError(f"--env {env!r}: unknown", hint="sim or testbed")
+    loads = parse_load_range(load_range) if load_range is not None else None
+    if env == "sim":
+        for name, given in (("--trace", trace), ("--speed", speed), ("--init", init)):
+            if given is not None:
+                raise ConfigError(f"{name}: only with --env testbed", hint="the simulator's traffic is the config's")
     overrides = parse_hyper(algo, hyper or [])
     torch.set_num_threads(threads)
-    bar = detail_progress(f"training {algo}")
+    bar = detail_progress(f"training {algo}" + (" on the testbed" if env == "testbed" else ""))
     task = bar.add_task("train", total=episodes, detail="", start=False)
 
     def started(first_episode: int) -> None:
@@ -64,19 +114,38 @@ def train_command(
         )
 
     try:
-        curve = train(
-            cfg,
-            algo,
-            out=out,
-            reward=reward,
-            episodes=episodes,
-            episode_s=episode_s,
-            seed=seed,
-            resume=resume,
-            hyper=overrides,
-            progress=progress,
-            started=started,
-        )
+        if env == "testbed":
+            from marllb_cli.live_training import LiveOptions, train_live
+
+            options = LiveOptions(
+                out=out,
+                reward=reward,
+                episodes=episodes,
+                episode_s=episode_s,
+                seed=seed,
+                resume=resume,
+                hyper=overrides,
+                trace=trace,
+                load_range=loads,
+                speed=speed,
+                init=init,
+            )
+            curve = train_live(cfg, algo, options, progress=progress, started=started)
+        else:
+            curve = train(
+                cfg,
+                algo,
+                out=out,
+                reward=reward,
+                episodes=episodes,
+                episode_s=episode_s,
+                seed=seed,
+                resume=resume,
+                hyper=overrides,
+                load_range=loads,
+                progress=progress,
+                started=started,
+            )
     finally:
         bar.stop()
     last = curve.iloc[-1]

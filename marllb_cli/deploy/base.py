@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from pydantic import BaseModel
 
 from marllb_cli.agents.factory import initial_control
-from marllb_cli.agents.runner import AgentSpec
+from marllb_cli.agents.runner import AgentSpec, LearningSpec
 from marllb_cli.config import Config
 from marllb_cli.dataplane.fastpath import DataplaneSpec, ServerSpec
 from marllb_cli.deploy.node.cgroups import CpuUsage
@@ -39,6 +39,7 @@ from marllb_cli.topology import Node, Topology
 
 if TYPE_CHECKING:
     from marllb_cli.client_node import ClientNode
+    from marllb_cli.coordination.coordinator import CoordinatorSpec
 
 __all__ = [
     "MANIFEST",
@@ -122,9 +123,19 @@ class LbControl(Protocol):
 
     topology: Topology
 
-    def start(self, method: str, *, period: float = 0.25, idle_timeout: float = 40.0, seed: int = 0) -> int:
+    def start(
+        self,
+        method: str,
+        *,
+        period: float = 0.25,
+        idle_timeout: float = 40.0,
+        seed: int = 0,
+        learning: LearningSpec | None = None,
+        coordinator: CoordinatorSpec | None = None,
+    ) -> int:
         """Start every LB with a resolved `method` (`agents.methods.resolve_method`), replacing running ones;
-        return how many LBs were running before."""
+        return how many LBs were running before. With `learning`, the agents explore for a training episode
+        (`marllb train --env testbed`), and with `coordinator` that process starts first, where its address is."""
         ...
 
     def stop(self) -> int:
@@ -221,6 +232,7 @@ class LbStart:
     period: float = 0.25
     idle_timeout: float = 40.0
     seed: int = 0
+    learning: LearningSpec | None = None
 
 
 def lb_plan(
@@ -259,6 +271,7 @@ def lb_plan(
         status_port=config.testbed.servers[0].apache.status_port,
         period=start.period,
         steps_log=steps_log(directory, lb.name),
+        learning=start.learning and start.learning.model_copy(update={"seed": start.learning.seed * 1_000 + lb.index}),
     )
     return dataplane, agent
 

@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from marllb_cli.agents.runner import LearningSpec
 from marllb_cli.config import Config
+from marllb_cli.coordination.coordinator import CoordinatorSpec
+from marllb_cli.coordination.protocol import SECRET_FILE, new_secret
 from marllb_cli.deploy.base import (
     MANIFEST,
     DeployOutcome,
@@ -38,6 +41,7 @@ from marllb_cli.deploy.node.lbs import (
     channel_path,
     lb_resources,
     read_snapshot,
+    start_coordinator,
     start_lb,
     steps_log,
     stop_lbs,
@@ -125,6 +129,7 @@ class LocalTestbed:
         from marllb_cli.deploy.netns import build_network
 
         (self.state_dir / "config.yaml").write_text(self.config.resolved_yaml())
+        new_secret(self.state_dir / SECRET_FILE)  # what a training episode's agents prove to its coordinator
         build_network(self.topology, manifest, progress)
         self._start_servers(manifest, progress)
 
@@ -225,14 +230,28 @@ class LocalLbs:
         self.topology = testbed.topology
         self.dir = testbed.state_dir / "lb"
 
-    def start(self, method: str, *, period: float = 0.25, idle_timeout: float = 40.0, seed: int = 0) -> int:
-        """Start a dataplane and an agent on every LB; return how many LBs were already running (replaced)."""
+    def start(
+        self,
+        method: str,
+        *,
+        period: float = 0.25,
+        idle_timeout: float = 40.0,
+        seed: int = 0,
+        learning: LearningSpec | None = None,
+        coordinator: CoordinatorSpec | None = None,
+    ) -> int:
+        """Start a dataplane and an agent on every LB (and first, for a coordinated training episode, the
+        coordinator in the namespace of the LB whose address it listens on); return how many LBs were
+        already running (replaced)."""
         manifest = self.testbed._manifest()
         replaced = len({r.data.get("lb") for r in lb_resources(manifest)})
         self.stop()
         manifest = self.testbed._manifest()
-        start = LbStart(method, period, idle_timeout, seed)
+        start = LbStart(method, period, idle_timeout, seed, learning)
         try:
+            if coordinator is not None:
+                host = next(lb for lb in self.topology.lbs if str(lb.ip) == coordinator.host)
+                start_coordinator(LocalNamespace(host.namespace), manifest, coordinator, host.name, self.dir)
             for lb in self.topology.lbs:
                 dataplane, agent = lb_plan(self.testbed.config, self.topology, lb, start, self.dir)
                 start_lb(LocalNamespace(lb.namespace), manifest, dataplane, agent, self.dir)

@@ -25,8 +25,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from marllb_cli.agents.methods import RL_PREFIX, policy_dir
+from marllb_cli.agents.runner import LearningSpec
 from marllb_cli.client_node import ClientProcess
 from marllb_cli.config import Config, ServerGroup, SshHostEntry
+from marllb_cli.coordination.coordinator import CoordinatorSpec
 from marllb_cli.deploy.base import DeployOutcome, LbStart, NodeStatus, TestbedStatus, lb_plan
 from marllb_cli.deploy.node import mediawiki
 from marllb_cli.deploy.node.cgroups import CpuUsage
@@ -287,8 +289,22 @@ class SshLbs:
     def require_deployed(self) -> None:
         self.testbed.require_deployed()
 
-    def start(self, method: str, *, period: float = 0.25, idle_timeout: float = 40.0, seed: int = 0) -> int:
+    def start(
+        self,
+        method: str,
+        *,
+        period: float = 0.25,
+        idle_timeout: float = 40.0,
+        seed: int = 0,
+        learning: LearningSpec | None = None,
+        coordinator: CoordinatorSpec | None = None,
+    ) -> int:
         """Start a dataplane and an agent on every LB host (replacing running ones); return 0."""
+        if learning is not None or coordinator is not None:
+            raise TestbedError(
+                f"testbed {self.topology.testbed}: training episodes run on kind: local only in this version",
+                hint="train on a local testbed, or in the simulator, and run the policy here with --method rl:DIR",
+            )
         self.require_deployed()
         policy_source = policy_dir(method)
         torch = torch_bundle() if policy_source is not None else None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from marllb_cli.agents.runner import AgentSpec
+from marllb_cli.coordination.coordinator import CoordinatorSpec
 from marllb_cli.dataplane.channel import Channel, Stats
 from marllb_cli.dataplane.fastpath import DataplaneSpec
 from marllb_cli.deploy.node.manifest import Manifest, Resource
@@ -159,11 +160,32 @@ def start_lb(host: LocalHost, manifest: Manifest, dataplane: DataplaneSpec, agen
         _wait(service, lambda s=service, is_ready=ready: is_ready(channel, s), what)
 
 
+def start_coordinator(host: LocalHost, manifest: Manifest, spec: CoordinatorSpec, lb: str, directory: Path) -> None:
+    """Start a training episode's coordinator on LB `lb`'s node and wait until it listens; recorded as that
+    LB's `-coordinator` process, so `stop_lbs` stops it with the LB's other processes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    spec_file = directory / "coordinator.json"
+    spec_file.write_text(spec.model_dump_json(indent=1))
+    spec.trajectory.unlink(missing_ok=True)
+    log = directory / "coordinator.log"
+    mark = log.stat().st_size if log.exists() else 0
+    service = start_service(host, f"{lb}-coordinator", "marllb_cli.coordination.coordinator", [str(spec_file)], log)
+    manifest.record("process", service.name, lb=lb, **service.as_record())
+
+    def listening() -> bool:
+        with log.open("rb") as text:
+            text.seek(mark)
+            return b"listening on" in text.read()
+
+    _wait(service, listening, "listen")
+
+
 def stop_lbs(manifest: Manifest) -> int:
     """Stop every LB process `manifest` lists and remove the channels; return how many were running."""
     resources = lb_resources(manifest)
     running = 0
-    for role in ("agent", "dataplane", "channel"):  # an agent never outlives its dataplane's channel
+    # An agent never outlives its dataplane's channel; the agents leave the coordinator before it stops.
+    for role in ("agent", "coordinator", "dataplane", "channel"):
         for resource in resources:
             if not resource.name.endswith(f"-{role}"):
                 continue

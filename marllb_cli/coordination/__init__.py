@@ -1,0 +1,1 @@
+"""The QMIX/Centr-LB coordinator and its protocol (training on the live testbed)."""
