@@ -209,6 +209,7 @@ def train_live(
             "requests": int(outcome.summary["requests"]),
             "failed": int(outcome.summary["errors"]),
             "lbs_stored": stored,
+            "transitions": transitions if stored else 0,
             **logged.figures,
             "run": str(outcome.path.relative_to(out)),
             "complete": bool(outcome.complete),
@@ -244,7 +245,7 @@ def read_episode(
     middle = n_levels // 2
     per_lb: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
     intervals, rtts, missed, bytes_step, first_ticks = [], [], [], [], []
-    trajectory_bytes = 0
+    trajectory_bytes, window_steps = 0, []
     for i in range(n_lbs):
         path = run / "agents" / f"lb{i}.parquet"
         frame = pd.read_parquet(path) if path.exists() else pd.DataFrame()
@@ -254,6 +255,7 @@ def read_episode(
         trajectory_bytes += path.stat().st_size
         intervals.extend(np.diff(frame["t_s"].to_numpy()))
         inside = frame[(frame["t_s"] >= 0) & (frame["t_s"] <= episode_s)]
+        window_steps.append(len(inside))
         if "missed" in frame:
             missed.extend(inside["missed"].astype(bool))
             rtts.extend(inside["rtt_s"].dropna())
@@ -271,6 +273,7 @@ def read_episode(
         per_lb.append((obs, action, prev if prev is not None else np.full(action.shape[1], middle)))
     joint = None
     figures: dict[str, float] = {
+        "window_steps_min": float(min(window_steps)) if window_steps else 0.0,
         "step_interval_p50_s": _quantile(intervals, 0.5),
         "step_interval_p99_s": _quantile(intervals, 0.99),
         "trajectory_bytes": float(trajectory_bytes),
