@@ -309,6 +309,70 @@ def learning_curves(trainings: list[Path], out: Path) -> tuple[Path, list[str]]:
     return _save(fig, out / "learning_curves.png"), lines
 
 
+def is_live_training(path: Path) -> bool:
+    """A training directory of `marllb train --env testbed` (its episodes are runs on the testbed)."""
+    return (path / "episodes").is_dir() and is_training_dir(path)
+
+
+def _step_intervals(path: Path, curve: pd.DataFrame) -> np.ndarray:
+    """Every LB's agent step intervals (s) over a live training's episodes, from their agents/*.parquet."""
+    intervals = []
+    for run in curve.get("run", pd.Series(dtype=str)).dropna():
+        for frame_path in sorted((path / str(run) / "agents").glob("lb*.parquet")):
+            try:
+                times = pd.read_parquet(frame_path, columns=["t_s"])["t_s"].to_numpy(np.float64)
+            except (OSError, ValueError, KeyError):
+                continue
+            intervals.append(np.diff(times))
+    return np.concatenate(intervals) if intervals else np.zeros(0)
+
+
+def live_training(trainings: list[Path], out: Path) -> tuple[list[Path], list[str]]:
+    """For `train --env testbed` directories: real JCT per episode (mean and p90), the CDF of the agents'
+    step interval per training (CIKM'22 Fig. 12) and a table of what synchronisation costs per step and per
+    episode (NeurIPS'22 Table 1's comparison of CTDE with independent learners)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (mean_ax, p90_ax) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    cdf_fig, cdf_ax = plt.subplots(figsize=(7, 4))
+    lines = [
+        "| training | algo | episodes | step p50 (ms) | step p99 (ms) | RTT p99 (ms) | missed steps "
+        "| network bytes/step | trajectory KiB/episode |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in trainings:
+        curve, meta = _read_training(path)
+        label = f"{path.name} ({meta.get('algo', '?')})"
+        mean_ax.plot(curve["episode"], curve["jct_mean_s"] * 1e3, marker=".", label=label)
+        if "jct_p90_s" in curve:
+            p90_ax.plot(curve["episode"], curve["jct_p90_s"] * 1e3, marker=".", label=label)
+        intervals = _step_intervals(path, curve)
+        if len(intervals):
+            ordered = np.sort(intervals) * 1e3
+            cdf_ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), label=label)
+        network = curve["coordinator_bytes_per_step"].mean() if "coordinator_bytes_per_step" in curve else 0.0
+        trajectory = curve["trajectory_bytes"] + curve.get("coordinator_trajectory_bytes", 0.0)
+        rtt = curve["rtt_p99_s"].max() * 1e3 if "rtt_p99_s" in curve else float("nan")
+        misses = curve["missed_steps"].sum() if "missed_steps" in curve else 0
+        p50, p99 = (np.quantile(intervals, q) * 1e3 if len(intervals) else float("nan") for q in (0.5, 0.99))
+        lines.append(
+            f"| {path} | {meta.get('algo', '?')} | {len(curve)} | {p50:.1f} | {p99:.1f} | {rtt:.1f} | {misses:.0f} "
+            f"| {network:.0f} | {trajectory.mean() / 1024:.0f} |"
+        )
+    mean_ax.set(ylabel="mean JCT (ms)", title="Training on the testbed: real JCT per episode")
+    p90_ax.set(xlabel="episode", ylabel="p90 JCT (ms)")
+    cdf_ax.set(xlabel="agent step interval (ms)", ylabel="CDF", title="Step interval per training (CIKM'22 Fig. 12)")
+    for ax in (mean_ax, p90_ax, cdf_ax):
+        ax.grid(alpha=0.3)
+    mean_ax.legend(fontsize=7)
+    cdf_ax.legend(fontsize=7)
+    figures = [_save(fig, out / "testbed_learning.png"), _save(cdf_fig, out / "step_intervals.png")]
+    return figures, lines
+
+
 def is_fidelity_dir(path: Path) -> bool:
     """A directory written by `marllb bench fidelity` (it has fidelity.json)."""
     return (path / "fidelity.json").is_file()
@@ -386,6 +450,14 @@ def write_report(
         figure, table = learning_curves(trainings, out)
         written.append(figure)
         lines += ["## Learning curves", "", *table, "", f"![learning curves]({figure.name})", ""]
+        live = [path for path in trainings if is_live_training(path)]
+        if live:
+            figures, table = live_training(live, out)
+            written += figures
+            lines += ["## Training on the testbed", "", *table, ""]
+            lines += ["Network bytes/step: the coordinator's frames, both ways (0 for independent learners). "]
+            lines += ["Trajectory: what the controller reads back per episode (step logs, coordinator's).", ""]
+            lines += [f"![{p.stem}]({p.name})" for p in figures] + [""]
     if fidelities:
         figure, table = fidelity_figure(fidelities, out)
         written.append(figure)
