@@ -11,7 +11,7 @@ TORCH_PIN ?= torch==2.13.0
 APT_PACKAGES := apache2 libapache2-mod-php php-cli iproute2 nftables ethtool curl procps psmisc openssh-server wrk \
 	mediawiki php-mysql php-memcached php-intl mariadb-server-core mariadb-client-core memcached
 
-.PHONY: install system-deps system-deps-kvm test test-unit test-integration test-kvm bench demo lint clean
+.PHONY: install system-deps system-deps-kvm test test-unit test-integration test-kvm bench bench-live demo lint clean
 
 install: $(STAMP)
 
@@ -57,11 +57,15 @@ bench: install system-deps
 
 DEMO_CONFIG ?= configs/local-small.yaml
 DEMO_TRACE ?= traces/rate_200_steady_30s.tsv
-DEMO_SECONDS ?= 60
+DEMO_SECONDS ?= 40
 DEMO_LOAD ?= 0.85
-# Deploy the small testbed, calibrate it, replay the shipped trace open loop at the speed that offers 85 % of
-# the servers' CPU on this machine, through ECMP and then SED LBs, print the report, and tear down (also on
-# failure or Ctrl-C). Runs stay in runs/demo-*.
+DEMO_SIM_EPISODES ?= 20
+DEMO_LIVE_EPISODES ?= 3
+# Deploy the small testbed and calibrate it; replay the shipped trace open loop at the speed that offers 85 % of
+# the servers' CPU on this machine through ECMP and SED LBs; train QMIX briefly in the simulator, fine-tune it
+# for a few live episodes through its coordinator on the testbed, and replay the same trace with it; print the
+# report of the three with the learning curve; tear down (also on failure or Ctrl-C). Everything stays in
+# runs/demo-*.
 demo: install system-deps
 	@set -e; trap '$(MARLLB) teardown $(DEMO_CONFIG)' EXIT; \
 	runs=runs/demo-$$(date +%Y%m%dT%H%M%S); \
@@ -69,9 +73,18 @@ demo: install system-deps
 	$(MARLLB) calibrate $(DEMO_CONFIG) --trace $(DEMO_TRACE) --target-load $(DEMO_LOAD); \
 	for method in ecmp sed; do \
 	  $(MARLLB) replay-trace $(DEMO_CONFIG) --trace $(DEMO_TRACE) --method $$method --load $(DEMO_LOAD) \
-	    --duration $(DEMO_SECONDS) --runs-dir $$runs; \
+	    --duration $(DEMO_SECONDS) --runs-dir $$runs/eval; \
 	done; \
-	$(MARLLB) report $$runs --out $$runs/report
+	$(MARLLB) train $(DEMO_CONFIG) --algo qmix --episodes $(DEMO_SIM_EPISODES) --out $$runs/qmix-sim; \
+	$(MARLLB) train $(DEMO_CONFIG) --env testbed --algo qmix --init $$runs/qmix-sim \
+	  --episodes $(DEMO_LIVE_EPISODES) --episode-s 20 --out $$runs/qmix; \
+	$(MARLLB) replay-trace $(DEMO_CONFIG) --trace $(DEMO_TRACE) --method rl:$$runs/qmix --load $(DEMO_LOAD) \
+	  --duration $(DEMO_SECONDS) --runs-dir $$runs/eval; \
+	$(MARLLB) report $$runs/eval $$runs/qmix --out $$runs/report
+
+# Training on the live testbed, measured (root, ≈ 45 min): docs/benchmarks.md, "Training on the testbed".
+bench-live:
+	scripts/bench-live-training.sh
 
 lint: install
 	$(VENV)/bin/ruff check marllb_cli tests

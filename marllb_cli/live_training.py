@@ -12,7 +12,8 @@
         rebuild the transitions from what was logged (per LB: the agents' step logs; for the coordinated
             algorithms: the coordinator's trajectory, where the joint steps merged), rewards from the next
             observation (`rewards.REWARDS`, as the simulator's environment)
-        store, update (CIKM's schedule: `updates_per_episode` once `warmup_episodes` are stored),
+        store, update (CIKM's schedule: `updates_per_episode` once `warmup_episodes` are stored; with --init,
+            from the first episode on and without the uniform warm-up),
         checkpoint.pt, policy.pt and curve.parquet atomically (`training.save_training`)
 
 Where learning happens: on the controller, from the shipped transitions, for every algorithm. The agents
@@ -106,11 +107,6 @@ def train_live(
     reward = options.reward or ALGOS[algo]
     if reward not in REWARDS:
         raise ConfigError(f"--reward {reward!r}: unknown", hint=f"choose one of {', '.join(REWARDS)}")
-    if config.testbed.kind != "local":
-        raise ConfigError(
-            f"testbed.kind {config.testbed.kind!r}: training episodes run on kind: local only in this version",
-            hint="train on a local testbed (or in the simulator) and run the policy with --method rl:DIR",
-        )
     testbed = testbed_for(config)
     testbed.require_deployed()
     topology = testbed.topology
@@ -139,14 +135,15 @@ def train_live(
         "load_range": list(load_range) if load_range else None,
         "speed": speed,
         "trace": str(trace_path),
+        "init": str(options.init.resolve()) if options.init is not None else None,
     }
     start, rows = resume_from(out, meta, settings, team) if options.resume else (0, [])
     if options.init is not None and start == 0:
         _initialise(team, options.init, algo)
-    (out / "train.json").write_text(
-        json.dumps({**meta, "hyper": settings.__dict__, "init": str(options.init or "")}, indent=2, default=list)
-    )
+    (out / "train.json").write_text(json.dumps({**meta, "hyper": settings.__dict__}, indent=2, default=list))
     transitions = round(0.95 * options.episode_s / period)
+    # Fine-tuning (--init) starts from trained actors and a filled buffer: no uniform warm-up, updates at once.
+    warmup = 0 if options.init is not None else settings.warmup_episodes
     started(start)
     for episode in range(start, options.episodes):
         began = time.perf_counter()
@@ -165,7 +162,7 @@ def train_live(
             start_s=float(rng.uniform(0, max_start)),
         )
         plan = plan_replay(config, replay)
-        warm = episode < settings.warmup_episodes
+        warm = episode < warmup
         plan.learning = LearningSpec(
             policy=None if coordinated else out / ACTING,
             levels=list(settings.levels),
@@ -197,7 +194,7 @@ def train_live(
         )
         stored = _store(team, algo, logged, REWARDS[reward])
         losses: list[dict[str, float]] = []
-        if stored and episode + 1 >= settings.warmup_episodes:
+        if stored and episode + 1 >= warmup:
             for _ in range(settings.updates_per_episode):
                 losses += team.update()
         row = {

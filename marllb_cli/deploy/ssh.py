@@ -285,6 +285,8 @@ class SshLbs:
         self.testbed = testbed
         self.topology = testbed.topology
         self.lb_hosts = [host for host in testbed.hosts if host.entry.role == "lb"]
+        #: A training episode's coordinator: (its host, its trajectory there, where `stop` puts it here).
+        self._trajectory: tuple[SshNode, str, Path] | None = None
 
     def require_deployed(self) -> None:
         self.testbed.require_deployed()
@@ -299,22 +301,29 @@ class SshLbs:
         learning: LearningSpec | None = None,
         coordinator: CoordinatorSpec | None = None,
     ) -> int:
-        """Start a dataplane and an agent on every LB host (replacing running ones); return 0."""
-        if learning is not None or coordinator is not None:
-            raise TestbedError(
-                f"testbed {self.topology.testbed}: training episodes run on kind: local only in this version",
-                hint="train on a local testbed, or in the simulator, and run the policy here with --method rl:DIR",
-            )
+        """Start a dataplane and an agent on every LB host (replacing running ones); return 0.
+
+        A training episode (`learning`): the acting policy goes to each LB that samples from it, and with a
+        `coordinator`, the testbed's secret (0600) goes to every LB host and the coordinator starts on its
+        LB's host, before that LB (`node lb-start --coordinator`); `stop` fetches its trajectory back to the
+        path the spec names on this machine."""
         self.require_deployed()
         policy_source = policy_dir(method)
-        torch = torch_bundle() if policy_source is not None else None
+        needs_torch = policy_source is not None or (learning is not None and coordinator is None)
+        torch = torch_bundle() if needs_torch or coordinator is not None else None
         lbs = {lb.name: lb for lb in self.topology.lbs}
-        start = LbStart(method, period, idle_timeout, seed)
+        hosting = [lb.name for lb in self.topology.lbs if coordinator is not None and str(lb.ip) == coordinator.host]
+        self._trajectory = None
 
         def start_one(host: SshNode, ssh: SshHost) -> None:
             lb = lbs[host.node]
             directory = Path(host.state) / "lb"
             remote_method = method
+            episode = self._remote_learning(host, ssh, learning, torch if needs_torch else None)
+            start = LbStart(method, period, idle_timeout, seed, episode)
+            extra: tuple[str, ...] = ()
+            if coordinator is not None and host.node in hosting:
+                extra = ("--coordinator", self._remote_coordinator(host, ssh, coordinator, torch))
             if torch is not None and policy_source is not None:  # the policy and, once, PyTorch go to the LB
                 policy = f"{host.state}/policy"
                 _step(host, "install torch", lambda: install_torch(ssh, host.entry.workdir, torch))
@@ -327,7 +336,7 @@ class SshLbs:
             files = {"dataplane": dataplane.model_dump_json(), "agent": agent.model_dump_json()}
             for role, text in files.items():
                 _step(host, "lb start", lambda r=role, t=text: ssh.put_bytes(t.encode(), f"{host.state}/{r}.json"))
-            specs = ("--dataplane", f"{host.state}/dataplane.json", "--agent", f"{host.state}/agent.json")
+            specs = ("--dataplane", f"{host.state}/dataplane.json", "--agent", f"{host.state}/agent.json", *extra)
             command = [*host.args("lb-start"), *specs]
             _step(host, "lb start", lambda: ssh.run(command, timeout=300))
 
@@ -338,12 +347,58 @@ class SshLbs:
             raise
         return 0
 
+    def _remote_learning(
+        self, host: SshNode, ssh: SshHost, learning: LearningSpec | None, torch: Bundle | None
+    ) -> LearningSpec | None:
+        """`learning` with its files on the LB host: the acting policy (for an agent that samples from its
+        own actor, with PyTorch installed once) and the secret its coordinator checks."""
+        if learning is None:
+            return None
+        update: dict[str, Any] = {}
+        if learning.policy is not None and torch is not None:
+            remote = f"{host.state}/policy/acting.pt"
+            _step(host, "install torch", lambda: install_torch(ssh, host.entry.workdir, torch))
+            _step(host, "lb start", lambda: ssh.run(["mkdir", "-p", f"{host.state}/policy"]))
+            _step(host, "lb start", lambda: ssh.put(learning.policy, remote))  # type: ignore[arg-type]
+            update["policy"] = Path(remote)
+        if learning.coordinator is not None:
+            secret = f"{host.state}/{learning.coordinator.secret.name}"
+            data = learning.coordinator.secret.read_bytes()
+            _step(host, "lb start", lambda: ssh.put_bytes(data, secret, mode=0o600))
+            update["coordinator"] = learning.coordinator.model_copy(update={"secret": Path(secret)})
+        return learning.model_copy(update=update)
+
+    def _remote_coordinator(self, host: SshNode, ssh: SshHost, spec: CoordinatorSpec, torch: Bundle | None) -> str:
+        """The coordinator's spec and policy on its LB host (the secret is there already); returns the spec's
+        path there. Remembers where its trajectory is, for `stop` to fetch."""
+        if torch is not None:
+            _step(host, "install torch", lambda: install_torch(ssh, host.entry.workdir, torch))
+        remote = Path(host.state) / "coordinator"
+        _step(host, "lb start", lambda: ssh.run(["mkdir", "-p", str(remote)]))
+        policy = None
+        if spec.policy is not None:
+            policy = remote / "acting.pt"
+            _step(host, "lb start", lambda: ssh.put(spec.policy, str(policy)))  # type: ignore[arg-type]
+        trajectory = remote / "trajectory.jsonl"
+        moved = spec.model_copy(
+            update={"policy": policy, "secret": Path(host.state) / spec.secret.name, "trajectory": trajectory}
+        )
+        _step(host, "lb start", lambda: ssh.put_bytes(moved.model_dump_json().encode(), f"{remote}.json"))
+        self._trajectory = (host, str(trajectory), spec.trajectory)
+        return f"{remote}.json"
+
     def stop(self) -> int:
-        """Stop every LB host's processes and fetch their agents' step logs; return how many were running."""
+        """Stop every LB host's processes and fetch their agents' step logs (and a coordinator's trajectory);
+        return how many were running."""
 
         def stop_one(host: SshNode, ssh: SshHost) -> int:
             stopped = int(json.loads(ssh.run(host.args("lb-stop")).stdout)["stopped"])
             self._fetch_steps(host, ssh)
+            trajectory = self._trajectory
+            if trajectory is not None and trajectory[0] is host:
+                content = ssh.get_bytes(trajectory[1])
+                trajectory[2].parent.mkdir(parents=True, exist_ok=True)
+                trajectory[2].write_bytes(content or b"")
             return stopped
 
         return sum(self.testbed.on_all_hosts(stop_one, hosts=self.lb_hosts).values())

@@ -146,11 +146,14 @@ class SshHost:
         atomically (upload, then rename)."""
         self._upload(remote, lambda sftp, partial: sftp.put(str(local), partial, confirm=True))
 
-    def put_bytes(self, data: bytes, remote: str) -> None:
-        """Write `data` to the file `remote` on the host, atomically; its directory must exist."""
+    def put_bytes(self, data: bytes, remote: str, *, mode: int | None = None) -> None:
+        """Write `data` to the file `remote` on the host, atomically; its directory must exist. `mode`: set
+        before any byte is written (a secret is never readable by others, not even for a moment)."""
 
         def write(sftp: paramiko.SFTPClient, partial: str) -> None:
             with sftp.open(partial, "wb") as handle:
+                if mode is not None:
+                    handle.chmod(mode)
                 handle.set_pipelined(True)
                 handle.write(data)
 

@@ -1,7 +1,8 @@
 """`kind: kvm` end to end (`make test-kvm`; marked kvm, never in `make test`): `configs/kvm-small.yaml` under
 its own name boots five Debian guests (2 LBs, 3 servers), provisions them over SSH, replays 30 s of a Poisson
 trace through kernel GRE tunnels, serves a static file and a MediaWiki page through LBs running a learned
-policy, and tears down to nothing.
+policy, trains QMIX for two short episodes through its coordinator across the guests, and tears down to
+nothing.
 
 Each stage's duration is printed (`pytest -s`) and written down in the README.
 """
@@ -157,6 +158,25 @@ def test_kvm_small_deploys_replays_through_gre_and_tears_down(tmp_path, trained)
         stats = json.loads(marllb("lb", "stats", str(CONFIG), "--json").stdout)
         assert [lb["lb"] for lb in stats] == ["lb0", "lb1"] and all(lb["agent_running"] for lb in stats)
         assert sum(server["packets"] for lb in stats for server in lb["servers"]) >= 3 * 3  # 3 requests
+
+        # Two short QMIX episodes on the guests: the coordinator on lb0's guest, the agents on both, over the
+        # guests' own network; the trajectory comes back to this machine and the learner stores it.
+        mark = time.monotonic()
+        out = tmp_path / "qmix"
+        trained_live = marllb(
+            "train", str(CONFIG), "--env", "testbed", "--algo", "qmix", "--episodes", "2", "--episode-s", "10",
+            "--speed", "1", "--trace", str(trace), "--out", str(out),
+        )  # fmt: skip
+        stages["qmix 2 × 10 s"] = time.monotonic() - mark
+        assert trained_live.returncode == 0, trained_live.stderr[-3000:]
+        curve = pd.read_parquet(out / "curve.parquet")
+        assert curve["episode"].tolist() == [0, 1] and (curve["lbs_stored"] == 2).all()
+        assert (curve["coordinator_bytes_per_step"] > 0).all()
+        for run in curve["run"]:
+            for lb in ("lb0", "lb1"):
+                steps = pd.read_parquet(out / run / "agents" / f"{lb}.parquet")
+                inside = steps[steps["t_s"].between(0, 10)]
+                assert len(inside) >= 30 and (~inside["missed"]).mean() > 0.5, (lb, inside["missed"].mean())
     finally:
         mark = time.monotonic()
         removed = marllb("teardown", str(CONFIG))

@@ -139,3 +139,17 @@ def test_qmix_steps_through_its_coordinator_and_survives_a_dead_agent(testbed, t
     assert len(inside(lb0)) >= 0.9 * EPISODE_S / PERIOD_S  # the other LB kept stepping
     assert (~inside(lb0)["missed"]).mean() > 0.9
     assert len(inside(lb1)) < 0.8 * EPISODE_S / PERIOD_S  # the dead one stopped
+
+    # The report of the training: real JCT per episode, the step-interval CDF, the communication table.
+    report = subprocess.run(
+        [sys.executable, "-m", "marllb_cli", "report", str(out), "--out", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "report" / "step_intervals.png").stat().st_size > 10_000
+    (row,) = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if "| qmix | 3 |" in line]
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert 200 < float(cells[3]) < 300 and float(cells[4]) < 350  # step interval p50, p99 (ms)
+    assert float(cells[7]) > 0  # bytes per step on the network

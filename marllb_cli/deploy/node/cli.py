@@ -33,11 +33,12 @@ from pyroute2 import IPRoute
 from marllb_cli.agents.runner import AgentSpec
 from marllb_cli.cli_support import reports_errors
 from marllb_cli.config import Config, ServerGroup, load_config
+from marllb_cli.coordination.coordinator import CoordinatorSpec
 from marllb_cli.dataplane.fastpath import DataplaneSpec
 from marllb_cli.deploy.node import mediawiki
 from marllb_cli.deploy.node.apache import ApacheInstance, install_docroot
 from marllb_cli.deploy.node.cgroups import CpuCgroup
-from marllb_cli.deploy.node.lbs import read_snapshot, start_lb, stop_lbs
+from marllb_cli.deploy.node.lbs import read_snapshot, start_coordinator, start_lb, stop_lbs
 from marllb_cli.deploy.node.manifest import MANIFEST, Manifest, require_complete
 from marllb_cli.deploy.node.owned import claim
 from marllb_cli.deploy.node.roles import apply_role, missing_changes
@@ -107,13 +108,19 @@ def lb_start(
     state: StateOption,
     dataplane: Annotated[Path, typer.Option(help="The dataplane spec (JSON).")],
     agent: Annotated[Path, typer.Option(help="The agent spec (JSON).")],
+    coordinator: Annotated[
+        Path | None, typer.Option(help="A training episode's coordinator spec (JSON), started first, here.")
+    ] = None,
 ) -> None:
-    """Start this LB's dataplane and agent (replacing running ones)."""
+    """Start this LB's dataplane and agent (and a training episode's coordinator), replacing running ones."""
     manifest = _deployed(state)
     stop_lbs(manifest)
     dataplane_spec = DataplaneSpec.model_validate_json(dataplane.read_text())
     agent_spec = AgentSpec.model_validate_json(agent.read_text())
     try:
+        if coordinator is not None:
+            spec = CoordinatorSpec.model_validate_json(coordinator.read_text())
+            start_coordinator(LocalHost(), manifest, spec, agent_spec.lb, state / "lb")
         start_lb(LocalHost(), manifest, dataplane_spec, agent_spec, state / "lb")
     except BaseException:
         stop_lbs(manifest)
