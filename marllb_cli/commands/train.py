@@ -130,7 +130,13 @@ def train_command(
                 speed=speed,
                 init=init,
             )
-            curve = train_live(cfg, algo, options, progress=progress, started=started)
+
+            def episode_progress(data: dict) -> None:
+                """Within a live episode: how far its replay is (an episode is a minute of real time)."""
+                done = f"{data['done']:,}/{data['total']:,} requests" if data.get("total") else ""
+                bar.update(task, detail=f"episode running: {done}  errors {data.get('errors', 0):,}")
+
+            curve = train_live(cfg, algo, options, progress=progress, started=started, replay_progress=episode_progress)
         else:
             curve = train(
                 cfg,

@@ -9,7 +9,8 @@ Asserted: an unknown host key stops deploy before anything is installed; deploy 
 every host, the 2-unit server as a MediaWiki server with the pages of a dump uploaded from the controller;
 `curl` from the client reaches the servers through the VIP with SED (and a wiki page), then ECMP LBs; a
 replay-trace runs its replayer and sampler on the client host and writes a complete run directory here; a
-second deploy changes nothing; teardown puts the hosts back (VIP, routes, sysctls, nftables, cgroups,
+QMIX trains for two short episodes through its coordinator on an LB host; a second deploy changes nothing;
+teardown puts the hosts back (VIP, routes, sysctls, nftables, cgroups,
 processes: MariaDB and memcached too).
 """
 
@@ -341,6 +342,25 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts, trained):
         assert not list(
             (hosts["tmp"] / "hostfs" / "client" / "testbeds" / TESTBED / "runs").iterdir()
         )  # staged files removed
+
+        # Two short QMIX episodes: the coordinator on lb0's host, both agents reach it over the wire with the
+        # secret (0600 on every LB host), the trajectory comes back here and the learner stores it.
+        out = hosts["tmp"] / "qmix"
+        trace = hosts["tmp"] / "poisson.parquet"
+        trained_live = marllb(
+            hosts, "train", str(hosts["config"]), "--env", "testbed", "--algo", "qmix", "--episodes", "2",
+            "--episode-s", "8", "--speed", "1", "--trace", str(trace), "--out", str(out),
+        )  # fmt: skip
+        assert trained_live.returncode == 0, trained_live.stderr[-3000:]
+        curve = pd.read_parquet(out / "curve.parquet")
+        assert curve["episode"].tolist() == [0, 1] and (curve["lbs_stored"] == 2).all()
+        assert (curve["coordinator_bytes_per_step"] > 0).all() and (curve["step_interval_p99_s"] < 0.35).all()
+        for lb in wiring.lbs:
+            secret = hosts["tmp"] / "hostfs" / lb.name / "testbeds" / TESTBED / "coordinator.secret"
+            assert secret.stat().st_mode & 0o777 == 0o600
+            steps = pd.read_parquet(out / curve["run"].iloc[-1] / "agents" / f"{lb.name}.parquet")
+            inside = steps[steps["t_s"].between(0, 8)]
+            assert len(inside) >= 28 and (~inside["missed"]).mean() > 0.9, (lb.name, inside["missed"].mean())
 
     finally:  # whatever failed above, the hosts must not keep our VIP, processes, cgroups or channels
         # As after a controller reboot (its record lives in /run): teardown asks the hosts all the same.
