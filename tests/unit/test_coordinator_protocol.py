@@ -180,7 +180,13 @@ def test_a_wrong_secret_or_a_foreign_lb_is_refused(live: LiveCoordinator, tmp_pa
 def test_malformed_frames_cost_only_their_connection(live: LiveCoordinator) -> None:
     good = agent(live, "lb1", 1)
     steps(good, 3)
-    for garbage in (b"GET / HTTP/1.1\r\n\r\n", struct.pack("!4sBBI", MAGIC, VERSION, 6, MAX_BODY + 5)):
+    garbage_frames = (
+        b"GET / HTTP/1.1\r\n\r\n",  # not our protocol
+        struct.pack("!4sBBI", MAGIC, VERSION + 1, int(Kind.HELLO), 2) + b"{}",  # a newer marllb
+        struct.pack("!4sBBI", MAGIC, VERSION, int(Kind.OBS), MAX_BODY + 5),  # oversized
+        struct.pack("!4sBBI", MAGIC, VERSION, int(Kind.HELLO), 6) + b"[1, 2]",  # not an object
+    )
+    for garbage in garbage_frames:
         with socket.create_connection(("127.0.0.1", live.spec.port), timeout=2) as sock:
             recv_frame(sock)  # the challenge
             sock.sendall(garbage)
