@@ -108,13 +108,15 @@ def train_live(
     if reward not in REWARDS:
         raise ConfigError(f"--reward {reward!r}: unknown", hint=f"choose one of {', '.join(REWARDS)}")
     testbed = testbed_for(config)
-    testbed.require_deployed()
     topology = testbed.topology
     n_lbs, n_servers = len(topology.lbs), len(topology.servers)
     if algo == "ssac" and n_lbs != 1:
         raise ConfigError(f"--algo ssac: one LB that sees all traffic, but testbed {topology.testbed} has {n_lbs}")
-    period = config.experiment.agent_period_ms / 1000
     coordinated = algo in COORDINATED
+    if coordinated:
+        _check_coordinator(config, n_lbs)
+    testbed.require_deployed()
+    period = config.experiment.agent_period_ms / 1000
     address, coordinator_settings = None, config.experiment.coordinator
     if coordinated:
         address = _coordinator_address(config, testbed.state_dir, topology)
@@ -348,12 +350,13 @@ def _store(team: Any, algo: str, logged: LoggedEpisode, reward: Callable[[np.nda
     return stored
 
 
-def _coordinator_address(config: Config, state_dir: Path, topology: Any) -> CoordinatorAddress:
+def _check_coordinator(config: Config, n_lbs: int) -> None:
+    """`experiment.coordinator` fits the testbed and the agent period."""
     settings = config.experiment.coordinator
-    if settings.lb >= len(topology.lbs):
+    if settings.lb >= n_lbs:
         raise ConfigError(
-            f"experiment.coordinator.lb: {settings.lb}, but the testbed has {len(topology.lbs)} LBs",
-            hint=f"an LB index from 0 to {len(topology.lbs) - 1}",
+            f"experiment.coordinator.lb: {settings.lb}, but the testbed has {n_lbs} LBs",
+            hint=f"an LB index from 0 to {n_lbs - 1}",
         )
     if settings.deadline_ms >= config.experiment.agent_period_ms:
         raise ConfigError(
@@ -361,8 +364,14 @@ def _coordinator_address(config: Config, state_dir: Path, topology: Any) -> Coor
             f"({config.experiment.agent_period_ms} ms)",
             hint="a deadline well inside the period, e.g. 40 % of it",
         )
+
+
+def _coordinator_address(config: Config, state_dir: Path, topology: Any) -> CoordinatorAddress:
+    """Where the agents find the coordinator: LB `experiment.coordinator.lb`'s data address, and the
+    testbed's secret (made now for a testbed deployed before the coordinator existed)."""
+    settings = config.experiment.coordinator
     secret = state_dir / SECRET_FILE
-    if not secret.exists():  # a testbed deployed before the coordinator existed
+    if not secret.exists():
         new_secret(secret)
     return CoordinatorAddress(host=str(topology.lbs[settings.lb].ip), port=settings.port, secret=secret)
 

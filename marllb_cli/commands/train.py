@@ -113,23 +113,15 @@ def train_command(
             f"p99 {row['jct_p99_s'] * 1e3:.0f} ms",
         )
 
+    # What both environments take; each adds its own.
+    common = dict(
+        reward=reward, episodes=episodes, episode_s=episode_s, seed=seed, resume=resume, hyper=overrides
+    )  # fmt: skip
     try:
         if env == "testbed":
             from marllb_cli.live_training import LiveOptions, train_live
 
-            options = LiveOptions(
-                out=out,
-                reward=reward,
-                episodes=episodes,
-                episode_s=episode_s,
-                seed=seed,
-                resume=resume,
-                hyper=overrides,
-                trace=trace,
-                load_range=loads,
-                speed=speed,
-                init=init,
-            )
+            options = LiveOptions(out=out, trace=trace, load_range=loads, speed=speed, init=init, **common)
 
             def episode_progress(data: dict) -> None:
                 """Within a live episode: how far its replay is (an episode is a minute of real time)."""
@@ -138,20 +130,7 @@ def train_command(
 
             curve = train_live(cfg, algo, options, progress=progress, started=started, replay_progress=episode_progress)
         else:
-            curve = train(
-                cfg,
-                algo,
-                out=out,
-                reward=reward,
-                episodes=episodes,
-                episode_s=episode_s,
-                seed=seed,
-                resume=resume,
-                hyper=overrides,
-                load_range=loads,
-                progress=progress,
-                started=started,
-            )
+            curve = train(cfg, algo, out=out, load_range=loads, progress=progress, started=started, **common)
     finally:
         bar.stop()
     last = curve.iloc[-1]

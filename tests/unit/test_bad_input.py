@@ -327,3 +327,31 @@ def test_non_finite_weights_never_reach_the_alias_table():
     for weights in ([math.nan, 1, 1], [math.inf, 1, 1], [-1, 1, 1]):
         with pytest.raises(ValueError):
             selector.set_weights(np.asarray(weights, dtype=np.float64))
+
+
+# -- train --env testbed (issue: training on the live testbed) --------------------------------------------
+LOCAL = REPO / "configs" / "local-small.yaml"
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("--env", "lab"), "--env 'lab': unknown"),
+        (("--load", "0.9:0.5"), "--load '0.9:0.5'"),
+        (("--load", "abc"), "--load 'abc'"),
+        (("--trace", "x.tsv"), "--trace: only with --env testbed"),
+        (("--env", "testbed", "--set", "experiment.coordinator.deadline_ms=250"), "experiment.coordinator.deadline_ms"),
+        (("--env", "testbed", "--set", "experiment.coordinator.lb=2"), "experiment.coordinator.lb: 2"),
+        (("--env", "testbed", "--algo", "ssac"), "--algo ssac: one LB"),
+    ],
+)
+def test_bad_live_training_options_are_one_line(cli, tmp_path, args, needle):
+    algo = () if "--algo" in args else ("--algo", "qmix")
+    result = cli("train", LOCAL, *algo, *args, "--out", tmp_path / "out")
+    one_line(result, 2, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_live_training_on_a_testbed_that_is_not_deployed_says_so(cli, tmp_path):
+    result = cli("train", LOCAL, "--algo", "distr", "--env", "testbed", "--set", "testbed.name=unitnone")
+    one_line(result, 1, "testbed unitnone is not deployed", "marllb deploy")
