@@ -57,12 +57,13 @@ def calibrate_command(
     from marllb_cli.traces import read_trace, trace_window
 
     cfg = load(config, set_)
+    # The trace is read (and its window cut) before a minute of measuring, so a bad one fails at once.
+    window = trace_window(read_trace(trace)[0], start, None) if trace is not None else None
     with detail_progress("calibrating") as bar:
         task = bar.add_task("calibrate", total=None, detail="starting the load probe")
         calibration, path = calibrate(cfg, lambda phase: bar.update(task, detail=phase), pilot_s=pilot)
-    plan = window = None
-    if trace is not None:
-        window = trace_window(read_trace(trace)[0], start, None)
+    plan = None
+    if window is not None:
         plan = plan_load(window, calibration, load=target_load, duration_s=duration)
     if sim_out is not None:
         from marllb_cli.calibration import simulator_config

@@ -355,3 +355,11 @@ def test_bad_live_training_options_are_one_line(cli, tmp_path, args, needle):
 def test_live_training_on_a_testbed_that_is_not_deployed_says_so(cli, tmp_path):
     result = cli("train", LOCAL, "--algo", "distr", "--env", "testbed", "--set", "testbed.name=unitnone")
     one_line(result, 1, "testbed unitnone is not deployed", "marllb deploy")
+
+
+def test_calibrate_reads_its_trace_before_measuring(cli, tmp_path):
+    """A bad --trace is refused at once, not after a minute of measuring (here: before the testbed is even
+    looked at, so the error is the trace's and not 'not deployed')."""
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("time\tquery\n0.1\t/dummy.php/?n=1\nnot-a-time\t/x\n")
+    one_line(cli("calibrate", LOCAL, "--trace", bad, "--set", "testbed.name=unitnone"), 2, str(bad))
