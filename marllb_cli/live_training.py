@@ -412,7 +412,10 @@ def _pacing(
 
 
 def _initialise(team: Any, init: Path, algo: str) -> None:
-    """--init DIR: start from a simulator-trained run of the same algorithm (its whole learner state)."""
+    """--init DIR: start from a simulator-trained run of the same algorithm: its networks, targets,
+    optimisers, temperature, exploration schedule and reward scale, but not its replay buffer. Fine-tuning
+    learns from the testbed's own transitions (a buffer of forty simulated episodes would outvote a few real
+    ones in every batch), and simulated episodes are a different length from the testbed's."""
     saved = load_file(init / CHECKPOINT, "training checkpoint")
     if saved.get("meta", {}).get("algo") != algo:
         raise ConfigError(
@@ -421,6 +424,8 @@ def _initialise(team: Any, init: Path, algo: str) -> None:
         )
     try:
         team.load(saved["learners"])
+        for buffer in team.buffers():
+            buffer.episodes.clear()
     except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
         raise ConfigError(
             f"--init {init}: its learners do not fit this testbed ({type(exc).__name__})",

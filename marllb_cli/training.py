@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from marllb_cli.agents.methods import ALGOS
-from marllb_cli.agents.rl.common import load_file, normalise, plain
+from marllb_cli.agents.rl.common import EpisodeBuffer, load_file, normalise, plain
 from marllb_cli.agents.rl.header import MAX_HIDDEN, PolicyHeader, write_header
 from marllb_cli.agents.rl.qmix import QmixHyper, QmixLearner
 from marllb_cli.agents.rl.sac import SacHyper, SacLearner
@@ -97,6 +97,9 @@ class IndependentSac:
     def update(self) -> list[dict[str, float]]:
         return [learner.update() for learner in self.learners]
 
+    def buffers(self) -> list[EpisodeBuffer]:
+        return [learner.buffer for learner in self.learners]
+
     def state(self) -> list[dict]:
         return [learner.state() for learner in self.learners]
 
@@ -139,6 +142,9 @@ class Centralised:
 
     def update(self) -> list[dict[str, float]]:
         return self.sac.update()
+
+    def buffers(self) -> list[EpisodeBuffer]:
+        return self.sac.buffers()
 
     def state(self) -> list[dict]:
         return self.sac.state()
@@ -184,6 +190,9 @@ class Qmix:
 
     def update(self) -> list[dict[str, float]]:
         return [self.learner.update()]
+
+    def buffers(self) -> list[EpisodeBuffer]:
+        return [self.learner.buffer]
 
     def state(self) -> list[dict]:
         return [self.learner.state()]

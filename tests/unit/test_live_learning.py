@@ -149,3 +149,26 @@ def test_read_episode_takes_the_coordinators_joint_steps_from_the_windows_first_
     assert logged.figures["coordinator_misses"] == 4  # steps 110, 120, 130, 140 of 108…146
     assert logged.figures["coordinator_bytes_per_step"] == 1700
     assert (run / "coordinator.jsonl").exists()  # kept with the run
+
+
+def test_init_takes_a_simulator_runs_learners_but_not_its_buffer(tmp_path: Path) -> None:
+    """Fine-tuning from a simulator run (episodes of 240 steps) on testbed episodes of another length: the
+    networks come over, the buffer does not (the first update would otherwise stack unequal episodes)."""
+    from marllb_cli.live_training import _initialise
+    from marllb_cli.training import save_training
+
+    sim = make_team("qmix", M, N, QmixHyper(), 1)
+    long_obs = observations(8, steps=31)
+    sim.store_logged(long_obs, np.ones((31, M, N), dtype=np.int64), np.ones((M, N), dtype=np.int64), np.zeros(30))
+    save_training(tmp_path, 0, {"algo": "qmix"}, sim, "qmix", "vbf-log", [{"episode": 0}])
+
+    live = make_team("qmix", M, N, QmixHyper(), 2)
+    _initialise(live, tmp_path, "qmix")
+    assert [len(buffer) for buffer in live.buffers()] == [0]
+    for name, tensor in sim.learner.agent.state_dict().items():
+        assert torch.equal(live.learner.agent.state_dict()[name], tensor), name
+    obs = observations(9)  # T = 12, not 30
+    live.store_logged(obs, np.zeros((T + 1, M, N), dtype=np.int64), np.ones((M, N), dtype=np.int64), np.zeros(T))
+    assert np.isfinite(live.update()[0]["critic_loss"])
+    with pytest.raises(Exception, match="algo|qmix"):
+        _initialise(make_team("distr", M, N, SacHyper(), 2), tmp_path, "distr")
