@@ -359,8 +359,8 @@ def live_training(trainings: list[Path], out: Path) -> tuple[list[Path], list[st
         misses = curve["missed_steps"].sum() if "missed_steps" in curve else 0
         p50, p99 = (np.quantile(intervals, q) * 1e3 if len(intervals) else float("nan") for q in (0.5, 0.99))
         lines.append(
-            f"| {path} | {meta.get('algo', '?')} | {len(curve)} | {p50:.1f} | {p99:.1f} | {rtt:.1f} | {misses:.0f} "
-            f"| {network:.0f} | {trajectory.mean() / 1024:.0f} |"
+            f"| {path} | {meta.get('algo', '?')} | {len(curve)} | {p50:.1f} | {p99:.1f} | {_number(rtt)} "
+            f"| {misses:.0f} | {network:.0f} | {trajectory.mean() / 1024:.0f} |"
         )
     mean_ax.set(ylabel="mean JCT (ms)", title="Training on the testbed: real JCT per episode")
     p90_ax.set(xlabel="episode", ylabel="p90 JCT (ms)")
@@ -371,6 +371,11 @@ def live_training(trainings: list[Path], out: Path) -> tuple[list[Path], list[st
     cdf_ax.legend(fontsize=7)
     figures = [_save(fig, out / "testbed_learning.png"), _save(cdf_fig, out / "step_intervals.png")]
     return figures, lines
+
+
+def _number(value: float) -> str:
+    """One decimal, or – where there is nothing to show (an independent learner has no round trip)."""
+    return "–" if not math.isfinite(value) else f"{value:.1f}"
 
 
 def is_fidelity_dir(path: Path) -> bool:
