@@ -29,7 +29,7 @@ import pandas as pd
 from marllb_cli.errors import ConfigError, RunDirError
 from marllb_cli.runs import Run, load_run, recover_killed
 
-__all__ = ["Report", "build_report", "find_runs", "scan_runs", "write_report"]
+__all__ = ["Report", "build_report", "find_runs", "scan_runs", "short_names", "write_report"]
 
 ALL = "all"
 
@@ -231,6 +231,19 @@ TERMINAL_COLUMNS = (
     "mean / baseline",
     "p99 / baseline",
 )
+
+
+def short_names(methods: list[str]) -> dict[str, str]:
+    """A name for the terminal for each method: `rl:DIR` by the last parts of DIR that tell the policies apart
+    (`rl:/runs/demo-…/qmix` → `rl:qmix`); any other method as it is. The report's Markdown keeps the paths."""
+    policies = sorted({m for m in methods if m.startswith("rl:")})
+    out = {m: m for m in methods}
+    for depth in range(1, 64):
+        names = {m: "rl:" + "/".join(Path(m[3:]).parts[-depth:]) for m in policies}
+        if len(set(names.values())) == len(names) and not set(names.values()) & (set(methods) - set(policies)):
+            out.update(names)
+            break
+    return out
 
 
 def table_cells(row: dict[str, Any], columns: tuple[str, ...]) -> list[str]:

@@ -39,6 +39,7 @@ def report_command(
         is_fidelity_dir,
         is_training_dir,
         scan_runs,
+        short_names,
         shown_rows,
         table_cells,
         write_report,
@@ -65,7 +66,13 @@ def report_command(
         table.add_column(
             headers.get(column, column), justify="left" if column in ("method", "class") else "right", no_wrap=True
         )
-    for row in shown_rows(report.rows):
-        table.add_row(*(escape(" ".join(cell.split())) for cell in table_cells(row, TERMINAL_COLUMNS)))
+    rows = shown_rows(report.rows)
+    names = short_names([row["method"] for row in rows])
+    for row in rows:
+        cells = table_cells({**row, "method": names[row["method"]]}, TERMINAL_COLUMNS)
+        table.add_row(*(escape(" ".join(cell.split())) for cell in cells))
     console.print(table)
+    for method, name in names.items():
+        if name != method:
+            console.print(f"{escape(name)}: {escape(method)}", soft_wrap=True)
     console.print(f"report: {files[0]} ({len(files) - 1} figures)")

@@ -200,3 +200,12 @@ def test_report_draws_a_fidelity_benchmark_and_refuses_a_damaged_one(cli, tmp_pa
     (bench / "fidelity.json").write_text('{"loads": [{"load": 0.9}]}')
     result = cli("report", bench, "--out", tmp_path / "r2")
     assert result.exit_code == 2 and "fidelity.json: unreadable" in result.stderr
+
+
+def test_policies_get_short_names_that_still_tell_them_apart():
+    from marllb_cli.report import short_names
+
+    names = short_names(["sed", "rl:/runs/a/qmix", "rl:/runs/b/distr", "ecmp"])
+    assert names == {"sed": "sed", "ecmp": "ecmp", "rl:/runs/a/qmix": "rl:qmix", "rl:/runs/b/distr": "rl:distr"}
+    same_leaf = short_names(["rl:/x/one/policy", "rl:/x/two/policy"])
+    assert same_leaf == {"rl:/x/one/policy": "rl:one/policy", "rl:/x/two/policy": "rl:two/policy"}
