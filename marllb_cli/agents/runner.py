@@ -4,6 +4,10 @@ Runs inside the LB's namespace (`python -m marllb_cli.agents.runner SPEC.json`),
 and talks to it only through the shared-memory channel. Steps are paced on CLOCK_MONOTONIC: a step that
 overruns skips the missed ticks instead of bunching up. Each step appends one JSON line to the steps log
 (time, observation summary, weights, reward candidates), flushed at once, so a crash loses nothing.
+
+In a training episode on the testbed (`spec.learning`) the agent explores instead (`ExploringPolicy`, or
+`CoordinatedAgent`, which takes its steps from the coordinator's ticks), and each row also holds the full
+observation and the levels chosen, from which the controller rebuilds the transitions.
 """
 
 from __future__ import annotations
