@@ -54,6 +54,7 @@ from marllb_cli.experiment import ReplayOptions, plan_replay, replay_trace
 from marllb_cli.features import FEATURE_NAMES
 from marllb_cli.rewards import REWARDS
 from marllb_cli.sim.traffic import offered_load
+from marllb_cli.steps import json_lines
 from marllb_cli.traces import read_trace
 from marllb_cli.training import (
     CHECKPOINT,
@@ -225,7 +226,8 @@ def train_live(
 class LoggedEpisode:
     """An episode's transitions as logged on the testbed.
 
-    per_lb      per LB (None where its agent logged too few steps): (obs [T+1, n, F], action [T+1, n], prev [n])
+    per_lb      per LB: (obs [T+1, n, F], action [T+1, n], prev [n]); None where its agent logged too few
+                steps, and for a coordinated episode (its transitions are the coordinator's, in `joint`)
     joint       the coordinator's, for qmix/centr: (obs [T+1, m, n, F], action [T+1, m, n], prev [m, n])
     figures     step interval, round trip, misses and bytes: the curve's synchronisation columns
     """
@@ -262,8 +264,8 @@ def read_episode(
             ticks = inside["tick"].dropna()
             if len(ticks):
                 first_ticks.append(int(ticks.iloc[0]))
-        if len(inside) < transitions + 1:
-            per_lb.append(None)
+        if coordinator is not None or len(inside) < transitions + 1:
+            per_lb.append(None)  # the coordinator's trajectory holds a coordinated episode; or too short
             continue
         before = frame[frame["t_s"] < 0]
         prev = np.asarray(before["action"].iloc[-1], dtype=np.int64) if len(before) else None
@@ -293,21 +295,13 @@ def _coordinator_episode(
     run: Path, spec: CoordinatorSpec, first_ticks: list[int], transitions: int, middle: int
 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | None, dict[str, float]]:
     """The coordinator's trajectory from the window's first tick (kept in the run as coordinator.jsonl)."""
-    source = spec.trajectory
-    kept = run / "coordinator.jsonl"
-    if source.exists():
-        kept.write_bytes(source.read_bytes())
-    rows = []
-    if kept.exists():
-        for line in kept.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    text = spec.trajectory.read_text() if spec.trajectory.exists() else ""
+    (run / "coordinator.jsonl").write_text(text)
+    rows = json_lines(text)
     figures = {
         "coordinator_bytes_per_step": float(np.mean([r["bytes_in"] + r["bytes_out"] for r in rows])) if rows else 0.0,
         "coordinator_wait_p99_s": _quantile([r["wait_s"] for r in rows], 0.99),
-        "coordinator_trajectory_bytes": float(kept.stat().st_size) if kept.exists() else 0.0,
+        "coordinator_trajectory_bytes": float(len(text.encode())),
     }
     if not first_ticks or not rows:
         return None, figures

@@ -148,6 +148,15 @@ def exit_on_stdin_eof(spec: Path) -> None:
     threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
+def next_tick(previous: float, period: float, now: float) -> float:
+    """For a loop paced every `period` on CLOCK_MONOTONIC: the tick after `previous`, or, when the loop overran,
+    the next one after `now` (the missed ticks are skipped instead of bunching up)."""
+    tick = previous + period
+    if tick < now:
+        tick += period * ((now - tick) // period + 1)
+    return tick
+
+
 def until_signalled() -> Callable[[], bool]:
     """For a service's main loop: a function that is true until SIGTERM or SIGINT arrives.
 

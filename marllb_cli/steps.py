@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from marllb_cli.agents.base import Agent
 
-__all__ = ["read_steps_log", "step_record", "steps_frame"]
+__all__ = ["json_lines", "read_steps_log", "step_record", "steps_frame"]
 
 _FLOWS, _FD_MEAN, _FD_DECAYED_MEAN = (FEATURE_NAMES.index(name) for name in ("flows", "fd_mean", "fd_decayed_mean"))
 
@@ -63,13 +63,18 @@ def steps_frame(rows: list[dict[str, Any]], t0: float) -> pd.DataFrame:
     return pd.DataFrame(flat)
 
 
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines log (an agent's steps, a coordinator's trajectory); a line cut by a kill is
+    skipped."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def read_steps_log(steps_log: Path, t0: float) -> pd.DataFrame:
     """An agent's JSONL step log as a frame (`steps_frame`); a line cut by a kill is skipped."""
-    rows = []
-    with steps_log.open() as lines:
-        for line in lines:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return steps_frame(rows, t0)
+    return steps_frame(json_lines(steps_log.read_text()), t0)

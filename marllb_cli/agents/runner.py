@@ -31,7 +31,7 @@ from marllb_cli.coordination.link import CoordinatedAgent, CoordinatorAddress
 from marllb_cli.dataplane.channel import Channel, TornRead
 from marllb_cli.features import observe
 from marllb_cli.probes import busy_workers
-from marllb_cli.services import until_signalled
+from marllb_cli.services import next_tick, until_signalled
 from marllb_cli.steps import step_record
 
 __all__ = ["AgentSpec", "LearningSpec", "learning_agent", "periods", "run_agent", "main"]
@@ -108,14 +108,12 @@ def usable_weights(weights: Sequence[float], previous: list[float] | None) -> li
 def periods(period: float, should_run) -> Iterator[None]:
     """Yield every `period` on CLOCK_MONOTONIC until `should_run()` is false; a step that overruns skips the
     missed ticks instead of bunching up."""
-    next_tick = time.monotonic()
+    tick = time.monotonic()
     while should_run():
         yield
-        next_tick += period
         now = time.monotonic()
-        if next_tick < now:
-            next_tick += period * ((now - next_tick) // period + 1)
-        time.sleep(max(0.0, next_tick - now))
+        tick = next_tick(tick, period, now)
+        time.sleep(max(0.0, tick - now))
 
 
 def run_agent(spec: AgentSpec, agent: Agent, channel: Channel, should_run) -> int:

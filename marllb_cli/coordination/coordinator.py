@@ -41,6 +41,7 @@ from marllb_cli.coordination.protocol import (
     read_secret,
 )
 from marllb_cli.features import N_FEATURES
+from marllb_cli.services import next_tick
 
 __all__ = ["Coordinator", "CoordinatorSpec", "main"]
 
@@ -178,16 +179,14 @@ class Coordinator:
     async def run(self, should_run) -> None:
         server = await asyncio.start_server(self.handle, self.spec.host, self.spec.port)
         log.info("listening on %s:%d for %s", self.spec.host, self.spec.port, ", ".join(self.spec.lbs))
-        next_tick = time.monotonic()
+        tick = time.monotonic()
         with open(self.spec.trajectory, "a", buffering=1) as trajectory:
             while should_run():
                 row = await self._round()
                 trajectory.write(json.dumps(row) + "\n")
-                next_tick += self.spec.period
                 now = time.monotonic()
-                if next_tick < now:  # overran: skip the missed ticks
-                    next_tick += self.spec.period * ((now - next_tick) // self.spec.period + 1)
-                await asyncio.sleep(max(0.0, next_tick - now))
+                tick = next_tick(tick, self.spec.period, now)
+                await asyncio.sleep(max(0.0, tick - now))
         server.close()
         for session in list(self.sessions.values()):
             session.writer.close()

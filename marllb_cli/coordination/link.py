@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from marllb_cli.agents.rl.header import level_weights
+from marllb_cli.agents.rl.levels import level_weights
 from marllb_cli.coordination.protocol import Kind, ProtocolError, mac, read_secret, recv_frame, send_frame
 
 __all__ = ["CoordinatedAgent", "CoordinatorAddress"]

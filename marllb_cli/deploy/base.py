@@ -50,6 +50,7 @@ __all__ = [
     "State",
     "Testbed",
     "TestbedStatus",
+    "coordinator_node",
     "deploy_recorded",
     "lb_plan",
     "overall_state",
@@ -233,6 +234,11 @@ class LbStart:
     idle_timeout: float = 40.0
     seed: int = 0
     learning: LearningSpec | None = None
+
+
+def coordinator_node(topology: Topology, coordinator: CoordinatorSpec) -> Node:
+    """The LB whose address a training episode's coordinator listens on, and where it therefore runs."""
+    return next(lb for lb in topology.lbs if str(lb.ip) == coordinator.host)
 
 
 def lb_plan(

@@ -27,6 +27,7 @@ from marllb_cli.deploy.base import (
     LbStart,
     NodeStatus,
     TestbedStatus,
+    coordinator_node,
     deploy_recorded,
     lb_plan,
     refuse_foreign_namespaces,
@@ -250,7 +251,7 @@ class LocalLbs:
         start = LbStart(method, period, idle_timeout, seed, learning)
         try:
             if coordinator is not None:
-                host = next(lb for lb in self.topology.lbs if str(lb.ip) == coordinator.host)
+                host = coordinator_node(self.topology, coordinator)
                 start_coordinator(LocalNamespace(host.namespace), manifest, coordinator, host.name, self.dir)
             for lb in self.topology.lbs:
                 dataplane, agent = lb_plan(self.testbed.config, self.topology, lb, start, self.dir)

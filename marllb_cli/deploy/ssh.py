@@ -29,7 +29,7 @@ from marllb_cli.agents.runner import LearningSpec
 from marllb_cli.client_node import ClientProcess
 from marllb_cli.config import Config, ServerGroup, SshHostEntry
 from marllb_cli.coordination.coordinator import CoordinatorSpec
-from marllb_cli.deploy.base import DeployOutcome, LbStart, NodeStatus, TestbedStatus, lb_plan
+from marllb_cli.deploy.base import DeployOutcome, LbStart, NodeStatus, TestbedStatus, coordinator_node, lb_plan
 from marllb_cli.deploy.node import mediawiki
 from marllb_cli.deploy.node.cgroups import CpuUsage
 from marllb_cli.deploy.node.manifest import Manifest, require_complete, state_root, testbed_digest
@@ -39,6 +39,7 @@ from marllb_cli.hosts.local import LocalHost
 from marllb_cli.hosts.provision import Bundle, bundle, install_torch, provision, torch_bundle
 from marllb_cli.hosts.ssh import SshHost, SshProcess, SshTarget
 from marllb_cli.progress import Progress, no_progress
+from marllb_cli.steps import json_lines
 from marllb_cli.topology import Node, Topology, host_node_names, plan
 
 __all__ = ["SshClient", "SshLbs", "SshNode", "SshTestbed"]
@@ -309,20 +310,20 @@ class SshLbs:
         path the spec names on this machine."""
         self.require_deployed()
         policy_source = policy_dir(method)
-        needs_torch = policy_source is not None or (learning is not None and coordinator is None)
-        torch = torch_bundle() if needs_torch or coordinator is not None else None
+        # A learned policy, and a training episode's actors (each LB's, or the coordinator's), need PyTorch.
+        torch = torch_bundle() if policy_source is not None or learning is not None else None
         lbs = {lb.name: lb for lb in self.topology.lbs}
-        hosting = [lb.name for lb in self.topology.lbs if coordinator is not None and str(lb.ip) == coordinator.host]
+        hosting = coordinator_node(self.topology, coordinator).name if coordinator is not None else None
         self._trajectory = None
 
         def start_one(host: SshNode, ssh: SshHost) -> None:
             lb = lbs[host.node]
             directory = Path(host.state) / "lb"
             remote_method = method
-            episode = self._remote_learning(host, ssh, learning, torch if needs_torch else None)
+            episode = self._remote_learning(host, ssh, learning, torch)
             start = LbStart(method, period, idle_timeout, seed, episode)
             extra: tuple[str, ...] = ()
-            if coordinator is not None and host.node in hosting:
+            if coordinator is not None and host.node == hosting:
                 extra = ("--coordinator", self._remote_coordinator(host, ssh, coordinator, torch))
             if torch is not None and policy_source is not None:  # the policy and, once, PyTorch go to the LB
                 policy = f"{host.state}/policy"
@@ -427,15 +428,8 @@ class SshLbs:
         if content is None:
             return
         offset = ssh.monotonic_offset(host.python)
-        lines = []
-        for line in content.decode(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill
-            row["t"] = row["t"] + offset
-            lines.append(json.dumps(row))
-        local.write_text("".join(f"{line}\n" for line in lines))
+        rows = json_lines(content.decode(errors="replace"))  # without a line cut by the kill
+        local.write_text("".join(json.dumps({**row, "t": row["t"] + offset}) + "\n" for row in rows))
 
 
 class SshClient:

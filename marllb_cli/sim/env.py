@@ -29,6 +29,7 @@ import numpy as np
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
+from marllb_cli.agents.rl.levels import level_weights
 from marllb_cli.config import Config
 from marllb_cli.features import N_FEATURES
 from marllb_cli.rewards import REWARDS
@@ -125,7 +126,7 @@ class LoadBalancingEnv(ParallelEnv):
 
     def _weights(self, action: Any) -> list[float]:
         if self.action_mode == "discrete":
-            return (self.scale * self.levels[np.asarray(action, dtype=np.int64)]).tolist()
+            return level_weights(self.levels, np.asarray(action, dtype=np.int64), self.scale).tolist()
         low, high = self.weight_range
         return (self.scale * np.clip(np.asarray(action, dtype=np.float64), low, high)).tolist()
 

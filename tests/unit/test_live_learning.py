@@ -88,11 +88,11 @@ def test_an_lbs_exploring_actor_samples_its_softmax(tmp_path: Path) -> None:
     counts = np.zeros((N, 3))
     policy = ExploringPolicy(path, 1, [1.0] * N, uniform=False, seed=0)
     for _ in range(3000):  # the first step again and again: same input, independent draws
-        policy.hidden, policy.action = None, np.full(N, 1)
+        policy.reset()  # no hidden state, the middle level (1) before
         policy.act(obs)
-        counts[np.arange(N), policy.action] += 1
+        counts[np.arange(N), policy.prev_action] += 1
     np.testing.assert_allclose(counts / 3000, probs, atol=0.03)
-    assert policy.record(obs)["action"] == policy.action.tolist() and len(policy.record(obs)["obs"]) == N
+    assert policy.record(obs)["action"] == policy.prev_action.tolist() and len(policy.record(obs)["obs"]) == N
 
 
 def _agents_frame(steps: int, start_s: float, action_base: int) -> pd.DataFrame:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from marllb_cli.agents.rl.levels import level_weights
 from marllb_cli.features import N_FEATURES
 
 __all__ = [
@@ -152,7 +153,7 @@ class GreedyPolicy:
 
     def weights(self) -> np.ndarray:
         """The weights of the current (previous) action."""
-        return self.scale * self.levels[self.prev_action]
+        return level_weights(self.levels, self.prev_action, self.scale)
 
     def reset(self) -> None:
         self.hidden: torch.Tensor | None = None
@@ -166,8 +167,13 @@ class GreedyPolicy:
     def act(self, obs: np.ndarray) -> np.ndarray:
         x = self.input(obs)
         out, self.hidden = self.net(torch.from_numpy(x).view(1, 1, -1), self.hidden)
-        self.prev_action = out[0, 0].argmax(-1).numpy()
+        self.prev_action = self.choose(out[0, 0])
         return self.weights()
+
+    def choose(self, out: torch.Tensor) -> np.ndarray:
+        """The level per head from the network's output [heads, levels]: the most useful one (an exploring
+        policy draws it instead, `exploring.ExploringPolicy`)."""
+        return out.argmax(-1).numpy()
 
 
 class RewardScale:

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marllb_cli.agents.rl.common import Recurrent, encode, input_size, load_file
-from marllb_cli.agents.rl.header import level_weights
+from marllb_cli.agents.rl.common import GreedyPolicy, Recurrent, encode, input_size, load_file
 
 __all__ = ["ExploringPolicy", "JointActor"]
 
@@ -41,35 +40,28 @@ def _sample(logits: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
     return np.minimum((draws > cdf).sum(-1), probs.shape[-1] - 1).astype(np.int64)
 
 
-class ExploringPolicy:
-    """One LB's exploring SAC actor with the `Agent` interface; `action` holds the last level indices."""
+class ExploringPolicy(GreedyPolicy):
+    """One LB's exploring SAC actor with the `Agent` interface: `GreedyPolicy`, with each level drawn instead
+    of chosen; `prev_action` holds the last level indices."""
 
     method = "sed"
 
     def __init__(self, policy: Path, lb_index: int, cpus: Sequence[float], *, uniform: bool, seed: int) -> None:
         saved = load_file(policy, "policy")
         torch.set_num_threads(1)
-        self.net, self.levels = _net(saved, len(cpus), 0, lb_index)
-        self.scale = np.asarray(cpus, dtype=np.float64) if saved["hyper"].get("residual") else None
+        net, levels = _net(saved, len(cpus), 0, lb_index)
+        scale = np.asarray(cpus, dtype=np.float64) if saved["hyper"].get("residual") else None
+        super().__init__(net, levels, scale=scale)
         self.uniform, self.rng = uniform, np.random.default_rng(seed)
-        self.hidden: torch.Tensor | None = None
-        self.action = np.full(len(cpus), len(self.levels) // 2, dtype=np.int64)
-        self.weights = level_weights(self.levels, self.action, self.scale)
 
-    @torch.no_grad()
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        x = encode(obs, self.action, len(self.levels))
-        logits, self.hidden = self.net(torch.from_numpy(x).view(1, 1, -1), self.hidden)
+    def choose(self, out: torch.Tensor) -> np.ndarray:
         if self.uniform:
-            self.action = self.rng.integers(len(self.levels), size=len(self.action))
-        else:
-            self.action = _sample(logits[0, 0], self.rng)
-        self.weights = level_weights(self.levels, self.action, self.scale)
-        return self.weights
+            return self.rng.integers(len(self.levels), size=self.net.heads)
+        return _sample(out, self.rng)
 
     def record(self, obs: np.ndarray) -> dict:
         """What the step log adds for a learning agent: the full observation and the levels chosen."""
-        return {"obs": np.round(obs, 6).tolist(), "action": self.action.tolist()}
+        return {"obs": np.round(obs, 6).tolist(), "action": self.prev_action.tolist()}
 
 
 class JointActor:

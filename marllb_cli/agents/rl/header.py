@@ -96,12 +96,6 @@ class PolicyHeader:
         return scale * level
 
 
-def level_weights(levels: Sequence[float], action: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """SED weights of level indices: levels[action] (× each server's capacity for a `residual` policy)."""
-    weights = np.asarray(levels, dtype=np.float64)[action]
-    return weights * scale if scale is not None else weights
-
-
 def write_header(directory: Path, header: PolicyHeader) -> None:
     """Replace `directory/policy.json` atomically."""
     tmp = directory / (HEADER + ".tmp")
