@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from marllb_cli.deploy.local import LocalTestbed
-from marllb_cli.deploy.node.cgroups import cgroup_root
+from marllb_cli.deploy.node.cgroups import accounting_root, cgroup_root
 from marllb_cli.hosts import list_namespaces
 from marllb_cli.wikipages import page_text
 
@@ -21,7 +21,7 @@ def leftovers(name: str) -> dict[str, object]:
     processes = subprocess.run(["pgrep", "-f", f"/run/marllb/{name}/"], capture_output=True, text=True).stdout.split()
     return {
         "namespaces": sorted(ns for ns in list_namespaces() if ns.startswith(f"{name}-")),
-        "cgroup": (root / f"marllb-{name}").exists(),
+        "cgroup": any((where / f"marllb-{name}").exists() for where in (root, accounting_root()) if where),
         "processes": processes,
         "state": Path(f"/run/marllb/{name}").exists(),
         "shm": sorted(p.name for p in SHM_DIR.glob(f"marllb-{name}*")),  # the channel directory, or old-style files

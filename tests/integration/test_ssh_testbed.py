@@ -32,7 +32,7 @@ import yaml
 
 from marllb_cli.config import Testbed as BedSpec
 from marllb_cli.deploy.netns import build_network
-from marllb_cli.deploy.node.cgroups import cgroup_root
+from marllb_cli.deploy.node.cgroups import accounting_root, cgroup_root
 from marllb_cli.deploy.node.manifest import Manifest
 from marllb_cli.deploy.node.undo import remove_resources
 from marllb_cli.hosts import LocalNamespace
@@ -375,8 +375,8 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts, trained):
     assert router.run(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == forward_before
     for lb in wiring.lbs:
         assert "marllb_" not in LocalNamespace(lb.namespace).run(["nft", "list", "tables"]).stdout
-    root, _ = cgroup_root()
-    assert not list(root.glob(f"marllb-{TESTBED}-*"))
+    for root in (cgroup_root()[0], accounting_root()):  # the CPU groups and their cpuacct twins
+        assert root is None or not list(root.glob(f"marllb-{TESTBED}-*"))
     for node in wiring.nodes:  # only sshd is left on each host: no Apache, dataplane or agent
         pids = LocalNamespace(node.namespace).pids()
         commands = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids if Path(f"/proc/{pid}").exists()}

@@ -2,6 +2,11 @@
 
 A server of `cores` cores gets `quota = cores × period` per period. Values are read back after writing
 (the kernel rounds or refuses some), so a capacity that did not take effect is an error, not a surprise.
+
+What a group used is read exactly: v2's `cpu.stat`, or on v1 the cpuacct controller's `cpuacct.usage` (ns). When
+v1 mounts cpuacct apart from cpu, the group gets a twin directory there holding the same processes. Without any
+cpuacct, the processes' own times are summed, in clock ticks: with eight Apache workers in a group that is ±10 ms
+per worker, ±15 % of a one-second calibration phase of a quarter core.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from pathlib import Path
 from marllb_cli.errors import MissingTool, TestbedError
 from marllb_cli.processes import kill_pids
 
-__all__ = ["CpuCgroup", "CpuUsage", "cgroup_root"]
+__all__ = ["CpuCgroup", "CpuUsage", "accounting_root", "cgroup_root"]
 
 CGROUP_FS = Path("/sys/fs/cgroup")
+ACCOUNTING_FILE = "cpuacct.usage"
 
 
 def cgroup_root() -> tuple[Path, int]:
@@ -32,6 +38,16 @@ def cgroup_root() -> tuple[Path, int]:
         "no CPU cgroup controller found under /sys/fs/cgroup (neither v2 'cpu' nor v1 'cpu')",
         hint="mount the cgroup cpu controller; server capacities cannot be enforced without it",
     )
+
+
+def accounting_root() -> Path | None:
+    """On cgroup v1, the root of the cpuacct hierarchy when it is mounted apart from cpu (then a group needs a
+    twin directory there); None on v2, when cpuacct shares cpu's mount, or when there is no cpuacct."""
+    root, version = cgroup_root()
+    if version == 2 or (root / ACCOUNTING_FILE).exists():
+        return None
+    separate = CGROUP_FS / "cpuacct"
+    return separate if (separate / ACCOUNTING_FILE).exists() else None
 
 
 @dataclass(frozen=True)
@@ -74,9 +90,21 @@ class CpuCgroup:
         root, version = cgroup_root()
         return cls(root / relative, version)
 
-    def create(self) -> None:
-        """Make the directory (and parents); on v2 enable the cpu controller for the children of each parent."""
+    @property
+    def accounting(self) -> Path | None:
+        """The group's twin in a separate v1 cpuacct hierarchy (same relative path), if there is one."""
+        twin_root = accounting_root() if self.version == 1 else None
+        if twin_root is None:
+            return None
         root, _ = cgroup_root()
+        return twin_root / self.path.relative_to(root) if self.path.is_relative_to(root) else None
+
+    def create(self) -> None:
+        """Make the directory (and parents); on v2 enable the cpu controller for the children of each parent;
+        on v1 with a separate cpuacct, its twin there too."""
+        root, _ = cgroup_root()
+        if (twin := self.accounting) is not None:
+            twin.mkdir(parents=True, exist_ok=True)
         if self.version == 2:
             for parent in reversed(self.path.relative_to(root).parents):
                 directory = root / parent
@@ -114,8 +142,9 @@ class CpuCgroup:
 
     def usage(self) -> CpuUsage:
         """CPU seconds used so far and the CFS throttling counters. On v2 `cpu.stat` holds them all; v1's cpu
-        controller counts only throttling, so the CPU time is summed over the group's processes (user and
-        system time, with that of children they reaped: Apache's master reaps its workers)."""
+        controller counts only throttling, so the CPU time is cpuacct's, or failing that summed over the group's
+        processes (user and system time, with that of children they reaped: Apache's master reaps its
+        workers)."""
         stat = dict(line.split() for line in (self.path / "cpu.stat").read_text().splitlines() if " " in line)
         if self.version == 2:
             return CpuUsage(
@@ -125,15 +154,26 @@ class CpuCgroup:
                 throttled_s=int(stat.get("throttled_usec", 0)) / 1e6,
             )
         return CpuUsage(
-            cpu_s=sum(_process_cpu_s(pid) for pid in self.pids()),
+            cpu_s=self._accounted_s(),
             periods=int(stat.get("nr_periods", 0)),
             throttled_periods=int(stat.get("nr_throttled", 0)),
             throttled_s=int(stat.get("throttled_time", 0)) / 1e9,
         )
 
+    def _accounted_s(self) -> float:
+        """v1: the group's CPU seconds by cpuacct (ns, exited processes included), else by its processes' ticks
+        (a group made before it had a cpuacct twin)."""
+        twin = self.accounting
+        for exact in (self.path / ACCOUNTING_FILE, twin / ACCOUNTING_FILE if twin else None):
+            if exact is not None and exact.exists():
+                return int(exact.read_text()) / 1e9
+        return sum(_process_cpu_s(pid) for pid in self.pids())
+
     def add_self(self) -> None:
         """Move the calling process into the group (used between fork and exec, so children inherit it)."""
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+        for directory in (self.path, self.accounting):
+            if directory is not None and directory.is_dir():
+                (directory / "cgroup.procs").write_text(str(os.getpid()))
 
     def pids(self) -> list[int]:
         try:
@@ -145,22 +185,30 @@ class CpuCgroup:
         return self.path.is_dir()
 
     def remove(self, *, grace_s: float = 10.0) -> None:
-        """Stop every process in the group (they are ours: we put them there), then remove the directory."""
-        if not self.exists():
-            return
-        kill_pids(self.pids, grace_s=min(grace_s, 3.0))
+        """Stop every process in the group (they are ours: we put them there), then remove the directory and
+        its cpuacct twin."""
+        twin = self.accounting
+        if self.exists():
+            kill_pids(self.pids, grace_s=min(grace_s, 3.0))
         deadline = time.monotonic() + grace_s
-        while True:
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError as exc:
-                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                    raise TestbedError(f"cannot remove cgroup {self.path}: {exc.strerror}") from None
-                _reap_exited_children()  # a zombie child of ours still holds the group (cgroup v1)
-                time.sleep(0.05)
+        for directory in (self.path, twin):
+            if directory is not None:
+                _remove_directory(directory, deadline)
+
+
+def _remove_directory(directory: Path, deadline: float) -> None:
+    """rmdir a cgroup whose processes were stopped, waiting for the kernel to let the last of them go."""
+    while True:
+        try:
+            directory.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise TestbedError(f"cannot remove cgroup {directory}: {exc.strerror}") from None
+            _reap_exited_children()  # a zombie child of ours still holds the group (cgroup v1)
+            time.sleep(0.05)
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
