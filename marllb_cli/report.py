@@ -1,11 +1,15 @@
-"""`marllb report`: compare run directories — one table (method × class, the layout of the papers' tables),
-a Markdown report and four figures.
+"""`marllb report`: compare run directories — a table per scenario (method × class, the layout of the papers'
+tables), a Markdown report and four figures.
 
-Aggregation: the runs of one method (several seeds) are pooled request by request for mean ± std and the
-percentiles, and their spread is shown as the standard deviation of the per-run mean JCT ("± across
-runs"). Methods are ranked by their pooled mean JCT over all classes; each is also given as a ratio to a
-baseline method (default sed, when present). Only completed requests have a JCT; failed ones count in the
-error rate.
+Grouping: runs are compared only within a scenario (`scenarios.scenario_of`: the system and the traffic,
+not the method or seed); runs of several scenarios give a table each, and are pooled only when asked
+(`pool=True`, with a warning naming what was pooled). Within a scenario the runs of one method (several
+seeds) are pooled request by request for mean ± std and the percentiles, and their spread is shown as the
+standard deviation of the per-run mean JCT ("± across runs"). Methods are ranked by their pooled mean JCT
+over all classes; each is also given as a ratio to a baseline method (default sed, when present) of the
+same scenario. Mean, p90, p99 and the ratios come with 95 % bootstrap confidence intervals (`stats`: over
+runs when there are several, over blocks of requests within one). Only completed requests have a JCT;
+failed ones count in the error rate.
 
 Figures (PNG, matplotlib's Agg backend, no display needed):
     jct_cdf.png          JCT CDF per method (log time axis)
@@ -16,6 +20,7 @@ Figures (PNG, matplotlib's Agg backend, no display needed):
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
@@ -28,6 +33,8 @@ import pandas as pd
 
 from marllb_cli.errors import ConfigError, RunDirError
 from marllb_cli.runs import Run, load_run, recover_killed
+from marllb_cli.scenarios import label_scenarios, scenario_of
+from marllb_cli.stats import BOOTSTRAP_REPLICATES, Bootstrap, bootstrap
 
 __all__ = ["Report", "build_report", "find_runs", "scan_runs", "short_names", "write_report"]
 
@@ -36,19 +43,32 @@ ALL = "all"
 
 @dataclass
 class Report:
-    """The aggregated comparison: one row per method × class, ranked."""
+    """The aggregated comparison: one row per scenario × method × class, ranked within the scenario."""
 
     runs: list[Run]
     baseline: str | None
     rows: list[dict[str, Any]]
     warnings: list[str] = field(default_factory=list)
+    #: Each run's scenario label (in the order of `runs`).
+    scenarios: list[str] = field(default_factory=list)
+
+    def scenario_labels(self) -> list[str]:
+        """The scenarios in the order their tables are shown."""
+        return list(dict.fromkeys(row["scenario"] for row in self.rows))
 
     def as_json(self) -> dict[str, Any]:
         return {
             "baseline": self.baseline,
+            "scenarios": self.scenario_labels(),
             "runs": [
-                {"path": str(r.path), "method": r.method, "seed": r.meta.get("seed"), "complete": r.complete}
-                for r in self.runs
+                {
+                    "path": str(r.path),
+                    "method": r.method,
+                    "seed": r.meta.get("seed"),
+                    "scenario": scenario,
+                    "complete": r.complete,
+                }
+                for r, scenario in zip(self.runs, self.scenarios, strict=True)
             ],
             "rows": self.rows,
             "warnings": self.warnings,
@@ -96,9 +116,17 @@ def _runs_in(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if (p / "meta.json").is_file())
 
 
-def build_report(runs: list[Run], baseline: str | None = None, skipped: list[str] | None = None) -> Report:
-    """Aggregate runs per method and class; `baseline` must be one of the methods when given; `skipped`:
-    warnings about runs left out (`scan_runs`)."""
+def build_report(
+    runs: list[Run],
+    baseline: str | None = None,
+    skipped: list[str] | None = None,
+    *,
+    pool: bool = False,
+    replicates: int = BOOTSTRAP_REPLICATES,
+) -> Report:
+    """Aggregate runs per scenario, method and class; `baseline` must be one of the methods when given;
+    `skipped`: warnings about runs left out (`scan_runs`); `pool`: compare runs of different scenarios as one;
+    `replicates`: bootstrap replicates per confidence interval (0: none)."""
     methods = sorted({r.method for r in runs})
     if baseline is not None and baseline not in methods:
         raise ConfigError(f"--baseline {baseline}: no run of that method", hint=f"choose one of {', '.join(methods)}")
@@ -107,28 +135,57 @@ def build_report(runs: list[Run], baseline: str | None = None, skipped: list[str
     warnings = [*(skipped or [])] + [
         f"{r.path}: incomplete run ({r.meta.get('failure') or 'did not finish'})" for r in runs if not r.complete
     ]
-    frames = {method: [(r, r.requests()) for r in runs if r.method == method] for method in methods}
+    scenarios = _scenarios(runs)
+    if pool and len(set(scenarios)) > 1:
+        warnings.append(f"pooled {len(set(scenarios))} scenarios as asked: {'; '.join(sorted(set(scenarios)))}")
+        scenarios = ["pooled"] * len(runs)
     rows = []
-    for method in methods:
-        classes = sorted({c for _, f in frames[method] for c in f["class"].dropna().unique()})
-        for cls in [ALL, *classes]:
-            rows.append(_row(method, cls, frames[method]))
-    _rank_and_compare(rows, baseline)
-    return Report(runs, baseline, rows, warnings)
+    for scenario in sorted(set(scenarios)):
+        members = [run for run, s in zip(runs, scenarios, strict=True) if s == scenario]
+        found = sorted({r.method for r in members})
+        if baseline is not None and baseline not in found and len(set(scenarios)) > 1:
+            warnings.append(f"scenario {scenario}: no {baseline} run, so no ratios")
+        scenario_rows: list[dict[str, Any]] = []
+        boots: dict[tuple[str, str], Bootstrap] = {}
+        for method in found:
+            frames = [(r, r.requests()) for r in members if r.method == method]
+            classes = sorted({c for _, f in frames for c in f["class"].dropna().unique()})
+            for cls in [ALL, *classes]:
+                row, boots[(method, cls)] = _row(method, cls, frames, replicates, seed=_seed(scenario, method, cls))
+                scenario_rows.append({"scenario": scenario, **row})
+        _rank_and_compare(scenario_rows, baseline, boots)
+        rows += scenario_rows
+    return Report(runs, baseline, rows, warnings, scenarios)
 
 
-def _row(method: str, cls: str, runs: list[tuple[Run, pd.DataFrame]]) -> dict[str, Any]:
+def _scenarios(runs: list[Run]) -> list[str]:
+    """Each run's scenario label, unique per scenario."""
+    found = []
+    for run in runs:
+        config = run.path / "config.yaml"
+        found.append(scenario_of(run.meta, config.read_text() if config.is_file() else None))
+    labels = label_scenarios(found)
+    return [labels[s.key] for s in found]
+
+
+def _seed(*parts: str) -> int:
+    """A bootstrap seed fixed by what the row is: the same runs give the same intervals."""
+    return int.from_bytes(hashlib.sha256("\0".join(parts).encode()).digest()[:8], "little")
+
+
+def _row(
+    method: str, cls: str, runs: list[tuple[Run, pd.DataFrame]], replicates: int, seed: int
+) -> tuple[dict[str, Any], Bootstrap]:
     picked = [(run, f if cls == ALL else f[f["class"] == cls]) for run, f in runs]
     pooled = pd.concat([f for _, f in picked], ignore_index=True)
     ok = (pooled["error"] == "") & pooled["status"].between(200, 399)
     jct = pooled.loc[ok, "jct_s"].to_numpy(np.float64)
-    per_run_means = [
-        float(f.loc[(f["error"] == "") & f["status"].between(200, 399), "jct_s"].mean()) for _, f in picked if len(f)
-    ]
-    per_run_means = [m for m in per_run_means if not math.isnan(m)]
+    completed = [f[(f["error"] == "") & f["status"].between(200, 399)].sort_values("intended_s") for _, f in picked]
+    per_run_means = [float(f["jct_s"].mean()) for f in completed if len(f)]
     duration = sum(float(run.summary.get("duration_s") or 0.0) for run, _ in picked)
     quantiles = np.quantile(jct, [0.5, 0.9, 0.99]) if len(jct) else [None] * 3
-    return {
+    boot = bootstrap([f["jct_s"].to_numpy(np.float64) for f in completed], replicates, seed)
+    row = {
         "method": method,
         "class": cls,
         "runs": len(picked),
@@ -143,14 +200,24 @@ def _row(method: str, cls: str, runs: list[tuple[Run, pd.DataFrame]]) -> dict[st
         "jct_p90_s": _float(quantiles[1]),
         "jct_p99_s": _float(quantiles[2]),
     }
+    for stat in RATIO_STATISTICS:
+        row[f"{stat.removesuffix('_s')}_ci_s"] = boot.interval(stat)
+    return row, boot
 
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _rank_and_compare(rows: list[dict[str, Any]], baseline: str | None) -> None:
-    """Rank methods by overall mean JCT (1 = best) and add each row's ratio to the baseline's same class."""
+#: The statistics given with a confidence interval and as a ratio to the baseline (p90: CIKM's headline).
+RATIO_STATISTICS = ("jct_mean_s", "jct_p90_s", "jct_p99_s")
+
+
+def _rank_and_compare(
+    rows: list[dict[str, Any]], baseline: str | None, boots: dict[tuple[str, str], Bootstrap]
+) -> None:
+    """Rank one scenario's methods by overall mean JCT (1 = best); add each row's ratios to the baseline's
+    same class, with their confidence intervals."""
     overall = {r["method"]: r["jct_mean_s"] for r in rows if r["class"] == ALL}
     order = sorted(overall, key=lambda m: (overall[m] is None, overall[m] or 0.0))
     ranks = {method: i + 1 for i, method in enumerate(order)}
@@ -158,11 +225,19 @@ def _rank_and_compare(rows: list[dict[str, Any]], baseline: str | None) -> None:
     for row in rows:
         row["rank"] = ranks[row["method"]]
         ref = base.get(row["class"])
-        for stat in ("jct_mean_s", "jct_p99_s"):
-            ratio = None
+        for stat in RATIO_STATISTICS:
+            name = stat.removesuffix("_s")
+            ratio = interval = None
             if ref and ref[stat] and row[stat] is not None:
                 ratio = row[stat] / ref[stat]
-            row[f"{stat.removesuffix('_s')}_ratio"] = ratio
+                if row["method"] != baseline:
+                    interval = boots[(row["method"], row["class"])].ratio_interval(
+                        stat, boots[(baseline, row["class"])]
+                    )
+                else:
+                    interval = (1.0, 1.0)
+            row[f"{name}_ratio"] = ratio
+            row[f"{name}_ratio_ci"] = interval
     rows.sort(key=lambda r: (r["rank"], r["class"] != ALL, r["class"]))
 
 
@@ -182,6 +257,21 @@ def _ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def _span(interval: Any, scale: float = 1.0, digits: int = 0) -> str:
+    """An interval as `low–high` (— when there is none)."""
+    if interval is None:
+        return "—"
+    low, high = interval
+    return f"{low * scale:.{digits}f}–{high * scale:.{digits}f}"
+
+
+def _ratio_ci(value: float | None, interval: Any) -> str:
+    """A ratio with its 95 % interval: `0.93 [0.90, 0.96]`."""
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if interval is None else f"{value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 #: Every column of the table: header → cell text of a row.
 COLUMNS: dict[str, Any] = {
     "rank": lambda r: str(r["rank"]),
@@ -198,8 +288,15 @@ COLUMNS: dict[str, Any] = {
     "p99": lambda r: _ms(r["jct_p99_s"]),
     "throughput/s": lambda r: "—" if r["throughput_per_s"] is None else f"{r['throughput_per_s']:.1f}",
     "errors": lambda r: f"{r['error_rate']:.1%}",
+    "mean 95% CI": lambda r: _span(r["jct_mean_ci_s"], 1000),
+    "p90 95% CI": lambda r: _span(r["jct_p90_ci_s"], 1000),
     "mean / baseline": lambda r: _ratio(r["jct_mean_ratio"]),
+    "mean× 95% CI": lambda r: _span(r["jct_mean_ratio_ci"], digits=2),
+    "p90 / baseline": lambda r: _ratio(r["jct_p90_ratio"]),
     "p99 / baseline": lambda r: _ratio(r["jct_p99_ratio"]),
+    "mean / baseline [95% CI]": lambda r: _ratio_ci(r["jct_mean_ratio"], r["jct_mean_ratio_ci"]),
+    "p90 / baseline [95% CI]": lambda r: _ratio_ci(r["jct_p90_ratio"], r["jct_p90_ratio_ci"]),
+    "p99 / baseline [95% CI]": lambda r: _ratio_ci(r["jct_p99_ratio"], r["jct_p99_ratio_ci"]),
 }
 MARKDOWN_COLUMNS = (
     "rank",
@@ -208,15 +305,18 @@ MARKDOWN_COLUMNS = (
     "runs",
     "requests",
     "JCT mean ± std (ms)",
+    "mean 95% CI",
     "p50",
     "p90",
+    "p90 95% CI",
     "p99",
     "throughput/s",
     "errors",
-    "mean / baseline",
-    "p99 / baseline",
+    "mean / baseline [95% CI]",
+    "p90 / baseline [95% CI]",
+    "p99 / baseline [95% CI]",
 )
-#: The terminal's narrower selection (fits 80 columns).
+#: The terminal's narrower selection (fits 80 columns; report.md has the p90 and p99 ratios and every interval).
 TERMINAL_COLUMNS = (
     "rank",
     "method",
@@ -224,12 +324,11 @@ TERMINAL_COLUMNS = (
     "runs",
     "requests",
     "mean",
-    "std",
-    "p50",
+    "p90",
     "p99",
     "errors",
     "mean / baseline",
-    "p99 / baseline",
+    "mean× 95% CI",
 )
 
 
@@ -258,10 +357,11 @@ def _markdown_cell(text: str) -> str:
 
 def shown_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows worth printing: per-class rows only where a method's runs have more than one class."""
-    classes: dict[str, int] = {}
+    classes: dict[tuple[str, str], int] = {}
     for row in rows:
-        classes[row["method"]] = classes.get(row["method"], 0) + (row["class"] != ALL)
-    return [r for r in rows if r["class"] == ALL or classes[r["method"]] > 1]
+        group = (row["scenario"], row["method"])
+        classes[group] = classes.get(group, 0) + (row["class"] != ALL)
+    return [r for r in rows if r["class"] == ALL or classes[(r["scenario"], r["method"])] > 1]
 
 
 def is_training_dir(path: Path) -> bool:
@@ -484,17 +584,29 @@ def write_report(
         path = out / "report.md"
         path.write_text("\n".join(lines) + "\n")
         return [path, *written]
-    figures = _figures(report.runs, out) + written
+    figures = _figures(report, out) + written
     if report.baseline:
-        lines += [f"Baseline for the ratios: **{report.baseline}**. JCT in milliseconds, completed requests only.", ""]
-    lines += ["| " + " | ".join(MARKDOWN_COLUMNS) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
-    lines += [
-        "| " + " | ".join(map(_markdown_cell, table_cells(row, MARKDOWN_COLUMNS))) + " |"
-        for row in shown_rows(report.rows)
-    ]
-    lines += ["", "## Runs", "", "| run | method | seed | kind | complete |", "|---|---|---|---|---|"]
-    for run in report.runs:
-        cells = [run.path, run.method, run.meta.get("seed", ""), run.meta.get("kind", "")]
+        lines += [
+            f"Baseline for the ratios: **{report.baseline}**, in each scenario. JCT in milliseconds, completed "
+            "requests only. Intervals: 95 % bootstrap (over runs when a method has several, else over blocks of "
+            "requests).",
+            "",
+        ]
+    labels = report.scenario_labels()
+    for label in labels:
+        if len(labels) > 1:
+            runs = sum(1 for scenario in report.scenarios if scenario == label)
+            lines += [f"### {_markdown_cell(label)} ({runs} runs)", ""]
+        lines += ["| " + " | ".join(MARKDOWN_COLUMNS) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
+        lines += [
+            "| " + " | ".join(map(_markdown_cell, table_cells(row, MARKDOWN_COLUMNS))) + " |"
+            for row in shown_rows(report.rows)
+            if row["scenario"] == label
+        ]
+        lines += [""]
+    lines += ["## Runs", "", "| run | method | seed | scenario | complete |", "|---|---|---|---|---|"]
+    for run, scenario in zip(report.runs, report.scenarios, strict=True):
+        cells = [run.path, run.method, run.meta.get("seed", ""), scenario]
         lines.append(
             "| "
             + " | ".join(_markdown_cell(str(cell)) for cell in cells)
@@ -508,14 +620,19 @@ def write_report(
     return [path, *figures]
 
 
-def _figures(runs: list[Run], out: Path) -> list[Path]:
+def _figures(report: Report, out: Path) -> list[Path]:
+    """The four figures, a series per method (per method and scenario when there are several scenarios)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = sorted({r.method for r in runs})
-    requests = {m: pd.concat([r.requests() for r in runs if r.method == m], ignore_index=True) for m in methods}
+    several = len(set(report.scenarios)) > 1
+    series: dict[str, list[Run]] = {}
+    for run, scenario in zip(report.runs, report.scenarios, strict=True):
+        series.setdefault(f"{run.method} · {scenario}" if several else run.method, []).append(run)
+    methods = sorted(series)
+    requests = {m: pd.concat([r.requests() for r in series[m]], ignore_index=True) for m in methods}
     done = {m: f[(f["error"] == "") & f["status"].between(200, 399)] for m, f in requests.items()}
     written = []
 
@@ -540,7 +657,9 @@ def _figures(runs: list[Run], out: Path) -> list[Path]:
     ax.legend()
     written.append(_save(fig, out / "jct_over_time.png"))
 
-    servers = pd.concat([r.servers().assign(method=r.method) for r in runs], ignore_index=True).dropna(subset=["busy"])
+    servers = pd.concat(
+        [run.servers().assign(method=name) for name in methods for run in series[name]], ignore_index=True
+    ).dropna(subset=["busy"])
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(servers):
         groups = sorted(servers["group"].unique())

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from marllb_cli.report import build_report, find_runs, write_report
+from marllb_cli.report import build_report, find_runs, shown_rows, write_report
 from marllb_cli.runs import create_run_dir, empty_requests, load_run, summarize, write_json
 
 
@@ -29,14 +29,16 @@ def _requests(jct: np.ndarray, classes: list[str], *, errors: int = 0) -> pd.Dat
     return frame
 
 
-def _run(runs_dir, method: str, seed: int, jct: np.ndarray, *, classes=("cpu",), complete=True, errors=0):
+def _run(runs_dir, method: str, seed: int, jct: np.ndarray, *, classes=("cpu",), complete=True, errors=0, meta=None):
     path = create_run_dir(runs_dir, method=method, testbed="syn", seed=seed)
     requests = _requests(jct, list(classes), errors=errors)
     requests.to_parquet(path / "requests.parquet", index=False)
     servers = pd.DataFrame({"t_s": [0.0, 0.25], "server": ["srv0"] * 2, "group": ["g"] * 2, "busy": [1.0, 3.0]})
     servers.to_parquet(path / "servers.parquet", index=False)
     write_json(path / "summary.json", summarize(requests, method=method, duration_s=len(jct) * 0.01))
-    write_json(path / "meta.json", {"kind": "testbed", "method": method, "seed": seed, "complete": complete})
+    write_json(
+        path / "meta.json", {"kind": "testbed", "method": method, "seed": seed, "complete": complete, **(meta or {})}
+    )
     return path
 
 
@@ -98,6 +100,52 @@ def test_report_pools_seeds_ranks_and_compares_to_the_baseline(tmp_path):
     flipped = {(r["method"], r["class"]): r for r in build_report(report.runs, "ecmp").rows}
     assert flipped[("ecmp", "all")]["jct_mean_ratio"] == pytest.approx(1.0)
     assert flipped[("sed", "all")]["jct_mean_ratio"] == pytest.approx(pooled.mean() / b[:-40].mean())
+
+
+def _sim(load: float, io_share: float = 0.0) -> dict:
+    """The meta of a simulator run of testbed `simmod` at `load`."""
+    traffic = {"kind": "poisson", "load": load, "rate": None, "duration_s": 40.0, "io_share": io_share}
+    return {"kind": "sim", "testbed": "simmod", "traffic": traffic}
+
+
+def test_report_never_pools_scenarios_unless_asked(cli, tmp_path):
+    """sed and lsq at loads 0.7 and 0.9: one table per load, each ranked and compared with its own sed; pooled
+    only with --pool, which says so. Before scenarios, the four runs came out as two rows, `sed, 2 runs`."""
+    rng = np.random.default_rng(2)
+    runs_dir = tmp_path / "runs"
+    light = {m: rng.exponential(mean, 2000) for m, mean in (("sed", 0.1), ("lsq", 0.12))}
+    heavy = {m: rng.exponential(mean, 2000) for m, mean in (("sed", 0.3), ("lsq", 0.2))}
+    for seed, (method, jct) in enumerate(light.items()):
+        _run(runs_dir, method, seed, jct, meta=_sim(0.7))
+    for seed, (method, jct) in enumerate(heavy.items()):
+        _run(runs_dir, method, seed, jct, meta={**_sim(0.9), "traffic": {**_sim(0.9)["traffic"], "duration_s": 9}})
+
+    report = build_report(find_runs([runs_dir]), replicates=200)
+    assert report.scenario_labels() == ["simmod · sim · load 0.7", "simmod · sim · load 0.9"]  # durations differ
+    rows = {(r["scenario"], r["method"]): r for r in report.rows if r["class"] == "all"}
+    assert len(rows) == 4 and all(r["runs"] == 1 for r in rows.values())
+    assert len(shown_rows(report.rows)) == 4  # one class per scenario: no per-class rows
+    low, high = rows[("simmod · sim · load 0.7", "lsq")], rows[("simmod · sim · load 0.9", "lsq")]
+    assert low["rank"] == 2 and high["rank"] == 1
+    assert low["jct_mean_ratio"] == pytest.approx(light["lsq"].mean() / light["sed"].mean())
+    assert high["jct_mean_ratio"] == pytest.approx(heavy["lsq"].mean() / heavy["sed"].mean())
+    ci = high["jct_mean_ratio_ci"]
+    assert ci[0] < high["jct_mean_ratio"] < ci[1] and ci[1] < 0.8  # lsq beats sed at 0.9, and the CI says so
+    assert rows[("simmod · sim · load 0.9", "sed")]["jct_mean_ratio_ci"] == (1.0, 1.0)
+    mean_ci = rows[("simmod · sim · load 0.7", "sed")]["jct_mean_ci_s"]
+    assert mean_ci[0] < light["sed"].mean() < mean_ci[1] and mean_ci[1] - mean_ci[0] < 0.02
+
+    pooled = build_report(find_runs([runs_dir]), pool=True, replicates=0)
+    assert pooled.scenario_labels() == ["pooled"] and any("pooled 2 scenarios" in w for w in pooled.warnings)
+    assert {r["method"]: r["runs"] for r in pooled.rows if r["class"] == "all"} == {"sed": 2, "lsq": 2}
+    assert all(r["jct_mean_ci_s"] is None for r in pooled.rows)
+
+    result = cli("report", runs_dir, "--out", tmp_path / "rep", "--bootstrap", "100")
+    assert result.exit_code == 0, result.output
+    assert "simmod · sim · load 0.7: 2 runs" in result.stdout and "simmod · sim · load 0.9: 2 runs" in result.stdout
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert "### simmod · sim · load 0.7 (2 runs)" in markdown and "### simmod · sim · load 0.9 (2 runs)" in markdown
+    assert cli("report", runs_dir, "--bootstrap", "-1", "--out", tmp_path / "rep").exit_code == 2
 
 
 def test_report_cli_json_and_bad_input(cli, tmp_path):
