@@ -32,7 +32,7 @@ from marllb_cli.sim.lookahead import candidates, run_lookahead
 from marllb_cli.sim.traffic import Traffic, capacity, traffic
 from marllb_cli.steps import steps_frame
 
-__all__ = ["SimOutcome", "SimRun", "build_simulation", "run_simulation", "simulate_to_run_dir"]
+__all__ = ["SimOutcome", "SimRun", "build_simulation", "check_sim_method", "run_simulation", "simulate_to_run_dir"]
 
 
 @dataclass
@@ -148,12 +148,19 @@ class _Prepared:
     agents: Any = None
 
 
-def _prepare(config: Config, method: str, *, seed: int, duration_s: float | None, load: Traffic | None) -> _Prepared:
-    """The method checked, the engine checked against it, the requests drawn and a policy loaded."""
+def check_sim_method(config: Config, method: str) -> tuple[str, str, list[ServerModel]]:
+    """Refuse a method this config's simulator cannot run (`ConfigError`); else (the method resolved, the
+    selection the simulated dataplane applies, the server models). No file is read but an `rl:` path's."""
     resolved = resolve_method(method, SIM_METHODS)
     selection = "sed" if resolved.startswith(RL_PREFIX) else resolved
     models = server_models(config)[0]
     use_compiled(config.sim.engine, selection, models, config.source)
+    return resolved, selection, models
+
+
+def _prepare(config: Config, method: str, *, seed: int, duration_s: float | None, load: Traffic | None) -> _Prepared:
+    """The method checked, the engine checked against it, the requests drawn and a policy loaded."""
+    resolved, selection, models = check_sim_method(config, method)
     requests_in = load if load is not None else traffic(config, seed=seed, duration_s=duration_s)
     prepared = _Prepared(method, resolved, selection, requests_in)
     if resolved.startswith(RL_PREFIX):
