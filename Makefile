@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e '.[dev,fast]'
+	$(PY) -m pip install -q -e '.[dev,fast,ray]'
 	touch $(STAMP)
 
 # Installs only what is missing; needs root and apt-get (Debian/Ubuntu).

@@ -1,5 +1,5 @@
-"""`marllb sweep`: a grid of simulator runs (config overrides × methods × seeds) run on a local process pool,
-resumable, with one index of the results.
+"""`marllb sweep`: a grid of simulator runs (config overrides × methods × seeds) run on a local process pool
+or a Ray cluster, resumable, with one index of the results.
 
 A sweep file names a base config and its axes:
 
@@ -21,6 +21,12 @@ done, failed ones included (`--force`: all). Workers die with the sweep (PR_SET_
 writes `OUT/failed/<key>.log` and the others go on. `OUT/index.parquet` (a row per done cell: its axes, its
 summary's figures, its directory) is rewritten atomically after every cell; `marllb report OUT/runs` gives
 a table per scenario with confidence intervals over the seeds.
+
+Backends: `local` (spawned worker processes, `workers` of them) or `ray` (a task of one CPU per cell, on the
+cluster at `address`, or on one started here for the sweep and stopped after it). Either way a cell is
+`run_cell` and writes into OUT, so the two give the same cells; with Ray on several machines OUT must be
+shared storage. Numba's cache is the installed package's, shared by the workers (numba writes it
+atomically, so parallel compiles of the same function cannot corrupt it).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import os
 import shutil
 import signal
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -44,9 +50,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from marllb_cli import __version__
 from marllb_cli.config import Config, load_config
-from marllb_cli.errors import ConfigError
+from marllb_cli.errors import ConfigError, MissingTool, TestbedError
 
-__all__ = ["Cell", "SweepFile", "SweepPlan", "SweepResult", "load_sweep", "plan_cells", "plan_sweep", "run_sweep"]
+__all__ = [
+    "BACKENDS",
+    "Cell",
+    "SweepFile",
+    "SweepPlan",
+    "SweepResult",
+    "load_sweep",
+    "plan_cells",
+    "plan_sweep",
+    "run_sweep",
+]
 
 INDEX, RUNS, PARTIAL, FAILED = "index.parquet", "runs", ".partial", "failed"
 
@@ -158,16 +174,26 @@ def plan_sweep(sweep_path: Path, extra: tuple[str, ...] = ()) -> SweepPlan:
     return SweepPlan(sweep_path, config_path, cells)
 
 
+#: Where cells run: a pool of processes on this machine, or the tasks of a Ray cluster.
+BACKENDS = ("local", "ray")
+Outcomes = Iterator[tuple[Cell, BaseException | None]]
+
+
 def run_sweep(
     plan: SweepPlan,
     out: Path,
     *,
     workers: int,
     force: bool = False,
+    backend: str = "local",
+    address: str | None = None,
     on_cell: Callable[[int, int, str], None] = lambda done, total, what: None,
 ) -> SweepResult:
-    """Run the planned cells that are not done (all with `force`) on `workers` processes."""
-    cells, config_path = plan.cells, plan.config
+    """Run the planned cells that are not done (all with `force`): on `workers` local processes, or as Ray tasks
+    (`address`: a running cluster's, or None to start one of `workers` CPUs here for the sweep)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend}: not a backend", hint=f"choose one of {', '.join(BACKENDS)}")
+    cells = plan.cells
     runs = out / RUNS
     runs.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)  # what killed cells left; their workers died with them
@@ -179,30 +205,71 @@ def run_sweep(
         done -= {cell.key for cell in cells}
     todo = [cell for cell in cells if cell.key not in done]
     failed: dict[str, Path] = {}
-    on_cell(len(cells) - len(todo), len(cells), "")
+    finished = len(cells) - len(todo)
+    on_cell(finished, len(cells), "")
     if todo:
-        context = get_context("spawn")  # the workers are children of the sweep, so they die with it
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
-            running: dict[Future, Cell] = {
-                pool.submit(run_cell, str(config_path), cell, str(out)): cell for cell in todo
-            }
-            finished = len(cells) - len(todo)
-            try:
-                while running:
-                    complete, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in complete:
-                        cell = running.pop(future)
-                        finished += 1
-                        error = future.exception()
-                        if error is not None:
-                            failed[cell.key] = _record_failure(out, cell, error)
-                        write_index(out)
-                        on_cell(finished, len(cells), f"{cell.method} s{cell.seed} {_axes_text(cell)}")
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        if backend == "ray":
+            outcomes = _on_ray(todo, plan.config, out, workers, address)
+        else:
+            outcomes = _on_local_pool(todo, plan.config, out, workers)
+        for cell, error in outcomes:
+            finished += 1
+            if error is not None:
+                failed[cell.key] = _record_failure(out, cell, error)
+            write_index(out)
+            on_cell(finished, len(cells), f"{cell.method} s{cell.seed} {_axes_text(cell)}")
     write_index(out)
     return SweepResult(out, len(cells), len(cells) - len(todo), len(todo) - len(failed), failed)
+
+
+def _on_local_pool(todo: list[Cell], config: Path, out: Path, workers: int) -> Outcomes:
+    """Each cell as it ends, from a pool of spawned workers (children of the sweep: they die with it)."""
+    context = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
+        running: dict[Future, Cell] = {pool.submit(run_cell, str(config), cell, str(out)): cell for cell in todo}
+        try:
+            while running:
+                complete, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in complete:
+                    yield running.pop(future), future.exception()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _on_ray(todo: list[Cell], config: Path, out: Path, workers: int, address: str | None) -> Outcomes:
+    """Each cell as it ends, from Ray tasks of one CPU each. OUT must be storage every node sees (a cell
+    writes its run directory there); a cell that landed elsewhere is an error, not a lost result."""
+    try:
+        import ray
+    except ImportError:
+        raise MissingTool("--backend ray needs Ray", hint="pip install 'marllb[ray]' (make install does)") from None
+    started_here = address is None
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    try:
+        ray.init(address=address, num_cpus=workers if started_here else None, **options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise TestbedError(f"--address {address}: cannot join the Ray cluster ({exc})") from None
+    try:
+        task = ray.remote(num_cpus=1)(_ray_cell)
+        running = {task.remote(str(config), cell, str(out.resolve())): cell for cell in todo}
+        while running:
+            complete, _ = ray.wait(list(running), num_returns=1)
+            for ref in complete:
+                cell = running.pop(ref)
+                try:
+                    landed = Path(ray.get(ref))
+                    error = None if landed.is_dir() else FileNotFoundError(f"{landed} is not on this machine")
+                except Exception as exc:  # noqa: BLE001 - the task's failure, logged for its cell
+                    error = exc
+                yield cell, error
+    finally:
+        ray.shutdown()  # a cluster started here stops with it
+
+
+def _ray_cell(config_path: str, cell: Cell, out: str) -> str:
+    """A Ray task: `run_cell` in a Ray worker process."""
+    return run_cell(config_path, cell, out)
 
 
 def run_cell(config_path: str, cell: Cell, out: str) -> str:

@@ -22,9 +22,19 @@ def sweep_command(
         int | None, typer.Option("--workers", "-j", min=1, help="Cells run at once (default: this machine's cores).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Run every cell again, done ones included.")] = False,
+    backend: Annotated[
+        str, typer.Option("--backend", help="local (a process pool here) or ray (tasks on a Ray cluster).")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address", help="--backend ray: the cluster (host:port or auto); default: start one here for the sweep."
+        ),
+    ] = None,
     set_: SetOption = None,
 ) -> None:
-    """Run a sweep file's grid of simulator runs: every combination of its `set` fields' values, methods and seeds.
+    """Run a sweep file's grid of simulator runs: every combination of its `set` fields' values, methods and seeds,
+    on a local process pool or a Ray cluster (--backend ray, the `ray` extra).
 
     Each cell is content-addressed (resolved config, method, seed, duration, marllb version, the files it reads)
     and done once its run directory is in OUT/runs/: running the sweep again runs only the cells not done
@@ -32,8 +42,13 @@ def sweep_command(
     holds a row per done cell; `marllb report OUT/runs` compares the methods per scenario with confidence
     intervals. --set overrides apply to every cell.
     """
-    from marllb_cli.sweep import plan_sweep, run_sweep
+    from marllb_cli.errors import ConfigError
+    from marllb_cli.sweep import BACKENDS, plan_sweep, run_sweep
 
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend}: not a backend", hint=f"choose one of {', '.join(BACKENDS)}")
+    if address is not None and backend != "ray":
+        raise ConfigError("--address: only with --backend ray", hint="add --backend ray, or drop --address")
     plan = plan_sweep(sweep, tuple(set_ or ()))  # a bad sweep file fails here, before the bar or any file
     target = out if out is not None else Path("runs") / "sweeps" / sweep.stem
     with detail_progress(f"sweep {sweep.name}") as progress:
@@ -42,7 +57,15 @@ def sweep_command(
         def on_cell(done: int, total: int, what: str) -> None:
             progress.update(task, completed=done, total=total, detail=escape(what))
 
-        result = run_sweep(plan, target, workers=workers or os.cpu_count() or 1, force=force, on_cell=on_cell)
+        result = run_sweep(
+            plan,
+            target,
+            workers=workers or os.cpu_count() or 1,
+            force=force,
+            backend=backend,
+            address=address,
+            on_cell=on_cell,
+        )
     console.print(
         f"sweep: {result.planned} cells, {result.skipped} already done, {result.ran} run, {len(result.failed)} failed"
     )

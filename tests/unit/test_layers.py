@@ -25,7 +25,7 @@ REPO = PACKAGE.parent
 GROUND = ("agents", "dataplane", "sim", "features", "rewards", "steps", "probes")
 UPPER = ("deploy", "hosts")
 KINDS = {"marllb_cli.deploy.local", "marllb_cli.deploy.ssh", "marllb_cli.deploy.kvm"}
-HEAVY = ("torch", "numba", "pyroute2", "paramiko", "matplotlib")
+HEAVY = ("torch", "numba", "pyroute2", "paramiko", "matplotlib", "ray")
 
 
 def module_name(path: Path) -> str:

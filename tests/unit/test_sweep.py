@@ -165,3 +165,27 @@ def test_a_bad_sweep_file_gets_one_line_naming_the_file_and_field(tmp_path, fiel
 def test_a_missing_sweep_file_is_one_line(tmp_path):
     result = marllb("sweep", tmp_path / "none.yaml", timeout=60)
     assert result.returncode == 2 and "no such file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_ray_backend_gives_the_cells_the_local_pool_gives(tmp_path):
+    """3 methods × 5 seeds on a real Ray (started by the sweep with 2 CPUs, stopped after it): every cell's
+    summary equals the local pool's, and no Ray process is left."""
+    pytest.importorskip("ray")
+    sweep = sweep_file(tmp_path, methods=["sed", "lsq", "wcmp"], seeds=[0, 1, 2, 3, 4], duration_s=10)
+    summaries = {}
+    for backend in ("local", "ray"):
+        out = tmp_path / backend
+        result = marllb("sweep", sweep, "--out", out, "--workers", 2, "--backend", backend)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "15 cells, 0 already done, 15 run, 0 failed" in result.stdout
+        summaries[backend] = {
+            path.name: json.loads((path / "summary.json").read_text()) for path in (out / "runs").iterdir()
+        }
+    assert summaries["local"].keys() == summaries["ray"].keys() and len(summaries["ray"]) == 15
+    for name, summary in summaries["local"].items():
+        assert summaries["ray"][name] == summary, name
+    left = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split()
+    assert left == [], "the sweep's Ray instance outlived it"
+
+    wrong = marllb("sweep", sweep, "--out", tmp_path / "x", "--address", "127.0.0.1:1", timeout=60)
+    assert wrong.returncode == 2 and "only with --backend ray" in wrong.stderr
