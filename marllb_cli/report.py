@@ -33,7 +33,7 @@ import pandas as pd
 
 from marllb_cli.errors import ConfigError, RunDirError
 from marllb_cli.runs import Run, load_run, recover_killed
-from marllb_cli.scenarios import label_scenarios, scenario_of
+from marllb_cli.scenarios import Scenario, label_scenarios, scenario_of
 from marllb_cli.stats import BOOTSTRAP_REPLICATES, Bootstrap, bootstrap
 
 __all__ = ["Report", "build_report", "find_runs", "scan_runs", "short_names", "write_report"]
@@ -51,6 +51,8 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     #: Each run's scenario label (in the order of `runs`).
     scenarios: list[str] = field(default_factory=list)
+    #: Label → scenario (none when pooled): what places a scenario in a load or rate sweep.
+    described: dict[str, Scenario] = field(default_factory=dict)
 
     def scenario_labels(self) -> list[str]:
         """The scenarios in the order their tables are shown."""
@@ -135,10 +137,11 @@ def build_report(
     warnings = [*(skipped or [])] + [
         f"{r.path}: incomplete run ({r.meta.get('failure') or 'did not finish'})" for r in runs if not r.complete
     ]
-    scenarios = _scenarios(runs)
+    described = _scenarios(runs)
+    scenarios = [label for label, _ in described]
     if pool and len(set(scenarios)) > 1:
         warnings.append(f"pooled {len(set(scenarios))} scenarios as asked: {'; '.join(sorted(set(scenarios)))}")
-        scenarios = ["pooled"] * len(runs)
+        scenarios, described = ["pooled"] * len(runs), []
     rows = []
     for scenario in sorted(set(scenarios)):
         members = [run for run, s in zip(runs, scenarios, strict=True) if s == scenario]
@@ -155,17 +158,17 @@ def build_report(
                 scenario_rows.append({"scenario": scenario, **row})
         _rank_and_compare(scenario_rows, baseline, boots)
         rows += scenario_rows
-    return Report(runs, baseline, rows, warnings, scenarios)
+    return Report(runs, baseline, rows, warnings, scenarios, dict(described))
 
 
-def _scenarios(runs: list[Run]) -> list[str]:
-    """Each run's scenario label, unique per scenario."""
+def _scenarios(runs: list[Run]) -> list[tuple[str, Scenario]]:
+    """Each run's scenario and its label, unique per scenario."""
     found = []
     for run in runs:
         config = run.path / "config.yaml"
         found.append(scenario_of(run.meta, config.read_text() if config.is_file() else None))
     labels = label_scenarios(found)
-    return [labels[s.key] for s in found]
+    return [(labels[s.key], s) for s in found]
 
 
 def _seed(*parts: str) -> int:
@@ -684,7 +687,46 @@ def _figures(report: Report, out: Path) -> list[Path]:
     ax.set(ylabel="share of requests", title="Requests per server")
     ax.legend()
     written.append(_save(fig, out / "flow_share.png"))
+    if (sweep := _level_sweep(report, out)) is not None:
+        written.append(sweep)
     return written
+
+
+def _level_sweep(report: Report, out: Path) -> Path | None:
+    """`jct_vs_load.png` (or rate, speed): mean JCT with its 95 % interval per method against the offered
+    level, for scenarios that differ only in it (the papers' rate sweeps); None when there are none."""
+    import matplotlib.pyplot as plt
+
+    families: dict[str, dict[float, str]] = {}
+    for label, scenario in report.described.items():
+        if scenario.level is not None:
+            families.setdefault(scenario.family, {})[scenario.level] = label
+    sweeps = [levels for levels in families.values() if len(levels) >= 2]
+    if not sweeps:
+        return None
+    level_name = report.described[next(iter(sweeps[0].values()))].level_name
+    rows = {(r["scenario"], r["method"]): r for r in report.rows if r["class"] == ALL}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for number, levels in enumerate(sweeps, 1):
+        for method in sorted({method for label, method in rows if label in levels.values()}):
+            xs, ys, below, above = [], [], [], []
+            for level in sorted(levels):
+                row = rows.get((levels[level], method))
+                if row is None or row["jct_mean_s"] is None:
+                    continue
+                mean = row["jct_mean_s"]
+                low, high = row["jct_mean_ci_s"] or (mean, mean)
+                xs.append(level)
+                ys.append(mean)
+                below.append(mean - low)
+                above.append(high - mean)
+            tag = method if len(sweeps) == 1 else f"{method} · sweep {number}"
+            ax.errorbar(xs, ys, yerr=[below, above], marker="o", capsize=3, label=tag)
+    ax.set(xlabel=f"offered {level_name}", ylabel="mean JCT (s)", yscale="log")
+    ax.set_title(f"JCT against offered {level_name} (95 % CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out / f"jct_vs_{level_name}.png")
 
 
 def _natural(name: str) -> tuple[str, int]:

@@ -28,10 +28,15 @@ __all__ = ["Scenario", "scenario_of", "label_scenarios"]
 
 @dataclass(frozen=True)
 class Scenario:
-    """A scenario: a digest of what defines it, and a readable label (unique among the runs reported)."""
+    """A scenario: a digest of what defines it, and a readable label (unique among the runs reported).
+    `family` digests the same but the offered traffic's level, which is `level` (`level_name`: load, rate or
+    speed): the scenarios of one family are the points of a load or rate sweep."""
 
     key: str
     label: str
+    family: str = ""
+    level: float | None = None
+    level_name: str = ""
 
 
 def scenario_of(meta: dict[str, Any], config_yaml: str | None) -> Scenario:
@@ -78,8 +83,33 @@ def scenario_of(meta: dict[str, Any], config_yaml: str | None) -> Scenario:
             words.append(f"load {load['target']:g}")
         elif meta.get("speed") is not None:
             words.append(f"speed {meta['speed']:.3g}")
-    digest = hashlib.sha256(json.dumps([shape, traffic], sort_keys=True, default=str).encode()).hexdigest()
-    return Scenario(key=digest[:16], label=" · ".join(words))
+    level_name, level = _level(traffic)
+    return Scenario(
+        key=_digest([shape, traffic]),
+        label=" · ".join(words),
+        family=_digest([shape, _without_level(traffic)]),
+        level=level,
+        level_name=level_name,
+    )
+
+
+def _level(traffic: dict[str, Any]) -> tuple[str, float | None]:
+    """Which level of offered traffic a scenario is at: its rate, else its load, else its speed."""
+    spec = traffic.get("sim", traffic)
+    for name in ("rate", "load", "speed"):
+        if spec.get(name) is not None:
+            return name, float(spec[name])
+    return "", None
+
+
+def _without_level(traffic: dict[str, Any]) -> dict[str, Any]:
+    if "sim" in traffic:
+        return {**traffic, "sim": {k: v for k, v in traffic["sim"].items() if k not in ("rate", "load")}}
+    return {k: v for k, v in traffic.items() if k not in ("load", "speed")}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def label_scenarios(scenarios: list[Scenario]) -> dict[str, str]:

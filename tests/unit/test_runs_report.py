@@ -145,6 +145,8 @@ def test_report_never_pools_scenarios_unless_asked(cli, tmp_path):
     assert "simmod · sim · load 0.7: 2 runs" in result.stdout and "simmod · sim · load 0.9: 2 runs" in result.stdout
     markdown = (tmp_path / "rep" / "report.md").read_text()
     assert "### simmod · sim · load 0.7 (2 runs)" in markdown and "### simmod · sim · load 0.9 (2 runs)" in markdown
+    assert (tmp_path / "rep" / "jct_vs_load.png").stat().st_size > 5000  # the two loads are one sweep
+    assert "![jct_vs_load](jct_vs_load.png)" in markdown
     assert cli("report", runs_dir, "--bootstrap", "-1", "--out", tmp_path / "rep").exit_code == 2
 
 
