@@ -54,6 +54,7 @@ bench: install system-deps
 	$(MARLLB) bench dataplane
 	$(MARLLB) bench replay
 	$(MARLLB) bench sim
+	$(MARLLB) bench sweep
 
 DEMO_CONFIG ?= configs/local-small.yaml
 DEMO_TRACE ?= traces/rate_200_steady_30s.tsv

@@ -204,6 +204,7 @@ def run_sweep(
                 shutil.rmtree(path)
         done -= {cell.key for cell in cells}
     todo = [cell for cell in cells if cell.key not in done]
+    index = Index(out)
     failed: dict[str, Path] = {}
     finished = len(cells) - len(todo)
     on_cell(finished, len(cells), "")
@@ -216,9 +217,10 @@ def run_sweep(
             finished += 1
             if error is not None:
                 failed[cell.key] = _record_failure(out, cell, error)
-            write_index(out)
+            index.add(runs / cell.name())
+            index.write()
             on_cell(finished, len(cells), f"{cell.method} s{cell.seed} {_axes_text(cell)}")
-    write_index(out)
+    index.write()
     return SweepResult(out, len(cells), len(cells) - len(todo), len(todo) - len(failed), failed)
 
 
@@ -289,34 +291,45 @@ def run_cell(config_path: str, cell: Cell, out: str) -> str:
     return str(final)
 
 
-def write_index(out: Path) -> Path:
-    """`index.parquet`: a row per done cell (axes, figures, directory), written beside and renamed over."""
-    import pandas as pd
+class Index:
+    """`index.parquet`: a row per done cell (axes, figures, directory). Read from the cells once, then a row
+    added per finished cell, and written beside and renamed over after each: a large sweep does not read
+    every cell again each time one ends."""
 
-    rows = []
-    for path in sorted((out / RUNS).glob("*/cell.json")):
-        cell = json.loads(path.read_text())
-        summary = cell["summary"]
-        rows.append(
-            {
-                "key": cell["key"],
-                "method": cell["method"],
-                "seed": cell["seed"],
-                **{f"set.{field}": str(value) for field, value in cell["axes"].items()},
-                "duration_s": summary.get("duration_s"),
-                "requests": summary.get("requests"),
-                "error_rate": summary.get("error_rate"),
-                "jct_mean_s": summary.get("jct_mean_s"),
-                "jct_p90_s": summary.get("jct_p90_s"),
-                "jct_p99_s": summary.get("jct_p99_s"),
-                "path": str(path.parent),
-            }
-        )
-    index = out / INDEX
-    partial = out / f".{INDEX}.{os.getpid()}"
-    pd.DataFrame(rows).to_parquet(partial, index=False)
-    os.replace(partial, index)
-    return index
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.rows = {path.parent.name: _index_row(path) for path in sorted((out / RUNS).glob("*/cell.json"))}
+
+    def add(self, run: Path) -> None:
+        if (run / "cell.json").is_file():
+            self.rows[run.name] = _index_row(run / "cell.json")
+
+    def write(self) -> Path:
+        import pandas as pd
+
+        index = self.out / INDEX
+        partial = self.out / f".{INDEX}.{os.getpid()}"
+        pd.DataFrame([self.rows[name] for name in sorted(self.rows)]).to_parquet(partial, index=False)
+        os.replace(partial, index)
+        return index
+
+
+def _index_row(path: Path) -> dict[str, Any]:
+    cell = json.loads(path.read_text())
+    summary = cell["summary"]
+    return {
+        "key": cell["key"],
+        "method": cell["method"],
+        "seed": cell["seed"],
+        **{f"set.{field}": str(value) for field, value in cell["axes"].items()},
+        "duration_s": summary.get("duration_s"),
+        "requests": summary.get("requests"),
+        "error_rate": summary.get("error_rate"),
+        "jct_mean_s": summary.get("jct_mean_s"),
+        "jct_p90_s": summary.get("jct_p90_s"),
+        "jct_p99_s": summary.get("jct_p99_s"),
+        "path": str(path.parent),
+    }
 
 
 def _worker_init() -> None:

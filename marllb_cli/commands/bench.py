@@ -1,4 +1,5 @@
-"""`marllb bench dataplane`: forwarding rate and decision cost (figures for docs/benchmarks.md)."""
+"""`marllb bench`: dataplane, replayer, simulator, policies, fidelity and sweep benchmarks (figures for
+docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -182,6 +183,46 @@ def policies(
         training = f"{r.train_episodes} ep, {r.train_wall_s / 60:.1f} min" if r.train_wall_s is not None else ""
         ratio = "" if r.mean_vs_sed is None else f"{r.mean_vs_sed:.3f}"
         table.add_row(r.name, f"{r.jct_mean_ms:.1f}", f"{r.jct_p99_ms:.0f}", ratio, training)
+    console.print(table)
+    err_console.print("record these figures with the command line in docs/benchmarks.md")
+
+
+@bench_app.command()
+@reports_errors
+def sweep(
+    config: ConfigArg = Path("configs/sim-moderate.yaml"),
+    cells: Annotated[int, typer.Option(help="Cells per sweep (the 4 heuristics × enough seeds).", min=4)] = 12,
+    cell_s: Annotated[float, typer.Option("--cell-s", help="Simulated seconds of a long cell.", min=1)] = 1200.0,
+    json_: JsonOption = False,
+) -> None:
+    """Cells per minute of `marllb sweep` with 1 and 2 local workers and on a Ray started for it, and each
+    backend's cost per cell (one-second cells). Every cell runs again (--force), workers' start included."""
+    import importlib.util
+
+    from marllb_cli.bench.sweep import sweep_benchmark
+
+    backends = ("local", "ray") if importlib.util.find_spec("ray") else ("local",)
+    if backends == ("local",):
+        err_console.print("ray is not installed: the local pool only (pip install 'marllb[ray]')")
+    err_console.print(f"sweeping {cells} cells of {cell_s:g} s and of 1 s on {config} with {', '.join(backends)} …")
+    rows = sweep_benchmark(config, cells, cell_s, backends)
+    if json_:
+        print(json.dumps([row.as_dict() for row in rows], indent=2))
+        return
+    table = Table(title=f"marllb sweep on {config}: {rows[0].cells} cells")
+    for column in ("backend", "workers", "cell (sim s)", "wall s", "cells / min", "wall s / cell", "× 1 worker"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    single = {row.cell_s: row.wall_s for row in rows if row.backend == "local" and row.workers == 1}
+    for row in rows:
+        table.add_row(
+            row.backend,
+            str(row.workers),
+            f"{row.cell_s:g}",
+            f"{row.wall_s:.1f}",
+            f"{row.cells_per_minute:.0f}",
+            f"{row.wall_per_cell_s:.2f}",
+            f"{single[row.cell_s] / row.wall_s:.2f}",
+        )
     console.print(table)
     err_console.print("record these figures with the command line in docs/benchmarks.md")
 
