@@ -189,3 +189,16 @@ def test_the_ray_backend_gives_the_cells_the_local_pool_gives(tmp_path):
 
     wrong = marllb("sweep", sweep, "--out", tmp_path / "x", "--address", "127.0.0.1:1", timeout=60)
     assert wrong.returncode == 2 and "only with --backend ray" in wrong.stderr
+
+
+def test_bench_sweep_times_every_backend_on_long_and_short_cells():
+    result = marllb("bench", "sweep", "--cells", 4, "--cell-s", 5, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout)
+    backends = [("local", 1), ("local", 2)] + ([("ray", 2)] if "ray is not installed" not in result.stderr else [])
+    assert [(r["backend"], r["workers"], r["cell_s"]) for r in rows] == [
+        (backend, workers, cell_s) for cell_s in (5.0, 1.0) for backend, workers in backends
+    ]
+    for row in rows:
+        assert row["cells"] == 4 and row["wall_s"] > 0
+        assert row["cells_per_minute"] == pytest.approx(60 * 4 / row["wall_s"])
