@@ -205,7 +205,37 @@ def _row(
     }
     for stat in RATIO_STATISTICS:
         row[f"{stat.removesuffix('_s')}_ci_s"] = boot.interval(stat)
+    row["busy_by_group"], row["busy_ratio"] = _busy(picked) if cls == ALL else ({}, None)
     return row, boot
+
+
+def _busy(runs: list[tuple[Run, pd.DataFrame]]) -> tuple[dict[str, float], float | None]:
+    """Mean busy workers per server group over the runs, and the ratio of the group with the most CPUs per
+    server to the one with the fewest (CIKM'22 Fig. 9: SED put 2.329 × the work on the more powerful group;
+    an even split of busy workers reads 1). The CPUs come from each run's config.yaml; None without them."""
+    frames = [run.servers() for run, _ in runs]
+    busy = pd.concat(frames, ignore_index=True).dropna(subset=["busy"]) if frames else pd.DataFrame()
+    if busy.empty:
+        return {}, None
+    by_group = {str(group): float(mean) for group, mean in busy.groupby("group")["busy"].mean().items()}
+    cpus = _group_cpus(runs[0][0])
+    known = sorted((cpus[group], group) for group in by_group if group in cpus)
+    if len(known) < 2 or known[0][0] == known[-1][0] or by_group[known[0][1]] == 0:
+        return by_group, None
+    return by_group, by_group[known[-1][1]] / by_group[known[0][1]]
+
+
+def _group_cpus(run: Run) -> dict[str, float]:
+    """Server group → CPUs per server, from the run's resolved config ({} when it has none)."""
+    import yaml
+
+    path = run.path / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        return {}
+    servers = ((config or {}).get("testbed") or {}).get("servers") or []
+    return {str(group["name"]): float(group["cpus"]) for group in servers if "name" in group and "cpus" in group}
 
 
 def _float(value: Any) -> float | None:
@@ -300,6 +330,7 @@ COLUMNS: dict[str, Any] = {
     "mean / baseline [95% CI]": lambda r: _ratio_ci(r["jct_mean_ratio"], r["jct_mean_ratio_ci"]),
     "p90 / baseline [95% CI]": lambda r: _ratio_ci(r["jct_p90_ratio"], r["jct_p90_ratio_ci"]),
     "p99 / baseline [95% CI]": lambda r: _ratio_ci(r["jct_p99_ratio"], r["jct_p99_ratio_ci"]),
+    "busy big/small": lambda r: _ratio(r["busy_ratio"]),
 }
 MARKDOWN_COLUMNS = (
     "rank",
@@ -318,6 +349,7 @@ MARKDOWN_COLUMNS = (
     "mean / baseline [95% CI]",
     "p90 / baseline [95% CI]",
     "p99 / baseline [95% CI]",
+    "busy big/small",
 )
 #: The terminal's narrower selection (fits 80 columns; report.md has the p90 and p99 ratios and every interval).
 TERMINAL_COLUMNS = (

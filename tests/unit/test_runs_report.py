@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from marllb_cli.report import build_report, find_runs, shown_rows, write_report
 from marllb_cli.runs import create_run_dir, empty_requests, load_run, summarize, write_json
@@ -259,3 +260,26 @@ def test_policies_get_short_names_that_still_tell_them_apart():
     assert names == {"sed": "sed", "ecmp": "ecmp", "rl:/runs/a/qmix": "rl:qmix", "rl:/runs/b/distr": "rl:distr"}
     same_leaf = short_names(["rl:/x/one/policy", "rl:/x/two/policy"])
     assert same_leaf == {"rl:/x/one/policy": "rl:one/policy", "rl:/x/two/policy": "rl:two/policy"}
+
+
+def test_busy_workers_ratio_is_the_big_group_over_the_small_one(tmp_path):
+    """CIKM'22 Fig. 9's figure: mean busy workers of the group with the most CPUs over the one with the fewest,
+    groups told apart by each run's config.yaml."""
+    run = _run(tmp_path / "runs", "sed", 0, np.full(100, 0.1))
+    busy = pd.DataFrame(
+        {
+            "t_s": [0.0, 0.25, 0.0, 0.25],
+            "server": ["srv0", "srv0", "srv1", "srv1"],
+            "group": ["small", "small", "large", "large"],
+            "busy": [1.0, 3.0, 4.0, 6.0],
+        }
+    )
+    busy.to_parquet(run / "servers.parquet", index=False)
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"testbed": {"servers": [{"name": "small", "cpus": 1}, {"name": "large", "cpus": 2}]}})
+    )
+    (row,) = [r for r in build_report(find_runs([run]), replicates=0).rows if r["class"] == "all"]
+    assert row["busy_by_group"] == {"large": 5.0, "small": 2.0} and row["busy_ratio"] == pytest.approx(2.5)
+    (run / "config.yaml").unlink()  # without the groups' CPUs there is no telling which is the big one
+    (row,) = [r for r in build_report(find_runs([run]), replicates=0).rows if r["class"] == "all"]
+    assert row["busy_ratio"] is None and row["busy_by_group"] == {"large": 5.0, "small": 2.0}
