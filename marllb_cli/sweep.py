@@ -55,6 +55,7 @@ from marllb_cli.errors import ConfigError, MissingTool, TestbedError
 __all__ = [
     "BACKENDS",
     "Cell",
+    "cell_states",
     "SweepFile",
     "SweepPlan",
     "SweepResult",
@@ -174,6 +175,14 @@ def plan_sweep(sweep_path: Path, extra: tuple[str, ...] = ()) -> SweepPlan:
     return SweepPlan(sweep_path, config_path, cells)
 
 
+def cell_states(plan: SweepPlan, out: Path) -> list[tuple[Cell, str]]:
+    """Each planned cell and its state in OUT: done (its run directory is in runs/), failed (its last try
+    left a log in failed/) or todo."""
+    done = {path.parent.name.split("-", 1)[0] for path in (out / RUNS).glob("*/cell.json")}
+    failed = {path.stem for path in (out / FAILED).glob("*.log")}
+    return [(cell, "done" if cell.key in done else "failed" if cell.key in failed else "todo") for cell in plan.cells]
+
+
 #: Where cells run: a pool of processes on this machine, or the tasks of a Ray cluster.
 BACKENDS = ("local", "ray")
 Outcomes = Iterator[tuple[Cell, BaseException | None]]
@@ -197,7 +206,7 @@ def run_sweep(
     runs = out / RUNS
     runs.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)  # what killed cells left; their workers died with them
-    done = {path.name.split("-", 1)[0] for path in runs.iterdir() if (path / "cell.json").is_file()}
+    done = {cell.key for cell, state in cell_states(plan, out) if state == "done"}
     if force:
         for cell in cells:
             for path in runs.glob(f"{cell.key}-*"):

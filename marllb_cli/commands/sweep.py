@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
-from marllb_cli.cli_support import SetOption, console, detail_progress, reports_errors
+from marllb_cli.cli_support import JsonOption, SetOption, console, detail_progress, reports_errors
+
+if TYPE_CHECKING:
+    from marllb_cli.sweep import SweepPlan
 
 
 @reports_errors
@@ -31,7 +34,11 @@ def sweep_command(
             "--address", help="--backend ray: the cluster (host:port or auto); default: start one here for the sweep."
         ),
     ] = None,
+    status: Annotated[
+        bool, typer.Option("--status", help="Print each cell's state (done, failed, todo) and run nothing.")
+    ] = False,
     set_: SetOption = None,
+    json_: JsonOption = False,
 ) -> None:
     """Run a sweep file's grid of simulator runs: every combination of its `set` fields' values, methods and seeds,
     on a local process pool or a Ray cluster (--backend ray, the `ray` extra).
@@ -51,6 +58,9 @@ def sweep_command(
         raise ConfigError("--address: only with --backend ray", hint="add --backend ray, or drop --address")
     plan = plan_sweep(sweep, tuple(set_ or ()))  # a bad sweep file fails here, before the bar or any file
     target = out if out is not None else Path("runs") / "sweeps" / sweep.stem
+    if status:
+        _print_status(plan, target, json_)
+        return
     with detail_progress(f"sweep {sweep.name}") as progress:
         task = progress.add_task("cells", total=len(plan.cells), detail="")
 
@@ -74,3 +84,31 @@ def sweep_command(
         for key, log in result.failed.items():
             console.print(f"failed cell {key}: see {log}")
         raise typer.Exit(1)
+
+
+def _print_status(plan: SweepPlan, out: Path, json_: bool) -> None:
+    """The cells of `plan` and their state in `out`, as a table (or JSON), with the counts."""
+    import json
+    from collections import Counter
+
+    from rich.table import Table
+
+    from marllb_cli.sweep import cell_states
+
+    states = cell_states(plan, out)
+    if json_:
+        cells = [
+            {"key": c.key, "method": c.method, "seed": c.seed, "axes": dict(c.axes), "state": s} for c, s in states
+        ]
+        print(json.dumps({"out": str(out), "cells": cells}, indent=2, default=str))
+        return
+    table = Table(title=f"{plan.path}: {len(states)} cells in {out}")
+    fields = [field for field, _ in plan.cells[0].axes] if plan.cells else []
+    for column in ("key", "method", "seed", *fields, "state"):
+        table.add_column(column)
+    for cell, state in states:
+        values = [str(value) for _, value in cell.axes]
+        table.add_row(cell.key, escape(cell.method), str(cell.seed), *values, state)
+    console.print(table)
+    counts = Counter(state for _, state in states)
+    console.print(", ".join(f"{counts[state]} {state}" for state in ("done", "failed", "todo")))

@@ -134,6 +134,12 @@ def test_a_failed_cell_is_logged_the_others_finish_and_it_is_tried_again(tmp_pat
     assert f"see {log}" in first.stdout.replace("\n", "") and "bad.tsv" in log.read_text()
     assert len(pd.read_parquet(out / "index.parquet")) == 1
 
+    status = marllb("sweep", sweep, "--out", out, "--status", "--json")
+    assert status.returncode == 0, status.stderr
+    cells = json.loads(status.stdout)["cells"]
+    states = {Path(cell["axes"]["sim.traffic.trace"]).name: cell["state"] for cell in cells}
+    assert states == {"good.tsv": "done", "bad.tsv": "failed"}
+
     again = marllb("sweep", sweep, "--out", out)
     assert again.returncode == 1 and "2 cells, 1 already done, 0 run, 1 failed" in again.stdout
 
