@@ -258,9 +258,13 @@ def _on_ray(todo: list[Cell], config: Path, out: Path, workers: int, address: st
     started_here = address is None
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
     try:
-        ray.init(address=address, num_cpus=workers if started_here else None, **options)
+        if started_here:  # "local": a new instance, even where a `ray start` cluster or RAY_ADDRESS exists
+            ray.init(address="local", num_cpus=workers, **options)
+        else:
+            ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise TestbedError(f"--address {address}: cannot join the Ray cluster ({exc})") from None
+        where = "start a local Ray" if started_here else f"join the Ray cluster at {address}"
+        raise TestbedError(f"--backend ray: cannot {where} ({exc})") from None
     try:
         task = ray.remote(num_cpus=1)(_ray_cell)
         running = {task.remote(str(config), cell, str(out.resolve())): cell for cell in todo}
