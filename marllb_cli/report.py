@@ -58,6 +58,10 @@ class Report:
         """The scenarios in the order their tables are shown."""
         return list(dict.fromkeys(row["scenario"] for row in self.rows))
 
+    def runs_in(self, label: str) -> int:
+        """How many runs scenario `label` has."""
+        return self.scenarios.count(label)
+
     def as_json(self) -> dict[str, Any]:
         return {
             "baseline": self.baseline,
@@ -139,6 +143,7 @@ def build_report(
     ]
     described = _scenarios(runs)
     scenarios = [label for label, _ in described]
+    group_cpus = {run.path: scenario.group_cpus for run, (_, scenario) in zip(runs, described, strict=True)}
     if pool and len(set(scenarios)) > 1:
         warnings.append(f"pooled {len(set(scenarios))} scenarios as asked: {'; '.join(sorted(set(scenarios)))}")
         scenarios, described = ["pooled"] * len(runs), []
@@ -154,7 +159,8 @@ def build_report(
             frames = [(r, r.requests()) for r in members if r.method == method]
             classes = sorted({c for _, f in frames for c in f["class"].dropna().unique()})
             for cls in [ALL, *classes]:
-                row, boots[(method, cls)] = _row(method, cls, frames, replicates, seed=_seed(scenario, method, cls))
+                seed = _seed(scenario, method, cls)
+                row, boots[(method, cls)] = _row(method, cls, frames, group_cpus[frames[0][0].path], replicates, seed)
                 scenario_rows.append({"scenario": scenario, **row})
         _rank_and_compare(scenario_rows, baseline, boots)
         rows += scenario_rows
@@ -177,7 +183,12 @@ def _seed(*parts: str) -> int:
 
 
 def _row(
-    method: str, cls: str, runs: list[tuple[Run, pd.DataFrame]], replicates: int, seed: int
+    method: str,
+    cls: str,
+    runs: list[tuple[Run, pd.DataFrame]],
+    group_cpus: dict[str, float],
+    replicates: int,
+    seed: int,
 ) -> tuple[dict[str, Any], Bootstrap]:
     picked = [(run, f if cls == ALL else f[f["class"] == cls]) for run, f in runs]
     pooled = pd.concat([f for _, f in picked], ignore_index=True)
@@ -205,37 +216,23 @@ def _row(
     }
     for stat in RATIO_STATISTICS:
         row[f"{stat.removesuffix('_s')}_ci_s"] = boot.interval(stat)
-    row["busy_by_group"], row["busy_ratio"] = _busy(picked) if cls == ALL else ({}, None)
+    row["busy_by_group"], row["busy_ratio"] = _busy(picked, group_cpus) if cls == ALL else ({}, None)
     return row, boot
 
 
-def _busy(runs: list[tuple[Run, pd.DataFrame]]) -> tuple[dict[str, float], float | None]:
+def _busy(runs: list[tuple[Run, pd.DataFrame]], cpus: dict[str, float]) -> tuple[dict[str, float], float | None]:
     """Mean busy workers per server group over the runs, and the ratio of the group with the most CPUs per
     server to the one with the fewest (CIKM'22 Fig. 9: SED put 2.329 × the work on the more powerful group;
-    an even split of busy workers reads 1). The CPUs come from each run's config.yaml; None without them."""
+    an even split of busy workers reads 1). `cpus`: the groups' CPUs (the scenario's); None without them."""
     frames = [run.servers() for run, _ in runs]
     busy = pd.concat(frames, ignore_index=True).dropna(subset=["busy"]) if frames else pd.DataFrame()
     if busy.empty:
         return {}, None
     by_group = {str(group): float(mean) for group, mean in busy.groupby("group")["busy"].mean().items()}
-    cpus = _group_cpus(runs[0][0])
     known = sorted((cpus[group], group) for group in by_group if group in cpus)
     if len(known) < 2 or known[0][0] == known[-1][0] or by_group[known[0][1]] == 0:
         return by_group, None
     return by_group, by_group[known[-1][1]] / by_group[known[0][1]]
-
-
-def _group_cpus(run: Run) -> dict[str, float]:
-    """Server group → CPUs per server, from the run's resolved config ({} when it has none)."""
-    import yaml
-
-    path = run.path / "config.yaml"
-    try:
-        config = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError:
-        return {}
-    servers = ((config or {}).get("testbed") or {}).get("servers") or []
-    return {str(group["name"]): float(group["cpus"]) for group in servers if "name" in group and "cpus" in group}
 
 
 def _float(value: Any) -> float | None:
@@ -628,14 +625,14 @@ def write_report(
             "",
         ]
     labels = report.scenario_labels()
+    shown = shown_rows(report.rows)
     for label in labels:
         if len(labels) > 1:
-            runs = sum(1 for scenario in report.scenarios if scenario == label)
-            lines += [f"### {_markdown_cell(label)} ({runs} runs)", ""]
+            lines += [f"### {_markdown_cell(label)} ({report.runs_in(label)} runs)", ""]
         lines += ["| " + " | ".join(MARKDOWN_COLUMNS) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
         lines += [
             "| " + " | ".join(map(_markdown_cell, table_cells(row, MARKDOWN_COLUMNS))) + " |"
-            for row in shown_rows(report.rows)
+            for row in shown
             if row["scenario"] == label
         ]
         lines += [""]

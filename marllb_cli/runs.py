@@ -319,6 +319,7 @@ class Run:
         self.method: str = method
         self.complete: bool = bool(self.meta.get("complete"))
         self._requests: pd.DataFrame | None = None
+        self._servers: pd.DataFrame | None = None
 
     def requests(self) -> pd.DataFrame:
         """requests.parquet with every column of `REQUEST_COLUMNS` in its type, or a `RunDirError`; read once
@@ -339,8 +340,12 @@ class Run:
             raise RunDirError(f"{path}: a column has the wrong type ({exc})", hint=_REWRITE) from None
 
     def servers(self) -> pd.DataFrame:
-        path = self.path / "servers.parquet"
-        return _read_parquet(path) if path.exists() else pd.DataFrame(columns=["t_s", "server", "group", "busy"])
+        """servers.parquet (empty without one), read once: the report's table and its figures both use it."""
+        if self._servers is None:
+            path = self.path / "servers.parquet"
+            empty = pd.DataFrame(columns=["t_s", "server", "group", "busy"])
+            self._servers = _read_parquet(path) if path.exists() else empty
+        return self._servers
 
     def agents(self) -> pd.DataFrame:
         frames = [_read_parquet(p) for p in sorted((self.path / "agents").glob("lb*.parquet"))]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
@@ -37,6 +37,8 @@ class Scenario:
     family: str = ""
     level: float | None = None
     level_name: str = ""
+    #: Server group → CPUs per server (what tells the big group from the small one).
+    group_cpus: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 def scenario_of(meta: dict[str, Any], config_yaml: str | None) -> Scenario:
@@ -90,6 +92,11 @@ def scenario_of(meta: dict[str, Any], config_yaml: str | None) -> Scenario:
         family=_digest([shape, _without_level(traffic)]),
         level=level,
         level_name=level_name,
+        group_cpus={
+            str(group["name"]): float(group["cpus"])
+            for group in testbed.get("servers") or []
+            if "name" in group and "cpus" in group
+        },
     )
 
 

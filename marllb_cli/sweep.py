@@ -56,6 +56,7 @@ __all__ = [
     "BACKENDS",
     "Cell",
     "cell_states",
+    "check_backend",
     "SweepFile",
     "SweepPlan",
     "SweepResult",
@@ -188,6 +189,14 @@ BACKENDS = ("local", "ray")
 Outcomes = Iterator[tuple[Cell, BaseException | None]]
 
 
+def check_backend(backend: str, address: str | None) -> None:
+    """Refuse a backend that is not one, or an address without Ray (`ConfigError`)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend}: not a backend", hint=f"choose one of {', '.join(BACKENDS)}")
+    if address is not None and backend != "ray":
+        raise ConfigError("--address: only with --backend ray", hint="add --backend ray, or drop --address")
+
+
 def run_sweep(
     plan: SweepPlan,
     out: Path,
@@ -200,8 +209,7 @@ def run_sweep(
 ) -> SweepResult:
     """Run the planned cells that are not done (all with `force`): on `workers` local processes, or as Ray tasks
     (`address`: a running cluster's, or None to start one of `workers` CPUs here for the sweep)."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend}: not a backend", hint=f"choose one of {', '.join(BACKENDS)}")
+    check_backend(backend, address)
     cells = plan.cells
     runs = out / RUNS
     runs.mkdir(parents=True, exist_ok=True)
@@ -266,7 +274,7 @@ def _on_ray(todo: list[Cell], config: Path, out: Path, workers: int, address: st
         where = "start a local Ray" if started_here else f"join the Ray cluster at {address}"
         raise TestbedError(f"--backend ray: cannot {where} ({exc})") from None
     try:
-        task = ray.remote(num_cpus=1)(_ray_cell)
+        task = ray.remote(num_cpus=1)(run_cell)
         running = {task.remote(str(config), cell, str(out.resolve())): cell for cell in todo}
         while running:
             complete, _ = ray.wait(list(running), num_returns=1)
@@ -280,11 +288,6 @@ def _on_ray(todo: list[Cell], config: Path, out: Path, workers: int, address: st
                 yield cell, error
     finally:
         ray.shutdown()  # a cluster started here stops with it
-
-
-def _ray_cell(config_path: str, cell: Cell, out: str) -> str:
-    """A Ray task: `run_cell` in a Ray worker process."""
-    return run_cell(config_path, cell, out)
 
 
 def run_cell(config_path: str, cell: Cell, out: str) -> str:

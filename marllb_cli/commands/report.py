@@ -79,9 +79,9 @@ def report_command(
     shown = shown_rows(report.rows)
     names = short_names([row["method"] for row in shown])
     labels = report.scenario_labels()
+    ratios = f", ratios to {report.baseline}" if report.baseline else ""
     for label in labels:
-        runs_in = sum(1 for scenario in report.scenarios if scenario == label)
-        title = f"{runs_in} runs, JCT in ms" + (f", ratios to {report.baseline}" if report.baseline else "")
+        title = f"{report.runs_in(label)} runs, JCT in ms{ratios}"
         if len(labels) > 1:
             title = f"{label}: {title}"
         table = Table(title=escape(title), box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)

@@ -49,13 +49,9 @@ def sweep_command(
     holds a row per done cell; `marllb report OUT/runs` compares the methods per scenario with confidence
     intervals. --set overrides apply to every cell.
     """
-    from marllb_cli.errors import ConfigError
-    from marllb_cli.sweep import BACKENDS, plan_sweep, run_sweep
+    from marllb_cli.sweep import check_backend, plan_sweep, run_sweep
 
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend}: not a backend", hint=f"choose one of {', '.join(BACKENDS)}")
-    if address is not None and backend != "ray":
-        raise ConfigError("--address: only with --backend ray", hint="add --backend ray, or drop --address")
+    check_backend(backend, address)  # before the progress bar, as a bad sweep file
     plan = plan_sweep(sweep, tuple(set_ or ()))  # a bad sweep file fails here, before the bar or any file
     target = out if out is not None else Path("runs") / "sweeps" / sweep.stem
     if status:
