@@ -224,7 +224,11 @@ def agent_process(host: LocalNamespace) -> int:
 
 
 def replay_on_client_host(hosts) -> Path:
-    """A 10 s Poisson trace with CPU, static and wiki requests, replayed with SED; the run directory."""
+    """A 10 s Poisson trace with CPU, static and wiki requests, replayed with ECMP; the run directory.
+
+    ECMP, not SED: at 6 requests/s most requests find no flow open, and SED then sends every one to the 2-unit
+    server (srv1); whether srv0 sees any depends on overlaps. ECMP spreads the ≈ 60 requests over both servers
+    (all on one: p ≈ 2⁻⁵⁹), so the test can ask that both servers' requests come back."""
     trace, runs = hosts["tmp"] / "poisson.parquet", hosts["tmp"] / "runs"
     made = subprocess.run(
         [MARLLB, "trace", "gen", "poisson", "--rate", "6", "--duration", "10", "--work-mean", "200000"]
@@ -234,7 +238,7 @@ def replay_on_client_host(hosts) -> Path:
     )
     assert made.returncode == 0, made.stderr
     replayed = marllb(
-        hosts, "replay-trace", str(hosts["config"]), "--trace", str(trace), "--method", "sed", "--runs-dir", str(runs)
+        hosts, "replay-trace", str(hosts["config"]), "--trace", str(trace), "--method", "ecmp", "--runs-dir", str(runs)
     )
     assert replayed.returncode == 0, replayed.stderr[-2000:]
     return next(runs.iterdir())
