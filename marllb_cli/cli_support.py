@@ -22,16 +22,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from marllb_cli.config import Config, load_config
 from marllb_cli.errors import MarllbError, Terminated
+from marllb_cli.events import Event, check_targets, parse_event_option
 from marllb_cli.processes import become_subreaper
 
 __all__ = [
     "ConfigArg",
+    "EventOption",
     "JsonOption",
     "SetOption",
     "console",
     "detail_progress",
     "err_console",
     "load",
+    "load_events",
     "reports_errors",
 ]
 
@@ -54,12 +57,36 @@ SetOption = Annotated[
         help="Override a config field: dotted.key=value (repeatable), e.g. testbed.name=tb2.",
     ),
 ]
+EventOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--event",
+        "-e",
+        metavar="KEY=VALUE,...",
+        help="A timed event besides the config's experiment.events (repeatable), e.g. "
+        "at=30,server=srv2,capacity=0.5; at=20,lb=lb1,state=down; at=10,agent=lb0,state=down.",
+    ),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 
 
 def load(config: Path, overrides: list[str] | None) -> Config:
     """The config of a command: the file plus its `--set` overrides."""
     return load_config(config, overrides or ())
+
+
+def load_events(config: Config, options: list[str] | None) -> list[Event]:
+    """The `--event` options as events of this config's testbed (a `ConfigError` naming the option)."""
+    from marllb_cli.errors import ConfigError
+
+    events = [parse_event_option(text) for text in options or ()]
+    servers = [f"srv{i}" for i in range(config.testbed.n_servers)]
+    lbs = [f"lb{i}" for i in range(config.testbed.lbs)]
+    try:
+        check_targets([*config.experiment.events, *events], servers, lbs)
+    except ValueError as exc:
+        raise ConfigError(f"--event: {exc}", hint="name a server srv0.. or an LB lb0.. of this config") from None
+    return events
 
 
 _COMMAND_PID: int | None = None

@@ -21,12 +21,13 @@ import difflib
 import ipaddress
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from marllb_cli.errors import ConfigError
+from marllb_cli.events import CapacityDrift, Event, check_targets
 
 __all__ = [
     "ApacheSettings",
@@ -328,6 +329,17 @@ class CoordinatorSettings(_Strict):
     )
 
 
+def _event_shape(value: Any) -> str:
+    """A drift (it has a `drift` key) or a timed event, so a bad item is described by its own model."""
+    return "drift" if isinstance(value, dict) and "drift" in value else "event"
+
+
+#: One item of `experiment.events`.
+EventItem = Annotated[
+    Annotated[Event, Tag("event")] | Annotated[CapacityDrift, Tag("drift")], Discriminator(_event_shape)
+]
+
+
 class Experiment(_Strict):
     """How a run behaves, independent of where it runs."""
 
@@ -335,6 +347,11 @@ class Experiment(_Strict):
     seed: int = Field(0, ge=0, description="Seed of every random draw of a run.")
     coordinator: CoordinatorSettings = Field(
         default_factory=CoordinatorSettings, description="The QMIX/Centr-LB coordinator of testbed training."
+    )
+    events: list[EventItem] = Field(
+        default_factory=list,
+        description="Timed events (a server slows or stops, an LB or agent dies, a link is shaped) and random "
+        "processes (capacity drift), applied at their times on the testbed and in the simulator.",
     )
 
 
@@ -410,6 +427,15 @@ class Config(_Strict):
     experiment: Experiment = Field(default_factory=Experiment)
     sim: Sim = Field(default_factory=Sim)
     source: Path | None = Field(None, exclude=True, description="The file this config was loaded from.")
+
+    @model_validator(mode="after")
+    def _events_name_real_parts(self) -> Config:
+        servers = [f"srv{i}" for i in range(self.testbed.n_servers)]
+        try:
+            check_targets(self.experiment.events, servers, [f"lb{i}" for i in range(self.testbed.lbs)])
+        except ValueError as exc:
+            raise ValueError(f"experiment.{exc}") from None
+        return self
 
     def resolved_yaml(self) -> str:
         """The fully resolved config (defaults filled in), as written into run directories."""
@@ -512,7 +538,7 @@ def _describe(exc: ValidationError, path: Path, root: yaml.Node | None, set_keys
     # A misspelt key also makes its real name "missing": report the unknown key first, it is the cause.
     errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
     error = errors[0]
-    loc = tuple(error["loc"])
+    loc = _untagged(tuple(error["loc"]))
     field = _dotted(loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
@@ -529,6 +555,16 @@ def _describe(exc: ValidationError, path: Path, root: yaml.Node | None, set_keys
     line = _line_of(root, loc)
     where = f"{path}:{line}" if line else str(path)
     return f"{where}: {field or '(top level)'}: {message}{more}"
+
+
+def _untagged(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The location without the union tag pydantic inserts after a list index (`events[0].event.at` is
+    `events[0].at` in the file)."""
+    return tuple(
+        part
+        for i, part in enumerate(loc)
+        if not (part in ("event", "drift") and i >= 2 and isinstance(loc[i - 1], int) and loc[i - 2] == "events")
+    )
 
 
 def _dotted_key(key: str) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from marllb_cli.agents.methods import SIM_METHODS
-from marllb_cli.cli_support import ConfigArg, SetOption, console, load, reports_errors
+from marllb_cli.cli_support import ConfigArg, EventOption, SetOption, console, load, load_events, reports_errors
 
 
 @reports_errors
@@ -21,18 +21,22 @@ def simulate_command(
     seed: Annotated[int | None, typer.Option(help="Seed (default: experiment.seed); same seed, same requests.")] = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the run directory is created.")] = Path("runs"),
     set_: SetOption = None,
+    event: EventOption = None,
 ) -> None:
     """Simulate the config's LBs and servers under sim.traffic with METHOD; write a run directory.
 
     The LBs use the dataplane's own flow table, selection and features; agents step every
     experiment.agent_period_ms of simulated time. oracle-srt and oracle-gsq see the servers' true state.
+    Timed events (experiment.events, --event) apply at the first agent step at or after their time and are
+    recorded in events.parquet.
     """
     from marllb_cli.sim.run import simulate_to_run_dir
 
     cfg = load(config, set_)
+    events = load_events(cfg, event)
     with console.status(f"simulating {method}") as status:
         outcome = simulate_to_run_dir(
-            cfg, method, runs_dir=runs_dir, seed=seed, duration_s=duration, progress=status.update
+            cfg, method, runs_dir=runs_dir, seed=seed, duration_s=duration, events=events, progress=status.update
         )
     s = outcome.summary
     jct = (
@@ -41,7 +45,7 @@ def simulate_command(
         else "no request completed"
     )
     console.print(
-        f"{method}: {s['requests']:,} requests, {s['errors']:,} rejected, {jct} "
+        f"{method}: {s['requests']:,} requests, {s['errors']:,} failed, {jct} "
         f"({outcome.wall_s:.1f} s wall, {outcome.jobs_per_wall_s:,.0f} requests/s)"
     )
     console.print(f"run directory: {outcome.path}")

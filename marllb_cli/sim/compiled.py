@@ -12,7 +12,7 @@ queueing-theory validation run on them, and `tests/unit/test_sim_compiled.py` ch
 the same decision for every request and shows the agents the same observations at every step. It follows
 them line by line, in particular:
 
-    engine      per-server virtual time V with dV/dt = min(job_cap, speed × cpus/k); a job admitted at V₀ with
+    engine      per-server virtual time V with dV/dt = `ServerModel.rate(k)`; a job admitted at V₀ with
                 work w finishes when V = V₀ + w; ties between jobs by job number, between servers by
                 server number, an IO end before a completion at the same instant; events before an
                 arrival at the same instant; the next agent step before both
@@ -116,6 +116,7 @@ class _State(NamedTuple):
     cpus: np.ndarray  # f8[n]
     speed: np.ndarray  # f8[n]
     job_cap: np.ndarray  # f8[n]: the most one job gets
+    hog: np.ndarray  # f8[n]: share of the CPU a neighbour process wants (timed events)
     max_workers: np.ndarray  # i8[n]
     backlog: np.ndarray  # i8[n]
     io_speed: np.ndarray  # f8[n]
@@ -318,7 +319,22 @@ def _advance(st, s, now):
 @_jit
 def _rerate(st, s):
     k = st.n_active[s]
-    st.rate[s] = min(st.job_cap[s], st.speed[s] * st.cpus[s] / k) if k > 0 else 0.0
+    if k == 0:
+        st.rate[s] = 0.0
+        return
+    share = st.speed[s] * st.cpus[s]  # as ServerModel.rate: the hog is one more task in processor sharing
+    st.rate[s] = min(st.job_cap[s], (share - min(st.hog[s] * share, share / (k + 1))) / k)
+
+
+@_jit
+def _drop_waiting(st, s, now):
+    """Reset every job in server s's backlog (its listener closed): each ends as rejected."""
+    ring = st.wait_job.shape[1]
+    dropped = st.wait_len[s]
+    for i in range(dropped):
+        _close_flow(st, st.wait_job[s, (st.wait_head[s] + i) % ring], now, False)
+    st.wait_len[s] = 0
+    return dropped
 
 
 @_jit
@@ -595,6 +611,7 @@ class CompiledSim:
             cpus=np.array([m.cpus for m in servers], dtype=np.float64),
             speed=np.array([m.speed for m in servers], dtype=np.float64),
             job_cap=np.array([m.job_cap for m in servers], dtype=np.float64),
+            hog=np.array([m.hog for m in servers], dtype=np.float64),
             max_workers=np.array([m.max_workers for m in servers], dtype=np.int64),
             backlog=np.array([m.backlog for m in servers], dtype=np.int64),
             io_speed=np.array([m.io_speed for m in servers], dtype=np.float64),
@@ -649,6 +666,32 @@ class CompiledSim:
             self.on_tick(self.next_tick)
             self.next_tick += self.tick_period
         _run(self._st, until, True)
+
+    def retune(self, index: int, model: ServerModel, now: float) -> None:
+        """Server `index` runs as `model` from `now` on, as `Engine.retune`."""
+        st = self._st
+        _advance(st, index, now)
+        st.cpus[index], st.speed[index], st.job_cap[index], st.hog[index] = (
+            model.cpus,
+            model.speed,
+            model.job_cap,
+            model.hog,
+        )
+        st.max_workers[index], st.backlog[index] = int(model.max_workers), int(model.backlog)
+        self.servers[index].model = model
+        _rerate(st, index)
+        _reschedule(st, index)
+
+    def drop_waiting(self, index: int, now: float) -> int:
+        """Reset the jobs in server `index`'s backlog, as `Engine.drop_waiting`; returns how many."""
+        return int(_drop_waiting(self._st, index, now))
+
+    def route(self, live: Sequence[int]) -> None:
+        """From the next arrival on, the edge router hashes flows over the LBs `live` only (an LB left or
+        rejoined its route): job j goes to live[hash_j mod len(live)], as `LbLayer.dispatch`."""
+        st = self._st
+        first = int(st.cursor[0])
+        st.lb_of[first:] = np.asarray(live, dtype=np.int64)[st.hash[first:] % len(live)]
 
     def result(self) -> Result:
         st = self._st

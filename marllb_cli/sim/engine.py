@@ -11,6 +11,8 @@ One server model covers everything we need, by its three limits:
     backlog      waiting room (Apache: 128); a job arriving to a full backlog is rejected (a failed request)
     io_speed     IO-seconds the server's IO device completes per second, one IO phase at a time in arrival
                  order (a FIFO disk); infinite (the default): IO phases never wait for each other, a pure delay
+    hog          a neighbour process that wants this share of the server's CPU (a timed event, `events.py`):
+                 one more task in processor sharing, so beside k jobs it takes min(hog, 1/(k+1)) of it
 
 so M/M/1 FCFS is (cpus 1, workers 1, backlog ∞), M/M/c is (c, c, ∞), an egalitarian PS server is
 (1, ∞, ∞), and an Apache server is (cpus, 32, 128).
@@ -49,10 +51,19 @@ class ServerModel:
     backlog: float = APACHE_BACKLOG
     io_speed: float = INF
     job_rate: float | None = None  # the most one job gets; None: speed (one core)
+    hog: float = 0.0  # share of the CPU a neighbour process wants (timed events)
 
     @property
     def job_cap(self) -> float:
         return self.speed if self.job_rate is None else self.job_rate
+
+    def rate(self, k: int) -> float:
+        """Service rate of each of `k` computing jobs: an equal share of speed × cpus, less what the hog
+        takes as one more task, and at most `job_cap`."""
+        if k <= 0:
+            return 0.0
+        share = self.speed * self.cpus
+        return min(self.job_cap, (share - min(self.hog * share, share / (k + 1))) / k)
 
 
 @dataclass
@@ -101,8 +112,7 @@ class ServerState:
         return len(self.active) + self.in_io + len(self.waiting)
 
     def rerate(self) -> None:
-        k = len(self.active)
-        self.r = min(self.model.job_cap, self.model.speed * self.model.cpus / k) if k else 0.0
+        self.r = self.model.rate(len(self.active))
 
     def advance(self, now: float) -> None:
         if self.active:
@@ -167,6 +177,33 @@ class Engine:
         """Whether a completion or an IO end is still to come."""
         return bool(self._events)
 
+    def retune(self, index: int, model: ServerModel, now: float) -> None:
+        """Server `index` runs as `model` from `now` on (a timed event): its jobs so far were served at the
+        old rate, the rest at the new one. A model with no workers and no backlog refuses every arrival."""
+        s = self.states[index]
+        s.advance(now)
+        s.model = model
+        s.rerate()
+        self._reschedule(index, s)
+
+    def drop_waiting(self, index: int, now: float) -> list[int]:
+        """Reset the jobs waiting in server `index`'s backlog (its listener closed); they end as rejected
+        (`on_finish(..., False)`). The jobs it is serving go on. Returns the jobs dropped."""
+        s = self.states[index]
+        dropped = list(s.waiting)
+        s.waiting.clear()
+        s.waiting_work.clear()
+        if self.on_finish is not None:
+            for job in dropped:
+                self.on_finish(job, index, now, False)
+        return dropped
+
+    def _reschedule(self, index: int, s: ServerState) -> None:
+        s.version += 1
+        t = s.next_completion()
+        if t < INF:
+            heapq.heappush(self._events, (t, index, s.version))
+
     def run(self, until: float = INF) -> None:
         """Process every tick, completion and arrival at or before `until`, in time order (ticks first)."""
         state, events, works, ios = self.states, self._events, self._works, self._ios
@@ -192,11 +229,7 @@ class Engine:
             s.rerate()
             return True
 
-        def reschedule(index: int, s: ServerState) -> None:
-            s.version += 1
-            t = s.next_completion()
-            if t < INF:
-                push(events, (t, index, s.version))
+        reschedule = self._reschedule
 
         while True:
             t_arrival = arrivals[next_job] if next_job < n else INF

@@ -33,7 +33,8 @@ from marllb_cli.agents.rl.levels import level_weights
 from marllb_cli.config import Config
 from marllb_cli.features import N_FEATURES
 from marllb_cli.rewards import REWARDS
-from marllb_cli.sim.run import build_simulation, server_models
+from marllb_cli.sim.events import attach_events
+from marllb_cli.sim.run import build_simulation, run_events, server_models
 from marllb_cli.sim.traffic import traffic
 
 __all__ = ["LoadBalancingEnv", "WEIGHT_LEVELS"]
@@ -102,6 +103,9 @@ class LoadBalancingEnv(ParallelEnv):
             config = config.model_copy(update={"sim": sim})
         load = traffic(config, seed=episode_seed, duration_s=self.episode_s)
         self.engine, self.lbs = build_simulation(config, "sed", load, self.models, self.cpus, seed=episode_seed)
+        # The scenario's timed events, its drifts drawn anew for each episode (the episode's seed).
+        events = run_events(config, seed=episode_seed, duration_s=self.episode_s)
+        attach_events(events, self.engine, self.lbs, self.models)
         self.now = 0.0
         self.agents = list(self.possible_agents)
         return self._observations(), {agent: {} for agent in self.agents}

@@ -148,11 +148,15 @@ class LbLayer:
         self.busy: list[tuple[float, int, int]] = []  # (t, server, jobs holding a worker)
         self._step = 0
         self._next_expire = 1.0
+        self.live = list(range(n_lbs))  # the LBs in the router's route (timed events take them out)
+        self.agents_down: set[int] = set()  # killed agents: their tables keep the last weights
+        self.on_step: Callable[[float], None] | None = None  # timed events, before each step's housekeeping
 
     # -- engine callbacks -------------------------------------------------------------------------------
     def dispatch(self, job: int, now: float) -> int:
         key = job_key(job)
-        lb = zlib.crc32(key) % self.n_lbs  # the edge router's per-flow ECMP hash
+        live = self.live
+        lb = live[zlib.crc32(key) % len(live)]  # the edge router's per-flow ECMP hash over the LBs up
         self.lb_of.append(lb)
         if self.oracle:
             return self._oracle(job, now)
@@ -184,11 +188,20 @@ class LbLayer:
         observations = self.observe_all(now)
         joint = self.joint.act_all(observations) if self.joint is not None else None
         for lb, (agent, table) in enumerate(zip(self.agents, self.tables, strict=True)):
+            if lb in self.agents_down:
+                continue
             obs = observations[lb]
             weights = joint[lb] if joint is not None else agent.act(obs)
             self._apply(table, weights)
             self.steps[lb].append(step_record(now, self._step, f"lb{lb}", agent, obs, weights, table.new_flows))
         self._step += 1
+
+    def kill_agent(self, lb: int) -> None:
+        """LB `lb`'s agent stops: no more steps or records; its table keeps the weights it has. Steps of
+        blind agents still pending are recorded first, and later steps go the per-step way."""
+        self._record_pending()
+        self._blind = False
+        self.agents_down.add(lb)
 
     def step_records(self) -> list[list[dict]]:
         """Every LB's step records (`steps.step_record`), in order."""
@@ -243,7 +256,10 @@ class LbLayer:
                 self.steps[lb].append(step_record(p.now, p.step, f"lb{lb}", agent, obs, p.weights[lb], p.new_flows[lb]))
 
     def housekeeping(self, now: float) -> None:
-        """What happens every step whoever acts: the 1 s flow-table expiry and the busy-workers sample."""
+        """What happens every step whoever acts: the timed events due, the 1 s flow-table expiry and the
+        busy-workers sample."""
+        if self.on_step is not None:
+            self.on_step(now)
         if now >= self._next_expire:
             for table in self.tables:
                 table.expire(now)
@@ -302,7 +318,7 @@ def finish_if_added(state: ServerState, work: float, now: float, io: float = 0.0
     line.reverse()  # pop() from the end = FIFO
     t = now
     while True:
-        rate = model.speed * min(1.0, model.cpus / len(remaining))
+        rate = model.rate(len(remaining))
         first = min(remaining, key=remaining.__getitem__)
         served = remaining.pop(first)
         t += served / rate

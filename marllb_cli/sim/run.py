@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,25 @@ import pandas as pd
 
 from marllb_cli.agents.methods import LOOKAHEAD, RL_PREFIX, SIM_METHODS, resolve_method
 from marllb_cli.config import Config
+from marllb_cli.events import Event, TimedEvent, timeline
 from marllb_cli.runs import RunDir, empty_requests, save_results
 from marllb_cli.sim.compiled import CompiledSim, use_compiled
 from marllb_cli.sim.engine import Engine, ServerModel, ServerState
+from marllb_cli.sim.events import attach_events, down_windows, events_frame, refuse_network_events
 from marllb_cli.sim.lbs import LbLayer
 from marllb_cli.sim.lookahead import candidates, run_lookahead
 from marllb_cli.sim.traffic import Traffic, capacity, traffic
 from marllb_cli.steps import steps_frame
 
-__all__ = ["SimOutcome", "SimRun", "build_simulation", "check_sim_method", "run_simulation", "simulate_to_run_dir"]
+__all__ = [
+    "SimOutcome",
+    "SimRun",
+    "build_simulation",
+    "check_sim_method",
+    "run_events",
+    "run_simulation",
+    "simulate_to_run_dir",
+]
 
 
 @dataclass
@@ -46,6 +56,7 @@ class SimRun:
     duration_s: float
     rate: float
     wall_s: float
+    events: pd.DataFrame  # events.parquet: each timed event, intended and applied
 
 
 @dataclass
@@ -130,10 +141,13 @@ def run_simulation(
     seed: int | None = None,
     duration_s: float | None = None,
     load: Traffic | None = None,
+    events: Sequence[Event] = (),
 ) -> SimRun:
-    """Simulate `method` on the config's servers and LBs; pure (no files)."""
+    """Simulate `method` on the config's servers and LBs, with the config's timed events and `events`;
+    pure (no files)."""
     seed = config.experiment.seed if seed is None else seed
-    return _simulate(config, _prepare(config, method, seed=seed, duration_s=duration_s, load=load), seed)
+    prepared = _prepare(config, method, seed=seed, duration_s=duration_s, load=load, events=events)
+    return _simulate(config, prepared, seed)
 
 
 @dataclass
@@ -144,6 +158,7 @@ class _Prepared:
     resolved: str
     selection: str  # what the simulated dataplane applies (an rl: policy sets SED weights)
     requests: Traffic
+    events: list[TimedEvent]
     joint: Any = None
     agents: Any = None
 
@@ -158,11 +173,31 @@ def check_sim_method(config: Config, method: str) -> tuple[str, str, list[Server
     return resolved, selection, models
 
 
-def _prepare(config: Config, method: str, *, seed: int, duration_s: float | None, load: Traffic | None) -> _Prepared:
-    """The method checked, the engine checked against it, the requests drawn and a policy loaded."""
+def run_events(config: Config, *, seed: int, duration_s: float, extra: Sequence[Event] = ()) -> list[TimedEvent]:
+    """The run's timeline (the config's events and drifts with `seed`, and `extra`), refused when the
+    simulator cannot model one."""
+    names = server_models(config)[1]
+    events = timeline(config.experiment.events, servers=names, duration_s=duration_s, seed=seed, extra=extra)
+    refuse_network_events(events, config.source)
+    return events
+
+
+def _prepare(
+    config: Config,
+    method: str,
+    *,
+    seed: int,
+    duration_s: float | None,
+    load: Traffic | None,
+    events: Sequence[Event] = (),
+) -> _Prepared:
+    """The method checked, the engine checked against it, the events expanded, the requests drawn and a
+    policy loaded."""
     resolved, selection, models = check_sim_method(config, method)
+    horizon = duration_s if duration_s is not None else config.sim.traffic.duration_s
+    timed = run_events(config, seed=seed, duration_s=horizon, extra=events)
     requests_in = load if load is not None else traffic(config, seed=seed, duration_s=duration_s)
-    prepared = _Prepared(method, resolved, selection, requests_in)
+    prepared = _Prepared(method, resolved, selection, requests_in, timed)
     if resolved.startswith(RL_PREFIX):
         from marllb_cli.agents.rl.policy import load_for_simulation
 
@@ -189,6 +224,7 @@ def _simulate(config: Config, prepared: _Prepared, seed: int) -> SimRun:
         joint=joint,
         agent_period=None if lookahead else period,
     )
+    applied = attach_events(prepared.events, engine, lbs, models)
     started = time.perf_counter()
     if lookahead:
         run_lookahead(engine, lbs, period, candidates(lbs.capacity, groups))  # type: ignore[arg-type]
@@ -213,7 +249,13 @@ def _simulate(config: Config, prepared: _Prepared, seed: int) -> SimRun:
     )
     requests["class"] = pd.array(requests_in.classes, dtype="string")
     requests["path"] = pd.array(requests_in.paths, dtype="string")
-    requests["error"] = pd.array(np.where(done, "", "rejected"), dtype="string")
+    events = events_frame(applied.records)
+    error = np.where(done, "", "rejected").astype(object)
+    for server, windows in down_windows(events, np.inf).items():  # refused by a server that was down
+        mine = requests["server"].to_numpy() == server
+        for start, end in windows:
+            error[~done & mine & (requests_in.arrival >= start) & (requests_in.arrival < end)] = "refused"
+    requests["error"] = pd.array(error, dtype="string")
     busy = np.asarray(lbs.busy, dtype=np.float64).reshape(-1, 3)
     index = busy[:, 1].astype(int)
     servers = pd.DataFrame(
@@ -226,7 +268,7 @@ def _simulate(config: Config, prepared: _Prepared, seed: int) -> SimRun:
     )
     agents = {} if lbs.oracle else {f"lb{i}": steps_frame(rows, 0.0) for i, rows in enumerate(lbs.step_records())}
     duration = float(requests_in.arrival[-1]) if n else 0.0
-    return SimRun(method, requests, servers, agents, duration, requests_in.rate, wall)
+    return SimRun(method, requests, servers, agents, duration, requests_in.rate, wall, events)
 
 
 def simulate_to_run_dir(
@@ -236,12 +278,13 @@ def simulate_to_run_dir(
     runs_dir: Path,
     seed: int | None = None,
     duration_s: float | None = None,
+    events: Sequence[Event] = (),
     progress: Callable[[str], None] = lambda _: None,
 ) -> SimOutcome:
     """Simulate and write a run directory (`runs.RunDir`: `meta.json` first with complete=false, as a
-    testbed run). The method is checked before the directory exists."""
+    testbed run). The method and the events are checked before the directory exists."""
     seed = config.experiment.seed if seed is None else seed
-    prepared = _prepare(config, method, seed=seed, duration_s=duration_s, load=None)  # refuses before any file
+    prepared = _prepare(config, method, seed=seed, duration_s=duration_s, load=None, events=events)  # refuses first
     spec = config.sim.traffic
     meta: dict[str, Any] = {
         "kind": "sim",
@@ -263,6 +306,7 @@ def simulate_to_run_dir(
             agents=sim.agents,
             duration_s=sim.duration_s,
         )
+        sim.events.to_parquet(run.path / "events.parquet", index=False)
         jobs_per_s = len(sim.requests) / sim.wall_s if sim.wall_s > 0 else float("inf")
         run.finish(
             complete=True,
