@@ -41,19 +41,26 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from marllb_cli.errors import ConfigError
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 __all__ = [
     "CapacityDrift",
+    "EVENT_COLUMNS",
     "EVENT_KINDS",
     "Event",
     "TimedEvent",
     "check_targets",
+    "down_windows",
+    "events_frame",
+    "event_specs",
     "parse_event_option",
     "phase_bounds",
     "timeline",
@@ -61,6 +68,17 @@ __all__ = [
 
 #: What a timed event changes, as recorded in `events.parquet`.
 EVENT_KINDS = ("capacity", "hog", "server_state", "lb_state", "agent_state", "link_rate")
+#: events.parquet, on both sides.
+EVENT_COLUMNS = {
+    "at_s": "float64",
+    "applied_s": "float64",
+    "kind": "string",
+    "target": "string",
+    "value": "float64",
+    "source": "string",
+    "ok": "bool",
+    "error": "string",
+}
 #: A run longer than this is not a run of this tool (and a drift would expand without end).
 MAX_EVENT_TIME_S = 1e6
 
@@ -158,9 +176,13 @@ class TimedEvent:
     source: str  # "config", "drift" or "option"
 
     def describe(self) -> str:
-        label = {"server_state": "state", "lb_state": "state", "agent_state": "state", "link_rate": "rate_mbit"}
-        value = ("up" if self.value else "down") if self.kind.endswith("_state") else f"{self.value:g}"
-        return f"{self.target} {label.get(self.kind, self.kind)} {value}"
+        """`srv2 capacity 0.5`, `srv1 down`, `lb1 up`, `lb0's agent down`, `srv3 link 20 Mbit/s`."""
+        if self.kind.endswith("_state"):
+            who = f"{self.target}'s agent" if self.kind == "agent_state" else self.target
+            return f"{who} {'up' if self.value else 'down'}"
+        if self.kind == "link_rate":
+            return f"{self.target} link {self.value:g} Mbit/s" if self.value else f"{self.target} link unshaped"
+        return f"{self.target} {self.kind} {self.value:g}"
 
 
 def check_targets(events: Sequence[Event | CapacityDrift], servers: Sequence[str], lbs: Sequence[str]) -> None:
@@ -219,6 +241,13 @@ def _expand_drift(
     return out
 
 
+def event_specs(config: Any, extra: Sequence[Event] = ()) -> list[dict[str, Any]]:
+    """The events of a run as written in its meta.json: the config's (drifts as given, not expanded), then
+    the command line's."""
+    items = [*config.experiment.events, *extra]
+    return [item.model_dump(mode="json", exclude_none=True) for item in items]
+
+
 def parse_event_option(text: str) -> Event:
     """`--event at=30,server=srv2,capacity=0.5` → an `Event`; a `ConfigError` naming the option otherwise."""
     fields: dict[str, Any] = {}
@@ -253,3 +282,25 @@ def phase_bounds(applied: Sequence[float], end_s: float, *, limit: int = 8) -> l
         return None
     edges = [0.0, *times, max(end_s, times[-1] if times else 0.0)]
     return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a] or [(0.0, end_s)]
+
+
+def events_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """events.parquet's table from event records (an empty table with its columns when there are none)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(list(records), columns=list(EVENT_COLUMNS))
+    return frame.astype(EVENT_COLUMNS)
+
+
+def down_windows(events: pd.DataFrame, end_s: float) -> dict[str, list[tuple[float, float]]]:
+    """Per server, the [down, up) intervals of its applied state events (the last one open until `end_s`)."""
+    windows: dict[str, list[tuple[float, float]]] = {}
+    since: dict[str, float] = {}
+    for row in events[events["kind"] == "server_state"].sort_values("applied_s").itertuples():
+        if row.value == 0.0 and row.target not in since:
+            since[row.target] = row.applied_s
+        elif row.value == 1.0 and row.target in since:
+            windows.setdefault(row.target, []).append((since.pop(row.target), row.applied_s))
+    for target, start in since.items():
+        windows.setdefault(target, []).append((start, end_s))
+    return windows

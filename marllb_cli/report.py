@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from marllb_cli.errors import ConfigError, RunDirError
+from marllb_cli.events import TimedEvent, phase_bounds
 from marllb_cli.runs import Run, load_run, recover_killed
 from marllb_cli.scenarios import Scenario, label_scenarios, scenario_of
 from marllb_cli.stats import BOOTSTRAP_REPLICATES, Bootstrap, bootstrap
@@ -53,6 +54,8 @@ class Report:
     scenarios: list[str] = field(default_factory=list)
     #: Label → scenario (none when pooled): what places a scenario in a load or rate sweep.
     described: dict[str, Scenario] = field(default_factory=dict)
+    #: Scenarios with timed events: a row per scenario × method × phase (`event_phases`).
+    phases: list[dict[str, Any]] = field(default_factory=list)
 
     def scenario_labels(self) -> list[str]:
         """The scenarios in the order their tables are shown."""
@@ -77,6 +80,7 @@ class Report:
                 for r, scenario in zip(self.runs, self.scenarios, strict=True)
             ],
             "rows": self.rows,
+            "phases": self.phases,
             "warnings": self.warnings,
         }
 
@@ -164,7 +168,74 @@ def build_report(
                 scenario_rows.append({"scenario": scenario, **row})
         _rank_and_compare(scenario_rows, baseline, boots)
         rows += scenario_rows
-    return Report(runs, baseline, rows, warnings, scenarios, dict(described))
+    phases = event_phases(runs, scenarios, warnings)
+    return Report(runs, baseline, rows, warnings, scenarios, dict(described), phases)
+
+
+def event_phases(runs: list[Run], scenarios: list[str], warnings: list[str]) -> list[dict[str, Any]]:
+    """Per scenario with timed events, per method and phase (the intervals between the events' applied times,
+    `events.phase_bounds`): requests that arrived in it, the share that failed, mean and p99 JCT. A scenario
+    with too many events to tabulate (a drift) gets a warning instead; its events are drawn on the figures."""
+    out: list[dict[str, Any]] = []
+    for scenario in dict.fromkeys(scenarios):
+        members = [run for run, s in zip(runs, scenarios, strict=True) if s == scenario]
+        events = members[0].events()
+        if events.empty:
+            continue
+        end = max(float(run.summary.get("duration_s") or 0.0) for run in members)
+        bounds = phase_bounds(events["applied_s"].tolist(), end)
+        if bounds is None:
+            warnings.append(f"scenario {scenario}: {len(events)} events, too many phases to tabulate (see the figures)")
+            continue
+        starting = {round(t, 6): [] for t, _ in bounds}
+        for row in events.itertuples():
+            starting.setdefault(round(row.applied_s, 6), []).append(
+                TimedEvent(row.at_s, row.kind, row.target, row.value, row.source).describe()
+            )
+        for method in sorted({run.method for run in members}):
+            frame = pd.concat([run.requests() for run in members if run.method == method], ignore_index=True)
+            for start, stop in bounds:
+                phase = frame[(frame["intended_s"] >= start) & (frame["intended_s"] < stop)]
+                ok = (phase["error"] == "") & phase["status"].between(200, 399)
+                jct = phase.loc[ok, "jct_s"].to_numpy(np.float64)
+                out.append(
+                    {
+                        "scenario": scenario,
+                        "method": method,
+                        "start_s": start,
+                        "end_s": stop,
+                        "events": starting.get(round(start, 6), []),
+                        "requests": int(len(phase)),
+                        "failed": float(1 - ok.mean()) if len(phase) else 0.0,
+                        "jct_mean_s": float(jct.mean()) if len(jct) else None,
+                        "jct_p99_s": float(np.quantile(jct, 0.99)) if len(jct) else None,
+                    }
+                )
+    return out
+
+
+def phase_lines(report: Report) -> list[str]:
+    """report.md's phase tables: one per scenario with timed events."""
+    lines: list[str] = []
+    for scenario in dict.fromkeys(row["scenario"] for row in report.phases):
+        rows = [row for row in report.phases if row["scenario"] == scenario]
+        lines += [f"### {_markdown_cell(scenario)}", ""]
+        lines += ["| method | phase (s) | events at its start | requests | failed | mean (ms) | p99 (ms) |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for row in rows:
+            events = "; ".join(row["events"]) or "(start)"
+            cells = [
+                row["method"],
+                f"{row['start_s']:g}–{row['end_s']:g}",
+                events,
+                f"{row['requests']:,}",
+                f"{row['failed']:.1%}",
+                _ms(row["jct_mean_s"]),
+                _ms(row["jct_p99_s"]),
+            ]
+            lines.append("| " + " | ".join(map(_markdown_cell, cells)) + " |")
+        lines += [""]
+    return lines
 
 
 def _scenarios(runs: list[Run]) -> list[tuple[str, Scenario]]:
@@ -636,6 +707,11 @@ def write_report(
             if row["scenario"] == label
         ]
         lines += [""]
+    if report.phases:
+        lines += ["## Phases between timed events", ""]
+        lines += ["Requests by arrival time; failed: refused, reset or timed out (any error or a status outside "]
+        lines[-1] += "2xx–3xx)."
+        lines += ["", *phase_lines(report)]
     lines += ["## Runs", "", "| run | method | seed | scenario | complete |", "|---|---|---|---|---|"]
     for run, scenario in zip(report.runs, report.scenarios, strict=True):
         cells = [run.path, run.method, run.meta.get("seed", ""), scenario]
@@ -685,9 +761,13 @@ def _figures(report: Report, out: Path) -> list[Path]:
             per_second = frame.groupby(np.floor(frame["intended_s"]))["jct_s"].mean()
             ax.plot(per_second.index, per_second.to_numpy(), label=method)
     ax.set(xlabel="run time (s)", ylabel="mean JCT (s)", title="JCT over time (1 s bins)")
+    marks = _event_marks(report.runs)
+    _mark_events(ax, marks)
     ax.grid(alpha=0.3)
     ax.legend()
     written.append(_save(fig, out / "jct_over_time.png"))
+    if marks:
+        written.append(_busy_over_time(series, marks, out))
 
     servers = pd.concat(
         [run.servers().assign(method=name) for name in methods for run in series[name]], ignore_index=True
@@ -719,6 +799,42 @@ def _figures(report: Report, out: Path) -> list[Path]:
     if (sweep := _level_sweep(report, out)) is not None:
         written.append(sweep)
     return written
+
+
+def _event_marks(runs: list[Run]) -> list[tuple[float, str]]:
+    """(applied time, what) of every distinct timed event of the runs, in time order."""
+    marks: dict[tuple[float, str], None] = {}
+    for run in runs:
+        for row in run.events().itertuples():
+            what = TimedEvent(row.at_s, row.kind, row.target, row.value, row.source).describe()
+            marks[(round(float(row.applied_s), 2), what)] = None
+    return sorted(marks)
+
+
+def _mark_events(ax, marks: list[tuple[float, str]]) -> None:
+    """A dotted line at each event; labelled when there are few enough to read (a drift has many)."""
+    for t, what in marks:
+        ax.axvline(t, color="0.3", linestyle=":", linewidth=0.8)
+        if len(marks) <= 8:
+            ax.annotate(what, (t, 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                        va="top", ha="right", color="0.3")  # fmt: skip
+
+
+def _busy_over_time(series: dict[str, list[Run]], marks: list[tuple[float, str]], out: Path) -> Path:
+    """`busy_over_time.png`: mean busy workers per server group per second, per method, with the events."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, runs in sorted(series.items()):
+        busy = pd.concat([run.servers() for run in runs], ignore_index=True).dropna(subset=["busy"])
+        for group, frame in busy.groupby("group"):
+            per_second = frame.groupby(np.floor(frame["t_s"]))["busy"].mean()
+            ax.plot(per_second.index, per_second.to_numpy(), label=f"{name} · {group}", linewidth=1)
+    ax.set(xlabel="run time (s)", ylabel="busy workers per server", title="Busy workers over time (1 s bins)")
+    _mark_events(ax, marks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out / "busy_over_time.png")
 
 
 def _level_sweep(report: Report, out: Path) -> Path | None:

@@ -347,6 +347,13 @@ class Run:
             self._servers = _read_parquet(path) if path.exists() else empty
         return self._servers
 
+    def events(self) -> pd.DataFrame:
+        """events.parquet: the run's timed events, intended and applied (empty without one)."""
+        from marllb_cli.events import EVENT_COLUMNS, events_frame
+
+        path = self.path / "events.parquet"
+        return _read_parquet(path).astype(EVENT_COLUMNS) if path.exists() else events_frame([])
+
     def agents(self) -> pd.DataFrame:
         frames = [_read_parquet(p) for p in sorted((self.path / "agents").glob("lb*.parquet"))]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -7,7 +7,9 @@ scenarios. Two runs share a scenario when they share:
 - where they ran (`kind`: sim or testbed) and the system's shape: LBs, forwarding, server groups (count,
   cpus, app, speed), cpu_unit, work_scale, the testbed's kind (local, ssh, kvm), the simulator's model;
 - the traffic: the simulator's traffic spec without its duration; on the testbed the trace's file name and
-  the load asked for (`--load`) or, without one, the speed.
+  the load asked for (`--load`) or, without one, the speed;
+- the timed events (`experiment.events` and `--event`, as the run's meta.json lists them): a run in which a
+  server fails is another experiment than one in which none does. A drift is one scenario whatever it drew.
 Names, addresses, seeds, durations, the trace window and the agent period are not part of it: a run of testbed
 `lt` and one of `small` with the same shape are the same experiment, and a window of a trace is a sample of its
 traffic as a seed is.
@@ -57,6 +59,9 @@ def scenario_of(meta: dict[str, Any], config_yaml: str | None) -> Scenario:
             for group in testbed.get("servers") or []
         ],
     }
+    events = meta.get("events") or ((config.get("experiment") or {}).get("events")) or []
+    if events:  # only then, so that the digests of runs without events stay what they were
+        shape["events"] = events
     traffic: dict[str, Any]
     words = [str(meta.get("testbed") or testbed.get("name") or "?"), str(meta.get("kind") or "?")]
     if meta.get("kind") == "sim":
@@ -85,6 +90,8 @@ def scenario_of(meta: dict[str, Any], config_yaml: str | None) -> Scenario:
             words.append(f"load {load['target']:g}")
         elif meta.get("speed") is not None:
             words.append(f"speed {meta['speed']:.3g}")
+    if events:
+        words.append(f"{len(events)} event{'s' if len(events) > 1 else ''}")
     level_name, level = _level(traffic)
     return Scenario(
         key=_digest([shape, traffic]),

@@ -19,26 +19,12 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import pandas as pd
-
 from marllb_cli.errors import ConfigError
 from marllb_cli.events import TimedEvent
 from marllb_cli.sim.engine import ServerModel
 from marllb_cli.sim.lbs import LbLayer
 
-__all__ = ["EVENT_COLUMNS", "SimEvents", "attach_events", "down_windows", "events_frame", "refuse_network_events"]
-
-#: events.parquet, on both sides.
-EVENT_COLUMNS = {
-    "at_s": "float64",
-    "applied_s": "float64",
-    "kind": "string",
-    "target": "string",
-    "value": "float64",
-    "source": "string",
-    "ok": "bool",
-    "error": "string",
-}
+__all__ = ["SimEvents", "attach_events", "refuse_network_events"]
 
 
 def refuse_network_events(events: Sequence[TimedEvent], source: object) -> None:
@@ -123,23 +109,3 @@ def attach_events(events: Sequence[TimedEvent], core: Any, lbs: LbLayer, models:
     applier = SimEvents(events, core, lbs, models)
     lbs.on_step = applier if events else None
     return applier
-
-
-def events_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """events.parquet's table from event records (an empty table with its columns when there are none)."""
-    frame = pd.DataFrame(list(records), columns=list(EVENT_COLUMNS))
-    return frame.astype(EVENT_COLUMNS)
-
-
-def down_windows(events: pd.DataFrame, end_s: float) -> dict[str, list[tuple[float, float]]]:
-    """Per server, the [down, up) intervals of its applied state events (the last one open until `end_s`)."""
-    windows: dict[str, list[tuple[float, float]]] = {}
-    since: dict[str, float] = {}
-    for row in events[events["kind"] == "server_state"].sort_values("applied_s").itertuples():
-        if row.value == 0.0 and row.target not in since:
-            since[row.target] = row.applied_s
-        elif row.value == 1.0 and row.target in since:
-            windows.setdefault(row.target, []).append((since.pop(row.target), row.applied_s))
-    for target, start in since.items():
-        windows.setdefault(target, []).append((start, end_s))
-    return windows

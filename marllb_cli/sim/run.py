@@ -24,11 +24,11 @@ import pandas as pd
 
 from marllb_cli.agents.methods import LOOKAHEAD, RL_PREFIX, SIM_METHODS, resolve_method
 from marllb_cli.config import Config
-from marllb_cli.events import Event, TimedEvent, timeline
+from marllb_cli.events import Event, TimedEvent, down_windows, event_specs, events_frame, timeline
 from marllb_cli.runs import RunDir, empty_requests, save_results
 from marllb_cli.sim.compiled import CompiledSim, use_compiled
 from marllb_cli.sim.engine import Engine, ServerModel, ServerState
-from marllb_cli.sim.events import attach_events, down_windows, events_frame, refuse_network_events
+from marllb_cli.sim.events import attach_events, refuse_network_events
 from marllb_cli.sim.lbs import LbLayer
 from marllb_cli.sim.lookahead import candidates, run_lookahead
 from marllb_cli.sim.traffic import Traffic, capacity, traffic
@@ -292,6 +292,7 @@ def simulate_to_run_dir(
         "traffic": spec.model_dump(mode="json"),
         "duration_s": duration_s if duration_s is not None else spec.duration_s,
         "capacity_core_s_per_s": capacity(config),
+        "events": event_specs(config, events),
     }
     testbed = f"{config.testbed.name}-sim"
     with RunDir(runs_dir, config=config, method=method, testbed=testbed, seed=seed, meta=meta) as run:

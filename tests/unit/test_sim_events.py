@@ -211,3 +211,28 @@ def test_training_episodes_draw_their_own_drift(tmp_path):
             env.step({})
         seen.append([(r["target"], r["value"]) for r in env.lbs.on_step.records])
     assert len(seen[0]) > 5 and len(seen[1]) > 5 and seen[0] != seen[1]
+
+
+def test_the_report_splits_runs_by_their_events_and_tabulates_phases(tmp_path):
+    from marllb_cli.report import build_report, scan_runs, write_report
+    from marllb_cli.sim.run import simulate_to_run_dir
+
+    events = [{"at": 10, "server": "srv1", "state": "down"}, {"at": 20, "server": "srv1", "state": "up"}]
+    config = load_config(write_config(tmp_path, events, duration=30))
+    runs_dir = tmp_path / "runs"
+    for method in ("sed", "ecmp"):
+        simulate_to_run_dir(config, method, runs_dir=runs_dir)
+    still = load_config(write_config(tmp_path, [], duration=30))
+    simulate_to_run_dir(still, "sed", runs_dir=runs_dir)  # the same system without events: its own scenario
+    found, skipped = scan_runs([runs_dir])
+    report = build_report(found, skipped=skipped)
+    assert len(set(report.scenarios)) == 2 and any("2 events" in label for label in report.scenarios)
+    phases = pd.DataFrame(report.phases)
+    assert phases.groupby("method").size().to_dict() == {"ecmp": 3, "sed": 3}
+    sed = phases[phases["method"] == "sed"].set_index("start_s")
+    assert sed.loc[10.0, "events"] == ["srv1 down"] and sed.loc[20.0, "events"] == ["srv1 up"]
+    assert sed.loc[0.0, "failed"] == 0 and sed.loc[10.0, "failed"] > 0.2 and sed.loc[20.0, "failed"] == 0
+    files = write_report(report, tmp_path / "report")
+    assert {"busy_over_time.png", "jct_over_time.png"} <= {f.name for f in files}
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Phases between timed events" in text and "| sed | 10–20 | srv1 down |" in text
