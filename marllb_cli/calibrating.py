@@ -202,7 +202,8 @@ def _with_pilot(config: Config, calibration: Calibration, work: Path, pilot_s: f
     write_parquet(trace, path)
     plan = plan_load(trace, calibration, load=PILOT_LOAD, duration_s=pilot_s)
     options = ReplayOptions(trace=path, method="sed", speed=plan.speed, duration_s=pilot_s, runs_dir=work / "pilot")
-    outcome = replay_trace(config, options)
+    quiet = config.model_copy(update={"experiment": config.experiment.model_copy(update={"events": []})})
+    outcome = replay_trace(quiet, options)  # the pilot measures the system as configured, without its events
     offered = plan.load  # what the phases' model says that speed offers
     if not outcome.complete or not outcome.utilisation:
         raise TestbedError(

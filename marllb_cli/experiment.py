@@ -41,10 +41,12 @@ from marllb_cli.deploy import testbed_for
 from marllb_cli.deploy.base import LbControl, Testbed
 from marllb_cli.deploy.node.cgroups import CpuUsage
 from marllb_cli.errors import ConfigError, MarllbError, Terminated, TestbedError
+from marllb_cli.events import Event, TimedEvent, event_specs, events_frame, timeline
 from marllb_cli.replay import ReplaySpec, write_schedule
 from marllb_cli.runs import RunDir, elapsed, requests_from_replay, save_results
 from marllb_cli.sampler import SampledServer, SamplerSpec
 from marllb_cli.steps import read_steps_log
+from marllb_cli.timed_events import EventRunner
 from marllb_cli.topology import Topology
 from marllb_cli.traces import read_trace, trace_window
 
@@ -70,6 +72,7 @@ class ReplayOptions:
     skip_bad: bool = False
     load: float | None = None  # the speed that offers this load on the calibrated testbed (instead of `speed`)
     start_s: float = 0.0  # skip the trace's first seconds (its start-up ramp)
+    events: tuple[Event, ...] = ()  # `--event`s, besides the config's experiment.events
 
 
 @dataclass
@@ -150,6 +153,7 @@ class ReplayPlan:
     meta: dict[str, Any]
     learning: LearningSpec | None = None  # a training episode's exploring agents (`live_training`)
     coordinator: CoordinatorSpec | None = None  # and its coordinator, for QMIX and Centr-LB
+    events: list[TimedEvent] = field(default_factory=list)  # the timed events, drifts drawn with the seed
 
 
 def plan_replay(config: Config, options: ReplayOptions) -> ReplayPlan:
@@ -178,7 +182,13 @@ def plan_replay(config: Config, options: ReplayOptions) -> ReplayPlan:
         "load": _load_meta(planned, options.load),
     }
     seed = config.experiment.seed if options.seed is None else options.seed
-    return ReplayPlan(testbed, method, seed, schedule, meta)
+    servers = [server.name for server in testbed.topology.servers]
+    end = float(schedule["intended_s"].max())
+    events = timeline(config.experiment.events, servers=servers, duration_s=end, seed=seed, extra=options.events)
+    if events:
+        testbed.faults()  # refused where this kind cannot apply them
+        meta["events"] = event_specs(config, options.events)
+    return ReplayPlan(testbed, method, seed, schedule, meta, events=events)
 
 
 def replay_trace(
@@ -218,6 +228,7 @@ def _replay(
     failure: str | None = None
     stopped_by: int | None = None  # the signal (SIGTERM, SIGHUP) that stopped it, None for Ctrl-C
     lbs_started = False
+    events: EventRunner | None = None
     usage: list[Counters] = []  # the servers' and this machine's CPU counters as the replay starts and ends
     try:
         _stage_inputs(config, testbed.topology, schedule, options, files, client, period)
@@ -226,6 +237,8 @@ def _replay(
         sampler = client.start("marllb_cli.sampler", [files.remote("sampler.json")], files.remote("sampler.log"))
         usage.extend(_counters(testbed, run))
         replayer = ReplayerProcess(client, files)
+        if plan.events:
+            events = EventRunner(testbed.faults(), plan.events, _replay_t0(replayer, client)).start()
         finished = replayer.wait(progress)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (`cli_support.Terminated`)
         # Not re-raised: the caller gets the partial run and decides the exit code.
@@ -240,6 +253,8 @@ def _replay(
             liveness: list[dict[str, Any]] = []
             steps: list[tuple[str, Callable[[], object]]] = [
                 ("stop the replayer", lambda: replayer and replayer.stop()),
+                ("stop the timed events", lambda: events and events.stop()),
+                ("undo the timed events", lambda: events and _restore(events)),
                 ("read the servers' CPU counters", lambda: usage and usage.extend(_counters(testbed, run))),
                 ("stop the sampler", lambda: sampler and stop_process(sampler, grace_s=5.0)),
                 ("check the LBs", lambda: lbs_started and liveness.extend(lb_liveness(lbs.stats_json(), period))),
@@ -248,6 +263,10 @@ def _replay(
                 ("close the client node", client.close),
             ]
             problems = _each(steps)
+            if plan.events:
+                events_frame(events.records if events else []).to_parquet(run.path / "events.parquet", index=False)
+                liveness = _expected_deaths(liveness, plan.events)
+                problems += _failed_events(events)
             run.meta["utilisation"] = utilisation(usage, testbed.topology) if len(usage) == 2 else None
             outcome = _finish(run, schedule, client, replayer, lbs, finished, failure, problems, liveness)
             outcome.stopped_by = stopped_by
@@ -303,6 +322,35 @@ def utilisation(usage: list[Counters], topology: Topology) -> dict[str, Any]:
         "steal_share": (host1[1] - host0[1]) / (window * cpus),
     }
     return {"window_s": window, "mean": mean, "servers": servers, "host": host}
+
+
+def _replay_t0(replayer: ReplayerProcess, client: ClientNode) -> Callable[[], float | None]:
+    """The replay's time 0 on this machine's monotonic clock, once the replayer has reported it."""
+    return lambda: None if replayer.t0 is None else replayer.t0 + client.offset
+
+
+def _failed_events(events: EventRunner | None) -> list[str]:
+    """One line per timed event that was due but did not take (its error is in events.parquet too)."""
+    records = events.records if events else []
+    return [
+        f"event {r['target']} {r['kind']} at {r['at_s']:g} s: {r['error']}"
+        for r in records
+        if r["error"] and not math.isnan(r["applied_s"])
+    ]
+
+
+def _restore(events: EventRunner) -> None:
+    problems = events.faults.restore()
+    if problems:
+        raise TestbedError("; ".join(problems))
+
+
+def _expected_deaths(liveness: list[dict[str, Any]], events: list[TimedEvent]) -> list[dict[str, Any]]:
+    """The LBs' liveness without the agents that timed events killed: those deaths were the experiment."""
+    killed = {event.target for event in events if event.kind == "agent_state"}
+    return [
+        {**lb, "dead": [d for d in lb["dead"] if not (lb["lb"] in killed and d.startswith("agent"))]} for lb in liveness
+    ]
 
 
 def lb_liveness(stats: list[dict[str, Any]], period: float) -> list[dict[str, Any]]:

@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 
 from marllb_cli.agents.methods import HEURISTICS
-from marllb_cli.cli_support import ConfigArg, SetOption, console, detail_progress, err_console, reports_errors
+from marllb_cli.cli_support import (
+    ConfigArg,
+    EventOption,
+    SetOption,
+    console,
+    detail_progress,
+    err_console,
+    load_events,
+    reports_errors,
+)
 from marllb_cli.cli_support import load as load_config
 from marllb_cli.errors import ConfigError
 
@@ -38,6 +47,7 @@ def replay_trace_command(
     timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.", min=0.1)] = 60.0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed trace lines.")] = False,
     set_: SetOption = None,
+    event: EventOption = None,
 ) -> None:
     """Replay a trace open-loop through the LBs running METHOD and record every request in a run directory.
 
@@ -45,7 +55,8 @@ def replay_trace_command(
     trace from the client namespace, stops the LBs and writes runs/<id>/ (with the servers' measured CPU
     utilisation). --load picks the speed that offers that share of the servers' CPU, from the testbed's
     calibration (`marllb calibrate`). Ctrl-C stops early and keeps every request sent so far (the run is
-    marked incomplete).
+    marked incomplete). Timed events (experiment.events, --event) are applied at their times on the replay's
+    clock, recorded in events.parquet, and undone after the run (kind local).
     """
     from marllb_cli.experiment import ReplayOptions, plan_replay, replay_trace
 
@@ -63,6 +74,7 @@ def replay_trace_command(
         seed=seed,
         timeout_s=timeout,
         skip_bad=skip_bad,
+        events=tuple(load_events(cfg, event)),
     )
     plan = plan_replay(cfg, options)  # every input checked before the progress display starts
     with detail_progress(f"replaying {method}") as bar:

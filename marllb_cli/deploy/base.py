@@ -40,10 +40,12 @@ from marllb_cli.topology import Node, Topology
 if TYPE_CHECKING:
     from marllb_cli.client_node import ClientNode
     from marllb_cli.coordination.coordinator import CoordinatorSpec
+    from marllb_cli.events import TimedEvent
 
 __all__ = [
     "MANIFEST",
     "DeployOutcome",
+    "Faults",
     "LbControl",
     "LbStart",
     "NodeStatus",
@@ -152,6 +154,20 @@ class LbControl(Protocol):
         ...
 
 
+class Faults(Protocol):
+    """Timed events on a deployed testbed (`events.py` says what each means): applied one at a time by the
+    run's event runner (`timed_events.EventRunner`), and everything they changed put back after the run."""
+
+    def apply(self, event: TimedEvent) -> None:
+        """Make the change now; a `TestbedError` when it could not be made."""
+        ...
+
+    def restore(self) -> list[str]:
+        """Undo every change made (capacities, hogs, stopped servers, the router's route, shaped links); a
+        killed agent stays dead until the LBs start again. Returns what could not be undone."""
+        ...
+
+
 class Testbed(Protocol):
     """A testbed of some kind, described by `config`."""
 
@@ -181,6 +197,10 @@ class Testbed(Protocol):
     def server_usage(self) -> dict[str, CpuUsage]:
         """Each server's CPU counters now (`CpuCgroup.usage`), by server name: what `calibrate` samples and
         what a run's utilisation is measured from."""
+        ...
+
+    def faults(self) -> Faults:
+        """What applies a run's timed events here; a `ConfigError` where this kind cannot apply them."""
         ...
 
 

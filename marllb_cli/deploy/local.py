@@ -112,6 +112,11 @@ class LocalTestbed:
     def server_usage(self) -> dict[str, CpuUsage]:
         return {server.name: self.apache(server).cgroup.usage() for server in self.topology.servers}
 
+    def faults(self):  # -> LocalFaults
+        from marllb_cli.deploy.local_faults import LocalFaults
+
+        return LocalFaults(self)
+
     def apache(self, server: Node) -> ApacheInstance:
         """The Apache instance of one server node."""
         group = self.config.testbed.group(server.group)

@@ -183,6 +183,13 @@ class SshTestbed:
     def lbs(self) -> SshLbs:
         return SshLbs(self)
 
+    def faults(self):
+        raise ConfigError(
+            f"testbed {self.config.testbed.name} is kind {self.config.testbed.kind}: timed events run on kind local "
+            "testbeds and in the simulator only, for now",
+            hint="remove experiment.events (and --event) for this testbed, or run them on a local testbed",
+        )
+
     def server_usage(self) -> dict[str, CpuUsage]:
         """Each server host's `node usage`, asked of all at once."""
         servers = [host for host in self.hosts if host.entry.role == "server"]

@@ -141,6 +141,9 @@ class KvmTestbed:
     def server_usage(self) -> dict[str, CpuUsage]:
         return self.ssh.server_usage()
 
+    def faults(self):
+        return self.ssh.faults()
+
     def client(self) -> LocalClient:
         """The client namespace: a run's replayer and sampler start there, as on a local testbed."""
         return LocalClient(LocalNamespace(self.topology.client.namespace))

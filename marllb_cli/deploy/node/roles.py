@@ -25,7 +25,16 @@ from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalHost, sysctl_path
 from marllb_cli.topology import Node, Topology
 
-__all__ = ["missing_changes", "GRE_DEVICE", "OFFLOADS_OFF", "apply_role", "nft_table", "role_sysctls", "undo_network"]
+__all__ = [
+    "missing_changes",
+    "GRE_DEVICE",
+    "OFFLOADS_OFF",
+    "apply_role",
+    "nft_table",
+    "role_sysctls",
+    "route_replace",
+    "undo_network",
+]
 
 #: A raw-socket LB re-sends frames the kernel handed it. With checksum offload the sender's veth leaves
 #: TCP checksums unfinished (the server then drops the segment), and with TSO/GSO/GRO one frame can exceed
@@ -83,13 +92,13 @@ def apply_role(
     if node.role == "router":
         gateways = [str(lb.ip) for lb in topology.lbs]
         _record(manifest, "route", f"{vip}/32", dst=f"{vip}/32")
-        host.call(_route_add, f"{vip}/32", gateways)
+        host.call(route_replace, f"{vip}/32", gateways)
     elif node.role == "client" and node.gateway:
         _record(manifest, "route", f"{vip}/32", dst=f"{vip}/32")
         # With GRE, an LB adds 24 bytes to every packet: the route's MTU (the client's, 1476 by default)
         # makes TCP to the VIP use segments that still fit the data segment once encapsulated.
         mtu = node.interfaces[0].mtu if kernel_gre else None
-        host.call(_route_add, f"{vip}/32", [node.gateway], mtu)
+        host.call(route_replace, f"{vip}/32", [node.gateway], mtu)
     elif node.role == "server":
         _record(manifest, "address", f"{vip}/32", iface="lo", address=vip, prefixlen=32)
         host.call(_address_add, "lo", vip, 32)
@@ -194,7 +203,7 @@ def _gre_only_from_lbs(host: LocalHost, table: str, lbs: list[str], vip: str) ->
 
 
 # -- pyroute2, run through `host.call` so that they act in the node's namespace ------------------------------
-def _route_add(dst: str, gateways: list[str], mtu: int | None = None) -> None:
+def route_replace(dst: str, gateways: list[str], mtu: int | None = None) -> None:
     with IPRoute() as ipr:
         if len(gateways) == 1:
             metrics = {"metrics": {"mtu": mtu}} if mtu else {}

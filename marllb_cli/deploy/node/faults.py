@@ -1,0 +1,119 @@
+"""What a timed event does to one node, where the node is (`events.py` says what each event means):
+
+    set_capacity   the server's CFS quota becomes cores (its config's × the event's capacity)
+    start_hog      `hog.py` processes inside the server's CPU cgroup, wanting `cores` of CPU together;
+                   recorded as the server's `-hog` processes (teardown stops them; they die with the
+                   controller, PR_SET_PDEATHSIG), and `stop_hog` stops them
+    server_down    Apache's graceful stop: it closes its listener at once (new connections are refused, those
+                   in the listen backlog reset) and its workers finish the requests they serve
+    server_up      Apache started again, as deploy starts it
+    kill_agent     SIGKILL to an LB's agent; the dataplane keeps the last weights it was given
+    shape_link     tbf on an interface (0: no shaping). This kernel has tbf and htb but no netem, so delay and
+                   loss are not offered.
+
+The local testbed calls these in each node's namespace (`deploy.local_faults.LocalFaults`), and changes the
+router's route with `roles.route_replace` (an LB leaves or rejoins it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from marllb_cli.deploy.node.apache import ApacheInstance, apache_binary
+from marllb_cli.deploy.node.cgroups import CpuCgroup
+from marllb_cli.deploy.node.manifest import Manifest
+from marllb_cli.errors import TestbedError
+from marllb_cli.hosts.local import LocalHost
+from marllb_cli.processes import die_with_parent
+from marllb_cli.services import Service, start_process
+
+__all__ = [
+    "kill_agent",
+    "server_down",
+    "server_up",
+    "set_capacity",
+    "shape_link",
+    "start_hog",
+    "stop_hog",
+]
+
+
+def set_capacity(cgroup: CpuCgroup, cores: float, period_us: int) -> None:
+    cgroup.set_cores(cores, period_us)
+
+
+def start_hog(host: LocalHost, manifest: Manifest, server: str, cgroup: CpuCgroup, cores: float, logs: Path) -> None:
+    """Hog processes in `server`'s cgroup wanting `cores` of CPU in all (one per started core)."""
+    stop_hog(manifest, server)
+    count = max(1, math.ceil(cores - 1e-9))
+
+    def join_and_arm() -> None:
+        cgroup.add_self()
+        die_with_parent(signal.SIGKILL)()
+
+    for i in range(count):
+        name = f"{server}-hog{i}"
+        argv = [sys.executable, "-m", "marllb_cli.deploy.node.hog", repr(cores / count)]
+        service = start_process(host, name, argv, logs / f"{name}.log", preexec_fn=join_and_arm)
+        manifest.record("process", name, node=server, hog=True, **service.as_record())
+
+
+def stop_hog(manifest: Manifest, server: str) -> int:
+    """Stop `server`'s hog processes; how many were running."""
+    records = [r for r in manifest.of_kind("process") if r.data.get("hog") and r.data.get("node") == server]
+    running = 0
+    for record in records:
+        service = Service.from_record(record.name, record.data)
+        running += service.running()
+        service.stop(grace_s=1.0)
+    if records:
+        manifest.forget(records)
+    return running
+
+
+def server_down(instance: ApacheInstance, *, timeout_s: float = 5.0) -> None:
+    """Apache's graceful stop; returns once the server refuses connections."""
+    result = instance.namespace.run(
+        [str(apache_binary()), "-f", str(instance.conf), "-k", "graceful-stop"], check=False
+    )
+    if result.returncode != 0:
+        raise TestbedError(f"{instance.node.name}: apache2 graceful-stop failed: {result.stderr.strip()[-200:]}")
+    deadline = time.monotonic() + timeout_s
+    while instance.ready():
+        if time.monotonic() > deadline:
+            raise TestbedError(f"{instance.node.name}: apache2 still answers {timeout_s:g} s after graceful-stop")
+        time.sleep(0.02)
+
+
+def server_up(instance: ApacheInstance, testbed) -> None:
+    instance.start(testbed)
+
+
+def kill_agent(manifest: Manifest, lb: str) -> bool:
+    """SIGKILL LB `lb`'s agent; whether it was running."""
+    for record in manifest.of_kind("process"):
+        if record.name == f"{lb}-agent":
+            service = Service.from_record(record.name, record.data)
+            if service.running():
+                os.kill(service.pid, signal.SIGKILL)
+                return True
+    return False
+
+
+def shape_link(host: LocalHost, iface: str, rate_mbit: float) -> None:
+    """tbf at `rate_mbit` on `iface`'s egress (0: remove it). The bucket holds 10 ms at the rate, at least
+    16 KiB (a few full segments), and packets wait at most 50 ms."""
+    if rate_mbit <= 0:
+        host.run(["tc", "qdisc", "del", "dev", iface, "root"], check=False)
+        return
+    burst = max(16 * 1024, int(rate_mbit * 1e6 / 8 * 0.01))
+    argv = ["tc", "qdisc", "replace", "dev", iface, "root", "tbf", "rate", f"{rate_mbit:g}mbit"]
+    argv += ["burst", str(burst), "latency", "50ms"]
+    result = host.run(argv, check=False)
+    if result.returncode != 0:
+        raise TestbedError(f"tc on {iface}: {result.stderr.strip()[-200:]}", hint="is the sch_tbf module available?")

@@ -1,0 +1,44 @@
+"""`python -m marllb_cli.deploy.node.hog CORES`: a noisy neighbour that wants CORES of CPU (at most one
+core: one thread) and sleeps the rest, started inside a server's CPU cgroup by a `hog` timed event.
+
+Every 20 ms window it spins until it has used CORES × 20 ms of CPU, then sleeps until the window ends. Beside
+busy Apache workers in a CFS quota it gets less than it wants, as a real neighbour would: the scheduler
+shares the quota between runnable tasks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+WINDOW_S = 0.02
+
+
+def burn(cores: float) -> None:
+    """Use `cores` of a CPU until killed."""
+    budget = min(1.0, cores) * WINDOW_S
+    while True:
+        start, used_at_start = time.monotonic(), time.process_time()
+        while time.process_time() - used_at_start < budget and time.monotonic() - start < WINDOW_S:
+            pass
+        rest = start + WINDOW_S - time.monotonic()
+        if rest > 0:
+            time.sleep(rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cores = float(args[0])
+    except (IndexError, ValueError):
+        print("usage: python -m marllb_cli.deploy.node.hog CORES", file=sys.stderr)
+        return 2
+    try:
+        burn(cores)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

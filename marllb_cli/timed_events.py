@@ -1,0 +1,72 @@
+"""A testbed run's timed events, applied from the controller at their times on the replayer's clock.
+
+The runner is a thread beside the replay: it waits until the replayer reports its t0 (intended time 0, on the
+client node's clock; `client.offset` puts it on this machine's), then sleeps until each event's time and
+applies it (`Faults.apply`). Each event is recorded with its intended and applied time, and whether it took
+(a failed event is recorded with its error and the run goes on: what happens next is measured). After the
+run, `Faults.restore` puts back what the events changed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from marllb_cli.deploy.base import Faults
+from marllb_cli.events import TimedEvent
+
+__all__ = ["EventRunner"]
+
+
+class EventRunner:
+    """Applies `events` through `faults`; `t0()` gives the replay's time 0 on this machine's monotonic clock
+    once known (None until then)."""
+
+    def __init__(self, faults: Faults, events: Sequence[TimedEvent], t0: Callable[[], float | None]) -> None:
+        self.faults, self.events, self.t0 = faults, list(events), t0
+        self.records: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="timed-events", daemon=True)
+
+    def start(self) -> EventRunner:
+        if self.events:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Apply nothing more; events not yet due are recorded as not applied."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        for event in self.events[len(self.records) :]:
+            self._record(event, None, "the run ended first")
+
+    def _run(self) -> None:
+        while (t0 := self.t0()) is None:
+            if self._stop.wait(0.02):
+                return
+        for event in self.events:
+            if self._stop.wait(max(0.0, t0 + event.at - time.monotonic())):
+                return
+            try:
+                self.faults.apply(event)
+            except Exception as exc:  # the run goes on; the record says the event did not take
+                self._record(event, time.monotonic() - t0, f"{type(exc).__name__}: {exc}")
+                continue
+            self._record(event, time.monotonic() - t0, "")
+
+    def _record(self, event: TimedEvent, applied_s: float | None, error: str) -> None:
+        self.records.append(
+            {
+                "at_s": event.at,
+                "applied_s": applied_s if applied_s is not None else float("nan"),
+                "kind": event.kind,
+                "target": event.target,
+                "value": event.value,
+                "source": event.source,
+                "ok": applied_s is not None and not error,
+                "error": error,
+            }
+        )
