@@ -56,6 +56,9 @@ class EventRunner:
                 self._record(event, time.monotonic() - t0, f"{type(exc).__name__}: {exc}")
                 continue
             self._record(event, time.monotonic() - t0, "")
+        # Stay until the run ends: a process an event started (a hog) dies with the thread that started it
+        # (PR_SET_PDEATHSIG follows the thread), so that it cannot outlive a controller that was killed.
+        self._stop.wait()
 
     def _record(self, event: TimedEvent, applied_s: float | None, error: str) -> None:
         self.records.append(

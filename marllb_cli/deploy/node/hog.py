@@ -1,9 +1,10 @@
 """`python -m marllb_cli.deploy.node.hog CORES`: a noisy neighbour that wants CORES of CPU (at most one
 core: one thread) and sleeps the rest, started inside a server's CPU cgroup by a `hog` timed event.
 
-Every 20 ms window it spins until it has used CORES × 20 ms of CPU, then sleeps until the window ends. Beside
-busy Apache workers in a CFS quota it gets less than it wants, as a real neighbour would: the scheduler
-shares the quota between runnable tasks.
+Every 2 ms window it spins until it has used CORES × 2 ms of CPU, then sleeps until the window ends (short
+windows: its demand is smooth beside requests of tens of milliseconds; with 20 ms windows its effect on a
+request depended on their phase). Beside busy Apache workers in a CFS quota it gets less than it wants, as a
+real neighbour would: the scheduler shares the quota between runnable tasks.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-WINDOW_S = 0.02
+WINDOW_S = 0.002
 
 
 def burn(cores: float) -> None:

@@ -1,0 +1,146 @@
+"""Timed events on a real local testbed: one replay through real LBs and Apache in which a server's quota
+halves, an LB leaves and rejoins the router's route, a neighbour hogs a server's CPU, a server's Apache stops
+and starts, an agent is killed and a link is shaped; each checked in numbers, and the testbed checked to be
+as before once the run is over.
+
+Testbed name `itev` (configs/local-small.yaml renamed): servers srv0, srv1 of 0.25 core, srv2, srv3 of 0.5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pandas as pd
+import pytest
+
+from marllb_cli.config import load_config
+from marllb_cli.deploy.local import LocalTestbed
+from marllb_cli.hosts import LocalNamespace
+from marllb_cli.traces import poisson, write_parquet
+from tests.conftest import REPO
+from tests.integration.helpers import deployed
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local testbed needs root"),
+]
+NAME = "itev"
+MARLLB = [sys.executable, "-m", "marllb_cli"]
+#: Every request the same: 4 M for-loop iterations ≈ 12 ms of CPU, 50 ms on a 0.25-core server alone.
+WORK = 4_000_000
+EVENTS = [
+    "at=5,link=srv3,rate_mbit=20",
+    "at=10,server=srv0,capacity=0.5",
+    "at=12,lb=lb1,state=down",
+    "at=15,server=srv2,hog=0.5",
+    "at=18,lb=lb1,state=up",
+    "at=20,server=srv1,state=down",
+    "at=24,server=srv1,state=up",
+    "at=26,agent=lb0,state=down",
+]
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    with deployed(LocalTestbed(load_config(REPO / "configs" / "local-small.yaml", [f"testbed.name={NAME}"]))) as tb:
+        yield tb
+
+
+def _median_jct(requests: pd.DataFrame, server: str, start: float, end: float) -> float:
+    mine = requests[(requests["server"] == server) & requests["intended_s"].between(start, end, inclusive="left")]
+    assert len(mine) >= 4, (server, start, end, len(mine))
+    return float(mine["jct_s"].median())
+
+
+def _watch_qdisc(namespace: str, seen: list[str], stop: threading.Event) -> None:
+    while not stop.wait(0.5):
+        seen.append(LocalNamespace(namespace).run(["tc", "qdisc", "show", "dev", "eth0"]).stdout)
+
+
+def test_each_event_takes_effect_at_its_time_nothing_is_lost_and_the_run_undoes_them(testbed, tmp_path):
+    trace = poisson(rate=6, duration=40, seed=1)
+    trace["work"], trace["path"] = float(WORK), f"/dummy.php/?n={WORK}"
+    write_parquet(trace, tmp_path / "fixed.parquet")
+    srv3 = next(n for n in testbed.topology.servers if n.name == "srv3")
+    qdiscs: list[str] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_qdisc, args=(srv3.namespace, qdiscs, stop), daemon=True)
+    watcher.start()
+    try:
+        result = subprocess.run(
+            [*MARLLB, "replay-trace", str(REPO / "configs" / "local-small.yaml"), "--set", f"testbed.name={NAME}"]
+            + ["--trace", str(tmp_path / "fixed.parquet"), "--method", "ecmp", "--duration", "30"]
+            + ["--runs-dir", str(tmp_path / "runs"), *[arg for e in EVENTS for arg in ("--event", e)]],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = next((tmp_path / "runs").iterdir())
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["complete"] is True, (meta["failure"], meta["warnings"])  # a killed agent was the experiment
+    assert len(meta["events"]) == len(EVENTS)
+
+    events = pd.read_parquet(run / "events.parquet")
+    assert events["ok"].all() and len(events) == len(EVENTS), events
+    lag = events["applied_s"] - events["at_s"]
+    assert lag.between(0, 0.5).all(), events  # a graceful stop waits until Apache refuses: ≈ 0.1 s
+
+    requests = pd.read_parquet(run / "requests.parquet")
+    assert len(requests) == meta["scheduled_requests"]  # nothing lost
+    ok = requests["status"] == 200
+    refused = requests["error"] == "econnrefused"
+    assert (ok | refused).all(), requests[~(ok | refused)][["intended_s", "error"]]
+
+    # capacity 0.5 on srv0: a lone 12 ms request took ≈ 50 ms, now ≈ 100 ms.
+    ratio = _median_jct(requests, "srv0", 10.5, 30) / _median_jct(requests, "srv0", 0, 10)
+    assert 1.6 < ratio < 2.5, ratio
+    # hog 0.5 on srv2 (0.5 core): the hog wants 0.25 core beside each request. Measured 1.40-1.64 × in three
+    # runs (the simulator's model says 2 × for a lone request); without a hog the ratio is 1 ± 0.1.
+    hogged = _median_jct(requests, "srv2", 15.5, 30) / _median_jct(requests, "srv2", 0, 15)
+    assert hogged > 1.25, hogged
+    print(f"capacity 0.5: {ratio:.2f} x, hog 0.5: {hogged:.2f} x, event lag max {lag.max() * 1e3:.0f} ms")
+    # srv1 down 20-24: its connections refused (the LBs are not told), then served again.
+    assert refused.sum() >= 2 and requests.loc[refused, "intended_s"].between(20, 24.5).all()
+    assert (requests["server"] == "srv1")[requests["intended_s"] >= 24.5].sum() >= 2
+    # lb1 out of the route 12-18: it sees no new flow from the second after it left until it is back.
+    steps = {lb: pd.read_parquet(run / "agents" / f"{lb}.parquet") for lb in ("lb0", "lb1")}
+
+    def new_flows(lb: str, start: float, end: float) -> int:
+        """New flows the LB's dataplane saw between two times (its counter is cumulative)."""
+        counts = steps[lb][steps[lb]["t_s"].between(start, end)]["new_flows"].map(sum)
+        return int(counts.iloc[-1] - counts.iloc[0])
+
+    assert new_flows("lb1", 13, 18) == 0 and new_flows("lb0", 13, 18) > 10
+    assert new_flows("lb1", 19, 30) > 5
+    # lb0's agent killed at 26: no step after it; lb1's agent goes on.
+    assert steps["lb0"]["t_s"].max() < 26.5 and steps["lb1"]["t_s"].max() > 29
+    # srv3's link shaped during the run.
+    assert any("tbf" in shown and "20Mbit" in shown for shown in qdiscs), qdiscs[-3:]
+
+    # Undone: quotas, hogs, Apache, the route, the link.
+    srv0 = next(n for n in testbed.topology.servers if n.name == "srv0")
+    assert testbed.apache(srv0).cgroup.cores() == pytest.approx(0.25)
+    assert not [p for p in testbed.apache(srv3).cgroup.pids() if b"node.hog" in _cmdline(p)]
+    assert not any(b"node.hog" in _cmdline(int(p)) for p in os.listdir("/proc") if p.isdigit())
+    route = LocalNamespace(testbed.topology.router.namespace).run(["ip", "route", "show", "10.99.255.1"]).stdout
+    assert route.count("nexthop via") == 2
+    assert "tbf" not in LocalNamespace(srv3.namespace).run(["tc", "qdisc", "show", "dev", "eth0"]).stdout
+    status = testbed.status()
+    assert status.state == "up" and all(n.http_status == 200 for n in status.nodes if n.role == "server")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
