@@ -14,11 +14,12 @@ from marllb_cli.events import CapacityDrift, Event, parse_event_option, phase_bo
 from marllb_cli.sim.compiled import available
 from marllb_cli.sim.engine import Engine, ServerModel
 from marllb_cli.sim.run import run_simulation
+from tests.conftest import REPO
 
 ENGINES = ["python", "compiled"] if available() else ["python"]
 
 
-def write_config(tmp_path, events, *, load=0.8, duration=60, lbs=2):
+def events_config(tmp_path, events, *, load=0.8, duration=60, lbs=2):
     raw = {
         "testbed": {
             "name": "evt",
@@ -102,16 +103,16 @@ def test_the_option_form_and_its_errors():
 
 def test_config_errors_name_the_event_and_its_field(tmp_path):
     with pytest.raises(ConfigError, match=r"events\.yaml:\d+: experiment\.events\[0\]\.state: Input should be"):
-        load_config(write_config(tmp_path, [{"at": 1, "server": "srv0", "state": "sideways"}]))
+        load_config(events_config(tmp_path, [{"at": 1, "server": "srv0", "state": "sideways"}]))
     with pytest.raises(ConfigError, match=r"events\[0\] names 'srv9'"):
-        load_config(write_config(tmp_path, [{"at": 1, "server": "srv9", "capacity": 0.5}]))
+        load_config(events_config(tmp_path, [{"at": 1, "server": "srv9", "capacity": 0.5}]))
     everything_down = [{"at": 1, "lb": "lb0", "state": "down"}, {"at": 2, "lb": "lb1", "state": "down"}]
     with pytest.raises(ConfigError, match="every LB down at 2 s"):
-        load_config(write_config(tmp_path, everything_down))
+        load_config(events_config(tmp_path, everything_down))
 
 
 def test_the_simulator_refuses_a_link_event(tmp_path):
-    config = load_config(write_config(tmp_path, [{"at": 1, "link": "srv0", "rate_mbit": 20}]))
+    config = load_config(events_config(tmp_path, [{"at": 1, "link": "srv0", "rate_mbit": 20}]))
     with pytest.raises(ConfigError, match="shapes a link, and the simulator has no network"):
         run_simulation(config, "sed", duration_s=5)
 
@@ -130,7 +131,7 @@ def test_capacity_halved_on_a_server_doubles_its_service_time(tmp_path, engine):
     """At 10 % load a request is mostly alone: on srv0 (1 core) at half capacity it gets half a core, so its
     JCT roughly doubles (1.6-2.5 ×, the band the testbed's test uses too; a little queueing adds to it)."""
     config = load_config(
-        write_config(tmp_path, [{"at": 30, "server": "srv0", "capacity": 0.5}], load=0.1, duration=60),
+        events_config(tmp_path, [{"at": 30, "server": "srv0", "capacity": 0.5}], load=0.1, duration=60),
         [f"sim.engine={engine}"],
     )
     requests = run_simulation(config, "ecmp", seed=3).requests
@@ -143,7 +144,7 @@ def test_capacity_halved_on_a_server_doubles_its_service_time(tmp_path, engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_server_down_and_up_loses_nothing_and_is_served_again(tmp_path, engine):
     events = [{"at": 20, "server": "srv1", "state": "down"}, {"at": 30, "server": "srv1", "state": "up"}]
-    config = load_config(write_config(tmp_path, events), [f"sim.engine={engine}"])
+    config = load_config(events_config(tmp_path, events), [f"sim.engine={engine}"])
     sim = run_simulation(config, "sed", seed=1)
     requests = sim.requests
     assert requests["done_s"].notna().sum() + (requests["error"] != "").sum() == len(requests)
@@ -158,7 +159,7 @@ def test_a_server_down_and_up_loses_nothing_and_is_served_again(tmp_path, engine
 @pytest.mark.parametrize("engine", ENGINES)
 def test_an_lb_down_sends_every_new_flow_to_the_others(tmp_path, engine):
     events = [{"at": 20, "lb": "lb1", "state": "down"}, {"at": 40, "lb": "lb1", "state": "up"}]
-    config = load_config(write_config(tmp_path, events, lbs=3), [f"sim.engine={engine}"])
+    config = load_config(events_config(tmp_path, events, lbs=3), [f"sim.engine={engine}"])
     requests = run_simulation(config, "sed", seed=2).requests
     during = requests[requests["intended_s"].between(20, 40, inclusive="left")]
     after = requests[requests["intended_s"] >= 40]
@@ -170,7 +171,7 @@ def test_an_lb_down_sends_every_new_flow_to_the_others(tmp_path, engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_dead_agent_stops_stepping_and_its_lb_keeps_the_weights(tmp_path, engine):
     config = load_config(
-        write_config(tmp_path, [{"at": 10, "agent": "lb0", "state": "down"}]), [f"sim.engine={engine}"]
+        events_config(tmp_path, [{"at": 10, "agent": "lb0", "state": "down"}]), [f"sim.engine={engine}"]
     )
     sim = run_simulation(config, "lsq", seed=0, duration_s=20)
     assert sim.agents["lb0"]["t_s"].max() == pytest.approx(9.75)
@@ -190,7 +191,7 @@ def test_both_engines_agree_on_a_run_with_every_simulated_event(tmp_path):
         {"at": 16, "server": "srv1", "state": "up"},
         {"drift": "capacity", "servers": ["srv0"], "low": 0.5, "high": 1.0, "hold_s": 4},
     ]
-    path = write_config(tmp_path, events, duration=25, load=0.9)
+    path = events_config(tmp_path, events, duration=25, load=0.9)
     runs = [run_simulation(load_config(path, [f"sim.engine={e}"]), "sed", seed=4) for e in ("python", "compiled")]
     columns = ["server", "lb", "error", "done_s"]
     pd.testing.assert_frame_equal(runs[0].requests[columns], runs[1].requests[columns], rtol=1e-9)
@@ -203,7 +204,7 @@ def test_training_episodes_draw_their_own_drift(tmp_path):
     from marllb_cli.sim.env import LoadBalancingEnv
 
     drift = {"drift": "capacity", "low": 0.3, "high": 1.0, "hold_s": 3}
-    env = LoadBalancingEnv(load_config(write_config(tmp_path, [drift])), episode_s=10, seed=5)
+    env = LoadBalancingEnv(load_config(events_config(tmp_path, [drift])), episode_s=10, seed=5)
     seen = []
     for _ in range(2):
         env.reset()
@@ -218,11 +219,11 @@ def test_the_report_splits_runs_by_their_events_and_tabulates_phases(tmp_path):
     from marllb_cli.sim.run import simulate_to_run_dir
 
     events = [{"at": 10, "server": "srv1", "state": "down"}, {"at": 20, "server": "srv1", "state": "up"}]
-    config = load_config(write_config(tmp_path, events, duration=30))
+    config = load_config(events_config(tmp_path, events, duration=30))
     runs_dir = tmp_path / "runs"
     for method in ("sed", "ecmp"):
         simulate_to_run_dir(config, method, runs_dir=runs_dir)
-    still = load_config(write_config(tmp_path, [], duration=30))
+    still = load_config(events_config(tmp_path, [], duration=30))
     simulate_to_run_dir(still, "sed", runs_dir=runs_dir)  # the same system without events: its own scenario
     found, skipped = scan_runs([runs_dir])
     report = build_report(found, skipped=skipped)
@@ -236,3 +237,27 @@ def test_the_report_splits_runs_by_their_events_and_tabulates_phases(tmp_path):
     assert {"busy_over_time.png", "jct_over_time.png"} <= {f.name for f in files}
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Phases between timed events" in text and "| sed | 10–20 | srv1 down |" in text
+
+
+def test_kinds_ssh_and_kvm_refuse_timed_events_in_one_line():
+    from marllb_cli.deploy import testbed_for
+
+    config = load_config(REPO / "configs" / "ssh-example.yaml")
+    with pytest.raises(ConfigError, match="timed events run on kind local testbeds and in the simulator only"):
+        testbed_for(config).faults()
+
+
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        ("at=3,server=srv9,capacity=0.5", "--event: events[0] names 'srv9'"),
+        ("at=3,server=srv0", "exactly one change"),
+        ("at=3,link=srv0,rate_mbit=5", "shapes a link, and the simulator has no network"),
+    ],
+)
+def test_simulate_refuses_a_bad_event_in_one_line_with_exit_2(cli, tmp_path, event, message):
+    result = cli("simulate", REPO / "configs" / "sim-moderate.yaml", "--duration", "1", "--event", event,
+                 "--runs-dir", tmp_path)  # fmt: skip
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    assert not list(tmp_path.iterdir())
