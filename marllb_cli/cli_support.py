@@ -35,6 +35,7 @@ __all__ = [
     "err_console",
     "load",
     "load_events",
+    "print_table",
     "reports_errors",
 ]
 
@@ -73,6 +74,16 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 def load(config: Path, overrides: list[str] | None) -> Config:
     """The config of a command: the file plus its `--set` overrides."""
     return load_config(config, overrides or ())
+
+
+def print_table(table: Any) -> None:
+    """A rich table on stdout: fitted to the window in a terminal; at its natural width otherwise (a pipe, a
+    log, CI), where clipping a column to 80 characters would lose the numbers it holds."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Console(width=10_000).measure(table).maximum
+    Console(width=max(console.width, natural)).print(table)
 
 
 def load_events(config: Config, options: list[str] | None) -> list[Event]:

@@ -159,13 +159,16 @@ def build_report(
             warnings.append(f"scenario {scenario}: no {baseline} run, so no ratios")
         scenario_rows: list[dict[str, Any]] = []
         boots: dict[tuple[str, str], Bootstrap] = {}
+        draws = _draws_of(members, baseline)
         for method in found:
-            frames = [(r, r.requests()) for r in members if r.method == method]
+            frames = sorted(((r, r.requests()) for r in members if r.method == method), key=lambda f: _draw(f[0]))
+            paired = [_draw(r) for r, _ in frames] == draws
             classes = sorted({c for _, f in frames for c in f["class"].dropna().unique()})
             for cls in [ALL, *classes]:
-                seed = _seed(scenario, method, cls)
+                # Paired: the same seed as the baseline's, so both resample the same draws in each replicate.
+                seed = _seed(scenario, "paired" if paired else method, cls)
                 row, boots[(method, cls)] = _row(method, cls, frames, group_cpus[frames[0][0].path], replicates, seed)
-                scenario_rows.append({"scenario": scenario, **row})
+                scenario_rows.append({"scenario": scenario, **row, "paired": paired and len(frames) > 1})
         _rank_and_compare(scenario_rows, baseline, boots)
         rows += scenario_rows
     phases = event_phases(runs, scenarios, warnings)
@@ -246,6 +249,22 @@ def _scenarios(runs: list[Run]) -> list[tuple[str, Scenario]]:
         found.append(scenario_of(run.meta, config.read_text() if config.is_file() else None))
     labels = label_scenarios(found)
     return [(labels[s.key], s) for s in found]
+
+
+def _draw(run: Run) -> str:
+    """What made a run's requests (and its events' draws): its seed, and on a testbed its trace window. Two
+    runs of one scenario with the same draw met the same traffic (the simulator's common random numbers)."""
+    meta = run.meta
+    trace = meta.get("trace") or {}
+    return json.dumps([meta.get("seed"), meta.get("duration_s"), trace.get("start_s"), meta.get("speed")])
+
+
+def _draws_of(members: list[Run], baseline: str | None) -> list[str] | None:
+    """The baseline's draws in order, when each of its runs had its own (else no group is paired with it)."""
+    if baseline is None:
+        return None
+    draws = sorted(_draw(run) for run in members if run.method == baseline)
+    return draws if len(draws) >= 2 and len(set(draws)) == len(draws) else None
 
 
 def _seed(*parts: str) -> int:

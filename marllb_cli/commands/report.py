@@ -11,7 +11,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from marllb_cli.cli_support import JsonOption, console, err_console, reports_errors
+from marllb_cli.cli_support import JsonOption, console, err_console, print_table, reports_errors
 from marllb_cli.stats import BOOTSTRAP_REPLICATES
 
 
@@ -92,7 +92,7 @@ def report_command(
             if row["scenario"] == label:
                 cells = table_cells({**row, "method": names[row["method"]]}, TERMINAL_COLUMNS)
                 table.add_row(*(escape(" ".join(cell.split())) for cell in cells))
-        console.print(table)
+        print_table(table)
     for method, name in names.items():
         if name != method:
             console.print(f"{escape(name)}: {escape(method)}", soft_wrap=True)

@@ -261,3 +261,28 @@ def test_simulate_refuses_a_bad_event_in_one_line_with_exit_2(cli, tmp_path, eve
     assert result.exit_code == 2 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
     assert not list(tmp_path.iterdir())
+
+
+def test_the_report_pairs_methods_over_the_same_seeds_of_a_drift(tmp_path):
+    """sim-moderate-drift, 4 seeds of 40 s: the seeds differ (one drift overloads more than another), sed
+    and lsq met the same requests and events per seed, so the ratio's interval is paired: narrower than
+    the same runs resampled independently."""
+    from marllb_cli.report import build_report, scan_runs
+    from marllb_cli.sim.run import simulate_to_run_dir
+    from marllb_cli.stats import bootstrap
+
+    config = load_config(REPO / "configs" / "sim-moderate-drift.yaml", ["experiment.events.0.hold_s=8"])
+    for seed in range(4):
+        for method in ("sed", "lsq"):
+            simulate_to_run_dir(config, method, runs_dir=tmp_path / "runs", seed=seed, duration_s=40)
+    found, _ = scan_runs([tmp_path / "runs"])
+    lsq = next(row for row in build_report(found).rows if row["method"] == "lsq" and row["class"] == "all")
+    low, high = lsq["jct_mean_ratio_ci"]
+    assert lsq["paired"] and low <= lsq["jct_mean_ratio"] <= high
+
+    def jcts(method):
+        runs = sorted((r for r in found if r.method == method), key=lambda r: r.meta["seed"])
+        return [r.requests().query("error == ''")["jct_s"].to_numpy() for r in runs]
+
+    apart = bootstrap(jcts("lsq"), 500, seed=1).ratio_interval("jct_mean_s", bootstrap(jcts("sed"), 500, seed=2))
+    assert high - low < (apart[1] - apart[0]) / 2, ((low, high), apart)
