@@ -12,7 +12,8 @@ What is resampled, and why:
 - One run: its requests are not independent (a burst queues many at once), so they are resampled in blocks
   of consecutive requests (circular blocks of ⌈`BLOCK_FACTOR` · n^(1/3)⌉), which keeps the correlation
   within a block.
-- A ratio to the baseline: taken per replicate. When the group ran the same draws as the baseline (the same
+- A ratio to the baseline: taken per replicate of the drawn (unexpanded) figures, then expanded on a log
+  scale (a ratio is multiplicative: stretched linearly, a wide interval reached below 0). When the group ran the same draws as the baseline (the same
   seeds, and on a testbed the same trace window: the simulator's common random numbers give every method
   the same requests and events for a seed), `marllb report` has both resample the same runs in each
   replicate (paired: the same bootstrap seed, runs in the same order), so the interval measures the
@@ -49,18 +50,30 @@ T975 = (
 class Bootstrap:
     """One group's bootstrap: the point estimates and the (expanded) replicates of each statistic."""
 
-    def __init__(self, estimates: dict[str, float], replicates: dict[str, np.ndarray]) -> None:
+    def __init__(self, estimates: dict[str, float], raw: dict[str, np.ndarray], stretch: float = 1.0) -> None:
         self.estimates = estimates
-        self.replicates = replicates
+        self.raw = raw  # the replicates as drawn
+        self.stretch = stretch  # Hesterberg's expansion for few runs (1: none)
+
+    @property
+    def replicates(self) -> dict[str, np.ndarray]:
+        """The replicates, each one's distance from the estimate stretched by the expansion."""
+        return {
+            name: self.estimates[name] + self.stretch * (raw - self.estimates[name]) for name, raw in self.raw.items()
+        }
 
     def interval(self, statistic: str) -> tuple[float, float] | None:
         """The 95 % percentile interval of `statistic` (None without replicates)."""
         return _percentiles(self.replicates[statistic])
 
     def ratio_interval(self, statistic: str, baseline: Bootstrap) -> tuple[float, float] | None:
-        """The 95 % interval of this group's statistic over the baseline's."""
+        """The 95 % interval of this group's statistic over the baseline's. The ratio of the drawn replicates
+        is expanded on a log scale (a ratio is multiplicative; stretched linearly, a wide one went below 0)."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            return _percentiles(self.replicates[statistic] / baseline.replicates[statistic])
+            ratios = self.raw[statistic] / baseline.raw[statistic]
+            estimate = self.estimates[statistic] / baseline.estimates[statistic]
+            stretch = max(self.stretch, baseline.stretch)
+            return _percentiles(np.exp(np.log(estimate) + stretch * (np.log(ratios) - np.log(estimate))))
 
 
 def bootstrap(runs: Sequence[np.ndarray], replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0) -> Bootstrap:
@@ -85,11 +98,10 @@ def bootstrap(runs: Sequence[np.ndarray], replicates: int = BOOTSTRAP_REPLICATES
         else:
             out[replicate] = _figures(values, ranked, _block_weights(len(values), rng)[order])
     estimates = _figures(values, ranked, np.ones(len(values)))
-    stretch = _expansion(len(runs))
-    expanded = estimates + stretch * (out - estimates)
     return Bootstrap(
         dict(zip(STATISTICS, map(float, estimates), strict=True)),
-        {name: expanded[:, i] for i, name in enumerate(STATISTICS)},
+        {name: out[:, i] for i, name in enumerate(STATISTICS)},
+        _expansion(len(runs)),
     )
 
 
