@@ -13,12 +13,13 @@ What is resampled, and why:
   of consecutive requests (circular blocks of ⌈`BLOCK_FACTOR` · n^(1/3)⌉), which keeps the correlation
   within a block.
 - A ratio to the baseline: taken per replicate of the drawn (unexpanded) figures, then expanded on a log
-  scale (a ratio is multiplicative: stretched linearly, a wide interval reached below 0). When the group ran the same draws as the baseline (the same
-  seeds, and on a testbed the same trace window: the simulator's common random numbers give every method
-  the same requests and events for a seed), `marllb report` has both resample the same runs in each
-  replicate (paired: the same bootstrap seed, runs in the same order), so the interval measures the
-  difference between the methods, not between seeds; a scenario whose seeds differ widely (a capacity drift)
-  otherwise gets intervals that span an order of magnitude. Else both are resampled independently.
+  scale (a ratio is multiplicative: stretched linearly, a wide interval reached below 0). When the group
+  ran the same draws as the baseline (the same seeds, and on a testbed the same trace window: the
+  simulator's common random numbers give every method the same requests and events for a seed), `marllb
+  report` has both resample the same runs in each replicate (paired: the same bootstrap seed, runs in the
+  same order), so the interval measures the difference between the methods, not between seeds; a scenario
+  whose seeds differ widely (a capacity drift) otherwise gets intervals that span an order of magnitude.
+  Else both are resampled independently.
 A replicate is a weight per request (how often it was drawn), so the mean is a dot product and a quantile a
 search in the sorted JCTs: 500 replicates of a 100 000-request run take 0.8 s, of 5 such runs 1 s. Seeded: a
 report is reproducible.

@@ -3,23 +3,20 @@ with what it changed remembered so that `restore` puts the testbed back as the r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from marllb_cli.deploy.node import faults
 from marllb_cli.deploy.node.roles import route_replace
 from marllb_cli.events import TimedEvent
 from marllb_cli.hosts.local import LocalNamespace
 
-if TYPE_CHECKING:
-    from marllb_cli.deploy.local import LocalTestbed
-
 __all__ = ["LocalFaults"]
 
 
 class LocalFaults:
-    """`deploy.base.Faults` for a `LocalTestbed`."""
+    """`deploy.base.Faults` for a `LocalTestbed` (given as `Any`: `deploy.local` imports this module)."""
 
-    def __init__(self, testbed: LocalTestbed) -> None:
+    def __init__(self, testbed: Any) -> None:
         self.testbed = testbed
         self.topology = testbed.topology
         self.capacity: dict[str, float] = {}  # servers whose capacity an event changed

@@ -185,8 +185,8 @@ class SshTestbed:
 
     def faults(self):
         raise ConfigError(
-            f"testbed {self.config.testbed.name} is kind {self.config.testbed.kind}: timed events run on kind local "
-            "testbeds and in the simulator only, for now",
+            f"testbed {self.config.testbed.name}: timed events run on kind local testbeds and in the simulator "
+            "only, for now (not over SSH or in KVM guests)",
             hint="remove experiment.events (and --event) for this testbed, or run them on a local testbed",
         )
 
