@@ -238,7 +238,8 @@ def _replay(
         usage.extend(_counters(testbed, run))
         replayer = ReplayerProcess(client, files)
         if plan.events:
-            events = EventRunner(testbed.faults(), plan.events, _replay_t0(replayer, client)).start()
+            end = float(schedule["intended_s"].max())
+            events = EventRunner(testbed.faults(), plan.events, _replay_t0(replayer, client), end_s=end).start()
         finished = replayer.wait(progress)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (`cli_support.Terminated`)
         # Not re-raised: the caller gets the partial run and decides the exit code.

@@ -19,13 +19,19 @@ from marllb_cli.events import TimedEvent
 
 __all__ = ["EventRunner"]
 
+#: How long a process an event started (a hog) outlives the run's last request at most.
+LIFETIME_MARGIN_S = 60.0
+
 
 class EventRunner:
     """Applies `events` through `faults`; `t0()` gives the replay's time 0 on this machine's monotonic clock
     once known (None until then)."""
 
-    def __init__(self, faults: Faults, events: Sequence[TimedEvent], t0: Callable[[], float | None]) -> None:
-        self.faults, self.events, self.t0 = faults, list(events), t0
+    def __init__(
+        self, faults: Faults, events: Sequence[TimedEvent], t0: Callable[[], float | None], *, end_s: float
+    ) -> None:
+        """`end_s`: when the run's last request is due; what an event starts lives until then and a minute."""
+        self.faults, self.events, self.t0, self.end_s = faults, list(events), t0, end_s
         self.records: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="timed-events", daemon=True)
@@ -51,7 +57,7 @@ class EventRunner:
             if self._stop.wait(max(0.0, t0 + event.at - time.monotonic())):
                 return
             try:
-                self.faults.apply(event)
+                self.faults.apply(event, lifetime_s=max(0.0, self.end_s - event.at) + LIFETIME_MARGIN_S)
             except Exception as exc:  # the run goes on; the record says the event did not take
                 self._record(event, time.monotonic() - t0, f"{type(exc).__name__}: {exc}")
                 continue

@@ -158,8 +158,9 @@ class Faults(Protocol):
     """Timed events on a deployed testbed (`events.py` says what each means): applied one at a time by the
     run's event runner (`timed_events.EventRunner`), and everything they changed put back after the run."""
 
-    def apply(self, event: TimedEvent) -> None:
-        """Make the change now; a `TestbedError` when it could not be made."""
+    def apply(self, event: TimedEvent, *, lifetime_s: float = 3600.0) -> None:
+        """Make the change now; a `TestbedError` when it could not be made. A process it starts (a hog) ends
+        after `lifetime_s` at the latest: the rest of the run and a margin."""
         ...
 
     def restore(self) -> list[str]:

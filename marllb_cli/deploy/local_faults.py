@@ -1,114 +1,50 @@
-"""Timed events on a local testbed: each applied in the namespace of the node it concerns (`node.faults`),
-with what it changed remembered so that `restore` puts the testbed back as the run found it."""
+"""Timed events on a local testbed: each action in the namespace of the node it concerns (`node.faults`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from marllb_cli.deploy.faults import TrackedFaults
 from marllb_cli.deploy.node import faults
 from marllb_cli.deploy.node.roles import route_replace
-from marllb_cli.events import TimedEvent
 from marllb_cli.hosts.local import LocalNamespace
+from marllb_cli.topology import Node
 
 __all__ = ["LocalFaults"]
 
 
-class LocalFaults:
+class LocalFaults(TrackedFaults):
     """`deploy.base.Faults` for a `LocalTestbed` (given as `Any`: `deploy.local` imports this module)."""
 
     def __init__(self, testbed: Any) -> None:
+        super().__init__(testbed.topology)
         self.testbed = testbed
-        self.topology = testbed.topology
-        self.capacity: dict[str, float] = {}  # servers whose capacity an event changed
-        self.hog: dict[str, float] = {}  # servers with a hog running
-        self.down: set[str] = set()  # servers whose Apache an event stopped
-        self.lbs_up = [lb.name for lb in self.topology.lbs]
-        self.route_changed = False
-        self.shaped: set[str] = set()
 
-    def apply(self, event: TimedEvent) -> None:
-        name = event.target
-        if event.kind == "capacity":
-            self.capacity[name] = event.value
-            self._set_quota(name)
-            if self.hog.get(name):  # the hog wants its share of the new quota
-                self._start_hog(name)
-        elif event.kind == "hog":
-            self.hog[name] = event.value
-            if event.value > 0:
-                self._start_hog(name)
-            else:
-                faults.stop_hog(self.testbed._manifest(), name)
-        elif event.kind == "server_state":
-            instance = self.testbed.apache(self._node(name))
-            if event.value:
-                faults.server_up(instance, self.testbed.config.testbed)
-                self.down.discard(name)
-            else:
-                self.down.add(name)
-                faults.server_down(instance)
-        elif event.kind == "lb_state":
-            up = set(self.lbs_up)
-            (up.add if event.value else up.discard)(name)
-            self.lbs_up = [lb.name for lb in self.topology.lbs if lb.name in up]
-            self.route_changed = True
-            self._route(self.lbs_up)
-        elif event.kind == "agent_state":
-            faults.kill_agent(self.testbed._manifest(), name)
-        elif event.kind == "link_rate":
-            node = self._node(name)
-            faults.shape_link(LocalNamespace(node.namespace), node.interfaces[0].name, event.value)
-            (self.shaped.add if event.value else self.shaped.discard)(name)
+    def set_quota(self, server: Node, cores: float) -> None:
+        faults.set_capacity(self.testbed.apache(server).cgroup, cores, self.testbed.config.testbed.cpu_period_us)
+
+    def hog(self, server: Node, cores: float, lifetime_s: float) -> None:
+        manifest = self.testbed._manifest()
+        if cores <= 0:
+            faults.stop_hog(manifest, server.name)
+            return
+        cgroup, logs = self.testbed.apache(server).cgroup, self.testbed.state_dir / "faults"
+        ns = LocalNamespace(server.namespace)
+        faults.start_hog(ns, manifest, server.name, cgroup, cores, logs, lifetime_s=lifetime_s)
+
+    def apache(self, server: Node, up: bool) -> None:
+        instance = self.testbed.apache(server)
+        if up:
+            faults.server_up(instance, self.testbed.config.testbed)
         else:
-            raise ValueError(f"unknown event kind {event.kind!r}")
+            faults.server_down(instance)
 
-    def restore(self) -> list[str]:
-        problems: list[str] = []
+    def route(self, gateways: list[str]) -> None:
+        router = LocalNamespace(self.topology.router.namespace)
+        router.call(route_replace, f"{self.topology.vip}/32", gateways)
 
-        def attempt(what: str, action) -> None:
-            try:
-                action()
-            except Exception as exc:  # each undo is tried whatever the others did; the run reports them
-                problems.append(f"{what}: {exc}")
+    def kill_agent(self, lb: Node) -> None:
+        faults.kill_agent(self.testbed._manifest(), lb.name)
 
-        manifest = self.testbed._manifest()
-        for name in list(self.hog):
-            attempt(f"stop {name}'s hog", lambda n=name: faults.stop_hog(manifest, n))
-        for name in list(self.capacity):
-            self.capacity[name] = 1.0
-            attempt(f"restore {name}'s quota", lambda n=name: self._set_quota(n))
-        for name in sorted(self.down):
-            instance = self.testbed.apache(self._node(name))
-            attempt(f"start {name}'s Apache", lambda i=instance: faults.server_up(i, self.testbed.config.testbed))
-        if self.route_changed:
-            attempt("restore the router's route", lambda: self._route([lb.name for lb in self.topology.lbs]))
-        for name in sorted(self.shaped):
-            node = self._node(name)
-            ns, iface = LocalNamespace(node.namespace), node.interfaces[0].name
-            attempt(f"unshape {name}'s link", lambda ns=ns, iface=iface: faults.shape_link(ns, iface, 0))
-        self.capacity, self.hog, self.down, self.shaped = {}, {}, set(), set()
-        self.route_changed = False
-        return problems
-
-    # -- helpers -----------------------------------------------------------------------------------------
-    def _node(self, name: str):
-        return next(node for node in self.topology.nodes if node.name == name)
-
-    def _cores(self, name: str) -> float:
-        return (self._node(name).cores or 0.0) * self.capacity.get(name, 1.0)
-
-    def _set_quota(self, name: str) -> None:
-        instance = self.testbed.apache(self._node(name))
-        faults.set_capacity(instance.cgroup, self._cores(name), self.testbed.config.testbed.cpu_period_us)
-
-    def _start_hog(self, name: str) -> None:
-        node = self._node(name)
-        instance = self.testbed.apache(node)
-        cores = self.hog[name] * self._cores(name)
-        logs = self.testbed.state_dir / "faults"
-        manifest = self.testbed._manifest()
-        faults.start_hog(LocalNamespace(node.namespace), manifest, name, instance.cgroup, cores, logs)
-
-    def _route(self, lbs: list[str]) -> None:
-        gateways = [str(lb.ip) for lb in self.topology.lbs if lb.name in lbs]
-        LocalNamespace(self.topology.router.namespace).call(route_replace, f"{self.topology.vip}/32", gateways)
+    def shape(self, server: Node, rate_mbit: float) -> None:
+        faults.shape_link(LocalNamespace(server.namespace), server.interfaces[0].name, rate_mbit)

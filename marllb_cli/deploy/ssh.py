@@ -183,12 +183,10 @@ class SshTestbed:
     def lbs(self) -> SshLbs:
         return SshLbs(self)
 
-    def faults(self):
-        raise ConfigError(
-            f"testbed {self.config.testbed.name}: timed events run on kind local testbeds and in the simulator "
-            "only, for now (not over SSH or in KVM guests)",
-            hint="remove experiment.events (and --event) for this testbed, or run them on a local testbed",
-        )
+    def faults(self):  # -> SshFaults
+        from marllb_cli.deploy.ssh_faults import SshFaults
+
+        return SshFaults(self)
 
     def server_usage(self) -> dict[str, CpuUsage]:
         """Each server host's `node usage`, asked of all at once."""

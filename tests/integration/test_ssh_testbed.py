@@ -244,6 +244,57 @@ def replay_on_client_host(hosts) -> Path:
     return next(runs.iterdir())
 
 
+SSH_EVENTS = [
+    "at=1,link=srv1,rate_mbit=50",
+    "at=2,server=srv0,capacity=0.5",
+    "at=2,server=srv1,hog=0.5",
+    "at=3,lb=lb1,state=down",
+    "at=4,server=srv0,state=down",
+    "at=6,lb=lb1,state=up",
+    "at=7,server=srv0,state=up",
+    "at=8,agent=lb0,state=down",
+]
+
+
+def check_events_over_ssh(hosts) -> None:
+    """The 10 s trace again with every kind of timed event, applied on the stand-in hosts over SSH."""
+    wiring = hosts["wiring"]
+    quota = cgroup_root()[0] / f"marllb-{TESTBED}-srv0"
+    quota_file = next(quota / name for name in ("cpu.max", "cpu.cfs_quota_us") if (quota / name).exists())
+    quota_before = quota_file.read_text()
+    runs = hosts["tmp"] / "event-runs"
+    replayed = marllb(
+        hosts, "replay-trace", str(hosts["config"]), "--trace", str(hosts["tmp"] / "poisson.parquet"),
+        "--method", "ecmp", "--runs-dir", str(runs), *[arg for e in SSH_EVENTS for arg in ("--event", e)],
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stderr[-2000:]
+    run = next(runs.iterdir())
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["complete"] is True, (meta["failure"], meta["warnings"])
+    events = pd.read_parquet(run / "events.parquet")
+    assert len(events) == len(SSH_EVENTS) and events["ok"].all(), events[["kind", "target", "error"]]
+    assert (events["applied_s"] - events["at_s"]).between(0, 1.5).all(), events[["at_s", "applied_s"]]
+    requests = pd.read_parquet(run / "requests.parquet")
+    refused = requests["error"] == "econnrefused"
+    assert ((requests["status"] == 200) | refused).all()  # nothing lost
+    assert requests.loc[refused, "intended_s"].between(4, 7.5).all()
+    # Undone on the hosts: srv0's quota, no hog left, the router's route over both LBs, srv1's link unshaped.
+    assert quota_file.read_text() == quota_before
+    assert not any(b"node.hog" in _cmdline(p) for p in os.listdir("/proc") if p.isdigit())
+    route = LocalNamespace(wiring.router.namespace).run(["ip", "route", "show", VIP]).stdout
+    assert route.count("nexthop via") == 2, route
+    srv1 = next(node for node in wiring.servers if node.name == "srv1")
+    shown = LocalNamespace(srv1.namespace).run(["tc", "qdisc", "show", "dev", srv1.interfaces[0].name]).stdout
+    assert "tbf" not in shown
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_an_unknown_host_key_stops_deploy_before_anything_is_installed(hosts):
     result = marllb(hosts, "deploy", str(hosts["config"]))
     assert result.returncode == 1, result.stderr
@@ -346,6 +397,9 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts, trained):
         assert not list(
             (hosts["tmp"] / "hostfs" / "client" / "testbeds" / TESTBED / "runs").iterdir()
         )  # staged files removed
+
+        # Timed events over SSH: each a `marllb node event` on its host, undone after the run.
+        check_events_over_ssh(hosts)
 
         # Two short QMIX episodes: the coordinator on lb0's host, both agents reach it over the wire with the
         # secret (0600 on every LB host), the trajectory comes back here and the learner stores it.

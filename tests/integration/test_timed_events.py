@@ -36,7 +36,7 @@ EVENTS = [
     "at=5,link=srv3,rate_mbit=20",
     "at=10,server=srv0,capacity=0.5",
     "at=12,lb=lb1,state=down",
-    "at=15,server=srv2,hog=0.5",
+    "at=15,server=srv2,hog=0.8",
     "at=18,lb=lb1,state=up",
     "at=20,server=srv1,state=down",
     "at=24,server=srv1,state=up",
@@ -50,10 +50,11 @@ def testbed():
         yield tb
 
 
-def _median_jct(requests: pd.DataFrame, server: str, start: float, end: float) -> float:
+def _jct(requests: pd.DataFrame, server: str, start: float, end: float, quantile: float = 0.5) -> float:
+    """A quantile of the JCTs of `server`'s requests that arrived in [start, end)."""
     mine = requests[(requests["server"] == server) & requests["intended_s"].between(start, end, inclusive="left")]
     assert len(mine) >= 4, (server, start, end, len(mine))
-    return float(mine["jct_s"].median())
+    return float(mine["jct_s"].quantile(quantile))
 
 
 def _watch_qdisc(namespace: str, seen: list[str], stop: threading.Event) -> None:
@@ -100,14 +101,17 @@ def test_each_event_takes_effect_at_its_time_nothing_is_lost_and_the_run_undoes_
     refused = requests["error"] == "econnrefused"
     assert (ok | refused).all(), requests[~(ok | refused)][["intended_s", "error"]]
 
-    # capacity 0.5 on srv0: a lone 12 ms request took ≈ 50 ms, now ≈ 100 ms.
-    ratio = _median_jct(requests, "srv0", 10.5, 30) / _median_jct(requests, "srv0", 0, 10)
-    assert 1.6 < ratio < 2.5, ratio
-    # hog 0.5 on srv2 (0.5 core): the hog wants 0.25 core beside each request. Measured 1.40-1.64 × in three
-    # runs (the simulator's model says 2 × for a lone request); without a hog the ratio is 1 ± 0.1.
-    hogged = _median_jct(requests, "srv2", 15.5, 30) / _median_jct(requests, "srv2", 0, 15)
-    assert hogged > 1.25, hogged
-    print(f"capacity 0.5: {ratio:.2f} x, hog 0.5: {hogged:.2f} x, event lag max {lag.max() * 1e3:.0f} ms")
+    # capacity 0.5 on srv0: a lone 12 ms request took ≈ 50 ms, now ≈ 100 ms. The lower quartile, as requests
+    # that overlapped another on srv0 took longer (the median read 2.57 once in CI, the quartile is the lone ones).
+    ratio = _jct(requests, "srv0", 10.5, 30, 0.25) / _jct(requests, "srv0", 0, 10, 0.25)
+    assert 1.6 < ratio < 2.8, ratio  # 2 × the CPU time, and a CFS period's granularity: 2.18-2.28 measured
+    # hog 0.8 on srv2 (0.5 core): the hog wants 0.4 core, and beside a request CFS gives each half the quota, so
+    # the request runs at half speed (the simulator's model: min(0.8, 1/2) for the hog, 2 ×). With hog 0.5 the
+    # ratio read 1.29-1.98 over six runs, too close to noise for a test.
+    hogged = _jct(requests, "srv2", 15.5, 30) / _jct(requests, "srv2", 0, 15)
+    assert hogged > 1.4, hogged
+    median = _jct(requests, "srv0", 10.5, 30) / _jct(requests, "srv0", 0, 10)
+    print(f"capacity 0.5: {ratio:.2f} x (median {median:.2f} x), hog 0.8: {hogged:.2f} x, lag ≤ {lag.max():.2f} s")
     # srv1 down 20-24: its connections refused (the LBs are not told), then served again.
     assert refused.sum() >= 2 and requests.loc[refused, "intended_s"].between(20, 24.5).all()
     assert (requests["server"] == "srv1")[requests["intended_s"] >= 24.5].sum() >= 2

@@ -239,14 +239,6 @@ def test_the_report_splits_runs_by_their_events_and_tabulates_phases(tmp_path):
     assert "## Phases between timed events" in text and "| sed | 10–20 | srv1 down |" in text
 
 
-def test_kinds_ssh_and_kvm_refuse_timed_events_in_one_line():
-    from marllb_cli.deploy import testbed_for
-
-    config = load_config(REPO / "configs" / "ssh-example.yaml")
-    with pytest.raises(ConfigError, match="timed events run on kind local testbeds and in the simulator only"):
-        testbed_for(config).faults()
-
-
 @pytest.mark.parametrize(
     ("event", "message"),
     [

@@ -141,8 +141,10 @@ class KvmTestbed:
     def server_usage(self) -> dict[str, CpuUsage]:
         return self.ssh.server_usage()
 
-    def faults(self):
-        return self.ssh.faults()
+    def faults(self):  # -> SshFaults: on the guests, and on the router, a namespace here
+        from marllb_cli.deploy.ssh_faults import SshFaults
+
+        return SshFaults(self.ssh, router=LocalNamespace(self.topology.router.namespace))
 
     def client(self) -> LocalClient:
         """The client namespace: a run's replayer and sampler start there, as on a local testbed."""

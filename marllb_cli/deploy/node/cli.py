@@ -12,6 +12,8 @@ exactly what `up` and `lb-start` made.
     lb-stats  JSON: this LB's processes, method, weights and per-server counters (`marllb lb stats`)
     status    JSON: whether the node is set up, and for a server whether Apache answers
     usage     JSON: a server's CPU counters (CPU seconds used, CFS throttling)
+    event     one timed event's change on this host (`node.faults`): a quota, a hog, Apache down or up, the
+              router's route, an agent killed, a link shaped; the controller sends absolute values
     stop-clients  stop the replayers and samplers a previous controller left running on this (client) host
     down      stop those, undo everything in the record, newest first, and remove the state directory
 
@@ -35,13 +37,13 @@ from marllb_cli.cli_support import reports_errors
 from marllb_cli.config import Config, ServerGroup, load_config
 from marllb_cli.coordination.coordinator import CoordinatorSpec
 from marllb_cli.dataplane.fastpath import DataplaneSpec
-from marllb_cli.deploy.node import mediawiki
+from marllb_cli.deploy.node import faults, mediawiki
 from marllb_cli.deploy.node.apache import ApacheInstance, install_docroot
 from marllb_cli.deploy.node.cgroups import CpuCgroup
 from marllb_cli.deploy.node.lbs import read_snapshot, start_coordinator, start_lb, stop_lbs
 from marllb_cli.deploy.node.manifest import MANIFEST, Manifest, require_complete
 from marllb_cli.deploy.node.owned import claim
-from marllb_cli.deploy.node.roles import apply_role, missing_changes
+from marllb_cli.deploy.node.roles import apply_role, missing_changes, route_replace
 from marllb_cli.deploy.node.server import services_running, start_server
 from marllb_cli.deploy.node.undo import teardown_recorded
 from marllb_cli.errors import TestbedError
@@ -154,6 +156,44 @@ def usage(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
     if me.role != "server":
         raise TestbedError(f"{node} is a {me.role}; only servers have a CPU quota")
     typer.echo(json.dumps(_apache(cfg, me, state).cgroup.usage().as_json()))
+
+
+@app.command("event")
+@reports_errors
+def event_command(
+    config: ConfigOption,
+    node: NodeOption,
+    state: StateOption,
+    kind: Annotated[str, typer.Option(help="quota, hog, apache, route, kill-agent or shape.")],
+    value: Annotated[float, typer.Option(help="quota/hog: cores; apache: 1 up, 0 down; shape: Mbit/s.")] = 0.0,
+    gateways: Annotated[str, typer.Option(help="route: the LB addresses, comma-separated.")] = "",
+    lifetime: Annotated[float, typer.Option(help="hog: seconds it runs at most.")] = 3600.0,
+) -> None:
+    """Apply one timed event's change to this node; print {"ok": true}. A hog started here is not tied to
+    this command: it ends after --lifetime, at `node event --kind hog --value 0`, or at `node down`."""
+    cfg = _with_uploaded_dumps(load_config(config), state)
+    me = _node(cfg, node)
+    manifest = _deployed(state)
+    host = LocalHost()
+    if kind == "quota":
+        faults.set_capacity(_apache(cfg, me, state).cgroup, value, cfg.testbed.cpu_period_us)
+    elif kind == "hog" and value > 0:
+        cgroup = _apache(cfg, me, state).cgroup
+        faults.start_hog(host, manifest, me.name, cgroup, value, state / "faults", lifetime_s=lifetime, tied=False)
+    elif kind == "hog":
+        faults.stop_hog(manifest, me.name)
+    elif kind == "apache":
+        instance = _apache(cfg, me, state)
+        faults.server_up(instance, cfg.testbed) if value else faults.server_down(instance)
+    elif kind == "route":
+        host.call(route_replace, f"{plan(cfg.testbed).vip}/32", gateways.split(","))
+    elif kind == "kill-agent":
+        faults.kill_agent(manifest, me.name)
+    elif kind == "shape":
+        faults.shape_link(host, me.interfaces[0].name, value)
+    else:
+        raise TestbedError(f"node event: unknown --kind {kind!r}")
+    typer.echo(json.dumps({"ok": True}))
 
 
 @app.command()

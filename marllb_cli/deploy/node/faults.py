@@ -47,18 +47,31 @@ def set_capacity(cgroup: CpuCgroup, cores: float, period_us: int) -> None:
     cgroup.set_cores(cores, period_us)
 
 
-def start_hog(host: LocalHost, manifest: Manifest, server: str, cgroup: CpuCgroup, cores: float, logs: Path) -> None:
-    """Hog processes in `server`'s cgroup wanting `cores` of CPU in all (one per started core)."""
+def start_hog(
+    host: LocalHost,
+    manifest: Manifest,
+    server: str,
+    cgroup: CpuCgroup,
+    cores: float,
+    logs: Path,
+    *,
+    lifetime_s: float,
+    tied: bool = True,
+) -> None:
+    """Hog processes in `server`'s cgroup wanting `cores` of CPU in all (one per started core), for at most
+    `lifetime_s`. `tied`: they die with the thread that starts them (the controller's event runner); a
+    `marllb node event` over SSH exits at once, so there they live out their lifetime unless stopped."""
     stop_hog(manifest, server)
     count = max(1, math.ceil(cores - 1e-9))
 
     def join_and_arm() -> None:
         cgroup.add_self()
-        die_with_parent(signal.SIGKILL)()
+        if tied:
+            die_with_parent(signal.SIGKILL)()
 
     for i in range(count):
         name = f"{server}-hog{i}"
-        argv = [sys.executable, "-m", "marllb_cli.deploy.node.hog", repr(cores / count)]
+        argv = [sys.executable, "-m", "marllb_cli.deploy.node.hog", repr(cores / count), repr(lifetime_s)]
         service = start_process(host, name, argv, logs / f"{name}.log", preexec_fn=join_and_arm)
         manifest.record("process", name, node=server, hog=True, **service.as_record())
 
@@ -105,9 +118,21 @@ def kill_agent(manifest: Manifest, lb: str) -> bool:
     return False
 
 
+#: Root qdiscs a kernel sets up by itself: replacing one of these, or our own tbf, touches nothing a user made.
+DEFAULT_QDISCS = ("noqueue", "pfifo_fast", "fq_codel", "mq", "fq", "tbf")
+
+
 def shape_link(host: LocalHost, iface: str, rate_mbit: float) -> None:
     """tbf at `rate_mbit` on `iface`'s egress (0: remove it). The bucket holds 10 ms at the rate, at least
-    16 KiB (a few full segments), and packets wait at most 50 ms."""
+    16 KiB (a few full segments), and packets wait at most 50 ms. An interface whose root qdisc someone set
+    up (anything but a kernel default or a tbf) is refused: removing ours later would lose theirs."""
+    shown = host.run(["tc", "qdisc", "show", "dev", iface, "root"]).stdout.split()
+    current = shown[1] if len(shown) > 1 else "noqueue"
+    if current not in DEFAULT_QDISCS:
+        raise TestbedError(
+            f"{iface} has a root qdisc {current} that marllb did not set up; it will not replace it",
+            hint="remove the link event, or that qdisc (tc qdisc del dev IFACE root) if nothing needs it",
+        )
     if rate_mbit <= 0:
         host.run(["tc", "qdisc", "del", "dev", iface, "root"], check=False)
         return

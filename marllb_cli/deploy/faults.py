@@ -1,0 +1,114 @@
+"""What a testbed's timed events changed, and how to put it back: the bookkeeping every kind shares.
+
+`TrackedFaults.apply(event)` keeps the state each event leaves (capacities, hogs, servers down, the LBs in the
+router's route, shaped links) and calls the kind's action for it; `restore()` undoes them all, each attempt
+whatever the others did. A kind says only how an action is done where the node is:
+
+    set_quota(server, cores)        the server's CFS quota
+    hog(server, cores, lifetime_s)  hog processes wanting `cores` in all (0: stop them)
+    apache(server, up)              Apache's graceful stop, or start
+    route(gateways)                 the router's VIP route over these LB addresses
+    kill_agent(lb)                  SIGKILL to the LB's agent
+    shape(server, rate_mbit)        tbf on the server's link (0: none)
+
+`deploy.local_faults.LocalFaults` does them in namespaces, `deploy.ssh_faults.SshFaults` with `marllb node
+event` on the hosts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from marllb_cli.events import TimedEvent
+from marllb_cli.topology import Node, Topology
+
+__all__ = ["TrackedFaults"]
+
+
+class TrackedFaults:
+    """`deploy.base.Faults` less the actions, which a kind implements."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.capacity: dict[str, float] = {}  # servers whose capacity an event changed
+        self.hogs: dict[str, float] = {}  # servers with a hog: its share of their CPU
+        self.down: set[str] = set()  # servers whose Apache an event stopped
+        self.lbs_up = [lb.name for lb in topology.lbs]
+        self.route_changed = False
+        self.shaped: set[str] = set()
+        self.lifetime_s = 3600.0
+
+    # -- the kind's actions ------------------------------------------------------------------------------
+    def set_quota(self, server: Node, cores: float) -> None:
+        raise NotImplementedError
+
+    def hog(self, server: Node, cores: float, lifetime_s: float) -> None:
+        raise NotImplementedError
+
+    def apache(self, server: Node, up: bool) -> None:
+        raise NotImplementedError
+
+    def route(self, gateways: list[str]) -> None:
+        raise NotImplementedError
+
+    def kill_agent(self, lb: Node) -> None:
+        raise NotImplementedError
+
+    def shape(self, server: Node, rate_mbit: float) -> None:
+        raise NotImplementedError
+
+    # -- Faults ------------------------------------------------------------------------------------------
+    def apply(self, event: TimedEvent, *, lifetime_s: float = 3600.0) -> None:
+        node = self.topology.node(event.target)
+        self.lifetime_s = lifetime_s
+        if event.kind == "capacity":
+            self.capacity[node.name] = event.value
+            self.set_quota(node, self._cores(node))
+            if self.hogs.get(node.name):  # the hog wants its share of the new quota
+                self.hog(node, self.hogs[node.name] * self._cores(node), lifetime_s)
+        elif event.kind == "hog":
+            self.hogs[node.name] = event.value
+            self.hog(node, event.value * self._cores(node), lifetime_s)
+        elif event.kind == "server_state":
+            (self.down.discard if event.value else self.down.add)(node.name)
+            self.apache(node, bool(event.value))
+        elif event.kind == "lb_state":
+            up = set(self.lbs_up)
+            (up.add if event.value else up.discard)(node.name)
+            self.lbs_up = [lb.name for lb in self.topology.lbs if lb.name in up]
+            self.route_changed = True
+            self.route([str(lb.ip) for lb in self.topology.lbs if lb.name in up])
+        elif event.kind == "agent_state":
+            self.kill_agent(node)
+        elif event.kind == "link_rate":
+            (self.shaped.add if event.value else self.shaped.discard)(node.name)
+            self.shape(node, event.value)
+        else:
+            raise ValueError(f"unknown event kind {event.kind!r}")
+
+    def restore(self) -> list[str]:
+        problems: list[str] = []
+
+        def attempt(what: str, action: Callable[[], object]) -> None:
+            try:
+                action()
+            except Exception as exc:  # each undo is tried whatever the others did; the run reports them
+                problems.append(f"{what}: {exc}")
+
+        node = self.topology.node
+        for name in [name for name, share in self.hogs.items() if share]:
+            attempt(f"stop {name}'s hog", lambda n=name: self.hog(node(n), 0.0, 0.0))
+        for name in list(self.capacity):
+            attempt(f"restore {name}'s quota", lambda n=name: self.set_quota(node(n), node(n).cores or 0.0))
+        for name in sorted(self.down):
+            attempt(f"start {name}'s Apache", lambda n=name: self.apache(node(n), True))
+        if self.route_changed:
+            attempt("restore the router's route", lambda: self.route([str(lb.ip) for lb in self.topology.lbs]))
+        for name in sorted(self.shaped):
+            attempt(f"unshape {name}'s link", lambda n=name: self.shape(node(n), 0.0))
+        self.capacity, self.hogs, self.down, self.shaped = {}, {}, set(), set()
+        self.lbs_up, self.route_changed = [lb.name for lb in self.topology.lbs], False
+        return problems
+
+    def _cores(self, server: Node) -> float:
+        return (server.cores or 0.0) * self.capacity.get(server.name, 1.0)
