@@ -231,6 +231,10 @@ def _replay(
     events: EventRunner | None = None
     usage: list[Counters] = []  # the servers' and this machine's CPU counters as the replay starts and ends
     try:
+        # A run whose controller was killed could not undo its events: this one does it before it starts.
+        undone = testbed.faults().undo_leftovers()
+        if undone:
+            run.meta["undone_at_start"] = undone
         _stage_inputs(config, testbed.topology, schedule, options, files, client, period)
         lbs.start(plan.method, period=period, seed=plan.seed, learning=plan.learning, coordinator=plan.coordinator)
         lbs_started = True
@@ -270,6 +274,7 @@ def _replay(
                 problems += _failed_events(events)
             run.meta["utilisation"] = utilisation(usage, testbed.topology) if len(usage) == 2 else None
             outcome = _finish(run, schedule, client, replayer, lbs, finished, failure, problems, liveness)
+            outcome.warnings[:0] = run.meta.get("undone_at_start", [])
             outcome.stopped_by = stopped_by
             outcome.utilisation, outcome.load = run.meta["utilisation"], run.meta.get("load")
     return outcome

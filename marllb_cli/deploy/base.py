@@ -168,6 +168,10 @@ class Faults(Protocol):
         killed agent stays dead until the LBs start again. Returns what could not be undone."""
         ...
 
+    def undo_leftovers(self) -> list[str]:
+        """Undo what an earlier run's events left in force when its controller was killed; one line each."""
+        ...
+
 
 class Testbed(Protocol):
     """A testbed of some kind, described by `config`."""

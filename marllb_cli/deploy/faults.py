@@ -13,11 +13,18 @@ whatever the others did. A kind says only how an action is done where the node i
 
 `deploy.local_faults.LocalFaults` does them in namespaces, `deploy.ssh_faults.SshFaults` with `marllb node
 event` on the hosts.
+
+What the events changed is also written to `<state dir>/faults.json` after each one (`undo_leftovers` reads
+it): a controller killed mid-run cannot restore, so the next run on the testbed undoes what it left before
+it starts.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from marllb_cli.events import TimedEvent
 from marllb_cli.topology import Node, Topology
@@ -28,8 +35,9 @@ __all__ = ["TrackedFaults"]
 class TrackedFaults:
     """`deploy.base.Faults` less the actions, which a kind implements."""
 
-    def __init__(self, topology: Topology) -> None:
-        self.topology = topology
+    def __init__(self, topology: Topology, record: Path) -> None:
+        """`record`: where the changes in force are kept between events (`faults.json` in the state dir)."""
+        self.topology, self.record = topology, record
         self.capacity: dict[str, float] = {}  # servers whose capacity an event changed
         self.hogs: dict[str, float] = {}  # servers with a hog: its share of their CPU
         self.down: set[str] = set()  # servers whose Apache an event stopped
@@ -85,6 +93,33 @@ class TrackedFaults:
             self.shape(node, event.value)
         else:
             raise ValueError(f"unknown event kind {event.kind!r}")
+        self._save()
+
+    def undo_leftovers(self) -> list[str]:
+        """Undo what a previous run's events left in force (its controller was killed before restoring);
+        what was undone, one line each (none without a record)."""
+        try:
+            left = json.loads(self.record.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return []
+        self.capacity, self.hogs = dict(left.get("capacity", {})), dict(left.get("hogs", {}))
+        self.down, self.shaped = set(left.get("down", [])), set(left.get("shaped", []))
+        self.route_changed = bool(left.get("route_changed"))
+        changes = [*self.capacity, *self.hogs, *self.down, *self.shaped, *(["route"] if self.route_changed else [])]
+        problems = self.restore()
+        return [f"undid what an earlier run's events left ({', '.join(sorted(set(changes))) or 'nothing'})", *problems]
+
+    def _save(self) -> None:
+        state = {
+            "capacity": self.capacity,
+            "hogs": self.hogs,
+            "down": sorted(self.down),
+            "route_changed": self.route_changed,
+            "shaped": sorted(self.shaped),
+        }
+        tmp = self.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.record)
 
     def restore(self) -> list[str]:
         problems: list[str] = []
@@ -108,6 +143,8 @@ class TrackedFaults:
             attempt(f"unshape {name}'s link", lambda n=name: self.shape(node(n), 0.0))
         self.capacity, self.hogs, self.down, self.shaped = {}, {}, set(), set()
         self.lbs_up, self.route_changed = [lb.name for lb in self.topology.lbs], False
+        if not problems:
+            self.record.unlink(missing_ok=True)
         return problems
 
     def _cores(self, server: Node) -> float:

@@ -17,7 +17,7 @@ class LocalFaults(TrackedFaults):
     """`deploy.base.Faults` for a `LocalTestbed` (given as `Any`: `deploy.local` imports this module)."""
 
     def __init__(self, testbed: Any) -> None:
-        super().__init__(testbed.topology)
+        super().__init__(testbed.topology, testbed.state_dir / "faults.json")
         self.testbed = testbed
 
     def set_quota(self, server: Node, cores: float) -> None:

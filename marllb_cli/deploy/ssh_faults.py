@@ -18,7 +18,7 @@ class SshFaults(TrackedFaults):
     module); `router`: where the router is when it is not one of the hosts (a KVM testbed's namespace)."""
 
     def __init__(self, testbed: Any, router: LocalHost | None = None) -> None:
-        super().__init__(testbed.topology)
+        super().__init__(testbed.topology, testbed.state_dir / "faults.json")
         self.testbed, self.router = testbed, router
         self.hosts = {host.node: host for host in testbed.hosts}
         self._connections: dict[str, Any] = {}

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pandas as pd
 import pytest
@@ -148,3 +149,33 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def test_a_run_killed_mid_way_leaves_its_events_in_force_and_the_next_run_undoes_them(testbed, tmp_path):
+    """SIGKILL the controller after its events halved srv0's quota and stopped srv1's Apache: nothing could
+    restore them then. The next replay undoes them before it starts, and says so."""
+    trace = poisson(rate=6, duration=40, seed=2)
+    trace["work"], trace["path"] = float(WORK), f"/dummy.php/?n={WORK}"
+    write_parquet(trace, tmp_path / "fixed.parquet")
+    base = [*MARLLB, "replay-trace", str(REPO / "configs" / "local-small.yaml"), "--set", f"testbed.name={NAME}"]
+    base += ["--trace", str(tmp_path / "fixed.parquet"), "--method", "sed", "--runs-dir", str(tmp_path / "runs")]
+    events = ["--event", "at=1,server=srv0,capacity=0.5", "--event", "at=1,server=srv1,state=down"]
+    killed = subprocess.Popen([*base, "--duration", "20", *events], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    srv0, srv1 = (next(n for n in testbed.topology.servers if n.name == name) for name in ("srv0", "srv1"))
+    deadline = time.monotonic() + 30
+    while not (testbed.apache(srv0).cgroup.cores() < 0.2 and not testbed.apache(srv1).ready()):
+        assert time.monotonic() < deadline and killed.poll() is None, "the events never took effect"
+        time.sleep(0.2)
+    killed.kill()
+    killed.wait()
+    time.sleep(1.0)
+    assert testbed.apache(srv0).cgroup.cores() == pytest.approx(0.125) and not testbed.apache(srv1).ready()
+
+    result = subprocess.run([*base, "--duration", "3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "undid what an earlier run's events left" in result.stdout + result.stderr
+    assert testbed.apache(srv0).cgroup.cores() == pytest.approx(0.25) and testbed.apache(srv1).ready()
+    latest = max((tmp_path / "runs").iterdir(), key=lambda p: p.name)
+    meta = json.loads((latest / "meta.json").read_text())
+    assert meta["complete"] and "srv0" in meta["undone_at_start"][0] and "srv1" in meta["undone_at_start"][0]
