@@ -81,6 +81,8 @@ EVENT_COLUMNS = {
 }
 #: A run longer than this is not a run of this tool (and a drift would expand without end).
 MAX_EVENT_TIME_S = 1e6
+#: A drift that would draw more events than this is refused: each is applied one by one.
+MAX_DRIFT_EVENTS = 100_000
 
 
 class _Strict(BaseModel):
@@ -230,6 +232,13 @@ def _expand_drift(
     drift: CapacityDrift, servers: Sequence[str], duration_s: float, rng: random.Random
 ) -> list[TimedEvent]:
     names = list(servers) if drift.servers == "all" else list(drift.servers)
+    expected = len(names) * duration_s / drift.hold_s
+    if expected > MAX_DRIFT_EVENTS:
+        raise ConfigError(
+            f"experiment.events: a capacity drift with hold_s {drift.hold_s:g} over {duration_s:g} s would draw "
+            f"≈ {expected:,.0f} events",
+            hint=f"raise hold_s to at least {len(names) * duration_s / MAX_DRIFT_EVENTS:.3g}",
+        )
     out = []
     for name in names:  # one chain per server, drawn in server order from the one stream
         if drift.start != 1.0:

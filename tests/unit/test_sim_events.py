@@ -278,3 +278,9 @@ def test_the_report_pairs_methods_over_the_same_seeds_of_a_drift(tmp_path):
 
     apart = bootstrap(jcts("lsq"), 500, seed=1).ratio_interval("jct_mean_s", bootstrap(jcts("sed"), 500, seed=2))
     assert high - low < (apart[1] - apart[0]) / 2, ((low, high), apart)
+
+
+def test_a_drift_too_fast_for_its_run_is_refused_before_it_expands():
+    drift = CapacityDrift(drift="capacity", hold_s=0.001)
+    with pytest.raises(ConfigError, match="would draw ≈ 4,000,000 events"):
+        timeline([drift], servers=["srv0", "srv1", "srv2", "srv3"], duration_s=1000, seed=0)
