@@ -275,9 +275,15 @@ def check_events_over_ssh(hosts) -> None:
     assert len(events) == len(SSH_EVENTS) and events["ok"].all(), events[["kind", "target", "error"]]
     assert (events["applied_s"] - events["at_s"]).between(0, 1.5).all(), events[["at_s", "applied_s"]]
     requests = pd.read_parquet(run / "requests.parquet")
-    refused = requests["error"] == "econnrefused"
-    assert ((requests["status"] == 200) | refused).all()  # nothing lost
-    assert requests.loc[refused, "intended_s"].between(4, 7.5).all()
+    # Nothing lost: every request has its outcome. Failures only while srv0 was down (refused, or reset in its
+    # listen backlog) or around lb1's route changes at 3 and 6 s (a flow in flight that the router moved to the
+    # other LB, which does not know it); srv0's down window refused some.
+    print("ssh events:", requests["error"].value_counts().to_dict(), requests["status"].value_counts().to_dict())
+    failed = requests[requests["status"] != 200]
+    assert (failed["error"] != "").all(), failed[["intended_s", "status", "error"]]
+    assert failed["intended_s"].between(2, 7.5).all(), failed[["intended_s", "status", "error"]]
+    refused = failed[failed["error"] == "econnrefused"]
+    assert len(refused) >= 1 and refused["intended_s"].between(4, 7.5).all()
     # Undone on the hosts: srv0's quota, no hog left, the router's route over both LBs, srv1's link unshaped.
     assert quota_file.read_text() == quota_before
     assert not any(b"node.hog" in _cmdline(p) for p in os.listdir("/proc") if p.isdigit())

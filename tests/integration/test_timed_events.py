@@ -98,9 +98,12 @@ def test_each_event_takes_effect_at_its_time_nothing_is_lost_and_the_run_undoes_
 
     requests = pd.read_parquet(run / "requests.parquet")
     assert len(requests) == meta["scheduled_requests"]  # nothing lost
-    ok = requests["status"] == 200
+    # Every failure has its outcome, and failures happen only from lb1's route change at 12 s (a flow in flight
+    # that the router moves to lb0, which does not know it) to the end of srv1's down window.
+    failed = requests[requests["status"] != 200]
+    assert (failed["error"] != "").all(), failed[["intended_s", "status", "error"]]
+    assert failed["intended_s"].between(11, 24.5).all(), failed[["intended_s", "status", "error"]]
     refused = requests["error"] == "econnrefused"
-    assert (ok | refused).all(), requests[~(ok | refused)][["intended_s", "error"]]
 
     # capacity 0.5 on srv0: a lone 12 ms request took ≈ 50 ms, now ≈ 100 ms. The lower quartile, as requests
     # that overlapped another on srv0 took longer (the median read 2.57 once in CI, the quartile is the lone ones).
