@@ -178,7 +178,8 @@ def test_a_run_killed_mid_way_leaves_its_events_in_force_and_the_next_run_undoes
     result = subprocess.run([*base, "--duration", "3"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "undid what an earlier run's events left" in result.stdout + result.stderr
-    assert testbed.apache(srv0).cgroup.cores() == pytest.approx(0.25) and testbed.apache(srv1).ready()
+    assert testbed.apache(srv0).cgroup.cores() == pytest.approx(0.25)
+    assert any(testbed.apache(srv1).ready() or time.sleep(0.5) for _ in range(10)), "srv1 did not answer again"
     latest = max((tmp_path / "runs").iterdir(), key=lambda p: p.name)
     meta = json.loads((latest / "meta.json").read_text())
     assert meta["complete"] and "srv0" in meta["undone_at_start"][0] and "srv1" in meta["undone_at_start"][0]

@@ -103,8 +103,39 @@ def server_down(instance: ApacheInstance, *, timeout_s: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-def server_up(instance: ApacheInstance, testbed) -> None:
+def server_up(instance: ApacheInstance, testbed, *, drain_s: float = 10.0) -> None:
+    """Start Apache again. A master still finishing its graceful stop (its workers serving their last
+    requests) keeps its pid file, and `-k start` would take it for a running server and start nothing: it
+    gets `drain_s` to finish, then SIGTERM (Apache's own stop; nothing else in the cgroup is touched: a
+    MediaWiki server's database lives there too)."""
+    master = _master(instance)
+    deadline = time.monotonic() + drain_s
+    while master is not None and _alive(master) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if master is not None and _alive(master):
+        os.kill(master, signal.SIGTERM)
+        stop_deadline = time.monotonic() + 5.0
+        while _alive(master) and time.monotonic() < stop_deadline:
+            time.sleep(0.05)
+    instance.pidfile.unlink(missing_ok=True)
     instance.start(testbed)
+
+
+def _master(instance: ApacheInstance) -> int | None:
+    """The pid in the instance's pid file, if that process is in its cgroup (ours)."""
+    try:
+        pid = int(instance.pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if pid in instance.cgroup.pids() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def kill_agent(manifest: Manifest, lb: str) -> bool:
