@@ -177,6 +177,24 @@ class TimedEvent:
     value: float
     source: str  # "config", "drift" or "option"
 
+    def record(self, applied_s: float | None, error: str = "") -> dict[str, Any]:
+        """Its row of events.parquet: applied at `applied_s` (None: not applied), `error` if it did not take."""
+        return {
+            "at_s": self.at,
+            "applied_s": applied_s if applied_s is not None else float("nan"),
+            "kind": self.kind,
+            "target": self.target,
+            "value": self.value,
+            "source": self.source,
+            "ok": applied_s is not None and not error,
+            "error": error,
+        }
+
+    @classmethod
+    def from_row(cls, row: Any) -> TimedEvent:
+        """The event a row of events.parquet (an `itertuples` row) records."""
+        return cls(row.at_s, row.kind, row.target, row.value, row.source)
+
     def describe(self) -> str:
         """`srv2 capacity 0.5`, `srv1 down`, `lb1 up`, `lb0's agent down`, `srv3 link 20 Mbit/s`."""
         if self.kind.endswith("_state"):

@@ -192,9 +192,7 @@ def event_phases(runs: list[Run], scenarios: list[str], warnings: list[str]) -> 
             continue
         starting = {round(t, 6): [] for t, _ in bounds}
         for row in events.itertuples():
-            starting.setdefault(round(row.applied_s, 6), []).append(
-                TimedEvent(row.at_s, row.kind, row.target, row.value, row.source).describe()
-            )
+            starting.setdefault(round(row.applied_s, 6), []).append(TimedEvent.from_row(row).describe())
         for method in sorted({run.method for run in members}):
             frame = pd.concat([run.requests() for run in members if run.method == method], ignore_index=True)
             for start, stop in bounds:
@@ -825,7 +823,7 @@ def _event_marks(runs: list[Run]) -> list[tuple[float, str]]:
     marks: dict[tuple[float, str], None] = {}
     for run in runs:
         for row in run.events().itertuples():
-            what = TimedEvent(row.at_s, row.kind, row.target, row.value, row.source).describe()
+            what = TimedEvent.from_row(row).describe()
             marks[(round(float(row.applied_s), 2), what)] = None
     return sorted(marks)
 

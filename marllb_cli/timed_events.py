@@ -67,15 +67,4 @@ class EventRunner:
         self._stop.wait()
 
     def _record(self, event: TimedEvent, applied_s: float | None, error: str) -> None:
-        self.records.append(
-            {
-                "at_s": event.at,
-                "applied_s": applied_s if applied_s is not None else float("nan"),
-                "kind": event.kind,
-                "target": event.target,
-                "value": event.value,
-                "source": event.source,
-                "ok": applied_s is not None and not error,
-                "error": error,
-            }
-        )
+        self.records.append(event.record(applied_s, error))

@@ -42,7 +42,8 @@ class SimEvents:
     """Applies a timeline to a running simulation; `LbLayer.on_step` calls it before each step."""
 
     def __init__(self, events: Sequence[TimedEvent], core: Any, lbs: LbLayer, models: Sequence[ServerModel]) -> None:
-        self.pending = list(events)
+        self.events = list(events)
+        self.next = 0  # the first event not yet applied (a drift can list many: no pop(0))
         self.core, self.lbs, self.base = core, lbs, list(models)
         self.capacity = [1.0] * len(models)
         self.hog = [0.0] * len(models)
@@ -50,21 +51,11 @@ class SimEvents:
         self.records: list[dict[str, Any]] = []
 
     def __call__(self, now: float) -> None:
-        while self.pending and self.pending[0].at <= now + 1e-9:
-            event = self.pending.pop(0)
+        while self.next < len(self.events) and self.events[self.next].at <= now + 1e-9:
+            event = self.events[self.next]
+            self.next += 1
             self._apply(event, now)
-            self.records.append(
-                {
-                    "at_s": event.at,
-                    "applied_s": now,
-                    "kind": event.kind,
-                    "target": event.target,
-                    "value": event.value,
-                    "source": event.source,
-                    "ok": True,
-                    "error": "",
-                }
-            )
+            self.records.append(event.record(now))
 
     def _apply(self, event: TimedEvent, now: float) -> None:
         index = int(event.target.removeprefix("srv").removeprefix("lb"))
