@@ -23,6 +23,8 @@ def _two_action_toy(reward_of_level_1: float, **settings) -> tuple[float, float,
         lr_critic=3e-3,
         gamma=0.0,
         target_entropy_scale=0.01,
+        alpha_init=1.0,
+        lr_alpha=0.0,  # α = 1 throughout: the soft-optimal policy is known in closed form
         **settings,
     )
     learner = SacLearner(1, hyper, seed=0)
@@ -42,7 +44,7 @@ def _two_action_toy(reward_of_level_1: float, **settings) -> tuple[float, float,
 
 
 def test_policy_gradient_moves_probability_toward_the_higher_q_action():
-    """Reward 1 for level 1 (raw, not standardised), temperature held near α = 1. The soft-optimal policy
+    """Reward 1 for level 1 (raw, not standardised), temperature held at α = 1. The soft-optimal policy
     is π ∝ exp(Q/α): π(level 1) = e/(1 + e) = 0.731. Reaching it needs the Q gradient in the policy loss
     (entropy alone would keep the policy uniform at 0.5)."""
     before, after, grads = _two_action_toy(1.0, reward_norm=False)
@@ -123,10 +125,12 @@ def test_bench_policies_compares_a_trained_policy_on_unseen_seeds(cli, trained, 
     assert bad.exit_code == 2 and "NAME=DIR" in bad.stderr
 
 
-def test_the_bootstrapped_target_equals_a_hand_computation():
-    """γ > 0: r_t + γ E_j Σ_a π_j(a|o_{t+1}) (min(Q1⁻, Q2⁻)_j(o_{t+1}, a) − α log π_j(a|o_{t+1})), computed here
-    step by step, head by head, level by level from the networks' outputs (the toys above use γ = 0)."""
-    hyper = SacHyper(hidden=8, levels=(1.0, 1.5, 2.0), gamma=0.9)
+@pytest.mark.parametrize("joint_min", [True, False])
+def test_the_bootstrapped_target_equals_a_hand_computation(joint_min):
+    """γ > 0: r_t + γ E_j Σ_a π_j(a|o_{t+1}) (Q̃_j(o_{t+1}, a) − α log π_j(a|o_{t+1})), computed here step by step,
+    head by head, level by level from the networks' outputs (the toys above use γ = 0). Q̃ is the target critic
+    with the lower expected joint value at that step (`joint_min`), or min(Q1⁻, Q2⁻) per head and level."""
+    hyper = SacHyper(hidden=8, levels=(1.0, 1.5, 2.0), gamma=0.9, joint_min=joint_min)
     learner = SacLearner(2, hyper, seed=3)
     torch.manual_seed(4)
     for net in (learner.q1_target, learner.q2_target):  # targets that differ from each other
@@ -139,14 +143,60 @@ def test_the_bootstrapped_target_equals_a_hand_computation():
     with torch.no_grad():
         probs = torch.softmax(learner.actor(x)[0], -1).numpy()
         q1, q2 = learner.q1_target(x)[0].numpy(), learner.q2_target(x)[0].numpy()
+    chosen = {True: 0, False: 0}
     for b in range(2):
         for t in range(3):
+            p = probs[b, t + 1]
+            joint = [sum(float(p[j] @ q[b, t + 1, j]) for j in range(2)) / 2 for q in (q1, q2)]
+            lower = q1 if joint[0] <= joint[1] else q2
+            chosen[joint[0] <= joint[1]] += 1
             heads = []
             for j in range(2):
                 value = 0.0
                 for a in range(3):
-                    p = probs[b, t + 1, j, a]
-                    value += p * (min(q1[b, t + 1, j, a], q2[b, t + 1, j, a]) - 0.3 * np.log(p))
+                    q = lower[b, t + 1, j, a] if joint_min else min(q1[b, t + 1, j, a], q2[b, t + 1, j, a])
+                    value += p[j, a] * (q - 0.3 * np.log(p[j, a]))
                 heads.append(value)
             expected = r[b, t].item() + 0.9 * sum(heads) / 2
             assert got[b, t].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert min(chosen.values()) > 0  # both critics are the lower one somewhere: the choice is exercised
+
+
+def test_the_joint_minimum_is_less_pessimistic_than_the_per_head_one():
+    """Critics with independent N(0, 1) errors on 7 heads × 3 levels and a uniform policy: the joint minimum
+    is the lower of two N(0, 1/21) values, E = −0.218/√π = −0.123; the minimum per head and level averages
+    seven heads' E[min of two N(0, 1)] = −1/√π = −0.564, √21 = 4.6 times as pessimistic (review §1.1)."""
+    torch.manual_seed(0)
+    learner = SacLearner(7, SacHyper(hidden=8), seed=0)
+    true = torch.zeros(4000, 1, 7, 3)
+    q1, q2 = true + torch.randn_like(true), true + torch.randn_like(true)
+    pi = torch.full_like(true, 1 / 3)
+    bias = {}
+    for joint in (True, False):
+        learner.hyper.joint_min = joint
+        bias[joint] = -float((pi * learner.pessimistic(q1, q2, pi)).sum(-1).mean(-1).mean())
+    assert 0.11 < bias[True] < 0.14
+    assert 0.54 < bias[False] < 0.59
+    assert 4.0 < bias[False] / bias[True] < 5.2
+
+
+def test_the_temperature_reaches_its_target_entropy():
+    """One server, three levels, γ = 0, standardised rewards −1, 0, +1: at α = 1 the soft-optimal policy has
+    0.83 nats, above the target 0.5 · log 3 = 0.55. With the defaults (α from 1, lr_alpha 3e-3) the entropy is
+    within 0.05 of the target after 1 200 updates, two thirds of a 72-episode run's 1 775 (α settles near 0.73).
+    With the old lr_alpha of 3e-4, log α moves by at most 1 200 · 3e-4 = 0.36 and the entropy stays above it."""
+
+    def train(**settings) -> tuple[float, float]:
+        hyper = SacHyper(hidden=16, levels=(1.0, 1.5, 2.0), batch_episodes=8, gamma=0.0, **settings)
+        learner = SacLearner(1, hyper, seed=0)
+        obs = np.zeros((1, 6), dtype=np.float32)
+        for i in range(30):
+            x = learner.features(obs, np.array([1]))
+            learner.store(x[None], np.array([[i % 3]]), np.array([float(i % 3 - 1)]), x)
+        entropies = [learner.update()["entropy"] for _ in range(1200)]
+        return float(np.mean(entropies[-50:])), learner.target_entropy
+
+    entropy, target = train()
+    assert abs(entropy - target) < 0.05, (entropy, target)
+    frozen, _ = train(lr_alpha=3e-4)
+    assert frozen - target > 0.05, frozen

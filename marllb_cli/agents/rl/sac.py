@@ -6,8 +6,12 @@ episodes, acting, and the update.
 Action: one categorical head per server over the weight levels (the LB's SED weight of that server).
 Q is decomposed over heads, Q(o, a) = (1/N) Σ_j Q_j(o, a_j): each critic outputs N × L values, and the
 soft value, the target and the policy loss are exact expectations over each head's categorical —
-the policy loss E_j Σ_a π_j(a|o) (α log π_j(a|o) − min(Q1_j, Q2_j)(o, a)) carries the Q gradient to the
-policy (the papers' artefact sampled an integer action and trained the policy on entropy alone).
+the policy loss E_j Σ_a π_j(a|o) (α log π_j(a|o) − Q̃_j(o, a)) carries the Q gradient to the policy (the
+papers' artefact sampled an integer action and trained the policy on entropy alone). Q̃ is the twin
+critics' minimum taken on the joint value (`pessimistic`), as SAC's clipped double Q.
+
+Temperature: log α starts at log(alpha_init) and follows the entropy target with Adam at lr_alpha; Adam moves
+it by about lr_alpha per update, so lr_alpha × updates bounds how far it can go in a run.
 
 Input: the normalised observation (`common.normalise`) and the previous action (one-hot per head), as in
 CIKM'22.
@@ -45,7 +49,8 @@ class SacHyper:
     hidden: int = 128
     lr_actor: float = 3e-4
     lr_critic: float = 1e-3
-    lr_alpha: float = 3e-4
+    lr_alpha: float = 3e-3  # Adam moves log α by ≈ lr per update: 3e-4 froze α in [0.59, 1] over a 72-episode run
+    alpha_init: float = 1.0  # the temperature's start: every level explored while the critics know nothing
     gamma: float = 0.99
     tau: float = 0.005  # soft target update
     buffer_episodes: int = 3000
@@ -57,6 +62,7 @@ class SacHyper:
     levels: tuple[float, ...] = field(default=(1.0, 1.5, 2.0))
     residual: bool = False  # weight = server capacity × level: a uniform choice of levels is SED itself
     reward_norm: bool = True  # standardise rewards with their running mean and std (`common.RewardScale`)
+    joint_min: bool = True  # twin minimum of the two critics' joint values; false: per head and level (ablation)
 
 
 class SacLearner:
@@ -72,7 +78,7 @@ class SacLearner:
         self.q1_target, self.q2_target = make(), make()
         self.q1_target.load_state_dict(self.q1.state_dict())
         self.q2_target.load_state_dict(self.q2.state_dict())
-        self.log_alpha = torch.zeros(1, requires_grad=True)
+        self.log_alpha = torch.full((1,), float(np.log(hyper.alpha_init)), requires_grad=True)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=hyper.lr_actor)
         self.critic_opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=hyper.lr_critic)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=hyper.lr_alpha)
@@ -145,7 +151,7 @@ class SacLearner:
         log_pi = torch.log_softmax(logits, -1)
         pi = log_pi.exp()
         with torch.no_grad():
-            q_min = torch.min(self.q1(x)[0][:, :-1], self.q2(x)[0][:, :-1])
+            q_min = self.pessimistic(self.q1(x)[0][:, :-1], self.q2(x)[0][:, :-1], pi)
         actor_loss = (pi * (alpha * log_pi - q_min)).sum(-1).mean()
         self.actor_opt.zero_grad()
         actor_loss.backward()
@@ -171,14 +177,25 @@ class SacLearner:
 
     @torch.no_grad()
     def soft_target(self, x: torch.Tensor, r: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """r_t + γ V(o_{t+1}) with the soft value V = E_j Σ_a π_j(a) (min(Q1⁻, Q2⁻)_j(a) − α log π_j(a)) of the
-        target critics under the current policy; x [B, T+1, n_in], r [B, T] → [B, T]. The episode is
-        truncated, so its last step bootstraps too."""
+        """r_t + γ V(o_{t+1}) with the soft value V = E_j Σ_a π_j(a) (Q̃⁻_j(a) − α log π_j(a)), Q̃⁻ the
+        `pessimistic` minimum of the target critics, under the current policy; x [B, T+1, n_in], r [B, T] →
+        [B, T]. The episode is truncated, so its last step bootstraps too."""
         logits, _ = self.actor(x)
         log_pi = torch.log_softmax(logits[:, 1:], -1)  # at o_{t+1}: [B, T, N, L]
-        q_next = torch.min(self.q1_target(x)[0][:, 1:], self.q2_target(x)[0][:, 1:])
+        q_next = self.pessimistic(self.q1_target(x)[0][:, 1:], self.q2_target(x)[0][:, 1:], log_pi.exp())
         v_next = (log_pi.exp() * (q_next - alpha * log_pi)).sum(-1).mean(-1)
         return r + self.hyper.gamma * v_next
+
+    def pessimistic(self, q1: torch.Tensor, q2: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+        """The twin critics' minimum, [B, T, N, L]. Joint (default): at each step, all heads of the critic whose
+        expected joint value E_π Q = E_j Σ_a π_j Q_j is lower, as SAC's clipped double Q takes the lower of two
+        joint values. Per head (`joint_min=false`): min(Q1_j, Q2_j) level by level; the mean of per-head minima
+        lies below both joint values, about √N times further down when the critics' errors are independent
+        across heads, and most where the critics disagree, on levels rarely taken."""
+        if not self.hyper.joint_min:
+            return torch.min(q1, q2)
+        first_lower = (pi * q1).sum(-1).mean(-1) <= (pi * q2).sum(-1).mean(-1)  # [B, T]
+        return torch.where(first_lower[..., None, None], q1, q2)
 
     # -- checkpoints (state dicts and tensors only: loadable with torch.load(weights_only=True)) ---------
     def hyper_state(self) -> dict:
