@@ -18,6 +18,7 @@ from marllb_cli.commands.lb import lb_app
 from marllb_cli.commands.replay import replay_trace_command
 from marllb_cli.commands.report import report_command
 from marllb_cli.commands.simulate import simulate_command
+from marllb_cli.commands.static_opt import static_opt_command
 from marllb_cli.commands.sweep import sweep_command
 from marllb_cli.commands.testbed import deploy, status, teardown
 from marllb_cli.commands.trace import trace_app
@@ -37,6 +38,7 @@ app.add_typer(bench_app, name="bench")
 app.command("replay-trace")(replay_trace_command)
 app.command("report")(report_command)
 app.command("simulate")(simulate_command)
+app.command("static-opt")(static_opt_command)
 app.command("sweep")(sweep_command)
 app.command("train")(train_command)
 app.command("deploy")(deploy)

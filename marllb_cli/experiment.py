@@ -33,6 +33,7 @@ import pandas as pd
 
 from marllb_cli.agents.methods import resolve_method
 from marllb_cli.agents.runner import LearningSpec
+from marllb_cli.agents.weights_file import read_weights, static_file
 from marllb_cli.calibration import CALIBRATION_FILE, Calibration, LoadPlan, plan_load
 from marllb_cli.client_node import ClientNode, ClientProcess, stop_process
 from marllb_cli.config import Config
@@ -181,6 +182,8 @@ def plan_replay(config: Config, options: ReplayOptions) -> ReplayPlan:
         "scheduled_requests": len(schedule),
         "load": _load_meta(planned, options.load),
     }
+    if (weights := static_file(method)) is not None:  # checked against these servers before the run exists
+        meta["static_weights"] = read_weights(weights, len(testbed.topology.servers))
     seed = config.experiment.seed if options.seed is None else options.seed
     servers = [server.name for server in testbed.topology.servers]
     end = float(schedule["intended_s"].max())

@@ -453,15 +453,17 @@ TERMINAL_COLUMNS = (
 
 
 def short_names(methods: list[str]) -> dict[str, str]:
-    """A name for the terminal for each method: `rl:DIR` by the last parts of DIR that tell the policies apart
-    (`rl:/runs/demo-…/qmix` → `rl:qmix`); any other method as it is. The report's Markdown keeps the paths."""
-    policies = sorted({m for m in methods if m.startswith("rl:")})
+    """A name for the terminal for each method: `rl:DIR` and `static:FILE` by the last parts of their path
+    that tell them apart (`rl:/runs/demo-…/qmix` → `rl:qmix`, `static:/tmp/io50.json` → `static:io50.json`);
+    any other method as it is. The report's Markdown keeps the paths."""
     out = {m: m for m in methods}
-    for depth in range(1, 64):
-        names = {m: "rl:" + "/".join(Path(m[3:]).parts[-depth:]) for m in policies}
-        if len(set(names.values())) == len(names) and not set(names.values()) & (set(methods) - set(policies)):
-            out.update(names)
-            break
+    for prefix in ("rl:", "static:"):
+        paths = sorted({m for m in methods if m.startswith(prefix)})
+        for depth in range(1, 64):
+            names = {m: prefix + "/".join(Path(m[len(prefix) :]).parts[-depth:]) for m in paths}
+            if len(set(names.values())) == len(names) and not set(names.values()) & (set(methods) - set(paths)):
+                out.update(names)
+                break
     return out
 
 

@@ -11,8 +11,8 @@ A sweep file names a base config and its axes:
       sim.traffic.load: [0.7, 0.9]
 
 Every cell is content-addressed: its key hashes the resolved config (every default filled in), method, seed,
-duration, the marllb version and the bytes of the files it reads (a trace, an `rl:` policy), so a cell is
-the same cell however the sweep file spells it, and changes when anything it depends on changes.
+duration, the marllb version and the bytes of the files it reads (a trace, an `rl:` policy, a `static:`
+file), so a cell is the same cell however the sweep file spells it, and changes when anything it depends on changes.
 
 A cell is done when its run directory is in `OUT/runs/` (named by its key): the worker simulates into
 `OUT/.partial/` and renames the finished directory into place, so a sweep killed at any moment (SIGKILL
@@ -381,6 +381,8 @@ def _key(config: Config, method: str, seed: int, duration_s: float | None) -> st
         inputs["trace"] = _digest_files([Path(trace)])
     if method.startswith("rl:"):
         inputs["policy"] = _digest_files(sorted(p for p in Path(method[3:]).glob("policy.*") if p.is_file()))
+    if method.startswith("static:"):
+        inputs["weights"] = _digest_files([Path(method.removeprefix("static:"))])
     material = json.dumps(
         {
             "config": config.resolved_yaml(),

@@ -1,5 +1,6 @@
 """Agents by method name, for the testbed's agent processes and the simulator alike: a heuristic
-(`methods.HEURISTICS`) or `rl:DIR`, a policy trained by `marllb train --out DIR`.
+(`methods.HEURISTICS`), `static:FILE` (fixed SED weights from a file) or `rl:DIR`, a policy trained by
+`marllb train --out DIR`.
 
 PyTorch is imported only where an `rl:` agent acts (`make_agent`); the controller that only plans an LB
 (`initial_control`) reads the policy's JSON header instead, so it never loads PyTorch.
@@ -12,8 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from marllb_cli.agents.base import Agent
-from marllb_cli.agents.heuristics import Probe, heuristic
+from marllb_cli.agents.heuristics import Probe, StaticWeights, heuristic
 from marllb_cli.agents.methods import policy_dir
+from marllb_cli.agents.weights_file import read_weights, static_file
 
 __all__ = ["initial_control", "make_agent"]
 
@@ -24,6 +26,9 @@ def make_agent(method: str, cpus: Sequence[float], probe: Probe | None, lb_index
         from marllb_cli.agents.rl.policy import load_policies
 
         return load_policies(method, n_lbs, cpus)[lb_index]
+    weights = static_file(method)
+    if weights is not None:
+        return StaticWeights("sed", read_weights(weights, len(cpus))["weights"])
     return heuristic(method, cpus, probe)
 
 
@@ -32,7 +37,7 @@ def initial_control(method: str, cpus: Sequence[float], n_lbs: int) -> tuple[str
     the policy is checked against this testbed (servers, LBs) from its header."""
     directory = policy_dir(method)
     if directory is None:
-        agent = heuristic(method, cpus, probe=lambda: [None] * len(cpus))
+        agent = make_agent(method, cpus, probe=lambda: [None] * len(cpus))
         return agent.method, np.asarray(agent.weights, dtype=np.float64)
     from marllb_cli.agents.rl.header import read_header
 

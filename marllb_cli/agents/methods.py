@@ -3,7 +3,9 @@
 Two words, kept apart:
 
     policy     what the user picks with `--method`: a heuristic (`HEURISTICS`), a simulator oracle
-               (`ORACLES`, `LOOKAHEAD`) or `rl:DIR`, a policy trained by `marllb train --out DIR`
+               (`ORACLES`, `LOOKAHEAD`), `rl:DIR`, a policy trained by `marllb train --out DIR`,
+               `static:FILE`, fixed SED weights from a file, or `static-opt` (`STATIC_OPT`), the best
+               fixed SED weights, searched for in the simulator when the run starts
     selection  the rule the dataplane applies with the weights a policy sets (`SELECTIONS`: sed, lsq,
                wcmp, ecmp); `Agent.method` is a selection
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from marllb_cli.agents.weights_file import STATIC_PREFIX, read_weights, static_file
 from marllb_cli.dataplane.selection import METHODS as SELECTIONS
 from marllb_cli.errors import ConfigError
 
@@ -27,6 +30,8 @@ __all__ = [
     "RL_PREFIX",
     "SELECTIONS",
     "SIM_METHODS",
+    "STATIC_OPT",
+    "STATIC_PREFIX",
     "policy_dir",
     "resolve_method",
 ]
@@ -37,10 +42,12 @@ HEURISTICS = ("ecmp", "wcmp", "lsq", "sed", "awcmp")
 ORACLES = ("oracle-srt", "oracle-gsq")
 #: SED weights chosen by simulating candidate splits ahead (`sim.lookahead`).
 LOOKAHEAD = "oracle-weights"
+#: The best fixed SED weights for the scenario, searched for on validation seeds (`sim.static_search`).
+STATIC_OPT = "static-opt"
 #: Methods the compiled simulator cannot run (they need the Python engine's job-level state).
 PYTHON_ONLY = ("oracle-srt", LOOKAHEAD)
-#: Everything `marllb simulate --method` accepts besides `rl:DIR`.
-SIM_METHODS = (*HEURISTICS, *ORACLES, LOOKAHEAD)
+#: Everything `marllb simulate --method` accepts besides `rl:DIR` and `static:FILE`.
+SIM_METHODS = (*HEURISTICS, *ORACLES, LOOKAHEAD, STATIC_OPT)
 #: `rl:DIR` names a trained policy.
 RL_PREFIX = "rl:"
 #: What `marllb train --algo` accepts, each with its default reward. isac: independent learners; ssac: one LB
@@ -56,7 +63,12 @@ def policy_dir(method: str) -> Path | None:
 
 
 def resolve_method(method: str, allowed: Sequence[str] = HEURISTICS) -> str:
-    """`method` checked (exit-2 error naming the choices) and, for `rl:DIR`, with DIR made absolute."""
+    """`method` checked (exit-2 error naming the choices) and, for `rl:DIR` and `static:FILE`, with the path
+    made absolute (a weights file is read and checked here; its server count where the servers are known)."""
+    weights = static_file(method)
+    if weights is not None:
+        read_weights(weights)
+        return STATIC_PREFIX + str(weights.resolve())
     directory = policy_dir(method)
     if directory is not None:
         directory = directory.resolve()
@@ -66,5 +78,7 @@ def resolve_method(method: str, allowed: Sequence[str] = HEURISTICS) -> str:
             )
         return RL_PREFIX + str(directory)
     if method not in allowed:
-        raise ConfigError(f"--method {method!r}: unknown", hint=f"choose one of {', '.join(allowed)}, or rl:DIR")
+        raise ConfigError(
+            f"--method {method!r}: unknown", hint=f"choose one of {', '.join(allowed)}, rl:DIR or static:FILE"
+        )
     return method

@@ -30,8 +30,9 @@ from marllb_cli.config import Config
 from marllb_cli.dataplane.selection import sed
 from marllb_cli.errors import MissingTool
 from marllb_cli.sim import compiled
+from marllb_cli.sim.build import server_models
 from marllb_cli.sim.engine import ServerModel, ServerState, simulate
-from marllb_cli.sim.run import run_simulation, server_models
+from marllb_cli.sim.run import run_simulation
 from marllb_cli.sim.traffic import traffic
 
 __all__ = ["SimBenchResult", "sim_benchmark"]

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from marllb_cli.agents.methods import RL_PREFIX, policy_dir
 from marllb_cli.agents.runner import LearningSpec
+from marllb_cli.agents.weights_file import STATIC_PREFIX, static_file
 from marllb_cli.client_node import ClientProcess
 from marllb_cli.config import Config, ServerGroup, SshHostEntry
 from marllb_cli.coordination.coordinator import CoordinatorSpec
@@ -336,6 +337,10 @@ class SshLbs:
                 _step(host, "lb start", lambda: ssh.run(["mkdir", "-p", policy]))
                 _step(host, "lb start", lambda: ssh.put(policy_source / "policy.pt", f"{policy}/policy.pt"))
                 remote_method = RL_PREFIX + policy
+            if (weights := static_file(method)) is not None:  # fixed weights: the file goes to the LB
+                remote_weights = f"{host.state}/static-weights.json"
+                _step(host, "lb start", lambda: ssh.put(weights, remote_weights))
+                remote_method = STATIC_PREFIX + remote_weights
             dataplane, agent = lb_plan(self.testbed.config, self.topology, lb, start, directory)
             agent = agent.model_copy(update={"method": remote_method})
             _step(host, "lb start", lambda: ssh.run(["mkdir", "-p", str(directory)]))

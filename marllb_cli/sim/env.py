@@ -33,8 +33,8 @@ from marllb_cli.agents.rl.levels import level_weights
 from marllb_cli.config import Config
 from marllb_cli.features import N_FEATURES
 from marllb_cli.rewards import REWARDS
+from marllb_cli.sim.build import build_simulation, run_events, server_models
 from marllb_cli.sim.events import attach_events
-from marllb_cli.sim.run import build_simulation, run_events, server_models
 from marllb_cli.sim.traffic import traffic
 
 __all__ = ["LoadBalancingEnv", "WEIGHT_LEVELS"]

@@ -12,7 +12,6 @@ What differs from a testbed run, by construction: no network (zero RTT, no send 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,14 +21,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from marllb_cli.agents.methods import LOOKAHEAD, RL_PREFIX, SIM_METHODS, resolve_method
+from marllb_cli.agents.heuristics import StaticWeights
+from marllb_cli.agents.methods import LOOKAHEAD, RL_PREFIX, SIM_METHODS, STATIC_OPT, STATIC_PREFIX, resolve_method
+from marllb_cli.agents.weights_file import read_weights
 from marllb_cli.config import Config
-from marllb_cli.events import Event, TimedEvent, down_windows, event_specs, events_frame, timeline
+from marllb_cli.events import Event, TimedEvent, down_windows, event_specs, events_frame
 from marllb_cli.runs import RunDir, empty_requests, save_results
+from marllb_cli.sim.build import build_simulation, run_events, server_models
 from marllb_cli.sim.compiled import CompiledSim, use_compiled
-from marllb_cli.sim.engine import Engine, ServerModel, ServerState
-from marllb_cli.sim.events import attach_events, refuse_network_events
-from marllb_cli.sim.lbs import LbLayer
+from marllb_cli.sim.engine import ServerModel
+from marllb_cli.sim.events import attach_events
 from marllb_cli.sim.lookahead import candidates, run_lookahead
 from marllb_cli.sim.traffic import Traffic, capacity, traffic
 from marllb_cli.steps import steps_frame
@@ -37,9 +38,7 @@ from marllb_cli.steps import steps_frame
 __all__ = [
     "SimOutcome",
     "SimRun",
-    "build_simulation",
     "check_sim_method",
-    "run_events",
     "run_simulation",
     "simulate_to_run_dir",
 ]
@@ -65,73 +64,6 @@ class SimOutcome:
     summary: dict[str, Any]
     wall_s: float
     jobs_per_wall_s: float
-
-
-def server_models(config: Config) -> tuple[list[ServerModel], list[str], list[str], list[float]]:
-    """Per server: its model, name, group and cpus, in the testbed's order (srv0, srv1, ...)."""
-    models, names, groups, cpus = [], [], [], []
-    unit = config.sim.cores_per_unit  # set: the testbed's CFS quotas (cpus × unit cores), work in core-seconds
-    for group in config.testbed.servers:
-        speed = group.speed * (unit or 1.0)
-        for _ in range(group.count):
-            names.append(f"srv{len(names)}")
-            groups.append(group.name)
-            cpus.append(group.cpus)
-            models.append(
-                ServerModel(
-                    cpus=group.cpus,
-                    speed=speed,
-                    job_rate=min(group.speed, group.cpus * speed) if unit else None,
-                    max_workers=group.apache.max_request_workers,
-                    backlog=group.apache.listen_backlog,
-                    io_speed=config.sim.io_speed if config.sim.io_speed is not None else math.inf,
-                )
-            )
-    return models, names, groups, cpus
-
-
-def build_simulation(
-    config: Config,
-    method: str,
-    load: Traffic,
-    models: list[ServerModel],
-    cpus: list[float],
-    *,
-    seed: int,
-    agents: list | None = None,
-    joint: Any = None,
-    agent_period: float | None = None,
-) -> tuple[Engine | CompiledSim, LbLayer]:
-    """The event loop (compiled or Python, by `sim.engine`) and the LB layer on it, ready to `run`; with
-    `agent_period`, the LB layer's agents step every that many simulated seconds (`LbLayer.tick`), else the
-    caller steps them. Shared by `marllb simulate` and the training environment."""
-    ticks: dict[str, Any] = (
-        {} if agent_period is None else {"tick_period": agent_period, "on_tick": lambda now: lbs.tick(now)}
-    )
-    common = dict(
-        n_lbs=config.testbed.lbs, cpus=cpus, work=load.work, io=load.io, seed=seed, agents=agents, joint=joint
-    )
-    idle = config.sim.idle_timeout_s
-    if use_compiled(config.sim.engine, method, models, config.source):
-        core = CompiledSim(
-            load.arrival,
-            load.work,
-            models,
-            n_lbs=config.testbed.lbs,
-            idle_timeout=idle,
-            seed=seed,
-            io=load.io,
-            oracle_gsq=method == "oracle-gsq",
-            **ticks,
-        )
-        lbs = LbLayer(method=method, states=core.servers, idle_timeout=idle, table_factory=core.table, **common)
-        return core, lbs
-    states = [ServerState(m) for m in models]
-    lbs = LbLayer(method=method, states=states, idle_timeout=idle, **common)
-    engine = Engine(
-        load.arrival, load.work, models, lbs.dispatch, on_finish=lbs.finish, states=states, io=load.io, **ticks
-    )
-    return engine, lbs
 
 
 def run_simulation(
@@ -161,25 +93,20 @@ class _Prepared:
     events: list[TimedEvent]
     joint: Any = None
     agents: Any = None
+    static: dict | None = None  # static:FILE and static-opt: the weights and where they came from
 
 
 def check_sim_method(config: Config, method: str) -> tuple[str, str, list[ServerModel]]:
     """Refuse a method this config's simulator cannot run (`ConfigError`); else (the method resolved, the
     selection the simulated dataplane applies, the server models). No file is read but an `rl:` path's."""
     resolved = resolve_method(method, SIM_METHODS)
-    selection = "sed" if resolved.startswith(RL_PREFIX) else resolved
+    sets_sed_weights = resolved.startswith((RL_PREFIX, STATIC_PREFIX)) or resolved == STATIC_OPT
+    selection = "sed" if sets_sed_weights else resolved
     models = server_models(config)[0]
+    if resolved.startswith(STATIC_PREFIX):
+        read_weights(Path(resolved.removeprefix(STATIC_PREFIX)), len(models))
     use_compiled(config.sim.engine, selection, models, config.source)
     return resolved, selection, models
-
-
-def run_events(config: Config, *, seed: int, duration_s: float, extra: Sequence[Event] = ()) -> list[TimedEvent]:
-    """The run's timeline (the config's events and drifts with `seed`, and `extra`), refused when the
-    simulator cannot model one."""
-    names = server_models(config)[1]
-    events = timeline(config.experiment.events, servers=names, duration_s=duration_s, seed=seed, extra=extra)
-    refuse_network_events(events, config.source)
-    return events
 
 
 def _prepare(
@@ -203,7 +130,21 @@ def _prepare(
 
         capacity = [m.cpus * m.speed for m in models]
         prepared.joint, prepared.agents = load_for_simulation(resolved, config.testbed.lbs, capacity)
+    elif resolved.startswith(STATIC_PREFIX) or resolved == STATIC_OPT:
+        prepared.static = static_weights(config, resolved, len(models))
+        prepared.agents = [StaticWeights("sed", prepared.static["weights"]) for _ in range(config.testbed.lbs)]
     return prepared
+
+
+def static_weights(config: Config, resolved: str, n_servers: int) -> dict:
+    """The weights of `static:FILE` with the file's record, or those `static-opt` finds for this config on its
+    validation seeds with the search's record: {"weights": [...], "search": {...}}."""
+    if resolved == STATIC_OPT:
+        from marllb_cli.sim.static_search import static_opt_weights
+
+        found = static_opt_weights(config)
+        return {"weights": found.weights, "search": found.record()}
+    return read_weights(Path(resolved.removeprefix(STATIC_PREFIX)), n_servers)
 
 
 def _simulate(config: Config, prepared: _Prepared, seed: int) -> SimRun:
@@ -294,6 +235,8 @@ def simulate_to_run_dir(
         "capacity_core_s_per_s": capacity(config),
         "events": event_specs(config, events),
     }
+    if prepared.static is not None:
+        meta["static_weights"] = prepared.static
     testbed = f"{config.testbed.name}-sim"
     with RunDir(runs_dir, config=config, method=method, testbed=testbed, seed=seed, meta=meta) as run:
         progress("simulating")

@@ -123,6 +123,33 @@ def test_ecmp_and_sed_runs_are_complete_and_sed_wins_on_heterogeneous_servers(te
     assert (tmp_path / "report" / "jct_cdf.png").stat().st_size > 5000
 
 
+def test_static_weights_from_a_file_are_the_weights_both_lbs_apply(testbed, tmp_path):
+    """`--method static:FILE` on the testbed: SED with the file's weights. With srv0 and srv1 at 1/1000 of
+    the others', SED's (flows + 1) / weight sends them a request only when srv2 or srv3 hold a thousand
+    flows, so every request goes to srv2 and srv3, and both LBs log the file's weights at every step."""
+    weights = tmp_path / "w.json"
+    weights.write_text(json.dumps({"weights": [0.001, 0.001, 1.0, 2.0]}))
+    process = replay(f"static:{weights}", tmp_path / "runs", "--duration", "6")
+    _, stderr = process.communicate(timeout=90)
+    assert process.returncode == 0, stderr
+    run = next((tmp_path / "runs").iterdir())
+    requests = pd.read_parquet(run / "requests.parquet")
+    assert len(requests) == expected_requests(6) and (requests["status"] == 200).all()
+    assert set(requests["server"]) == {"srv2", "srv3"}
+    assert requests["server"].value_counts()["srv3"] > requests["server"].value_counts()["srv2"]
+    for lb in ("lb0", "lb1"):
+        steps = pd.read_parquet(run / "agents" / f"{lb}.parquet")
+        assert len(steps) >= 0.8 * 6 / 0.25 and (steps["method"] == "sed").all()
+        assert {tuple(w) for w in steps["weights"]} == {(0.001, 0.001, 1.0, 2.0)}
+    assert json.loads((run / "meta.json").read_text())["static_weights"]["weights"] == [0.001, 0.001, 1.0, 2.0]
+    (tmp_path / "three.json").write_text(json.dumps({"weights": [1, 1, 2]}))
+    for name, expected in (("none.json", "no such file"), ("three.json", "3 weights for 4 servers")):
+        bad = replay(f"static:{tmp_path / name}", tmp_path / "refused", "--duration", "1")
+        _, stderr = bad.communicate(timeout=60)
+        assert bad.returncode == 2 and expected in stderr and "Traceback" not in stderr
+        assert not (tmp_path / "refused").exists()  # refused before a run directory exists
+
+
 def test_ctrl_c_keeps_every_sent_request_and_leaves_nothing_running(testbed, tmp_path):
     runs_dir = tmp_path / "runs"
     process = replay("sed", runs_dir)

@@ -225,7 +225,7 @@ def test_the_simulator_config_models_the_calibrated_testbed(tmp_path):
     import yaml
 
     from marllb_cli.calibration import simulator_config
-    from marllb_cli.sim.run import server_models
+    from marllb_cli.sim.build import server_models
     from marllb_cli.sim.traffic import traffic
 
     config = load_config(SMALL)

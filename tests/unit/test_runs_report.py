@@ -260,6 +260,12 @@ def test_policies_get_short_names_that_still_tell_them_apart():
     assert names == {"sed": "sed", "ecmp": "ecmp", "rl:/runs/a/qmix": "rl:qmix", "rl:/runs/b/distr": "rl:distr"}
     same_leaf = short_names(["rl:/x/one/policy", "rl:/x/two/policy"])
     assert same_leaf == {"rl:/x/one/policy": "rl:one/policy", "rl:/x/two/policy": "rl:two/policy"}
+    files = short_names(["static:/tmp/a/w.json", "static:/tmp/b/w.json", "static:/tmp/io50.json"])
+    assert files == {
+        "static:/tmp/a/w.json": "static:a/w.json",
+        "static:/tmp/b/w.json": "static:b/w.json",
+        "static:/tmp/io50.json": "static:tmp/io50.json",
+    }
 
 
 def test_busy_workers_ratio_is_the_big_group_over_the_small_one(tmp_path):

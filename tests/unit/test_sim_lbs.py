@@ -173,7 +173,7 @@ def test_the_simpy_reference_model_agrees_with_the_engine_job_by_job():
     """The benchmark's SimPy model is the same model: identical finish times on the same requests."""
     from marllb_cli.bench.sim import _simpy_run
     from marllb_cli.dataplane.selection import sed
-    from marllb_cli.sim.run import server_models
+    from marllb_cli.sim.build import server_models
     from marllb_cli.sim.traffic import traffic
 
     config = load_config(MODERATE, ["sim.traffic.load=1.5"])  # overloaded: backlogs and rejections too

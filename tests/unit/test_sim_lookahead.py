@@ -9,8 +9,9 @@ import pytest
 from marllb_cli.agents.heuristics import StaticWeights
 from marllb_cli.config import load_config
 from marllb_cli.sim import lookahead
+from marllb_cli.sim.build import build_simulation, server_models
 from marllb_cli.sim.engine import Engine, ServerModel
-from marllb_cli.sim.run import build_simulation, run_simulation, server_models
+from marllb_cli.sim.run import run_simulation
 from marllb_cli.sim.traffic import traffic
 from tests.conftest import REPO
 
