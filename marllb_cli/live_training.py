@@ -52,7 +52,7 @@ from marllb_cli.deploy import testbed_for
 from marllb_cli.errors import ConfigError, TestbedError
 from marllb_cli.experiment import ReplayOptions, plan_replay, replay_trace
 from marllb_cli.features import FEATURE_NAMES
-from marllb_cli.rewards import REWARDS
+from marllb_cli.rewards import REWARDS, smooth_series
 from marllb_cli.sim.traffic import offered_load
 from marllb_cli.steps import json_lines
 from marllb_cli.traces import read_trace
@@ -195,7 +195,7 @@ def train_live(
         logged = read_episode(
             outcome.path, plan.coordinator, n_lbs, options.episode_s, transitions, len(settings.levels)
         )
-        stored = _store(team, algo, logged, REWARDS[reward])
+        stored = _store(team, algo, logged, REWARDS[reward], settings.reward_smoothing)
         losses: list[dict[str, float]] = []
         if stored and episode + 1 >= warmup:
             for _ in range(settings.updates_per_episode):
@@ -317,11 +317,12 @@ def _coordinator_episode(
     return (obs, action, prev), figures
 
 
-def _store(team: Any, algo: str, logged: LoggedEpisode, reward: Callable[[np.ndarray], float]) -> int:
+def _store(team: Any, algo: str, logged: LoggedEpisode, reward: Callable[[np.ndarray], float], smoothing: float) -> int:
     """Put the episode into the learners; return how many LBs' transitions were stored."""
 
-    def rewards(obs: np.ndarray) -> np.ndarray:  # [T+1, n, F] → r_t = R(o_{t+1}) [T]
-        return np.array([reward(o[:, _DECAYED_MEAN].astype(np.float64)) for o in obs[1:]])
+    def rewards(obs: np.ndarray) -> np.ndarray:  # [T+1, n, F] → r_t = R(o_{t+1}), smoothed as the simulator's [T]
+        loads = smooth_series(obs[1:, :, _DECAYED_MEAN].astype(np.float64), smoothing)
+        return np.array([reward(step) for step in loads])
 
     if algo in COORDINATED:
         if logged.joint is None:

@@ -5,10 +5,11 @@ candidates an agent step logs and a learner may optimise. Larger is better for e
 
     jain      (Σ l)² / (n Σ l²)          Jain's fairness index, in [1/n, 1]; 1 when all l_j are equal
     jain-log  log jain
-    pbf       ∏ l_j / max l              product-based fairness (NeurIPS'22 Def. 5); 0 if any l_j = 0
-    pbf-log   Σ log l_j − log max l      log PBF, computed as a sum (∏ of 7 durations of 0.1 s underflows
-                                         nothing but is 1e-7: the log keeps it in a usable range); l_j
-                                         floored at `EPS`
+    pbf       ∏_j (l_j / max l)          product-based fairness (CIKM'22 Eq. 4, NeurIPS'22 Def. 5), in
+                                         [0, 1]; 1 when all l_j are equal (all 0 included), 0 if one is 0.
+                                         Scale-free like the paper's: the ratio is inside the product
+    pbf-log   Σ log l_j − n log max l    log PBF, computed as a sum (a product of 7 ratios can be tiny: the
+                                         log keeps it in a usable range); l_j floored at `EPS`
     vbf       −Var(l)                    variance-based fairness (NeurIPS'22 Def. 2; population variance)
     vbf-log   −Var(l) − log(Var(l) + EPS)
                                          VBF + log: the paper adds "a log term to the VBF-based reward … to
@@ -22,6 +23,10 @@ candidates an agent step logs and a learner may optimise. Larger is better for e
     ms-exp    exp(−max(l))
 
 Per-LB rewards use the LB's own l; the team form is the mean of the per-LB rewards over LBs (`team`).
+
+Smoothing (CIKM'22 Eq. 18, `smooth`): the reward after step t+1 may score keep · l(t) + (1 − keep) · l(t+1)
+instead of l(t+1) (the paper: keep = 1 − 0.9), so one noisy step moves the reward less; the first step of an
+episode has no previous loads and scores l(1).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["EPS", "REWARDS", "all_rewards", "jain", "ms", "pbf", "team", "vbf", "vbf_log"]
+__all__ = ["EPS", "REWARDS", "all_rewards", "jain", "ms", "pbf", "smooth", "smooth_series", "team", "vbf", "vbf_log"]
 
 Loads = Sequence[float] | np.ndarray
 
@@ -69,12 +74,12 @@ def jain_log(load: Loads) -> float:
 def pbf(load: Loads) -> float:
     xs = _floats(load)
     top = max(xs) if xs else 0.0
-    return math.prod(xs) / top if top > 0 else 0.0
+    return math.prod(x / top for x in xs) if top > 0 else 1.0
 
 
 def pbf_log(load: Loads) -> float:
     floored = [max(x, EPS) for x in _floats(load)]
-    return sum(math.log(x) for x in floored) - math.log(max(floored)) if floored else 0.0
+    return sum(math.log(x) for x in floored) - len(floored) * math.log(max(floored)) if floored else 0.0
 
 
 def vbf(load: Loads) -> float:
@@ -114,3 +119,16 @@ def team(name: str, loads: Sequence[np.ndarray]) -> float:
     """The team form of reward `name`: the mean over LBs of each LB's reward of its own loads."""
     fn = REWARDS[name]
     return float(np.mean([fn(np.asarray(load, dtype=np.float64)) for load in loads]))
+
+
+def smooth(previous: np.ndarray | None, current: np.ndarray, keep: float) -> np.ndarray:
+    """The loads a reward scores under CIKM'22 Eq. 18: keep · previous + (1 − keep) · current (`current` alone
+    at an episode's first step, or with keep 0)."""
+    if previous is None or keep == 0:
+        return current
+    return keep * previous + (1 - keep) * current
+
+
+def smooth_series(loads: np.ndarray, keep: float) -> np.ndarray:
+    """`smooth` along an episode's loads [T, n], step by step as the environment applies it."""
+    return np.stack([smooth(loads[t - 1] if t else None, loads[t], keep) for t in range(len(loads))])

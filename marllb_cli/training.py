@@ -48,6 +48,7 @@ __all__ = [
     "atomic_torch",
     "make_team",
     "mean_finite",
+    "hyper_names",
     "parse_hyper",
     "resume_from",
     "save_training",
@@ -228,10 +229,15 @@ def make_team(algo: str, n_lbs: int, n_servers: int, settings: Any, seed: int) -
     return kind(n_lbs, n_servers, settings, seed)  # type: ignore[arg-type]
 
 
+def hyper_names(algo: str) -> set[str]:
+    """The hyperparameters `algo`'s learner has (QMIX's or SAC's)."""
+    return {f.name for f in fields(QmixHyper if algo == "qmix" else SacHyper)}
+
+
 def parse_hyper(algo: str, items: list[str]) -> dict[str, Any]:
     """`lr=1e-4` … → typed overrides of the algorithm's hyperparameters; a ConfigError names the bad one."""
     cls = QmixHyper if algo == "qmix" else SacHyper
-    known = {f.name for f in fields(cls)}
+    known = hyper_names(algo)
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -247,7 +253,7 @@ def parse_hyper(algo: str, items: list[str]) -> dict[str, Any]:
                     raise ValueError(value)
             elif isinstance(default, float):
                 out[key] = float(value)
-                if not math.isfinite(out[key]) or out[key] < 0:
+                if not math.isfinite(out[key]) or out[key] < 0 or (key == "reward_smoothing" and out[key] >= 1):
                     raise ValueError(value)
             else:
                 out[key] = int(value)
@@ -287,7 +293,12 @@ def train(
         config = config.model_copy(update={"testbed": config.testbed.model_copy(update={"lbs": 1})})
     settings = (QmixHyper if algo == "qmix" else SacHyper)(**(hyper or {}))
     env = LoadBalancingEnv(
-        config, reward=reward, levels=settings.levels, episode_s=episode_s, residual=settings.residual
+        config,
+        reward=reward,
+        levels=settings.levels,
+        episode_s=episode_s,
+        residual=settings.residual,
+        reward_smoothing=settings.reward_smoothing,
     )
     n_lbs, n_servers = len(env.possible_agents), len(env.models)
     team = make_team(algo, n_lbs, n_servers, settings, seed)

@@ -28,9 +28,23 @@ def parse_load_range(text: str) -> tuple[float, float]:
 def train_command(
     config: ConfigArg,
     algo: Annotated[str, typer.Option(help=f"Algorithm: {', '.join(ALGOS)}.")],
-    reward: Annotated[str | None, typer.Option(help="Reward (default: jain; vbf-log for distr).")] = None,
-    episodes: Annotated[int, typer.Option(help="Episodes to train (in total, with --resume).", min=1)] = 72,
-    episode_s: Annotated[float, typer.Option("--episode-s", help="Seconds per episode.", min=1)] = 60.0,
+    reward: Annotated[
+        str | None, typer.Option(help="Reward (default: jain for isac and ssac, vbf-log otherwise; or the preset's).")
+    ] = None,
+    episodes: Annotated[
+        int | None,
+        typer.Option(help="Episodes to train (in total, with --resume; default 72, or the preset's).", min=1),
+    ] = None,
+    episode_s: Annotated[
+        float | None, typer.Option("--episode-s", help="Seconds per episode (default 60, or the preset's).", min=1)
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="A paper's settings: cikm22-moderate, cikm22-large or neurips22 (README, 'Presets'); "
+            "--hyper, --reward, --episodes and --episode-s still override them."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the networks, the exploration and the traffic.")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Training directory.")] = Path("train"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
@@ -84,7 +98,8 @@ def train_command(
     """
     import torch
 
-    from marllb_cli.training import parse_hyper, train
+    from marllb_cli.presets import preset as paper_preset
+    from marllb_cli.training import hyper_names, parse_hyper, train
 
     cfg = load(config, set_)
     if env not in ("sim", "testbed"):
@@ -95,6 +110,14 @@ def train_command(
             if given is not None:
                 raise ConfigError(f"{name}: only with --env testbed", hint="the simulator's traffic is the config's")
     overrides = parse_hyper(algo, hyper or [])
+    if preset is not None:
+        chosen = paper_preset(preset)
+        reward = reward or chosen.rewards.get(algo)
+        episodes = episodes or chosen.episodes
+        episode_s = episode_s or chosen.episode_s
+        overrides = {**chosen.hyper_for(hyper_names(algo)), **overrides}
+        console.print(f"preset {preset}: {chosen.source}")
+    episodes, episode_s = episodes or 72, episode_s or 60.0
     torch.set_num_threads(threads)
     bar = detail_progress(f"training {algo}" + (" on the testbed" if env == "testbed" else ""))
     task = bar.add_task("train", total=episodes, detail="", start=False)

@@ -13,7 +13,8 @@
   (MultiDiscrete; the artefact's {1.0, 1.5, 2.0}); `continuous` gives weights in [low, high] directly (Box).
   With `residual`, the weight is the server's capacity (cpus × speed) times the chosen value, so choosing
   the same level everywhere is SED with the operator's weights, and the agent learns corrections to it.
-- reward: a fairness function of the LB's own decayed mean flow durations (`rewards.REWARDS`; default jain).
+- reward: a fairness function of the LB's own decayed mean flow durations (`rewards.REWARDS`; default jain),
+  optionally smoothed over two steps (`reward_smoothing`, CIKM'22 Eq. 18).
 - episode: `episode_s` simulated seconds of `sim.traffic` requests; every agent is truncated at the end
   (there is no terminal state). A reset with a seed draws new requests; the same seed, the same requests.
   `reset(options={"load": x})` sets that episode's offered CPU load.
@@ -32,7 +33,7 @@ from pettingzoo import ParallelEnv
 from marllb_cli.agents.rl.levels import level_weights
 from marllb_cli.config import Config
 from marllb_cli.features import N_FEATURES
-from marllb_cli.rewards import REWARDS
+from marllb_cli.rewards import REWARDS, smooth
 from marllb_cli.sim.build import build_simulation, run_events, server_models
 from marllb_cli.sim.events import attach_events
 from marllb_cli.sim.traffic import traffic
@@ -59,6 +60,7 @@ class LoadBalancingEnv(ParallelEnv):
         episode_s: float = 60.0,
         seed: int | None = None,
         residual: bool = False,
+        reward_smoothing: float = 0.0,
     ) -> None:
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
@@ -66,6 +68,8 @@ class LoadBalancingEnv(ParallelEnv):
             raise ValueError("action must be 'discrete' or 'continuous'")
         self.config = config
         self.reward_name = reward
+        self.reward_smoothing = reward_smoothing  # CIKM'22 Eq. 18 (`rewards.smooth`)
+        self._last_loads: dict[str, np.ndarray] = {}
         self.action_mode = action
         self.levels = np.asarray(levels, dtype=np.float64)
         self.weight_range = weight_range
@@ -108,6 +112,7 @@ class LoadBalancingEnv(ParallelEnv):
         attach_events(events, self.engine, self.lbs, self.models)
         self.now = 0.0
         self.agents = list(self.possible_agents)
+        self._last_loads = {}
         return self._observations(), {agent: {} for agent in self.agents}
 
     def step(self, actions: dict[str, Any]) -> tuple[dict, dict, dict, dict, dict]:
@@ -119,7 +124,11 @@ class LoadBalancingEnv(ParallelEnv):
         self.lbs.housekeeping(self.now)
         observations = self._observations()
         reward = REWARDS[self.reward_name]
-        rewards = {a: reward(observations[a][:, 4].astype(np.float64)) for a in self.agents}
+        rewards = {}
+        for a in self.agents:
+            loads = observations[a][:, 4].astype(np.float64)
+            rewards[a] = reward(smooth(self._last_loads.get(a), loads, self.reward_smoothing))
+            self._last_loads[a] = loads
         done = self.now >= self.episode_s - 1e-9
         terminations = {a: False for a in self.agents}
         truncations = {a: done for a in self.agents}

@@ -43,12 +43,13 @@ def test_rewards_on_hand_computed_vectors():
     assert jain(np.zeros(3)) == 1.0
     assert vbf(load) == pytest.approx(-2 / 3)
     assert ms(load) == -3.0
-    assert pbf(load) == pytest.approx(6 / 3)
-    assert pbf(np.array([0.0, 1.0])) == 0.0
+    assert pbf(load) == pytest.approx((1 / 3) * (2 / 3) * (3 / 3))  # CIKM'22 Eq. 4: ∏ l_j / max(l)
+    assert pbf(np.array([0.0, 1.0])) == 0.0 and pbf(np.zeros(3)) == 1.0
+    assert pbf(10 * load) == pytest.approx(pbf(load)) and pbf(np.full(7, 0.1)) == 1.0  # scale-free, even = 1
     assert vbf_log(load) == pytest.approx(-2 / 3 - math.log(2 / 3 + EPS))
     r = all_rewards(load)
     assert r["jain-log"] == pytest.approx(math.log(36 / 42))
-    assert r["pbf-log"] == pytest.approx(math.log(1) + math.log(2) + math.log(3) - math.log(3))
+    assert r["pbf-log"] == pytest.approx(math.log(2 / 9))
     assert r["vbf-exp"] == pytest.approx(math.exp(-2 / 3))
     assert r["ms-exp"] == pytest.approx(math.exp(-3))
     even = all_rewards(np.array([2.0, 2.0]))

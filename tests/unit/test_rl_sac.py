@@ -200,3 +200,32 @@ def test_the_temperature_reaches_its_target_entropy():
     assert abs(entropy - target) < 0.05, (entropy, target)
     frozen, _ = train(lr_alpha=3e-4)
     assert frozen - target > 0.05, frozen
+
+
+def test_without_the_gru_an_output_depends_on_its_own_step_only(cli, trained, tmp_path):
+    """`gru=false`: changing the first step's input leaves the third step's output unchanged (it changes with
+    the GRU), and a policy trained without it is served with the same network in simulate."""
+    from marllb_cli.agents.rl.common import Recurrent
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 10)
+    changed = x.clone()
+    changed[0, 0] += 1.0
+    for gru, moves in ((True, True), (False, False)):
+        net = Recurrent(10, 8, 2, 3, gru=gru)
+        third = (net(x)[0][0, 2] - net(changed)[0][0, 2]).abs().max().item()
+        assert (third > 1e-4) is moves, (gru, third)
+    policy = trained("distr", "flat", REPO / "configs" / "sim-moderate.yaml", "gru=false")
+    saved = torch.load(policy / "policy.pt", weights_only=True)
+    assert saved["hyper"]["gru"] is False and not any(k.startswith("gru.") for k in saved["actors"][0])
+    result = cli(
+        "simulate",
+        REPO / "configs" / "sim-moderate.yaml",
+        "-m",
+        f"rl:{policy}",
+        "--duration",
+        "3",
+        "--runs-dir",
+        tmp_path / "runs",
+    )
+    assert result.exit_code == 0, result.output

@@ -73,3 +73,39 @@ def test_residual_actions_scale_the_servers_capacity():
     by_capacity, _, _ = _episode(plain, 5, [0, 0, 0, 0, 2, 2, 2])  # levels 1.0 and 2.0: ∝ cpus
     assert low == high == by_capacity
     assert equal > 1.1 * by_capacity
+
+
+def test_eq18_smoothing_scores_a_blend_of_two_steps_loads_in_the_simulator_and_from_logs():
+    """CIKM'22 Eq. 18 with keep 0.1: the first reward scores the first step's loads, every later one
+    0.1 · previous + 0.9 · current; the same requests and actions give the same observations either way. The
+    testbed's learner, rebuilding rewards from logged observations (`live_training._store`), gets the same."""
+    from marllb_cli.live_training import LoggedEpisode, _store
+    from marllb_cli.rewards import pbf
+
+    config = load_config(REPO / "configs" / "sim-moderate.yaml")
+    runs = {}
+    for keep in (0.0, 0.1):
+        env = LoadBalancingEnv(config, reward="pbf", episode_s=3.0, reward_smoothing=keep)
+        first, _ = env.reset(seed=4)
+        observations, rewards = [first["lb0"]], []
+        while env.agents:
+            obs, reward, *_ = env.step({a: np.full(7, 1) for a in env.agents})
+            observations.append(obs["lb0"])
+            rewards.append(reward["lb0"])
+        runs[keep] = (np.stack(observations), np.array(rewards))
+    (obs, plain), (same_obs, smoothed) = runs[0.0], runs[0.1]
+    assert np.array_equal(obs, same_obs) and len(plain) == 12
+    loads = obs[1:, :, 4].astype(np.float64)
+    assert smoothed[0] == plain[0] == pbf(loads[0])
+    for t in range(1, len(plain)):
+        assert smoothed[t] == pytest.approx(pbf(0.1 * loads[t - 1] + 0.9 * loads[t]), rel=1e-12)
+    assert np.abs(smoothed - plain).max() > 0.01 * np.abs(plain).max()
+
+    class Recorder:
+        def store_logged(self, lb, obs, action, prev, rewards):
+            self.rewards = rewards
+
+    recorder = Recorder()
+    logged = LoggedEpisode(per_lb=[(obs, np.zeros((13, 7), dtype=np.int64), np.ones(7))], joint=None, figures={})
+    _store(recorder, "distr", logged, pbf, 0.1)
+    assert recorder.rewards == pytest.approx(smoothed, rel=1e-6)

@@ -117,19 +117,23 @@ class EpisodeBuffer:
 
 
 class Recurrent(nn.Module):
-    """FC → FC → GRU → FC → FC (ReLU), `heads` × `levels` outputs. Used for the actor and each critic."""
+    """FC → FC → GRU → FC → FC (ReLU), `heads` × `levels` outputs. Used for the actor and each critic.
 
-    def __init__(self, n_in: int, hidden: int, heads: int, levels: int) -> None:
+    `gru=False` drops the GRU (FC → FC → FC → FC): the network sees only the current observation and previous
+    action, the ablation CIKM'22 leaves to future work ("with or without the GRU")."""
+
+    def __init__(self, n_in: int, hidden: int, heads: int, levels: int, *, gru: bool = True) -> None:
         super().__init__()
         self.heads, self.levels = heads, levels
         self.fc1, self.fc2 = nn.Linear(n_in, hidden), nn.Linear(hidden, hidden)
-        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True) if gru else None
         self.fc3, self.out = nn.Linear(hidden, hidden), nn.Linear(hidden, heads * levels)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [batch, time, n_in] → ([batch, time, heads, levels], final hidden state)."""
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [batch, time, n_in] → ([batch, time, heads, levels], final hidden state; None without a GRU)."""
         z = F.relu(self.fc2(F.relu(self.fc1(x))))
-        z, h = self.gru(z, h)
+        if self.gru is not None:
+            z, h = self.gru(z, h)
         y = self.out(F.relu(self.fc3(z)))
         return y.view(*y.shape[:-1], self.heads, self.levels), h
 

@@ -26,7 +26,9 @@ __all__ = ["ExploringPolicy", "JointActor"]
 def _net(saved: dict, heads: int, extra: int, index: int) -> tuple[Recurrent, tuple[float, ...]]:
     hyper = saved["hyper"]
     levels = tuple(float(v) for v in hyper["levels"])
-    net = Recurrent(input_size(heads, len(levels), extra), int(hyper["hidden"]), heads, len(levels))
+    net = Recurrent(
+        input_size(heads, len(levels), extra), int(hyper["hidden"]), heads, len(levels), gru=hyper.get("gru", True)
+    )
     actors = saved["actors"]
     net.load_state_dict(actors[index % len(actors)])
     return net, levels

@@ -77,7 +77,8 @@ def load_for_simulation(
 def _joint(saved: dict, n_lbs: int, capacity: Sequence[float]) -> JointPolicy:
     levels = tuple(saved["hyper"]["levels"])
     heads = n_lbs * len(capacity)
-    net = Recurrent(input_size(heads, len(levels)), saved["hyper"]["hidden"], heads, len(levels))
+    hyper = saved["hyper"]
+    net = Recurrent(input_size(heads, len(levels)), hyper["hidden"], heads, len(levels), gru=hyper.get("gru", True))
     net = _actor(net, saved, 0)
     return JointPolicy(GreedyPolicy(net, levels, scale=_scale(saved, capacity, n_lbs)), n_lbs)
 
@@ -96,7 +97,7 @@ def _per_lb(saved: dict, n_lbs: int, capacity: Sequence[float]) -> list[RlPolicy
     n_in = input_size(n_servers, len(levels), extra=n_lbs if qmix else 0)
     policies = []
     for i in range(n_lbs):
-        net = _actor(Recurrent(n_in, hyper["hidden"], n_servers, len(levels)), saved, i)
+        net = _actor(Recurrent(n_in, hyper["hidden"], n_servers, len(levels), gru=hyper.get("gru", True)), saved, i)
         extra = np.eye(n_lbs, dtype=np.float32)[i] if qmix else None
         policies.append(RlPolicy(GreedyPolicy(net, levels, extra, _scale(saved, capacity))))
     return policies

@@ -57,6 +57,8 @@ class QmixHyper:
     levels: tuple[float, ...] = field(default=(1.0, 1.5, 2.0))
     residual: bool = False  # weight = server capacity × level: a uniform choice of levels is SED itself
     reward_norm: bool = True  # standardise rewards with their running mean and std (`common.RewardScale`)
+    gru: bool = True  # false: no recurrent layer (ablation)
+    reward_smoothing: float = 0.0  # weight of the previous step's loads in the reward (CIKM'22 Eq. 18: 0.1)
 
 
 class Mixer(nn.Module):
@@ -100,9 +102,9 @@ class QmixLearner:
         self.n_in = input_size(n_servers, self.n_levels, extra=n_agents)
         state_dim = n_agents * n_servers * N_FEATURES
         torch.manual_seed(seed)
-        self.agent = Recurrent(self.n_in, hyper.hidden, n_servers, self.n_levels)
+        self.agent = Recurrent(self.n_in, hyper.hidden, n_servers, self.n_levels, gru=hyper.gru)
         self.mixer = Mixer(n_agents, state_dim, hyper.mixing_hidden)
-        self.agent_target = Recurrent(self.n_in, hyper.hidden, n_servers, self.n_levels)
+        self.agent_target = Recurrent(self.n_in, hyper.hidden, n_servers, self.n_levels, gru=hyper.gru)
         self.mixer_target = Mixer(n_agents, state_dim, hyper.mixing_hidden)
         self._sync_targets()
         self.optimizer = torch.optim.Adam([*self.agent.parameters(), *self.mixer.parameters()], lr=hyper.lr)

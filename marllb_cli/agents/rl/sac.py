@@ -63,6 +63,8 @@ class SacHyper:
     residual: bool = False  # weight = server capacity × level: a uniform choice of levels is SED itself
     reward_norm: bool = True  # standardise rewards with their running mean and std (`common.RewardScale`)
     joint_min: bool = True  # twin minimum of the two critics' joint values; false: per head and level (ablation)
+    gru: bool = True  # false: no recurrent layer (ablation)
+    reward_smoothing: float = 0.0  # weight of the previous step's loads in the reward (CIKM'22 Eq. 18: 0.1)
 
 
 class SacLearner:
@@ -73,7 +75,7 @@ class SacLearner:
         self.n_levels = len(hyper.levels)
         self.n_in = input_size(n_servers, self.n_levels)
         torch.manual_seed(seed)
-        make = lambda: Recurrent(self.n_in, hyper.hidden, n_servers, self.n_levels)  # noqa: E731
+        make = lambda: Recurrent(self.n_in, hyper.hidden, n_servers, self.n_levels, gru=hyper.gru)  # noqa: E731
         self.actor, self.q1, self.q2 = make(), make(), make()
         self.q1_target, self.q2_target = make(), make()
         self.q1_target.load_state_dict(self.q1.state_dict())
