@@ -56,6 +56,8 @@ class Report:
     described: dict[str, Scenario] = field(default_factory=dict)
     #: Scenarios with timed events: a row per scenario × method × phase (`event_phases`).
     phases: list[dict[str, Any]] = field(default_factory=list)
+    #: How much each method's weights moved (`weight_dynamics`), per scenario × method with agent logs.
+    dynamics: list[dict[str, Any]] = field(default_factory=list)
 
     def scenario_labels(self) -> list[str]:
         """The scenarios in the order their tables are shown."""
@@ -81,6 +83,7 @@ class Report:
             ],
             "rows": self.rows,
             "phases": self.phases,
+            "weight_dynamics": self.dynamics,
             "warnings": self.warnings,
         }
 
@@ -172,7 +175,48 @@ def build_report(
         _rank_and_compare(scenario_rows, baseline, boots)
         rows += scenario_rows
     phases = event_phases(runs, scenarios, warnings)
-    return Report(runs, baseline, rows, warnings, scenarios, dict(described), phases)
+    return Report(runs, baseline, rows, warnings, scenarios, dict(described), phases, weight_dynamics(runs, scenarios))
+
+
+def weights_matrix(steps: pd.DataFrame) -> np.ndarray:
+    """One LB's logged weights, [steps, servers], in step order."""
+    ordered = steps.sort_values("t_s") if "t_s" in steps else steps
+    return np.array(ordered["weights"].tolist(), dtype=np.float64).reshape(len(ordered), -1)
+
+
+def weight_dynamics(runs: list[Run], scenarios: list[str]) -> list[dict[str, Any]]:
+    """Are a method's weights dynamic? Per scenario and method with agent logs: the agent steps, the share of
+    steps that changed any weight, and σ of log weight over time (the mean over LBs and servers, after
+    dividing each step's weights by their geometric mean: SED depends on ratios only). Static weights read
+    0 and 0; a policy that rewrites its weights every step but always to the same ratios reads 0 too."""
+    out: list[dict[str, Any]] = []
+    found: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+    for run, scenario in zip(runs, scenarios, strict=True):
+        agents = run.agents()
+        if agents.empty or "weights" not in agents:
+            continue
+        for _, steps in agents.groupby("lb"):
+            weights = weights_matrix(steps)
+            if len(weights) < 2 or (weights <= 0).any():
+                continue
+            logs = np.log(weights)
+            ratios = logs - logs.mean(axis=1, keepdims=True)
+            changed = float((np.abs(np.diff(ratios, axis=0)) > 1e-9).any(axis=1).mean())
+            found.setdefault((scenario, run.method), []).append(
+                (len(weights), changed, float(ratios.std(axis=0).mean()))
+            )
+    for (scenario, method), parts in sorted(found.items()):
+        steps = sum(n for n, _, _ in parts)
+        out.append(
+            {
+                "scenario": scenario,
+                "method": method,
+                "steps": steps,
+                "changed_share": sum(n * c for n, c, _ in parts) / steps,
+                "log_weight_std": sum(n * s for n, _, s in parts) / steps,
+            }
+        )
+    return out
 
 
 def event_phases(runs: list[Run], scenarios: list[str], warnings: list[str]) -> list[dict[str, Any]]:
@@ -515,32 +559,46 @@ def _read_training(path: Path) -> tuple[pd.DataFrame, dict]:
 
 
 def learning_curves(trainings: list[Path], out: Path) -> tuple[Path, list[str]]:
-    """`learning_curves.png` (episode reward and mean JCT per training directory) and a Markdown table."""
+    """`learning_curves.png` per training directory: episode reward; mean JCT of the exploring episodes and
+    of the greedy evaluations (`train --eval-every`, dots); SAC's temperature α (QMIX's ε in the same
+    column); the policy's entropy per head. And a Markdown table."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(7, 10), sharex=True)
+    reward_ax, jct_ax, alpha_ax, entropy_ax = axes
     lines = [
-        "| training | algo | reward | episodes | last 5: mean JCT (ms) | best mean JCT (ms) | wall (min) |",
-        "|---|---|---|---|---|---|---|",
+        "| training | algo | reward | episodes | last 5: mean JCT (ms) | best mean JCT (ms) | last greedy JCT (ms) "
+        "| last α (ε) | wall (min) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for path in trainings:
         curve, meta = _read_training(path)
         label = f"{path.name} ({meta.get('algo', '?')})"
-        top.plot(curve["episode"], curve["reward"], label=label)
-        bottom.plot(curve["episode"], curve["jct_mean_s"] * 1e3, label=label)
+        reward_ax.plot(curve["episode"], curve["reward"], label=label)
+        (line,) = jct_ax.plot(curve["episode"], curve["jct_mean_s"] * 1e3, label=label)
+        greedy = curve.dropna(subset=["greedy_jct_mean_s"]) if "greedy_jct_mean_s" in curve else curve.iloc[:0]
+        if len(greedy):
+            jct_ax.plot(greedy["episode"], greedy["greedy_jct_mean_s"] * 1e3, "o", color=line.get_color(), ms=4)
+        for ax, column in ((alpha_ax, "alpha"), (entropy_ax, "entropy")):  # no updates yet: no column
+            if column in curve:
+                ax.plot(curve["episode"], curve[column], label=label)
+        last_greedy = f"{greedy['greedy_jct_mean_s'].iloc[-1] * 1e3:.1f}" if len(greedy) else "—"
+        alpha = curve["alpha"].dropna() if "alpha" in curve else curve["episode"].iloc[:0]
         lines.append(
             f"| {path} | {meta.get('algo', '?')} | {meta.get('reward', '?')} | {len(curve)} "
             f"| {curve['jct_mean_s'].tail(5).mean() * 1e3:.1f} | {curve['jct_mean_s'].min() * 1e3:.1f} "
-            f"| {curve['wall_s'].sum() / 60:.1f} |"
+            f"| {last_greedy} | {f'{alpha.iloc[-1]:.3g}' if len(alpha) else '—'} | {curve['wall_s'].sum() / 60:.1f} |"
         )
-    top.set(ylabel="mean step reward", title="Learning curves")
-    bottom.set(xlabel="episode", ylabel="mean JCT (ms)")
-    for ax in (top, bottom):
+    reward_ax.set(ylabel="mean step reward", title="Learning curves")
+    jct_ax.set(ylabel="mean JCT (ms)\nline: exploring, dots: greedy")
+    alpha_ax.set(ylabel="SAC α (QMIX ε)", yscale="log")
+    entropy_ax.set(xlabel="episode", ylabel="entropy per head (nats)")
+    for ax in axes:
         ax.grid(alpha=0.3)
-    top.legend(fontsize=7)
+    reward_ax.legend(fontsize=7)
     return _save(fig, out / "learning_curves.png"), lines
 
 
@@ -731,6 +789,17 @@ def write_report(
         lines += ["Requests by arrival time; failed: refused, reset or timed out (any error or a status outside "]
         lines[-1] += "2xx–3xx)."
         lines += ["", *phase_lines(report)]
+    if report.dynamics:
+        lines += ["## Are the weights dynamic?", ""]
+        lines += ["Per method with agent logs: the share of agent steps that changed the weights' ratios, and σ of"]
+        lines += ["log weight over time (mean over LBs and servers; 0 for weights that never change).", ""]
+        lines += ["| scenario | method | agent steps | steps that changed | σ log weight |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {_markdown_cell(d['scenario'])} | {_markdown_cell(d['method'])} | {d['steps']} "
+            f"| {d['changed_share']:.1%} | {d['log_weight_std']:.3f} |"
+            for d in report.dynamics
+        ]
+        lines += [""]
     lines += ["## Runs", "", "| run | method | seed | scenario | complete |", "|---|---|---|---|---|"]
     for run, scenario in zip(report.runs, report.scenarios, strict=True):
         cells = [run.path, run.method, run.meta.get("seed", ""), scenario]
@@ -817,7 +886,31 @@ def _figures(report: Report, out: Path) -> list[Path]:
     written.append(_save(fig, out / "flow_share.png"))
     if (sweep := _level_sweep(report, out)) is not None:
         written.append(sweep)
+    moving = sorted({d["method"] for d in report.dynamics if d["changed_share"] > 0})
+    if moving:
+        written.append(_weights_over_time(report.runs, moving, out))
     return written
+
+
+def _weights_over_time(runs: list[Run], methods: list[str], out: Path) -> Path:
+    """`weights_over_time.png`: for each method whose weights move, lb0's weights of its first run over time,
+    each server's weight over the step's geometric mean (what SED's choice depends on)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(methods), 1, figsize=(7, 2.4 * len(methods)), sharex=True, squeeze=False)
+    for ax, method in zip(axes[:, 0], methods, strict=True):
+        run = next(r for r in runs if r.method == method)
+        agents = run.agents()
+        steps = agents[agents["lb"] == sorted(agents["lb"].unique())[0]].sort_values("t_s")
+        weights = weights_matrix(steps)
+        relative = weights / np.exp(np.log(weights).mean(axis=1, keepdims=True))
+        for j in range(relative.shape[1]):
+            ax.step(steps["t_s"], relative[:, j], where="post", linewidth=0.8, label=f"srv{j}")
+        ax.set(ylabel="weight / geo. mean", title=f"{short_names(methods)[method]} ({run.path.name}, lb0)")
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set(xlabel="run time (s)")
+    axes[0, 0].legend(fontsize=6, ncol=8)
+    return _save(fig, out / "weights_over_time.png")
 
 
 def _event_marks(runs: list[Run]) -> list[tuple[float, str]]:

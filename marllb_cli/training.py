@@ -49,6 +49,7 @@ __all__ = [
     "make_team",
     "mean_finite",
     "hyper_names",
+    "greedy_evaluation",
     "parse_hyper",
     "resume_from",
     "save_training",
@@ -279,11 +280,13 @@ def train(
     resume: bool = False,
     hyper: dict[str, Any] | None = None,
     load_range: tuple[float, float] | None = None,
+    eval_every: int = 0,
     progress: Callable[[dict[str, Any]], None] = lambda _: None,
     started: Callable[[int], None] = lambda _: None,
 ) -> pd.DataFrame:
     """Train `algo` for `episodes` episodes into `out`; return the learning curve. `started(first episode)`
-    is called once every input is checked, before the first episode; `progress(row)` after each."""
+    is called once every input is checked, before the first episode; `progress(row)` after each. Every
+    `eval_every` episodes, and after the last, the greedy policy is evaluated (`greedy_evaluation`)."""
     if algo not in ALGOS:
         raise ConfigError(f"--algo {algo!r}: not available", hint=f"choose one of {', '.join(ALGOS)}")
     reward = reward or ALGOS[algo]
@@ -342,8 +345,35 @@ def train(
         }
         rows.append(row)
         save_training(out, episode, meta, team, algo, reward, rows)
+        if eval_every and ((episode + 1) % eval_every == 0 or episode + 1 == episodes):
+            row.update(greedy_evaluation(config, out, episode_s))
+            save_training(out, episode, meta, team, algo, reward, rows)
         progress(row)
     return pd.DataFrame(rows)
+
+
+#: The request seed of greedy evaluations during training: a validation seed (`sim.static_search`), never
+#: one that `bench policies` reports on, nor one an episode trains on.
+GREEDY_EVAL_SEED = 20_000
+
+
+def greedy_evaluation(config: Config, out: Path, episode_s: float) -> dict[str, float]:
+    """The policy just saved in `out`, acting greedily as it is served (`rl:OUT` in the simulator), for one
+    episode's length on the validation seed at the config's load: the curve's greedy columns. Exploration
+    hides how good the policy is; this does not."""
+    from marllb_cli.sim.run import run_simulation
+
+    threads = torch.get_num_threads()  # serving pins one thread; training keeps its own
+    try:
+        requests = run_simulation(config, f"rl:{out}", seed=GREEDY_EVAL_SEED, duration_s=episode_s).requests
+    finally:
+        torch.set_num_threads(threads)
+    jct = requests["jct_s"].dropna().to_numpy()
+    return {
+        "greedy_jct_mean_s": float(jct.mean()) if len(jct) else float("nan"),
+        "greedy_jct_p99_s": float(np.quantile(jct, 0.99)) if len(jct) else float("nan"),
+        "greedy_rejected": int(requests["jct_s"].isna().sum()),
+    }
 
 
 def resume_from(out: Path, meta: dict[str, Any], settings: Any, team: Any) -> tuple[int, list[dict]]:

@@ -86,6 +86,15 @@ def train_command(
         Path | None,
         typer.Option(help="--env testbed: start from this simulator-trained run's learners (fine-tuning)."),
     ] = None,
+    eval_every: Annotated[
+        int,
+        typer.Option(
+            "--eval-every",
+            help="Simulator: every N episodes (and after the last) run the greedy policy for an episode on a "
+            "validation seed; the curve's greedy_* columns (0: never).",
+            min=0,
+        ),
+    ] = 8,
     set_: SetOption = None,
 ) -> None:
     """Train per-LB policies; writes checkpoint.pt, policy.pt and curve.parquet into OUT.
@@ -133,7 +142,8 @@ def train_command(
             task,
             completed=row["episode"] + 1,
             detail=f"reward {row['reward']:.3g}  JCT {row['jct_mean_s'] * 1e3:.0f} ms  "
-            f"p99 {row['jct_p99_s'] * 1e3:.0f} ms",
+            f"p99 {row['jct_p99_s'] * 1e3:.0f} ms"
+            + (f"  greedy {row['greedy_jct_mean_s'] * 1e3:.0f} ms" if "greedy_jct_mean_s" in row else ""),
         )
 
     # What both environments take; each adds its own.
@@ -153,7 +163,16 @@ def train_command(
 
             curve = train_live(cfg, algo, options, progress=progress, started=started, replay_progress=episode_progress)
         else:
-            curve = train(cfg, algo, out=out, load_range=loads, progress=progress, started=started, **common)
+            curve = train(
+                cfg,
+                algo,
+                out=out,
+                load_range=loads,
+                eval_every=eval_every,
+                progress=progress,
+                started=started,
+                **common,
+            )
     finally:
         bar.stop()
     last = curve.iloc[-1]

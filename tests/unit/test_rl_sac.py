@@ -229,3 +229,24 @@ def test_without_the_gru_an_output_depends_on_its_own_step_only(cli, trained, tm
         tmp_path / "runs",
     )
     assert result.exit_code == 0, result.output
+
+
+def test_greedy_evaluations_are_the_served_policy_on_a_validation_seed(tmp_path):
+    """`eval_every`: the curve's greedy columns every N episodes and after the last, each the policy as
+    `rl:DIR` serves it in the simulator on request seed 20 000, for an episode's length."""
+    from marllb_cli.config import load_config
+    from marllb_cli.sim.run import run_simulation
+    from marllb_cli.training import GREEDY_EVAL_SEED, train
+
+    config = load_config(REPO / "configs" / "sim-moderate.yaml")
+    settings = {"hidden": 8, "updates_per_episode": 2, "batch_episodes": 2, "warmup_episodes": 1}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        curve = train(config, "distr", out=tmp_path, episodes=3, episode_s=2.0, hyper=settings, eval_every=2)
+        assert torch.get_num_threads() == 2  # serving pins one thread; training gets its own back
+    finally:
+        torch.set_num_threads(before)
+    assert curve["greedy_jct_mean_s"].isna().tolist() == [True, False, False]
+    served = run_simulation(config, f"rl:{tmp_path}", seed=GREEDY_EVAL_SEED, duration_s=2.0).requests["jct_s"]
+    assert curve["greedy_jct_mean_s"].iloc[-1] == pytest.approx(served.mean(), rel=1e-12)

@@ -188,6 +188,9 @@ def test_report_draws_learning_curves_of_training_directories(cli, tmp_path):
             "reward": np.linspace(7, 9, 10),
             "jct_mean_s": np.linspace(0.2, 0.1, 10),
             "wall_s": [6.0] * 10,
+            "alpha": np.geomspace(1.0, 0.2, 10),
+            "entropy": np.linspace(1.1, 0.55, 10),
+            "greedy_jct_mean_s": [np.nan] * 4 + [0.15] + [np.nan] * 4 + [0.095],
         }
     )
     curve.to_parquet(training / "curve.parquet")
@@ -195,7 +198,7 @@ def test_report_draws_learning_curves_of_training_directories(cli, tmp_path):
     only = cli("report", training, "--out", tmp_path / "curves")
     assert only.exit_code == 0, only.output
     markdown = (tmp_path / "curves" / "report.md").read_text()
-    assert f"| {training} | distr | vbf-log | 10 | 122.2 | 100.0 | 1.0 |" in markdown
+    assert f"| {training} | distr | vbf-log | 10 | 122.2 | 100.0 | 95.0 | 0.2 | 1.0 |" in markdown
     assert (tmp_path / "curves" / "learning_curves.png").stat().st_size > 5000
     run = _run(tmp_path / "runs", "sed", 0, np.full(100, 0.1))
     both = cli("report", run, training, "--out", tmp_path / "both")
@@ -289,3 +292,30 @@ def test_busy_workers_ratio_is_the_big_group_over_the_small_one(tmp_path):
     (run / "config.yaml").unlink()  # without the groups' CPUs there is no telling which is the big one
     (row,) = [r for r in build_report(find_runs([run]), replicates=0).rows if r["class"] == "all"]
     assert row["busy_ratio"] is None and row["busy_by_group"] == {"large": 5.0, "small": 2.0}
+
+
+def test_weight_dynamics_read_zero_for_static_weights_and_the_moves_of_moving_ones(cli, tmp_path):
+    """Two LBs' logs each. Weights rescaled every step but always in the ratio 1:2 are static (SED sees
+    ratios): 0 changed, σ 0. Weights that flip between 1:1 and 1:e every step: every step changed, and each
+    server's log ratio to the geometric mean alternates 0 and ±0.5, so σ = 0.25. The figure is drawn."""
+    runs_dir = tmp_path / "runs"
+    steps = 101
+    logs = {
+        "static": [[1.0, 2.0] if t % 2 else [2.0, 4.0] for t in range(steps)],
+        "moving": [[1.0, 1.0] if t % 2 else [1.0, float(np.e)] for t in range(steps)],
+    }
+    for method, weights in logs.items():
+        path = _run(runs_dir, method, 0, np.full(100, 0.1))
+        for lb in ("lb0", "lb1"):
+            frame = pd.DataFrame({"t_s": np.arange(steps) * 0.25, "lb": lb, "weights": weights})
+            frame.to_parquet(path / "agents" / f"{lb}.parquet", index=False)
+    report = build_report(find_runs([runs_dir]))
+    dynamics = {d["method"]: d for d in report.dynamics}
+    assert dynamics["static"]["changed_share"] == 0.0 and dynamics["static"]["log_weight_std"] < 1e-12
+    assert dynamics["moving"]["steps"] == 2 * steps and dynamics["moving"]["changed_share"] == 1.0
+    assert dynamics["moving"]["log_weight_std"] == pytest.approx(0.25, abs=0.003)
+    result = cli("report", runs_dir, "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| moving | 202 | 100.0% | 0.250 |" in markdown and "| static | 202 | 0.0% | 0.000 |" in markdown
+    assert (tmp_path / "report" / "weights_over_time.png").stat().st_size > 5000
