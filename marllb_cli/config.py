@@ -258,6 +258,14 @@ class Testbed(_Strict):
     work_scale: float = Field(
         1.0, gt=0, le=1000, description="Multiplier on the for-loop iterations of /dummy.php (?n=...)."
     )
+    cpu_page_echo_every: int = Field(
+        0,
+        ge=0,
+        le=1_000_000_000,
+        description="/dummy.php answers once, at the end (0), or echoes its counter every so many iterations while "
+        "it computes, as the papers' artefact did (4000): the body then grows with the work and the client ACKs "
+        "before the request is over, so an LB's flow-duration samples follow running requests.",
+    )
     hosts: list[SshHostEntry] = Field(default_factory=list, description="kind ssh: the hosts, by role.")
     ssh: SshSettings = Field(default_factory=SshSettings, description="kind ssh: logging in.")
     kvm: KvmSettings = Field(default_factory=KvmSettings, description="kind kvm: guests and their image.")

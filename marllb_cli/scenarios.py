@@ -54,6 +54,7 @@ def scenario_of(meta: dict[str, Any], config_yaml: str | None) -> Scenario:
         "forwarding": testbed.get("forwarding"),
         "cpu_unit": testbed.get("cpu_unit"),
         "work_scale": testbed.get("work_scale"),
+        "cpu_page_echo_every": testbed.get("cpu_page_echo_every") or 0,  # runs from before it: 0
         "servers": [
             {key: group.get(key) for key in ("name", "count", "cpus", "app", "speed")}
             for group in testbed.get("servers") or []

@@ -139,6 +139,7 @@ class ApacheInstance:
             start_servers=apache.start_servers,
             max_request_workers=apache.max_request_workers,
             work_scale=repr(testbed.work_scale),
+            echo_every=testbed.cpu_page_echo_every,
             app=apache_fragment(self.mediawiki.settings_file) if self.group.app == "mediawiki" else "",
         )
 
