@@ -19,6 +19,11 @@ full weight, so a server the LB has not heard from for a while looks less loaded
 
 Observation (`observe`), per server j, in this order (`FEATURE_NAMES`): on-going flows q_j, then the five
 statistics of the flow-duration reservoir. Shape `[n_servers, 6]`, float32.
+
+NeurIPS'22's observation (`observe_neurips`, `NEURIPS_FEATURE_NAMES`) appends the five statistics of server
+j's completion times (SYN → FIN or RST) and the five of the LB's inter-arrival times between new flows (the
+same in every server's row: the load the LB sees as a whole). Shape `[n_servers, 16]`. Every column past the
+first is a time in seconds, so one normalisation serves both.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ __all__ = [
     "observe",
     "observe_many",
     "FEATURE_NAMES",
+    "NEURIPS_FEATURE_NAMES",
+    "N_NEURIPS_FEATURES",
+    "observe_neurips",
     "RESERVOIR_SLOTS",
     "DECAY_PER_SECOND",
 ]
@@ -44,6 +52,9 @@ RESERVOIR_SLOTS = 128
 DECAY_PER_SECOND = 0.9
 FEATURE_NAMES = ("flows", "fd_mean", "fd_p90", "fd_std", "fd_decayed_mean", "fd_decayed_p90")
 N_FEATURES = len(FEATURE_NAMES)
+_STATS = ("mean", "p90", "std", "decayed_mean", "decayed_p90")
+NEURIPS_FEATURE_NAMES = (*FEATURE_NAMES, *(f"tct_{s}" for s in _STATS), *(f"ia_{s}" for s in _STATS))
+N_NEURIPS_FEATURES = len(NEURIPS_FEATURE_NAMES)
 
 
 @dataclass
@@ -131,6 +142,30 @@ def observe(flows: Sequence[float], durations: Sequence[tuple[np.ndarray, np.nda
         if size:
             times = np.stack([durations[j][0] for j in rows])
             out[rows, 1:] = _summarize_rows(times, np.stack([durations[j][1] for j in rows]), now)
+    return out
+
+
+Samples = tuple[np.ndarray, np.ndarray]
+
+
+def observe_neurips(
+    flows: Sequence[float],
+    durations: Sequence[Samples],
+    completions: Sequence[Samples],
+    interarrivals: Sequence[Samples],
+    now: float,
+) -> np.ndarray:
+    """NeurIPS'22's observation of one or more LBs: `observe`'s six columns, then the five statistics of each
+    server's completion times and of its LB's inter-arrival times. `interarrivals` holds one reservoir per LB;
+    the rows are the LBs' servers in order (len(flows) = LBs × servers). [rows, 16]."""
+    rows, lbs = len(flows), len(interarrivals)
+    if rows % max(lbs, 1) or len(completions) != rows:
+        raise ValueError(f"{rows} flow counters, {len(completions)} completion and {lbs} inter-arrival reservoirs")
+    out = np.zeros((rows, N_NEURIPS_FEATURES), dtype=np.float32)
+    out[:, :N_FEATURES] = observe(flows, durations, now)
+    out[:, N_FEATURES : N_FEATURES + 5] = observe(np.zeros(rows), completions, now)[:, 1:]
+    per_lb = observe(np.zeros(lbs), interarrivals, now)[:, 1:]
+    out[:, N_FEATURES + 5 :] = np.repeat(per_lb, rows // max(lbs, 1), axis=0)
     return out
 
 

@@ -122,6 +122,11 @@ def train_live(
     if coordinated:
         address = _coordinator_address(config, testbed.state_dir, topology)
     settings = (QmixHyper if algo == "qmix" else SacHyper)(**options.hyper)
+    if settings.neurips_obs:  # the coordinator and the step logs carry CIKM'22's six features
+        raise ConfigError(
+            "--hyper neurips_obs=true: NeurIPS'22's observation trains in the simulator only",
+            hint="train with --env sim; the policy then runs on the testbed with --method rl:DIR",
+        )
     team = make_team(algo, n_lbs, n_servers, settings, options.seed)
     out = options.out
     out.mkdir(parents=True, exist_ok=True)

@@ -302,6 +302,7 @@ def train(
         episode_s=episode_s,
         residual=settings.residual,
         reward_smoothing=settings.reward_smoothing,
+        neurips_observation=settings.neurips_obs,
     )
     n_lbs, n_servers = len(env.possible_agents), len(env.models)
     team = make_team(algo, n_lbs, n_servers, settings, seed)

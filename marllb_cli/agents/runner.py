@@ -29,7 +29,7 @@ from marllb_cli.agents.base import Agent
 from marllb_cli.agents.factory import make_agent
 from marllb_cli.coordination.link import CoordinatedAgent, CoordinatorAddress
 from marllb_cli.dataplane.channel import Channel, TornRead
-from marllb_cli.features import observe
+from marllb_cli.features import observe, observe_neurips
 from marllb_cli.probes import busy_workers
 from marllb_cli.services import next_tick, until_signalled
 from marllb_cli.steps import step_record
@@ -123,6 +123,7 @@ def run_agent(spec: AgentSpec, agent: Agent, channel: Channel, should_run) -> in
     weights: list[float] | None = None
     clock = agent.ticks(should_run) if isinstance(agent, CoordinatedAgent) else periods(spec.period, should_run)
     record = getattr(agent, "record", None)
+    neurips = getattr(agent, "neurips_observation", False)
     with open(spec.steps_log, "a", buffering=1) as steps:
         for _ in clock:
             try:
@@ -132,7 +133,10 @@ def run_agent(spec: AgentSpec, agent: Agent, channel: Channel, should_run) -> in
                 stats = None
             if stats is not None:
                 now = time.monotonic()
-                obs = observe(stats.flows, stats.durations, now)
+                if neurips:  # a policy trained on NeurIPS'22's observation
+                    obs = observe_neurips(stats.flows, stats.durations, stats.completions, [stats.interarrivals], now)
+                else:
+                    obs = observe(stats.flows, stats.durations, now)
                 weights = usable_weights(agent.act(obs), weights)
                 channel.write_control(agent.method, weights)
                 channel.heartbeat()

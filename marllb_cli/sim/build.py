@@ -53,15 +53,24 @@ def build_simulation(
     agents: list | None = None,
     joint: Any = None,
     agent_period: float | None = None,
+    neurips_observation: bool = False,
 ) -> tuple[Engine | CompiledSim, LbLayer]:
     """The event loop (compiled or Python, by `sim.engine`) and the LB layer on it, ready to `run`; with
     `agent_period`, the LB layer's agents step every that many simulated seconds (`LbLayer.tick`), else the
-    caller steps them. Shared by `marllb simulate` and the training environment."""
+    caller steps them; `neurips_observation`: the agents observe `features.observe_neurips`'s 16 columns.
+    Shared by `marllb simulate` and the training environment."""
     ticks: dict[str, Any] = (
         {} if agent_period is None else {"tick_period": agent_period, "on_tick": lambda now: lbs.tick(now)}
     )
     common = dict(
-        n_lbs=config.testbed.lbs, cpus=cpus, work=load.work, io=load.io, seed=seed, agents=agents, joint=joint
+        n_lbs=config.testbed.lbs,
+        cpus=cpus,
+        work=load.work,
+        io=load.io,
+        seed=seed,
+        agents=agents,
+        joint=joint,
+        neurips_observation=neurips_observation,
     )
     idle = config.sim.idle_timeout_s
     if use_compiled(config.sim.engine, method, models, config.source):
@@ -74,6 +83,7 @@ def build_simulation(
             seed=seed,
             io=load.io,
             oracle_gsq=method == "oracle-gsq",
+            neurips_observation=neurips_observation,
             **ticks,
         )
         lbs = LbLayer(method=method, states=core.servers, idle_timeout=idle, table_factory=core.table, **common)

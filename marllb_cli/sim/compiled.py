@@ -147,10 +147,17 @@ class _State(NamedTuple):
     res_t: np.ndarray  # f8[m, n, S], flow-duration reservoirs
     res_v: np.ndarray  # f8[m, n, S]
     res_filled: np.ndarray  # i8[m, n]
+    cmp_t: np.ndarray  # f8[m, n, S], completion-time reservoirs (NeurIPS'22's observation; limits[2] = 1)
+    cmp_v: np.ndarray  # f8[m, n, S]
+    cmp_filled: np.ndarray  # i8[m, n]
+    ia_t: np.ndarray  # f8[m, 1, S], each LB's inter-arrival reservoir (limits[2] = 1)
+    ia_v: np.ndarray  # f8[m, 1, S]
+    ia_filled: np.ndarray  # i8[m, 1]
+    last_new: np.ndarray  # f8[m], the LB's last new flow (−1: none yet)
     rng: np.ndarray  # u8[m], splitmix64 state per LB
     expire_from: np.ndarray  # i8[m], first job not yet known to be past the idle timeout
     # scalars as small arrays: [next job, IO heap size, dispatch: 0 by the LBs' tables, 1 oracle-gsq],
-    # [idle timeout, max flows]
+    # [idle timeout, max flows, 1 to keep completion and inter-arrival samples]
     cursor: np.ndarray  # i8[3]
     limits: np.ndarray  # f8[2]
 
@@ -178,17 +185,24 @@ def _uniform(rng, lb):
 
 
 @_jit
-def _sample_duration(st, lb, j, t, value):
-    """`Reservoir.add` with keep probability 1: the next free slot, then a uniformly random one."""
-    slots = st.res_t.shape[2]
-    filled = st.res_filled[lb, j]
-    if filled < slots:
-        slot = filled
-        st.res_filled[lb, j] = filled + 1
+def _keep_sample(times, values, filled, lb, j, rng, t, value):
+    """`Reservoir.add` with keep probability 1 into reservoir [lb, j] of `times`/`values` ([m, n, S]):
+    the next free slot, then a uniformly random one."""
+    slots = times.shape[2]
+    count = filled[lb, j]
+    if count < slots:
+        slot = count
+        filled[lb, j] = count + 1
     else:
-        slot = int(_uniform(st.rng, lb) * slots)
-    st.res_t[lb, j, slot] = t
-    st.res_v[lb, j, slot] = value
+        slot = int(_uniform(rng, lb) * slots)
+    times[lb, j, slot] = t
+    values[lb, j, slot] = value
+
+
+@_jit
+def _sample_duration(st, lb, j, t, value):
+    """A flow-duration sample of server j at LB lb."""
+    _keep_sample(st.res_t, st.res_v, st.res_filled, lb, j, st.rng, t, value)
 
 
 @_jit
@@ -267,6 +281,10 @@ def _open_flow(st, job, now):
     st.flows[lb, server] += 1
     st.new_flows[lb, server] += 1
     _sample_duration(st, lb, server, now, 0.0)
+    if st.limits[2] > 0:  # the LB's inter-arrival time between new flows
+        if st.last_new[lb] >= 0:
+            _keep_sample(st.ia_t, st.ia_v, st.ia_filled, lb, 0, st.rng, now, now - st.last_new[lb])
+        st.last_new[lb] = now
     return server
 
 
@@ -275,8 +293,11 @@ def _close_flow(st, job, now, completed):
     """The response's ACK and the FIN (completed), or an RST (rejected), of an open flow."""
     if st.open_flow[job] == 0:
         return
+    lb, server = st.lb_of[job], st.server[job]
     if completed:
-        _sample_duration(st, st.lb_of[job], st.server[job], now, now - st.arrival[job])
+        _sample_duration(st, lb, server, now, now - st.arrival[job])
+    if st.limits[2] > 0:  # FIN or RST: the completion time, as the dataplane samples it
+        _keep_sample(st.cmp_t, st.cmp_v, st.cmp_filled, lb, server, st.rng, now, now - st.arrival[job])
     _end_flow(st, job)
 
 
@@ -508,11 +529,12 @@ def _run(st, limit, inclusive):
 
 
 class _Reservoir:
-    """A view of one flow-duration reservoir with `Reservoir.samples()`."""
+    """A view of one reservoir (flow durations by default) with `Reservoir.samples()`."""
 
-    def __init__(self, st: _State, lb: int, server: int) -> None:
-        self._times, self._values = st.res_t[lb, server], st.res_v[lb, server]
-        self._filled, self._server = st.res_filled[lb], server
+    def __init__(self, st: _State, lb: int, server: int, kind: str = "res") -> None:
+        times, values, filled = (getattr(st, f"{kind}_{part}") for part in ("t", "v", "filled"))
+        self._times, self._values = times[lb, server], values[lb, server]
+        self._filled, self._server = filled[lb], server
 
     def samples(self) -> tuple[np.ndarray, np.ndarray]:
         filled = self._filled[self._server]
@@ -540,7 +562,8 @@ class _MirroredSelector(Selector):
 
 class _Table:
     """What `LbLayer` and the environment read of an LB's `FlowTable`: flows, new_flows, durations,
-    selector, expire."""
+    completions, interarrivals, selector, expire (completions and inter-arrivals stay empty unless the
+    simulator keeps them: `CompiledSim(neurips_observation=True)`)."""
 
     def __init__(self, st: _State, lb: int, method: str, weights: Sequence[float]) -> None:
         n = st.cpus.shape[0]
@@ -549,6 +572,8 @@ class _Table:
         self.flows = st.flows[lb]
         self.new_flows = st.new_flows[lb]
         self.durations = [_Reservoir(st, lb, j) for j in range(n)]
+        self.completions = [_Reservoir(st, lb, j, "cmp") for j in range(n)]
+        self.interarrivals = _Reservoir(st, lb, 0, "ia")
 
     def expire(self, now: float) -> int:
         return int(_expire(self._st, self._lb, now))
@@ -586,9 +611,12 @@ class CompiledSim:
         slots: int = RESERVOIR_SLOTS,
         max_flows: int = MAX_FLOWS,
         oracle_gsq: bool = False,
+        neurips_observation: bool = False,
     ) -> None:
         """The arguments of `Engine` and of `LbLayer`'s tables; `oracle_gsq` dispatches every request by
-        global shortest expected delay over the servers' true job counts instead of by the LBs' tables."""
+        global shortest expected delay over the servers' true job counts instead of by the LBs' tables;
+        `neurips_observation` keeps the completion-time and inter-arrival samples NeurIPS'22's observation
+        reads (they cost random numbers, so runs without it draw as before)."""
         if not supported(servers):
             raise ValueError("the compiled simulator needs numba and finite worker and backlog limits")
         n_jobs, n = len(arrival), len(servers)
@@ -641,10 +669,17 @@ class CompiledSim:
             res_t=f8(n_lbs, n, slots),
             res_v=f8(n_lbs, n, slots),
             res_filled=i8(n_lbs, n),
+            cmp_t=f8(n_lbs, n, slots),
+            cmp_v=f8(n_lbs, n, slots),
+            cmp_filled=i8(n_lbs, n),
+            ia_t=f8(n_lbs, 1, slots),
+            ia_v=f8(n_lbs, 1, slots),
+            ia_filled=i8(n_lbs, 1),
+            last_new=np.full(n_lbs, -1.0),
             rng=np.array([(seed * 1_000 + lb) & (2**64 - 1) for lb in range(n_lbs)], dtype=np.uint64),
             expire_from=i8(n_lbs),
             cursor=np.array([0, 0, int(oracle_gsq)], dtype=np.int64),
-            limits=np.array([idle_timeout, max_flows], dtype=np.float64),
+            limits=np.array([idle_timeout, max_flows, float(neurips_observation)], dtype=np.float64),
         )
         self.lb_of = self._st.lb_of
         self.servers = [_Server(self._st, j, model) for j, model in enumerate(servers)]

@@ -8,7 +8,9 @@
 
 - agents: `lb0` … `lb{m-1}`; each sees only its own flows (the edge router hashes flows over LBs).
 - observation: the LB's feature matrix [servers, 6] (`features.FEATURE_NAMES`: q_j, then flow-duration
-  mean, p90, std, decayed mean, decayed p90), the same numbers its agent computes on the testbed.
+  mean, p90, std, decayed mean, decayed p90), the same numbers its agent computes on the testbed; with
+  `neurips_observation`, [servers, 16] (`features.NEURIPS_FEATURE_NAMES`: also completion-time and the LB's
+  inter-arrival statistics, NeurIPS'22).
 - action: the LB's SED weights. `action: discrete` (default) picks one of `levels` per server
   (MultiDiscrete; the artefact's {1.0, 1.5, 2.0}); `continuous` gives weights in [low, high] directly (Box).
   With `residual`, the weight is the server's capacity (cpus × speed) times the chosen value, so choosing
@@ -32,7 +34,7 @@ from pettingzoo import ParallelEnv
 
 from marllb_cli.agents.rl.levels import level_weights
 from marllb_cli.config import Config
-from marllb_cli.features import N_FEATURES
+from marllb_cli.features import N_FEATURES, N_NEURIPS_FEATURES
 from marllb_cli.rewards import REWARDS, smooth
 from marllb_cli.sim.build import build_simulation, run_events, server_models
 from marllb_cli.sim.events import attach_events
@@ -61,6 +63,7 @@ class LoadBalancingEnv(ParallelEnv):
         seed: int | None = None,
         residual: bool = False,
         reward_smoothing: float = 0.0,
+        neurips_observation: bool = False,
     ) -> None:
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
@@ -69,6 +72,7 @@ class LoadBalancingEnv(ParallelEnv):
         self.config = config
         self.reward_name = reward
         self.reward_smoothing = reward_smoothing  # CIKM'22 Eq. 18 (`rewards.smooth`)
+        self.neurips_observation = neurips_observation  # 16 columns (`features.observe_neurips`), else 6
         self._last_loads: dict[str, np.ndarray] = {}
         self.action_mode = action
         self.levels = np.asarray(levels, dtype=np.float64)
@@ -84,7 +88,8 @@ class LoadBalancingEnv(ParallelEnv):
 
     @functools.cache  # noqa: B019 - one space object per agent, as PettingZoo expects
     def observation_space(self, agent: str) -> spaces.Box:
-        return spaces.Box(0.0, np.inf, shape=(len(self.models), N_FEATURES), dtype=np.float32)
+        width = N_NEURIPS_FEATURES if self.neurips_observation else N_FEATURES
+        return spaces.Box(0.0, np.inf, shape=(len(self.models), width), dtype=np.float32)
 
     @functools.cache  # noqa: B019
     def action_space(self, agent: str) -> spaces.Space:
@@ -106,7 +111,9 @@ class LoadBalancingEnv(ParallelEnv):
             )
             config = config.model_copy(update={"sim": sim})
         load = traffic(config, seed=episode_seed, duration_s=self.episode_s)
-        self.engine, self.lbs = build_simulation(config, "sed", load, self.models, self.cpus, seed=episode_seed)
+        self.engine, self.lbs = build_simulation(
+            config, "sed", load, self.models, self.cpus, seed=episode_seed, neurips_observation=self.neurips_observation
+        )
         # The scenario's timed events, its drifts drawn anew for each episode (the episode's seed).
         events = run_events(config, seed=episode_seed, duration_s=self.episode_s)
         attach_events(events, self.engine, self.lbs, self.models)

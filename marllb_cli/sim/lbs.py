@@ -37,7 +37,7 @@ from marllb_cli.agents.methods import LOOKAHEAD, ORACLES, SIM_METHODS
 from marllb_cli.dataplane.flows import FlowTable
 from marllb_cli.dataplane.packets import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from marllb_cli.dataplane.selection import Selector
-from marllb_cli.features import observe, observe_many
+from marllb_cli.features import observe, observe_many, observe_neurips
 from marllb_cli.sim.engine import ServerState
 from marllb_cli.steps import step_record
 
@@ -110,6 +110,7 @@ class LbLayer:
         agents: list[Agent] | None = None,
         joint: Any = None,
         table_factory: Callable[[int, str, list[float]], Any] | None = None,
+        neurips_observation: bool = False,
     ) -> None:
         """`states` are the servers' live states (anything with `workers()`). `table_factory(lb, method,
         weights)` makes LB `lb`'s flow table; by default the dataplane's `FlowTable`, and the compiled
@@ -117,6 +118,7 @@ class LbLayer:
         if method not in SIM_METHODS:
             raise ValueError(f"unknown method {method!r}")
         self.method = method
+        self.neurips_observation = neurips_observation  # agents get `features.observe_neurips`'s 16 columns
         self.joint = joint  # Centr-LB: act_all(observations of every LB) → weights of every LB
         self.work, self.io = work, io
         self.states = states
@@ -268,17 +270,24 @@ class LbLayer:
             self.busy.append((now, j, state.workers()))
 
     def observe(self, lb: int, now: float) -> np.ndarray:
-        """LB `lb`'s observation, exactly as its agent on the testbed computes it: [servers, 6]."""
-        table = self.tables[lb]
-        return observe(table.flows, [r.samples() for r in table.durations], now)
+        """LB `lb`'s observation, exactly as its agent on the testbed computes it: [servers, 6], or 16 columns
+        with `neurips_observation`."""
+        return self._observe([self.tables[lb]], now)
 
     def observe_all(self, now: float) -> list[np.ndarray]:
         """Every LB's observation (as `observe`), reduced in one call: the agent step is what the compiled
         simulator spends most of its time on, and one reduction over all LBs' rows costs little more than
         one over a single LB's."""
-        flows = np.concatenate([table.flows for table in self.tables])
-        joint = observe(flows, [r.samples() for table in self.tables for r in table.durations], now)
+        joint = self._observe(self.tables, now)
         return [joint[lb * self.n : (lb + 1) * self.n] for lb in range(self.n_lbs)]
+
+    def _observe(self, tables: Sequence[Any], now: float) -> np.ndarray:
+        flows = np.concatenate([table.flows for table in tables])
+        durations = [r.samples() for table in tables for r in table.durations]
+        if not self.neurips_observation:
+            return observe(flows, durations, now)
+        completions = [r.samples() for table in tables for r in table.completions]
+        return observe_neurips(flows, durations, completions, [t.interarrivals.samples() for t in tables], now)
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _busy_probe(self) -> list[int | None]:

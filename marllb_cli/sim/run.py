@@ -164,6 +164,7 @@ def _simulate(config: Config, prepared: _Prepared, seed: int) -> SimRun:
         agents=agents,
         joint=joint,
         agent_period=None if lookahead else period,
+        neurips_observation=any(getattr(a, "neurips_observation", False) for a in [joint, *(agents or [])]),
     )
     applied = attach_events(prepared.events, engine, lbs, models)
     started = time.perf_counter()

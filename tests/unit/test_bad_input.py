@@ -196,7 +196,7 @@ def test_a_method_that_is_not_a_name_is_refused_and_markup_in_one_is_escaped(cli
     result = cli("report", run, "--out", tmp_path / "r2")
     assert result.exit_code == 0, result.output
     lines = [line for line in (tmp_path / "r2" / "report.md").read_text().splitlines() if "script" in line]
-    assert len(lines) == 2  # the ranking and the list of runs, each still one table row
+    assert len(lines) == 3  # the ranking, the weight dynamics and the list of runs, each still one table row
     assert all("<script>" not in line and "sed \\| &lt;script&gt;x&lt;/script&gt; row" in line for line in lines)
 
 

@@ -103,3 +103,21 @@ def test_a_policy_for_other_lbs_is_refused_at_plan_time(trained):
     topology = plan(config.testbed)
     with pytest.raises(ConfigError, match="QMIX trained for 2 LBs, this config has 1"):
         lb_plan(config, topology, topology.lbs[0], LbStart(f"rl:{policy}"), policy)
+
+
+def test_a_policy_on_neurips_observation_is_served_its_16_features(trained):
+    """A distr policy trained with NeurIPS'22's observation: the testbed's agent process builds it to read 16
+    features per server (it computes them with `observe_neurips`) and serves the input it was trained on."""
+    from marllb_cli.agents.rl.sac import SacHyper, SacLearner
+    from marllb_cli.features import N_NEURIPS_FEATURES
+
+    policy = trained("distr", "neurips", LOCAL_SMALL, "neurips_obs=true")
+    agents = served_agents(policy)
+    n_servers = len(agents[0].weights)
+    learner = SacLearner(n_servers, SacHyper(hidden=8, neurips_obs=True), seed=0)
+    assert learner.n_in == n_servers * (N_NEURIPS_FEATURES + 3)
+    rng = np.random.default_rng(5)
+    obs = rng.uniform(0, 0.5, size=(n_servers, N_NEURIPS_FEATURES)).astype(np.float32)
+    for agent in agents:
+        assert agent.neurips_observation is True
+        np.testing.assert_array_equal(agent.policy.input(obs), learner.features(obs, learner.prev_action))

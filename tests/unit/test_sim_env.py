@@ -109,3 +109,44 @@ def test_eq18_smoothing_scores_a_blend_of_two_steps_loads_in_the_simulator_and_f
     logged = LoggedEpisode(per_lb=[(obs, np.zeros((13, 7), dtype=np.int64), np.ones(7))], joint=None, figures={})
     _store(recorder, "distr", logged, pbf, 0.1)
     assert recorder.rewards == pytest.approx(smoothed, rel=1e-6)
+
+
+def test_neurips_observation_is_the_same_in_both_engines_and_trains_and_serves(cli, trained, tmp_path):
+    """NeurIPS'22's observation: 16 columns, the first six CIKM'22's. Its completion-time and inter-arrival
+    reservoirs hold the same samples in the compiled and the Python engine (1.5 s: no reservoir is full, so
+    no slot is drawn at random), each completion sample is a request's JCT, and a policy trained on it runs."""
+    from marllb_cli.features import N_NEURIPS_FEATURES, observe_neurips
+    from marllb_cli.sim.build import build_simulation, server_models
+    from marllb_cli.sim.traffic import traffic
+
+    base = load_config(REPO / "configs" / "sim-moderate.yaml")
+    reservoirs = {}
+    for engine in ("compiled", "python"):
+        config = load_config(REPO / "configs" / "sim-moderate.yaml", [f"sim.engine={engine}"])
+        models, _, _, cpus = server_models(config)
+        requests = traffic(config, seed=3, duration_s=1.5)
+        core, lbs = build_simulation(config, "sed", requests, models, cpus, seed=3, agent_period=0.25,
+                                     neurips_observation=True)  # fmt: skip
+        core.run()
+        result = core.result()
+        completions = [[sorted(np.round(r.samples()[1], 9)) for r in table.completions] for table in lbs.tables]
+        interarrivals = [sorted(np.round(table.interarrivals.samples()[1], 9)) for table in lbs.tables]
+        reservoirs[engine] = (completions, interarrivals)
+        jct = result.finish - result.arrival
+        obs = lbs.observe_all(1.5)
+        assert obs[0].shape == (7, N_NEURIPS_FEATURES)
+    assert reservoirs["compiled"] == reservoirs["python"]
+    completions, interarrivals = reservoirs["python"]
+    every = sorted(v for lb in completions for server in lb for v in server)
+    assert every == sorted(np.round(jct[~np.isnan(jct)], 9))  # every request done, each one sample
+    assert sum(len(gaps) for gaps in interarrivals) == len(jct) - 2  # the gaps between each LB's new flows
+    flows = np.zeros(2)
+    one = observe_neurips(flows, [(np.zeros(1), np.ones(1))] * 2, [(np.zeros(2), np.array([1.0, 3.0]))] * 2,
+                          [(np.zeros(1), np.array([0.5]))], 0.0)  # fmt: skip
+    assert one[0, 6:11].tolist() == pytest.approx([2.0, 2.8, 1.0, 2.0, 2.8]) and one[1, 11] == 0.5
+    env = LoadBalancingEnv(base, neurips_observation=True, episode_s=2.0)
+    assert env.observation_space("lb0").shape == (7, N_NEURIPS_FEATURES)
+    policy = trained("qmix", "nq", REPO / "configs" / "sim-moderate.yaml", "neurips_obs=true")
+    result = cli("simulate", REPO / "configs" / "sim-moderate.yaml", "-m", f"rl:{policy}", "--duration", "3",
+                 "--runs-dir", tmp_path / "runs")  # fmt: skip
+    assert result.exit_code == 0, result.output

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from marllb_cli.agents.rl.levels import level_weights
-from marllb_cli.features import N_FEATURES
+from marllb_cli.features import N_FEATURES, N_NEURIPS_FEATURES
 
 __all__ = [
     "EpisodeBuffer",
@@ -36,6 +36,7 @@ __all__ = [
     "generator",
     "generator_state",
     "input_size",
+    "observation_width",
     "load_file",
     "normalise",
     "plain",
@@ -74,9 +75,16 @@ def load_file(path: Path, what: str) -> dict[str, Any]:
     return saved
 
 
-def input_size(n_servers: int, n_levels: int, extra: int = 0) -> int:
-    """The length of `encode`'s output: features and a one-hot previous action per server, then `extra`."""
-    return n_servers * N_FEATURES + n_servers * n_levels + extra
+def observation_width(hyper: Any) -> int:
+    """Features per server a learner with these hyperparameters (a dataclass, or a saved policy's dict)
+    observes: NeurIPS'22's 16 with `neurips_obs`, else CIKM'22's 6."""
+    neurips = hyper.get("neurips_obs", False) if isinstance(hyper, dict) else getattr(hyper, "neurips_obs", False)
+    return N_NEURIPS_FEATURES if neurips else N_FEATURES
+
+
+def input_size(n_servers: int, n_levels: int, extra: int = 0, features: int = N_FEATURES) -> int:
+    """The length of `encode`'s output: `features` and a one-hot previous action per server, then `extra`."""
+    return n_servers * features + n_servers * n_levels + extra
 
 
 def encode(obs: np.ndarray, prev_action: np.ndarray, n_levels: int, extra: np.ndarray | None = None) -> np.ndarray:

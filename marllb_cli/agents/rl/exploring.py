@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marllb_cli.agents.rl.common import GreedyPolicy, Recurrent, encode, input_size, load_file
+from marllb_cli.agents.rl.common import GreedyPolicy, Recurrent, encode, input_size, load_file, observation_width
 
 __all__ = ["ExploringPolicy", "JointActor"]
 
@@ -27,7 +27,11 @@ def _net(saved: dict, heads: int, extra: int, index: int) -> tuple[Recurrent, tu
     hyper = saved["hyper"]
     levels = tuple(float(v) for v in hyper["levels"])
     net = Recurrent(
-        input_size(heads, len(levels), extra), int(hyper["hidden"]), heads, len(levels), gru=hyper.get("gru", True)
+        input_size(heads, len(levels), extra, observation_width(hyper)),
+        int(hyper["hidden"]),
+        heads,
+        len(levels),
+        gru=hyper.get("gru", True),
     )
     actors = saved["actors"]
     net.load_state_dict(actors[index % len(actors)])

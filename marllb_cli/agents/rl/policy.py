@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from marllb_cli.agents.methods import RL_PREFIX
-from marllb_cli.agents.rl.common import GreedyPolicy, Recurrent, input_size, load_file
+from marllb_cli.agents.rl.common import GreedyPolicy, Recurrent, input_size, load_file, observation_width
 from marllb_cli.agents.rl.header import PolicyHeader
 from marllb_cli.errors import ConfigError
 
@@ -23,13 +23,15 @@ __all__ = ["JointPolicy", "RlPolicy", "load_for_simulation", "load_policies"]
 
 
 class RlPolicy:
-    """One LB's greedy policy, with the `Agent` interface (SED weights)."""
+    """One LB's greedy policy, with the `Agent` interface (SED weights). `neurips_observation`: it reads
+    `features.observe_neurips`'s 16 columns, which whoever steps it (the simulator, the agent process) gives."""
 
     method = "sed"
 
-    def __init__(self, policy: GreedyPolicy) -> None:
+    def __init__(self, policy: GreedyPolicy, neurips_observation: bool = False) -> None:
         self.policy = policy
         self.weights = policy.weights()
+        self.neurips_observation = neurips_observation
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         self.weights = self.policy.act(obs)
@@ -41,8 +43,9 @@ class JointPolicy:
 
     method = "sed"
 
-    def __init__(self, policy: GreedyPolicy, n_lbs: int) -> None:
+    def __init__(self, policy: GreedyPolicy, n_lbs: int, neurips_observation: bool = False) -> None:
         self.policy, self.m = policy, n_lbs
+        self.neurips_observation = neurips_observation
 
     def act_all(self, observations: list[np.ndarray]) -> list[np.ndarray]:
         return list(self.policy.act(np.concatenate(observations)).reshape(self.m, -1))
@@ -78,9 +81,10 @@ def _joint(saved: dict, n_lbs: int, capacity: Sequence[float]) -> JointPolicy:
     levels = tuple(saved["hyper"]["levels"])
     heads = n_lbs * len(capacity)
     hyper = saved["hyper"]
-    net = Recurrent(input_size(heads, len(levels)), hyper["hidden"], heads, len(levels), gru=hyper.get("gru", True))
-    net = _actor(net, saved, 0)
-    return JointPolicy(GreedyPolicy(net, levels, scale=_scale(saved, capacity, n_lbs)), n_lbs)
+    n_in = input_size(heads, len(levels), features=observation_width(hyper))
+    net = _actor(Recurrent(n_in, hyper["hidden"], heads, len(levels), gru=hyper.get("gru", True)), saved, 0)
+    neurips = bool(hyper.get("neurips_obs", False))
+    return JointPolicy(GreedyPolicy(net, levels, scale=_scale(saved, capacity, n_lbs)), n_lbs, neurips)
 
 
 def load_policies(method: str, n_lbs: int, capacity: Sequence[float]) -> list[RlPolicy]:
@@ -94,12 +98,13 @@ def _per_lb(saved: dict, n_lbs: int, capacity: Sequence[float]) -> list[RlPolicy
     hyper = saved["hyper"]
     levels = tuple(hyper["levels"])
     qmix = saved.get("kind") == "qmix"
-    n_in = input_size(n_servers, len(levels), extra=n_lbs if qmix else 0)
+    n_in = input_size(n_servers, len(levels), extra=n_lbs if qmix else 0, features=observation_width(hyper))
     policies = []
     for i in range(n_lbs):
         net = _actor(Recurrent(n_in, hyper["hidden"], n_servers, len(levels), gru=hyper.get("gru", True)), saved, i)
         extra = np.eye(n_lbs, dtype=np.float32)[i] if qmix else None
-        policies.append(RlPolicy(GreedyPolicy(net, levels, extra, _scale(saved, capacity))))
+        neurips = bool(hyper.get("neurips_obs", False))
+        policies.append(RlPolicy(GreedyPolicy(net, levels, extra, _scale(saved, capacity)), neurips))
     return policies
 
 

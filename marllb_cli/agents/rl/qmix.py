@@ -31,9 +31,9 @@ from marllb_cli.agents.rl.common import (
     generator,
     generator_state,
     input_size,
+    observation_width,
     plain,
 )
-from marllb_cli.features import N_FEATURES
 
 __all__ = ["Mixer", "QmixHyper", "QmixLearner", "td_lambda"]
 
@@ -58,6 +58,7 @@ class QmixHyper:
     residual: bool = False  # weight = server capacity × level: a uniform choice of levels is SED itself
     reward_norm: bool = True  # standardise rewards with their running mean and std (`common.RewardScale`)
     gru: bool = True  # false: no recurrent layer (ablation)
+    neurips_obs: bool = False  # NeurIPS'22's observation: + completion-time and inter-arrival statistics
     reward_smoothing: float = 0.0  # weight of the previous step's loads in the reward (CIKM'22 Eq. 18: 0.1)
 
 
@@ -99,8 +100,9 @@ class QmixLearner:
     def __init__(self, n_agents: int, n_servers: int, hyper: QmixHyper, seed: int) -> None:
         self.hyper, self.m, self.n = hyper, n_agents, n_servers
         self.n_levels = len(hyper.levels)
-        self.n_in = input_size(n_servers, self.n_levels, extra=n_agents)
-        state_dim = n_agents * n_servers * N_FEATURES
+        width = observation_width(hyper)
+        self.n_in = input_size(n_servers, self.n_levels, extra=n_agents, features=width)
+        state_dim = n_agents * n_servers * width
         torch.manual_seed(seed)
         self.agent = Recurrent(self.n_in, hyper.hidden, n_servers, self.n_levels, gru=hyper.gru)
         self.mixer = Mixer(n_agents, state_dim, hyper.mixing_hidden)

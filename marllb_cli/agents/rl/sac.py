@@ -36,6 +36,7 @@ from marllb_cli.agents.rl.common import (
     generator,
     generator_state,
     input_size,
+    observation_width,
     plain,
 )
 
@@ -64,6 +65,7 @@ class SacHyper:
     reward_norm: bool = True  # standardise rewards with their running mean and std (`common.RewardScale`)
     joint_min: bool = True  # twin minimum of the two critics' joint values; false: per head and level (ablation)
     gru: bool = True  # false: no recurrent layer (ablation)
+    neurips_obs: bool = False  # NeurIPS'22's observation: + completion-time and inter-arrival statistics
     reward_smoothing: float = 0.0  # weight of the previous step's loads in the reward (CIKM'22 Eq. 18: 0.1)
 
 
@@ -73,7 +75,7 @@ class SacLearner:
     def __init__(self, n_servers: int, hyper: SacHyper, seed: int) -> None:
         self.hyper, self.n = hyper, n_servers
         self.n_levels = len(hyper.levels)
-        self.n_in = input_size(n_servers, self.n_levels)
+        self.n_in = input_size(n_servers, self.n_levels, features=observation_width(hyper))
         torch.manual_seed(seed)
         make = lambda: Recurrent(self.n_in, hyper.hidden, n_servers, self.n_levels, gru=hyper.gru)  # noqa: E731
         self.actor, self.q1, self.q2 = make(), make(), make()
