@@ -13,10 +13,9 @@ CIKM'22 Table 2 (moderate | large scale) and §4.6–4.8:
     discrete policy's entropy, so α only falls
     action set {1.0, 1.2, …, 2.0} per server; reward: the product-based fairness of the flow durations,
     smoothed over two steps (Eq. 18, keep 0.1); no reward standardisation
-NeurIPS'22 §3.3–4: 120 episodes (moderate scale); Distr-LB on VBF + log, the CTDE learners on VBF; the same
-    network and artefact as CIKM'22, so the values it does not state are CIKM'22's moderate ones. Its
-    observation (completion-time and inter-arrival statistics) is not marllb's yet: this preset trains on
-    marllb's observation.
+NeurIPS'22 §3.3–4: 120 episodes (moderate scale); Distr-LB on VBF + log, the CTDE learners on VBF; its
+    observation (also completion-time and inter-arrival statistics, `neurips_obs`); the same network and
+    artefact as CIKM'22, so the values it does not state are CIKM'22's moderate ones.
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ PRESETS: dict[str, Preset] = {
             episodes=120,
             episode_s=60.0,
             rewards={"isac": "vbf", "ssac": "vbf", "distr": "vbf-log", "qmix": "vbf", "centr": "vbf"},
-            hyper={**_cikm("", "", 1e-3, 128, 60.0).hyper, "reward_smoothing": 0.0},
+            hyper={**_cikm("", "", 1e-3, 128, 60.0).hyper, "reward_smoothing": 0.0, "neurips_obs": True},
         ),
     )
 }

@@ -57,6 +57,7 @@ ROWS = {
     "target_entropy_scale (SAC)": (["target_entropy_scale"], SAC),
     "reward_norm": (["reward_norm"], EVERY),
     "residual": (["residual"], EVERY),
+    "neurips_obs": (["neurips_obs"], EVERY),
 }
 
 
