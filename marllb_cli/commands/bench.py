@@ -12,7 +12,16 @@ import typer
 from rich.table import Table
 
 from marllb_cli.agents.methods import SIM_METHODS, resolve_method
-from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, err_console, load, reports_errors
+from marllb_cli.cli_support import (
+    ConfigArg,
+    JsonOption,
+    SetOption,
+    console,
+    err_console,
+    load,
+    print_table,
+    reports_errors,
+)
 from marllb_cli.errors import ConfigError, MissingTool
 
 bench_app = typer.Typer(help="Benchmarks; their figures are recorded in docs/benchmarks.md.", no_args_is_help=True)
@@ -176,14 +185,24 @@ def policies(
     if json_:
         print(json.dumps(policy_dicts(results), indent=2))
         return
-    table = Table(title=f"{config}: 5 unseen seeds × {duration:g} s")
-    for column in ("policy", "mean JCT (ms)", "p99 JCT (ms)", "mean / sed", "training"):
+    table = Table(title=f"{config}: 5 unseen seeds × {duration:g} s; ratios paired by seed, 95 % CI")
+    columns = ("policy", "mean JCT (ms)", "p99 JCT (ms)", "mean / sed", "p99 / sed", "refused", "training")
+    for column in columns:
         table.add_column(column, justify="left" if column == "policy" else "right")
+
+    def ratio(value: float | None, ci: tuple[float, float] | None) -> str:
+        if value is None:
+            return ""
+        return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None and value != 1.0 else "")
+
     for r in results:
         training = f"{r.train_episodes} ep, {r.train_wall_s / 60:.1f} min" if r.train_wall_s is not None else ""
-        ratio = "" if r.mean_vs_sed is None else f"{r.mean_vs_sed:.3f}"
-        table.add_row(r.name, f"{r.jct_mean_ms:.1f}", f"{r.jct_p99_ms:.0f}", ratio, training)
-    console.print(table)
+        refused = f"{r.rejected:,} of {r.requests:,}"
+        table.add_row(
+            r.name, f"{r.jct_mean_ms:.1f}", f"{r.jct_p99_ms:.0f}", ratio(r.mean_vs_sed, r.mean_vs_sed_ci),
+            ratio(r.p99_vs_sed, r.p99_vs_sed_ci), refused, training,
+        )  # fmt: skip
+    print_table(table)
     err_console.print("record these figures with the command line in docs/benchmarks.md")
 
 

@@ -121,6 +121,9 @@ def test_bench_policies_compares_a_trained_policy_on_unseen_seeds(cli, trained, 
     assert rows["sed"]["mean_vs_sed"] == 1.0
     assert rows["oracle-srt"]["jct_mean_ms"] < rows["ecmp"]["jct_mean_ms"]
     assert rows["distr"]["train_episodes"] == 1 and rows["distr"]["train_wall_s"] > 0
+    low, high = rows["ecmp"]["mean_vs_sed_ci"]
+    assert low < rows["ecmp"]["mean_vs_sed"] < high and rows["sed"]["mean_vs_sed_ci"] == [1.0, 1.0]
+    assert rows["sed"]["requests"] > 1000 and rows["ecmp"]["rejected"] >= rows["sed"]["rejected"] >= 0
     bad = cli("bench", "policies", config, "-p", "nodir")
     assert bad.exit_code == 2 and "NAME=DIR" in bad.stderr
 
@@ -250,3 +253,14 @@ def test_greedy_evaluations_are_the_served_policy_on_a_validation_seed(tmp_path)
     assert curve["greedy_jct_mean_s"].isna().tolist() == [True, False, False]
     served = run_simulation(config, f"rl:{tmp_path}", seed=GREEDY_EVAL_SEED, duration_s=2.0).requests["jct_s"]
     assert curve["greedy_jct_mean_s"].iloc[-1] == pytest.approx(served.mean(), rel=1e-12)
+
+
+def test_the_paired_ratio_interval_is_the_t_interval_of_the_per_seed_ratios():
+    from marllb_cli.bench.policies import paired_ratio
+
+    ratio, (low, high) = paired_ratio([1.1, 2.2, 2.9], [1.0, 2.0, 3.0])
+    per_seed = np.array([1.1, 1.1, 2.9 / 3])
+    half = 4.303 * per_seed.std(ddof=1) / np.sqrt(3)
+    assert ratio == pytest.approx(6.2 / 6.0)
+    assert (low, high) == pytest.approx((per_seed.mean() - half, per_seed.mean() + half))
+    assert paired_ratio([2.0], [1.0]) == (2.0, None)
