@@ -35,7 +35,7 @@ from marllb_cli.errors import ConfigError, RunDirError
 from marllb_cli.events import TimedEvent, phase_bounds
 from marllb_cli.runs import Run, load_run, recover_killed
 from marllb_cli.scenarios import Scenario, label_scenarios, scenario_of
-from marllb_cli.stats import BOOTSTRAP_REPLICATES, Bootstrap, bootstrap
+from marllb_cli.stats import BOOTSTRAP_REPLICATES, Bootstrap, bootstrap, interquartile_mean
 
 __all__ = ["Report", "build_report", "find_runs", "scan_runs", "short_names", "write_report"]
 
@@ -330,7 +330,9 @@ def _row(
     per_run_means = [float(f["jct_s"].mean()) for f in completed if len(f)]
     duration = sum(float(run.summary.get("duration_s") or 0.0) for run, _ in picked)
     quantiles = np.quantile(jct, [0.5, 0.9, 0.99]) if len(jct) else [None] * 3
-    boot = bootstrap([f["jct_s"].to_numpy(np.float64) for f in completed], replicates, seed)
+    trainings = [run.meta.get("training_seed") for run, _ in picked]
+    strata = trainings if any(t is not None for t in trainings) else None  # a sweep's learner: two levels
+    boot = bootstrap([f["jct_s"].to_numpy(np.float64) for f in completed], replicates, seed, strata)
     row = {
         "method": method,
         "class": cls,
@@ -342,6 +344,8 @@ def _row(
         "jct_mean_s": float(jct.mean()) if len(jct) else None,
         "jct_std_s": float(jct.std()) if len(jct) else None,
         "jct_mean_spread_s": float(np.std(per_run_means)) if len(per_run_means) >= 2 else None,
+        "trainings": len({t for t in trainings if t is not None}) or None,
+        "jct_mean_iqm_s": interquartile_mean(per_run_means) if len(per_run_means) >= 4 else None,
         "jct_p50_s": _float(quantiles[0]),
         "jct_p90_s": _float(quantiles[1]),
         "jct_p99_s": _float(quantiles[2]),

@@ -33,7 +33,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["BOOTSTRAP_REPLICATES", "STATISTICS", "Bootstrap", "bootstrap"]
+__all__ = [
+    "BOOTSTRAP_REPLICATES",
+    "STATISTICS",
+    "Bootstrap",
+    "bootstrap",
+    "interquartile_mean",
+]
 
 #: Replicates per group: the interval's ends move by about 5 % of its width from one seed to another.
 BOOTSTRAP_REPLICATES = 500
@@ -77,8 +83,26 @@ class Bootstrap:
             return _percentiles(np.exp(np.log(estimate) + stretch * (np.log(ratios) - np.log(estimate))))
 
 
-def bootstrap(runs: Sequence[np.ndarray], replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0) -> Bootstrap:
-    """The bootstrap of a group: `runs` holds each run's completed requests' JCTs in time order."""
+def bootstrap(
+    runs: Sequence[np.ndarray],
+    replicates: int = BOOTSTRAP_REPLICATES,
+    seed: int = 0,
+    strata: Sequence[object] | None = None,
+) -> Bootstrap:
+    """The bootstrap of a group: `runs` holds each run's completed requests' JCTs in time order. `strata`:
+    each run's training seed, for a learner trained several times; a replicate then draws the trainings
+    with replacement and, within each drawn one, its runs (a two-level bootstrap): the spread between
+    trainings counts once per training, not once per run, and the interval is widened for few trainings."""
+    if strata is not None:
+        kept = [i for i, run in enumerate(runs) if len(run)]
+        groups = list(dict.fromkeys(strata[i] for i in kept))
+        if len(groups) > 1:
+            return _two_level(
+                [np.asarray(runs[i], dtype=np.float64) for i in kept],
+                [groups.index(strata[i]) for i in kept],
+                replicates,
+                seed,
+            )
     runs = [np.asarray(run, dtype=np.float64) for run in runs if len(run)]
     if not runs or replicates <= 0:
         return Bootstrap({s: math.nan for s in STATISTICS}, {s: np.full(0, np.nan) for s in STATISTICS})
@@ -103,6 +127,39 @@ def bootstrap(runs: Sequence[np.ndarray], replicates: int = BOOTSTRAP_REPLICATES
         dict(zip(STATISTICS, map(float, estimates), strict=True)),
         {name: out[:, i] for i, name in enumerate(STATISTICS)},
         _expansion(len(runs)),
+    )
+
+
+def interquartile_mean(values: Sequence[float]) -> float:
+    """The mean of the middle half of `values` (rliable's IQM: robust to a few runs far off, yet steadier
+    than the median), each value weighted by how much of it falls in the 25–75 % band."""
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(ordered)
+    low, high = 0.25 * n, 0.75 * n
+    weights = np.clip(np.minimum(np.arange(1, n + 1), high) - np.maximum(np.arange(n), low), 0.0, 1.0)
+    return float(np.dot(ordered, weights) / weights.sum())
+
+
+def _two_level(runs: list[np.ndarray], group: list[int], replicates: int, seed: int) -> Bootstrap:
+    """`bootstrap` over groups of runs: draw the groups, then each drawn group's runs, with replacement."""
+    values = np.concatenate(runs)
+    order = np.argsort(values, kind="stable")
+    ranked = values[order]
+    lengths = np.array([len(run) for run in runs])
+    members = [np.flatnonzero(np.asarray(group) == g) for g in range(max(group) + 1)]
+    rng = np.random.default_rng(seed)
+    out = np.empty((max(replicates, 0), len(STATISTICS)))
+    for replicate in range(max(replicates, 0)):
+        counts = np.zeros(len(runs))
+        for g in rng.integers(len(members), size=len(members)):
+            inside = members[g]
+            np.add.at(counts, inside[rng.integers(len(inside), size=len(inside))], 1)
+        out[replicate] = _figures(values, ranked, np.repeat(counts, lengths)[order])
+    estimates = _figures(values, ranked, np.ones(len(values)))
+    return Bootstrap(
+        dict(zip(STATISTICS, map(float, estimates), strict=True)),
+        {name: out[:, i] for i, name in enumerate(STATISTICS)},
+        _expansion(len(members)),
     )
 
 

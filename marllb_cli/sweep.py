@@ -9,6 +9,19 @@ A sweep file names a base config and its axes:
     duration_s: 60                            # optional; default sim.traffic.duration_s
     set:                                      # optional; each field's alternatives (their product)
       sim.traffic.load: [0.7, 0.9]
+    trainings:                                # optional; each trained, then run like a method
+      - name: qmix                            # the method name its runs report
+        algo: qmix
+        seeds: [0, 1, 2]                      # training seeds
+        episodes: 72                          # optional: reward, preset, hyper, episodes, episode_s
+        hyper: {residual: true, levels: [0.8, 1, 1.25]}
+
+A training is a cell of its own for each `set` combination and training seed: `marllb train` into
+`OUT/trainings/` (done when renamed into place, as a run). Its policy then runs on every seed of `seeds`
+like a method, and the runs report the training's name as their method, with `training_seed` in meta, so
+`marllb report` pools a learner's training seeds and evaluation seeds into one row. Training cells run
+first, with the methods' cells; evaluation cells once their training is done (a failed training fails
+its evaluations without running them).
 
 Every cell is content-addressed: its key hashes the resolved config (every default filled in), method, seed,
 duration, the marllb version and the bytes of the files it reads (a trace, an `rl:` policy, a `static:`
@@ -66,7 +79,48 @@ __all__ = [
     "run_sweep",
 ]
 
-INDEX, RUNS, PARTIAL, FAILED = "index.parquet", "runs", ".partial", "failed"
+INDEX, RUNS, TRAININGS, PARTIAL, FAILED = "index.parquet", "runs", "trainings", ".partial", "failed"
+
+
+class TrainingSpec(BaseModel):
+    """One learner of a sweep: `marllb train` with these options, once per training seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", description="What its runs call their method.")
+    algo: str
+    seeds: list[int] = Field(default=[0], min_length=1, description="Training seeds.")
+    reward: str | None = None
+    preset: str | None = None
+    hyper: dict[str, Any] = Field(default_factory=dict)
+    episodes: int | None = Field(default=None, ge=1)
+    episode_s: float | None = Field(default=None, ge=1)
+
+    def resolved(self) -> dict[str, Any]:
+        """The options `train` gets (the preset's values under the sweep's own), checked (`ConfigError`)."""
+        from dataclasses import asdict
+
+        from marllb_cli.presets import preset
+        from marllb_cli.training import settings_for
+
+        chosen = preset(self.preset) if self.preset else None
+        preset_hyper = chosen.hyper_for(_hyper_names(self.algo)) if chosen else {}
+        reward = self.reward or (chosen.rewards.get(self.algo) if chosen else None)
+        settings = settings_for(self.algo, reward, self.hyper, preset_hyper)
+        return {
+            "name": self.name,
+            "algo": self.algo,
+            "reward": reward,
+            "episodes": self.episodes or (chosen.episodes if chosen else 72),
+            "episode_s": self.episode_s or (chosen.episode_s if chosen else 60.0),
+            "hyper": asdict(settings),
+        }
+
+
+def _hyper_names(algo: str) -> set[str]:
+    from marllb_cli.training import hyper_names
+
+    return hyper_names(algo)
 
 
 class SweepFile(BaseModel):
@@ -75,15 +129,17 @@ class SweepFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     config: Path = Field(description="The base config, relative to the sweep file.")
-    methods: list[str] = Field(min_length=1, description="Methods of `marllb simulate --method`.")
+    methods: list[str] = Field(default_factory=list, description="Methods of `marllb simulate --method`.")
     seeds: list[int] = Field(default=[0], min_length=1)
     duration_s: float | None = Field(default=None, gt=0)
     set: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted field → its alternatives.")
+    trainings: list[TrainingSpec] = Field(default_factory=list, description="Learners to train, then run.")
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One simulator run of the grid."""
+    """One cell of the grid: a simulator run of a method, a training (`train`: its options; `seed` is the
+    training seed), or a run of a training's policy (`needs`: the training cell's key; `label`: its name)."""
 
     overrides: tuple[str, ...]
     method: str
@@ -91,11 +147,22 @@ class Cell:
     duration_s: float | None
     key: str
     axes: tuple[tuple[str, Any], ...]
+    train: dict[str, Any] | None = None
+    needs: str | None = None
+    label: str | None = None
+    training_seed: int | None = None
 
     def name(self) -> str:
-        """The run directory's name: the key first (what makes it findable), then what it is."""
-        method = "".join(c if c.isalnum() or c in "-_." else "-" for c in self.method)[-40:]
-        return f"{self.key}-{method}-s{self.seed}"
+        """The directory's name: the key first (what makes it findable), then what it is."""
+        method = "".join(c if c.isalnum() or c in "-_." else "-" for c in (self.label or self.method))[-40:]
+        if self.train is not None:
+            return f"{self.key}-{method}-t{self.seed}"
+        trained = f"-t{self.training_seed}" if self.training_seed is not None else ""
+        return f"{self.key}-{method}{trained}-s{self.seed}"
+
+    def where(self) -> str:
+        """The folder of OUT its directory lands in."""
+        return TRAININGS if self.train is not None else RUNS
 
 
 @dataclass
@@ -137,6 +204,17 @@ def plan_cells(sweep: SweepFile, config_path: Path, sweep_path: Path, extra: tup
     """Every cell of the grid, validated (config, overrides, methods) before anything runs."""
     from marllb_cli.sim.run import check_sim_method
 
+    if not sweep.methods and not sweep.trainings:
+        raise ConfigError(f"{sweep_path}: methods: none, and no trainings", hint="name a method or a training")
+    names = [spec.name for spec in sweep.trainings]
+    if len(set(names)) != len(names) or set(names) & set(sweep.methods):
+        raise ConfigError(f"{sweep_path}: trainings: two share a name", hint="give each training its own name")
+    trainings = []
+    for i, spec in enumerate(sweep.trainings):
+        try:
+            trainings.append((spec, spec.resolved()))
+        except ConfigError as exc:
+            raise ConfigError(f"{sweep_path}: trainings.{i}: {exc.message}", hint=exc.hint) from None
     fields = list(sweep.set)
     cells = []
     for values in itertools.product(*(sweep.set[field] for field in fields)):
@@ -155,6 +233,26 @@ def plan_cells(sweep: SweepFile, config_path: Path, sweep_path: Path, extra: tup
             for seed in sweep.seeds:
                 key = _key(config, method, seed, sweep.duration_s)
                 cells.append(Cell(overrides, method, seed, sweep.duration_s, key, axes))
+        for spec, options in trainings:
+            method = f"train:{spec.name}"
+            for training_seed in spec.seeds:
+                trained = _key(config, "train:" + json.dumps(options, sort_keys=True), training_seed, None)
+                cells.append(Cell(overrides, method, training_seed, None, trained, axes, train=options))
+                for seed in sweep.seeds:
+                    key = _key(config, f"policy:{trained}", seed, sweep.duration_s)
+                    cells.append(
+                        Cell(
+                            overrides,
+                            method,
+                            seed,
+                            sweep.duration_s,
+                            key,
+                            axes,
+                            needs=trained,
+                            label=spec.name,
+                            training_seed=training_seed,
+                        )  # fmt: skip
+                    )
     return cells
 
 
@@ -179,7 +277,9 @@ def plan_sweep(sweep_path: Path, extra: tuple[str, ...] = ()) -> SweepPlan:
 def cell_states(plan: SweepPlan, out: Path) -> list[tuple[Cell, str]]:
     """Each planned cell and its state in OUT: done (its run directory is in runs/), failed (its last try
     left a log in failed/) or todo."""
-    done = {path.parent.name.split("-", 1)[0] for path in (out / RUNS).glob("*/cell.json")}
+    done = {
+        path.parent.name.split("-", 1)[0] for where in (RUNS, TRAININGS) for path in (out / where).glob("*/cell.json")
+    }
     failed = {path.stem for path in (out / FAILED).glob("*.log")}
     return [(cell, "done" if cell.key in done else "failed" if cell.key in failed else "todo") for cell in plan.cells]
 
@@ -213,11 +313,12 @@ def run_sweep(
     cells = plan.cells
     runs = out / RUNS
     runs.mkdir(parents=True, exist_ok=True)
+    (out / TRAININGS).mkdir(exist_ok=True)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)  # what killed cells left; their workers died with them
     done = {cell.key for cell, state in cell_states(plan, out) if state == "done"}
     if force:
         for cell in cells:
-            for path in runs.glob(f"{cell.key}-*"):
+            for path in (out / cell.where()).glob(f"{cell.key}-*"):
                 shutil.rmtree(path)
         done -= {cell.key for cell in cells}
     todo = [cell for cell in cells if cell.key not in done]
@@ -225,18 +326,26 @@ def run_sweep(
     failed: dict[str, Path] = {}
     finished = len(cells) - len(todo)
     on_cell(finished, len(cells), "")
-    if todo:
+    # Trainings and the methods' runs first; a training's runs once it is done (else they fail unrun).
+    for phase in ([c for c in todo if c.needs is None], [c for c in todo if c.needs is not None]):
+        ready = [c for c in phase if c.needs is None or c.needs not in failed]
+        for cell in phase:
+            if cell.needs is not None and cell.needs in failed:
+                failed[cell.key] = _record_failure(out, cell, RuntimeError(f"its training {cell.needs} failed"))
+                finished += 1
+        if not ready:
+            continue
         if backend == "ray":
-            outcomes = _on_ray(todo, plan.config, out, workers, address)
+            outcomes = _on_ray(ready, plan.config, out, workers, address)
         else:
-            outcomes = _on_local_pool(todo, plan.config, out, workers)
+            outcomes = _on_local_pool(ready, plan.config, out, workers)
         for cell, error in outcomes:
             finished += 1
             if error is not None:
                 failed[cell.key] = _record_failure(out, cell, error)
-            index.add(runs / cell.name())
+            index.add(out / cell.where() / cell.name())
             index.write()
-            on_cell(finished, len(cells), f"{cell.method} s{cell.seed} {_axes_text(cell)}")
+            on_cell(finished, len(cells), f"{cell.label or cell.method} s{cell.seed} {_axes_text(cell)}")
     index.write()
     return SweepResult(out, len(cells), len(cells) - len(todo), len(todo) - len(failed), failed)
 
@@ -291,20 +400,55 @@ def _on_ray(todo: list[Cell], config: Path, out: Path, workers: int, address: st
 
 
 def run_cell(config_path: str, cell: Cell, out: str) -> str:
-    """One cell, in a worker: simulate into `.partial/`, add `cell.json`, rename into `runs/` (done)."""
-    from marllb_cli.sim.run import simulate_to_run_dir
-
+    """One cell, in a worker: simulate (or train) into `.partial/`, add `cell.json`, rename into `runs/`
+    (`trainings/`): done."""
     config = load_config(config_path, cell.overrides)
     partial = Path(out) / PARTIAL / f"{cell.key}-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    outcome = simulate_to_run_dir(config, cell.method, runs_dir=partial, seed=cell.seed, duration_s=cell.duration_s)
-    record = {**asdict(cell), "axes": dict(cell.axes), "summary": outcome.summary, "version": __version__}
-    (outcome.path / "cell.json").write_text(json.dumps(record, indent=1, default=str))
-    final = Path(out) / RUNS / cell.name()
-    os.rename(outcome.path, final)
+    if cell.train is not None:
+        made, summary = _train_cell(config, cell, partial)
+    else:
+        from marllb_cli.sim.run import simulate_to_run_dir
+
+        method, extra = cell.method, {}
+        if cell.needs is not None:  # a training's policy: the training's directory, found by its key
+            trained = next((Path(out) / TRAININGS).glob(f"{cell.needs}-*/policy.pt")).parent
+            method, extra = f"rl:{trained}", {"training_seed": cell.training_seed, "training": trained.name}
+        outcome = simulate_to_run_dir(
+            config, method, runs_dir=partial, seed=cell.seed, duration_s=cell.duration_s, label=cell.label,
+            extra_meta=extra,
+        )  # fmt: skip
+        made, summary = outcome.path, outcome.summary
+    record = {**asdict(cell), "axes": dict(cell.axes), "summary": summary, "version": __version__}
+    (made / "cell.json").write_text(json.dumps(record, indent=1, default=str))
+    final = Path(out) / cell.where() / cell.name()
+    os.rename(made, final)
     shutil.rmtree(partial, ignore_errors=True)
     (Path(out) / FAILED / f"{cell.key}.log").unlink(missing_ok=True)
     return str(final)
+
+
+def _train_cell(config: Config, cell: Cell, partial: Path) -> tuple[Path, dict[str, Any]]:
+    """A training cell: `marllb train` into `partial/train`; its summary is the curve's last episodes."""
+    import torch
+
+    from marllb_cli.training import train
+
+    torch.set_num_threads(1)  # one cell, one core: the pool runs as many cells as there are workers
+    options = cell.train or {}
+    made = partial / "train"
+    curve = train(
+        config, options["algo"], out=made, reward=options["reward"], episodes=options["episodes"],
+        episode_s=options["episode_s"], seed=cell.seed, hyper=options["hyper"],
+    )  # fmt: skip
+    last = curve.tail(5)
+    summary = {
+        "episodes": len(curve),
+        "train_wall_s": float(curve["wall_s"].sum()),
+        "jct_mean_s": float(last["jct_mean_s"].mean()),
+        "jct_p99_s": float(last["jct_p99_s"].mean()),
+    }
+    return made, summary
 
 
 class Index:
@@ -315,6 +459,7 @@ class Index:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.rows = {path.parent.name: _index_row(path) for path in sorted((out / RUNS).glob("*/cell.json"))}
+        self.rows |= {p.parent.name: _index_row(p) for p in sorted((out / TRAININGS).glob("*/cell.json"))}
 
     def add(self, run: Path) -> None:
         if (run / "cell.json").is_file():
@@ -335,8 +480,10 @@ def _index_row(path: Path) -> dict[str, Any]:
     summary = cell["summary"]
     return {
         "key": cell["key"],
-        "method": cell["method"],
+        "kind": "training" if cell.get("train") else "run",
+        "method": cell.get("label") or cell["method"],
         "seed": cell["seed"],
+        "training_seed": cell.get("training_seed"),
         **{f"set.{field}": str(value) for field, value in cell["axes"].items()},
         "duration_s": summary.get("duration_s"),
         "requests": summary.get("requests"),

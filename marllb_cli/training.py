@@ -51,6 +51,7 @@ __all__ = [
     "hyper_names",
     "greedy_evaluation",
     "parse_hyper",
+    "settings_for",
     "resume_from",
     "save_training",
     "train",
@@ -233,6 +234,21 @@ def make_team(algo: str, n_lbs: int, n_servers: int, settings: Any, seed: int) -
 def hyper_names(algo: str) -> set[str]:
     """The hyperparameters `algo`'s learner has (QMIX's or SAC's)."""
     return {f.name for f in fields(QmixHyper if algo == "qmix" else SacHyper)}
+
+
+def settings_for(
+    algo: str, reward: str | None, hyper: dict[str, Any], preset_hyper: dict[str, Any] | None = None
+) -> SacHyper | QmixHyper:
+    """`algo`'s hyperparameters: a preset's values (trusted as they are), then `hyper` (plain values, as a
+    sweep file's YAML gives them), each checked as `--hyper` checks it. A ConfigError names what is wrong,
+    an unknown algorithm or reward too."""
+    if algo not in ALGOS:
+        raise ConfigError(f"algo {algo!r}: not available", hint=f"choose one of {', '.join(ALGOS)}")
+    if (reward or ALGOS[algo]) not in REWARDS:
+        raise ConfigError(f"reward {reward!r}: unknown", hint=f"choose one of {', '.join(REWARDS)}")
+    text = [f"{k}={','.join(map(str, v)) if isinstance(v, list | tuple) else v}" for k, v in hyper.items()]
+    cls = QmixHyper if algo == "qmix" else SacHyper
+    return cls(**{**(preset_hyper or {}), **parse_hyper(algo, text)})
 
 
 def parse_hyper(algo: str, items: list[str]) -> dict[str, Any]:

@@ -222,9 +222,13 @@ def simulate_to_run_dir(
     duration_s: float | None = None,
     events: Sequence[Event] = (),
     progress: Callable[[str], None] = lambda _: None,
+    label: str | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> SimOutcome:
     """Simulate and write a run directory (`runs.RunDir`: `meta.json` first with complete=false, as a
-    testbed run). The method and the events are checked before the directory exists."""
+    testbed run). The method and the events are checked before the directory exists. `label`: the name the
+    run reports its method by (a sweep's training, whose every seed is another `rl:` directory), the method
+    itself then in meta's `policy`; `extra_meta`: more for meta.json."""
     seed = config.experiment.seed if seed is None else seed
     prepared = _prepare(config, method, seed=seed, duration_s=duration_s, load=None, events=events)  # refuses first
     spec = config.sim.traffic
@@ -238,14 +242,18 @@ def simulate_to_run_dir(
     }
     if prepared.static is not None:
         meta["static_weights"] = prepared.static
+    if label is not None:
+        meta["policy"] = prepared.resolved
+    meta.update(extra_meta or {})
+    name = label or method
     testbed = f"{config.testbed.name}-sim"
-    with RunDir(runs_dir, config=config, method=method, testbed=testbed, seed=seed, meta=meta) as run:
+    with RunDir(runs_dir, config=config, method=name, testbed=testbed, seed=seed, meta=meta) as run:
         progress("simulating")
         sim = _simulate(config, prepared, seed)
         progress("writing the run directory")
         summary = save_results(
             run.path,
-            method=method,
+            method=name,
             requests=sim.requests,
             servers=sim.servers,
             agents=sim.agents,

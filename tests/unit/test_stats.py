@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from marllb_cli.stats import _block_weights, _expansion, bootstrap
+from marllb_cli.stats import _block_weights, _expansion, bootstrap, interquartile_mean
 
 TRIALS, REPLICATES = 300, 300
 #: With 300 trials the observed coverage of a true 95 % interval lies in this range 99 % of the time.
@@ -16,11 +16,11 @@ NOMINAL = (0.91, 0.985)
 EXPONENTIAL = {"jct_mean_s": 0.1, "jct_p90_s": 0.1 * math.log(10), "jct_p99_s": 0.1 * math.log(100)}
 
 
-def _coverage(draw, truth: dict[str, float], seed: int) -> dict[str, float]:
+def _coverage(draw, truth: dict[str, float], seed: int, strata=None) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     hits = dict.fromkeys(truth, 0)
     for trial in range(TRIALS):
-        result = bootstrap(draw(rng), REPLICATES, seed=trial)
+        result = bootstrap(draw(rng), REPLICATES, seed=trial, strata=strata)
         for statistic, value in truth.items():
             low, high = result.interval(statistic)
             hits[statistic] += low <= value <= high
@@ -109,3 +109,28 @@ def test_a_ratio_over_the_same_seeds_is_paired_and_holds_a_constant_factor_tight
     apart = bootstrap(slower, 400, seed=8).ratio_interval("jct_mean_s", bootstrap(base, 400, seed=7))
     assert 1.09 < paired[0] <= 1.1 <= paired[1] < 1.11, paired
     assert apart[1] - apart[0] > 0.5, apart
+
+
+def test_trainings_that_differ_are_covered_by_the_two_level_bootstrap_and_not_by_pooling_their_runs():
+    """A learner trained 5 times (each training's mean JCT off by ±20 %, lognormal), each policy run on 4
+    request seeds (±3 %): what the report must cover is the mean over trainings. Resampling the 20 runs as
+    if independent counts each training's luck 4 times and covers too rarely; drawing the trainings, then
+    their runs, covers as asked."""
+    trainings = [t for t in range(5) for _ in range(4)]
+
+    def learner(rng):
+        effects = [math.exp(rng.normal(0.0, 0.2) - 0.02) for _ in range(5)]
+        return [rng.exponential(0.1 * effects[t] * math.exp(rng.normal(0.0, 0.03)), 500) for t in trainings]
+
+    two_level = _coverage(learner, {"jct_mean_s": 0.1}, seed=4, strata=trainings)
+    pooled = _coverage(learner, {"jct_mean_s": 0.1}, seed=4)
+    print("five trainings × four seeds:", two_level, "pooled:", pooled)
+    assert NOMINAL[0] < two_level["jct_mean_s"] < NOMINAL[1]
+    assert pooled["jct_mean_s"] < 0.85
+
+
+def test_the_interquartile_mean_is_the_mean_of_the_middle_half():
+    assert interquartile_mean([4, 1, 3, 2]) == 2.5
+    assert interquartile_mean(range(1, 9)) == 4.5
+    assert interquartile_mean([1, 2, 3, 4, 5]) == pytest.approx((0.75 * 2 + 3 + 0.75 * 4) / 2.5)
+    assert interquartile_mean([1, 2, 3, 4, 1000]) == interquartile_mean([1, 2, 3, 4, 5])  # robust to one far off

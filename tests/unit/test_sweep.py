@@ -153,7 +153,10 @@ def test_a_failed_cell_is_logged_the_others_finish_and_it_is_tried_again(tmp_pat
     ("fields", "expected"),
     [
         ({"methods": ["sed"], "seeds": [0], "sets": {}}, "sets: Extra inputs are not permitted"),
-        ({"methods": []}, "methods: List should have at least 1 item"),
+        ({"methods": []}, "methods: none, and no trainings"),
+        ({"methods": ["sed"], "trainings": [{"name": "q", "algo": "dqn"}]}, "trainings.0: algo 'dqn': not available"),
+        ({"methods": ["sed"], "trainings": [{"name": "q", "algo": "qmix", "hyper": {"hidden": "x"}}]}, "trainings.0"),
+        ({"methods": ["sed"], "trainings": [{"name": "sed", "algo": "qmix"}]}, "two share a name"),
         ({"methods": ["nope"]}, "methods: "),
         ({"methods": ["sed"], "set": {"sim.traffic.load": [-1]}}, "sim.traffic.load=-1"),
         ({"methods": ["sed"], "seeds": [0, 0]}, "two cells are the same run"),
@@ -166,6 +169,42 @@ def test_a_bad_sweep_file_gets_one_line_naming_the_file_and_field(tmp_path, fiel
     assert expected in result.stderr and str(sweep) in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").iterdir())
+
+
+def test_a_training_is_a_cell_its_policy_runs_like_a_method_and_report_pools_its_seeds(tmp_path):
+    """Two training seeds of a tiny distr, each run on both evaluation seeds beside sed: 2 + 2 + 4 cells. The
+    runs of the policies report the training's name as their method, so `report` gives one row of 4 runs;
+    a rerun runs nothing; an evaluation cell is the policy run by `simulate` with the same arguments."""
+    hyper = {"hidden": 8, "updates_per_episode": 1, "batch_episodes": 1, "warmup_episodes": 1}
+    training = {"name": "tiny", "algo": "distr", "seeds": [0, 1], "episodes": 2, "episode_s": 2, "hyper": hyper}
+    sweep = sweep_file(tmp_path, methods=["sed"], seeds=[3, 4], duration_s=4, trainings=[training])
+    out = tmp_path / "out"
+    first = marllb("sweep", sweep, "--out", out, "--workers", 2)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "8 cells, 0 already done, 8 run, 0 failed" in first.stdout
+    index = pd.read_parquet(out / "index.parquet")
+    assert index.groupby("kind").size().to_dict() == {"run": 6, "training": 2}
+    runs = index[index["kind"] == "run"]
+    assert sorted(runs["method"].value_counts().to_dict().items()) == [("sed", 2), ("tiny", 4)]
+    assert sorted(runs.loc[runs["method"] == "tiny", "training_seed"].tolist()) == [0, 0, 1, 1]
+    trainings = sorted((out / "trainings").glob("*/policy.pt"))
+    assert len(trainings) == 2
+    report = marllb("report", out / "runs", "--out", tmp_path / "report", "--json")
+    assert report.returncode == 0, report.stderr
+    rows = {r["method"]: r for r in json.loads(report.stdout)["rows"] if r["class"] == "all"}
+    assert rows["tiny"]["runs"] == 4 and rows["sed"]["runs"] == 2
+    again = marllb("sweep", sweep, "--out", out)
+    assert again.returncode == 0 and "8 cells, 8 already done, 0 run" in again.stdout
+    cell = next(p for p in (out / "runs").iterdir() if (p / "cell.json").exists() and "-tiny-t1-s4" in p.name)
+    meta = json.loads((cell / "meta.json").read_text())
+    assert meta["method"] == "tiny" and meta["training_seed"] == 1 and meta["policy"].startswith("rl:")
+    direct = marllb(
+        "simulate", CONFIG, "-m", meta["policy"], "--seed", 4, "--duration", 4, "--runs-dir", tmp_path / "d"
+    )
+    assert direct.returncode == 0, direct.stderr
+    mine = pd.read_parquet(cell / "requests.parquet")["jct_s"]
+    theirs = pd.read_parquet(next((tmp_path / "d").iterdir()) / "requests.parquet")["jct_s"]
+    assert mine.equals(theirs)
 
 
 def test_a_missing_sweep_file_is_one_line(tmp_path):
