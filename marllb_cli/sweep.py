@@ -3,7 +3,7 @@ or a Ray cluster, resumable, with one index of the results.
 
 A sweep file names a base config and its axes:
 
-    config: ../configs/sim-moderate.yaml      # relative to the sweep file
+    config: ../configs/sim-moderate.yaml      # relative to the sweep file; a list: each is a scenario
     methods: [sed, lsq, wcmp]
     seeds: [0, 1, 2, 3, 4]
     duration_s: 60                            # optional; default sim.traffic.duration_s
@@ -128,7 +128,9 @@ class SweepFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    config: Path = Field(description="The base config, relative to the sweep file.")
+    config: Path | list[Path] = Field(
+        description="The base config, relative to the sweep file; or several, each a scenario (axis `config`)."
+    )
     methods: list[str] = Field(default_factory=list, description="Methods of `marllb simulate --method`.")
     seeds: list[int] = Field(default=[0], min_length=1)
     duration_s: float | None = Field(default=None, gt=0)
@@ -151,6 +153,7 @@ class Cell:
     needs: str | None = None
     label: str | None = None
     training_seed: int | None = None
+    config: str = ""  # its base config (a sweep may name several)
 
     def name(self) -> str:
         """The directory's name: the key first (what makes it findable), then what it is."""
@@ -176,8 +179,8 @@ class SweepResult:
     failed: dict[str, Path]
 
 
-def load_sweep(path: Path) -> tuple[SweepFile, Path]:
-    """The sweep file and its base config's path, or a `ConfigError` naming the file and field."""
+def load_sweep(path: Path) -> tuple[SweepFile, list[Path]]:
+    """The sweep file and its base configs' paths, or a `ConfigError` naming the file and field."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -196,12 +199,14 @@ def load_sweep(path: Path) -> tuple[SweepFile, Path]:
         raise ConfigError(
             f"{path}: {field}: {error['msg']}", hint="fields: config, methods, seeds, duration_s, set"
         ) from None
-    config = sweep.config if sweep.config.is_absolute() else path.parent / sweep.config
-    return sweep, config
+    configs = sweep.config if isinstance(sweep.config, list) else [sweep.config]
+    if not configs:
+        raise ConfigError(f"{path}: config: an empty list", hint="name one config, or several")
+    return sweep, [config if config.is_absolute() else path.parent / config for config in configs]
 
 
-def plan_cells(sweep: SweepFile, config_path: Path, sweep_path: Path, extra: tuple[str, ...] = ()) -> list[Cell]:
-    """Every cell of the grid, validated (config, overrides, methods) before anything runs."""
+def plan_cells(sweep: SweepFile, config_paths: list[Path], sweep_path: Path, extra: tuple[str, ...] = ()) -> list[Cell]:
+    """Every cell of the grid, validated (configs, overrides, methods) before anything runs."""
     from marllb_cli.sim.run import check_sim_method
 
     if not sweep.methods and not sweep.trainings:
@@ -217,14 +222,17 @@ def plan_cells(sweep: SweepFile, config_path: Path, sweep_path: Path, extra: tup
             raise ConfigError(f"{sweep_path}: trainings.{i}: {exc.message}", hint=exc.hint) from None
     fields = list(sweep.set)
     cells = []
-    for values in itertools.product(*(sweep.set[field] for field in fields)):
+    for config_path, values in itertools.product(config_paths, itertools.product(*(sweep.set[f] for f in fields))):
         axes = tuple(zip(fields, values, strict=True))
         overrides = (*extra, *(f"{field}={_yaml_value(value)}" for field, value in axes))
+        if len(config_paths) > 1:
+            axes = (("config", config_path.stem), *axes)
         try:
             config = load_config(config_path, overrides)
         except ConfigError as exc:
             where = ", ".join(f"{f}={v}" for f, v in axes) or "the base config"
             raise ConfigError(f"{sweep_path}: {where}: {exc.message}", hint=exc.hint) from None
+        source = str(config_path.resolve())
         for method in sweep.methods:
             try:
                 check_sim_method(config, method)
@@ -232,12 +240,12 @@ def plan_cells(sweep: SweepFile, config_path: Path, sweep_path: Path, extra: tup
                 raise ConfigError(f"{sweep_path}: methods: {exc.message}", hint=exc.hint) from None
             for seed in sweep.seeds:
                 key = _key(config, method, seed, sweep.duration_s)
-                cells.append(Cell(overrides, method, seed, sweep.duration_s, key, axes))
+                cells.append(Cell(overrides, method, seed, sweep.duration_s, key, axes, config=source))
         for spec, options in trainings:
             method = f"train:{spec.name}"
             for training_seed in spec.seeds:
                 trained = _key(config, "train:" + json.dumps(options, sort_keys=True), training_seed, None)
-                cells.append(Cell(overrides, method, training_seed, None, trained, axes, train=options))
+                cells.append(Cell(overrides, method, training_seed, None, trained, axes, train=options, config=source))
                 for seed in sweep.seeds:
                     key = _key(config, f"policy:{trained}", seed, sweep.duration_s)
                     cells.append(
@@ -251,7 +259,8 @@ def plan_cells(sweep: SweepFile, config_path: Path, sweep_path: Path, extra: tup
                             needs=trained,
                             label=spec.name,
                             training_seed=training_seed,
-                        )  # fmt: skip
+                            config=source,
+                        )
                     )
     return cells
 
@@ -267,11 +276,11 @@ class SweepPlan:
 
 def plan_sweep(sweep_path: Path, extra: tuple[str, ...] = ()) -> SweepPlan:
     """Read and check a sweep file (`ConfigError` naming the file and field) and plan its cells."""
-    sweep, config_path = load_sweep(sweep_path)
-    cells = plan_cells(sweep, config_path, sweep_path, extra)
+    sweep, config_paths = load_sweep(sweep_path)
+    cells = plan_cells(sweep, config_paths, sweep_path, extra)
     if len({cell.key for cell in cells}) != len(cells):
         raise ConfigError(f"{sweep_path}: two cells are the same run", hint="remove repeated values from the axes")
-    return SweepPlan(sweep_path, config_path, cells)
+    return SweepPlan(sweep_path, config_paths[0], cells)
 
 
 def cell_states(plan: SweepPlan, out: Path) -> list[tuple[Cell, str]]:
@@ -402,7 +411,7 @@ def _on_ray(todo: list[Cell], config: Path, out: Path, workers: int, address: st
 def run_cell(config_path: str, cell: Cell, out: str) -> str:
     """One cell, in a worker: simulate (or train) into `.partial/`, add `cell.json`, rename into `runs/`
     (`trainings/`): done."""
-    config = load_config(config_path, cell.overrides)
+    config = load_config(cell.config or config_path, cell.overrides)
     partial = Path(out) / PARTIAL / f"{cell.key}-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     if cell.train is not None:

@@ -207,6 +207,22 @@ def test_a_training_is_a_cell_its_policy_runs_like_a_method_and_report_pools_its
     assert mine.equals(theirs)
 
 
+def test_a_sweep_over_several_configs_runs_each_as_its_own_scenario(tmp_path):
+    configs = [str(CONFIG), str(REPO / "configs" / "sim-moderate-io50.yaml")]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"config": configs, "methods": ["sed"], "seeds": [0], "duration_s": 3}))
+    out = tmp_path / "out"
+    result = marllb("sweep", path, "--out", out, "--workers", 1)
+    assert result.returncode == 0 and "2 cells, 0 already done, 2 run" in result.stdout, result.stderr
+    index = pd.read_parquet(out / "index.parquet")
+    assert sorted(index["set.config"]) == ["sim-moderate", "sim-moderate-io50"]
+    names = {json.loads((Path(p) / "meta.json").read_text())["testbed"] for p in index["path"]}
+    assert names == {"simmod", "simio50"}
+    path.write_text(yaml.safe_dump({"config": [str(CONFIG), str(tmp_path / "none.yaml")], "methods": ["sed"]}))
+    bad = marllb("sweep", path, "--out", out, timeout=60)
+    assert bad.returncode == 2 and "none.yaml" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_a_missing_sweep_file_is_one_line(tmp_path):
     result = marllb("sweep", tmp_path / "none.yaml", timeout=60)
     assert result.returncode == 2 and "no such file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
