@@ -47,7 +47,8 @@ def sweep_command(
     and done once its run directory is in OUT/runs/: running the sweep again runs only the cells not done
     (failed ones included); a sweep killed at any point loses only the cells that were running. OUT/index.parquet
     holds a row per done cell; `marllb report OUT/runs` compares the methods per scenario with confidence
-    intervals. --set overrides apply to every cell.
+    intervals. --set overrides apply to every cell. A sweep file's `trainings` are trained first (a cell per
+    training seed, into OUT/trainings/), then their policies run on its seeds like methods.
     """
     from marllb_cli.sweep import check_backend, plan_sweep, run_sweep
 
