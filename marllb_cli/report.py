@@ -996,9 +996,15 @@ def _natural(name: str) -> tuple[str, int]:
 
 
 def _save(fig, path: Path) -> Path:
+    """Write a figure. Layout advice (a legend of many series, margins too small for tight_layout) is
+    matplotlib's business, not the user's: a figure of many scenarios is drawn as well as it can be."""
+    import warnings
+
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
