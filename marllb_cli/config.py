@@ -353,6 +353,13 @@ class Experiment(_Strict):
 
     agent_period_ms: int = Field(250, ge=10, le=60_000, description="Agent step: features in, weights out.")
     seed: int = Field(0, ge=0, description="Seed of every random draw of a run.")
+    reservoir_keep: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Probability that an LB keeps a flow-duration (and completion, inter-arrival) sample in its "
+        "reservoir (CIKM'22 Algorithm 2's p; its Fig. 5 uses 0.05): lower keeps an older, thinner history.",
+    )
     coordinator: CoordinatorSettings = Field(
         default_factory=CoordinatorSettings, description="The QMIX/Centr-LB coordinator of testbed training."
     )

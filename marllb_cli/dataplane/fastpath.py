@@ -78,6 +78,7 @@ class DataplaneSpec(BaseModel):
     publish_interval: float = 0.02
     bpf: bool = True
     seed: int = 0
+    reservoir_keep: float = 1.0  # `experiment.reservoir_keep`
 
 
 def attach_vip_filter(sock: socket.socket, vip: str) -> None:
@@ -104,7 +105,11 @@ class Dataplane:
             len(spec.servers), method=spec.method, weights=spec.weights, rng=random.Random(spec.seed)
         )
         self.table = FlowTable(
-            self.selector, idle_timeout=spec.idle_timeout, linger=spec.linger, rng=random.Random(spec.seed + 1)
+            self.selector,
+            idle_timeout=spec.idle_timeout,
+            linger=spec.linger,
+            keep_probability=spec.reservoir_keep,
+            rng=random.Random(spec.seed + 1),
         )
         self.counters = [0] * len(COUNTERS)
         self.channel = Channel.create(spec.channel, len(spec.servers), spec.method, spec.weights)

@@ -290,6 +290,7 @@ def lb_plan(
         channel=channel,
         idle_timeout=start.idle_timeout,
         seed=start.seed + lb.index,
+        reservoir_keep=config.experiment.reservoir_keep,
     )
     agent = AgentSpec(
         lb=lb.name,

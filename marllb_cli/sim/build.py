@@ -71,6 +71,7 @@ def build_simulation(
         agents=agents,
         joint=joint,
         neurips_observation=neurips_observation,
+        reservoir_keep=config.experiment.reservoir_keep,
     )
     idle = config.sim.idle_timeout_s
     if use_compiled(config.sim.engine, method, models, config.source):
@@ -84,6 +85,7 @@ def build_simulation(
             io=load.io,
             oracle_gsq=method == "oracle-gsq",
             neurips_observation=neurips_observation,
+            reservoir_keep=config.experiment.reservoir_keep,
             **ticks,
         )
         lbs = LbLayer(method=method, states=core.servers, idle_timeout=idle, table_factory=core.table, **common)

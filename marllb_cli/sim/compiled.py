@@ -157,7 +157,7 @@ class _State(NamedTuple):
     rng: np.ndarray  # u8[m], splitmix64 state per LB
     expire_from: np.ndarray  # i8[m], first job not yet known to be past the idle timeout
     # scalars as small arrays: [next job, IO heap size, dispatch: 0 by the LBs' tables, 1 oracle-gsq],
-    # [idle timeout, max flows, 1 to keep completion and inter-arrival samples]
+    # [idle timeout, max flows, 1 to keep completion and inter-arrival samples, reservoir keep probability]
     cursor: np.ndarray  # i8[3]
     limits: np.ndarray  # f8[2]
 
@@ -185,9 +185,11 @@ def _uniform(rng, lb):
 
 
 @_jit
-def _keep_sample(times, values, filled, lb, j, rng, t, value):
-    """`Reservoir.add` with keep probability 1 into reservoir [lb, j] of `times`/`values` ([m, n, S]):
-    the next free slot, then a uniformly random one."""
+def _keep_sample(times, values, filled, lb, j, rng, t, value, keep):
+    """`Reservoir.add` into reservoir [lb, j] of `times`/`values` ([m, n, S]): kept with probability `keep`
+    (a draw only when below 1), then the next free slot, then a uniformly random one."""
+    if keep < 1.0 and _uniform(rng, lb) >= keep:
+        return
     slots = times.shape[2]
     count = filled[lb, j]
     if count < slots:
@@ -202,7 +204,7 @@ def _keep_sample(times, values, filled, lb, j, rng, t, value):
 @_jit
 def _sample_duration(st, lb, j, t, value):
     """A flow-duration sample of server j at LB lb."""
-    _keep_sample(st.res_t, st.res_v, st.res_filled, lb, j, st.rng, t, value)
+    _keep_sample(st.res_t, st.res_v, st.res_filled, lb, j, st.rng, t, value, st.limits[3])
 
 
 @_jit
@@ -283,7 +285,7 @@ def _open_flow(st, job, now):
     _sample_duration(st, lb, server, now, 0.0)
     if st.limits[2] > 0:  # the LB's inter-arrival time between new flows
         if st.last_new[lb] >= 0:
-            _keep_sample(st.ia_t, st.ia_v, st.ia_filled, lb, 0, st.rng, now, now - st.last_new[lb])
+            _keep_sample(st.ia_t, st.ia_v, st.ia_filled, lb, 0, st.rng, now, now - st.last_new[lb], st.limits[3])
         st.last_new[lb] = now
     return server
 
@@ -297,7 +299,7 @@ def _close_flow(st, job, now, completed):
     if completed:
         _sample_duration(st, lb, server, now, now - st.arrival[job])
     if st.limits[2] > 0:  # FIN or RST: the completion time, as the dataplane samples it
-        _keep_sample(st.cmp_t, st.cmp_v, st.cmp_filled, lb, server, st.rng, now, now - st.arrival[job])
+        _keep_sample(st.cmp_t, st.cmp_v, st.cmp_filled, lb, server, st.rng, now, now - st.arrival[job], st.limits[3])
     _end_flow(st, job)
 
 
@@ -612,6 +614,7 @@ class CompiledSim:
         max_flows: int = MAX_FLOWS,
         oracle_gsq: bool = False,
         neurips_observation: bool = False,
+        reservoir_keep: float = 1.0,
     ) -> None:
         """The arguments of `Engine` and of `LbLayer`'s tables; `oracle_gsq` dispatches every request by
         global shortest expected delay over the servers' true job counts instead of by the LBs' tables;
@@ -679,7 +682,7 @@ class CompiledSim:
             rng=np.array([(seed * 1_000 + lb) & (2**64 - 1) for lb in range(n_lbs)], dtype=np.uint64),
             expire_from=i8(n_lbs),
             cursor=np.array([0, 0, int(oracle_gsq)], dtype=np.int64),
-            limits=np.array([idle_timeout, max_flows, float(neurips_observation)], dtype=np.float64),
+            limits=np.array([idle_timeout, max_flows, float(neurips_observation), reservoir_keep], dtype=np.float64),
         )
         self.lb_of = self._st.lb_of
         self.servers = [_Server(self._st, j, model) for j, model in enumerate(servers)]

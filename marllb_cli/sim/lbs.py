@@ -111,6 +111,7 @@ class LbLayer:
         joint: Any = None,
         table_factory: Callable[[int, str, list[float]], Any] | None = None,
         neurips_observation: bool = False,
+        reservoir_keep: float = 1.0,
     ) -> None:
         """`states` are the servers' live states (anything with `workers()`). `table_factory(lb, method,
         weights)` makes LB `lb`'s flow table; by default the dataplane's `FlowTable`, and the compiled
@@ -136,7 +137,7 @@ class LbLayer:
         def flow_table(lb: int, method: str, weights: list[float]) -> FlowTable:
             rng = random.Random(seed * 1_000 + lb)
             selector = Selector(self.n, method=method, weights=weights, rng=rng)
-            return FlowTable(selector, idle_timeout=idle_timeout, rng=rng)
+            return FlowTable(selector, idle_timeout=idle_timeout, keep_probability=reservoir_keep, rng=rng)
 
         make_table = table_factory or flow_table
         self.tables = [make_table(lb, agent.method, list(agent.weights)) for lb, agent in enumerate(self.agents)]

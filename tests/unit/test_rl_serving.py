@@ -121,3 +121,14 @@ def test_a_policy_on_neurips_observation_is_served_its_16_features(trained):
     for agent in agents:
         assert agent.neurips_observation is True
         np.testing.assert_array_equal(agent.policy.input(obs), learner.features(obs, learner.prev_action))
+
+
+def test_an_lbs_dataplane_keeps_samples_with_the_configs_probability(tmp_path):
+    from pathlib import Path
+
+    config = load_config(LOCAL_SMALL, ["experiment.reservoir_keep=0.05"])
+    topology = plan(config.testbed)
+    dataplane, _ = lb_plan(config, topology, topology.lbs[0], LbStart("sed"), Path("lb"))
+    assert dataplane.reservoir_keep == 0.05
+    default, _ = lb_plan(load_config(LOCAL_SMALL), topology, topology.lbs[0], LbStart("sed"), Path("lb"))
+    assert default.reservoir_keep == 1.0

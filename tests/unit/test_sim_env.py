@@ -150,3 +150,27 @@ def test_neurips_observation_is_the_same_in_both_engines_and_trains_and_serves(c
     result = cli("simulate", REPO / "configs" / "sim-moderate.yaml", "-m", f"rl:{policy}", "--duration", "3",
                  "--runs-dir", tmp_path / "runs")  # fmt: skip
     assert result.exit_code == 0, result.output
+
+
+def test_the_reservoir_keeps_a_sample_with_probability_reservoir_keep_in_both_engines():
+    """CIKM'22 Algorithm 2's p (`experiment.reservoir_keep`): with 0.25, each engine's LBs keep about a quarter
+    of the flow-duration samples they keep with 1 (1.5 s: no reservoir fills, so every kept sample stays)."""
+    from marllb_cli.errors import ConfigError
+    from marllb_cli.sim.build import build_simulation, server_models
+    from marllb_cli.sim.traffic import traffic
+
+    kept = {}
+    for engine in ("compiled", "python"):
+        for keep in (1.0, 0.25):
+            config = load_config(
+                REPO / "configs" / "sim-moderate.yaml", [f"sim.engine={engine}", f"experiment.reservoir_keep={keep}"]
+            )
+            models, _, _, cpus = server_models(config)
+            core, lbs = build_simulation(config, "sed", traffic(config, seed=1, duration_s=1.5), models, cpus, seed=1)
+            core.run()
+            kept[engine, keep] = sum(len(r.samples()[1]) for table in lbs.tables for r in table.durations)
+    for engine in ("compiled", "python"):
+        assert kept[engine, 1.0] > 400
+        assert kept[engine, 0.25] / kept[engine, 1.0] == pytest.approx(0.25, abs=0.05), kept
+    with pytest.raises(ConfigError, match="experiment.reservoir_keep"):
+        load_config(REPO / "configs" / "sim-moderate.yaml", ["experiment.reservoir_keep=0"])
