@@ -910,7 +910,8 @@ def _weights_over_time(runs: list[Run], methods: list[str], out: Path) -> Path:
         relative = weights / np.exp(np.log(weights).mean(axis=1, keepdims=True))
         for j in range(relative.shape[1]):
             ax.step(steps["t_s"], relative[:, j], where="post", linewidth=0.8, label=f"srv{j}")
-        ax.set(ylabel="weight / geo. mean", title=f"{short_names(methods)[method]} ({run.path.name}, lb0)")
+        ax.set(ylabel="weight / geo. mean")
+        ax.set_title(f"{short_names(methods)[method]}: lb0 of its first run", fontsize=9)
         ax.grid(alpha=0.3)
     axes[-1, 0].set(xlabel="run time (s)")
     axes[0, 0].legend(fontsize=6, ncol=8)
