@@ -16,6 +16,16 @@ A sweep file names a base config and its axes:
         episodes: 72                          # optional: reward, preset, hyper, episodes, episode_s
         hyper: {residual: true, levels: [0.8, 1, 1.25]}
 
+On a deployed testbed (`replay`), the cells are `replay-trace` runs instead of simulations:
+
+    replay:
+      trace: ../traces/rate_200_steady_30s.tsv    # relative to the sweep file
+      loads: [0.7, 0.85, 0.95, 1.05]           # needs `marllb calibrate`; or speeds: [0.25, 0.5]
+      duration_s: 30                           # optional: start_s
+
+Testbed cells run one at a time, on this machine, after every simulator cell (a testbed shares its cores
+with nothing else), whatever the backend; the testbed must be deployed.
+
 A training is a cell of its own for each `set` combination and training seed: `marllb train` into
 `OUT/trainings/` (done when renamed into place, as a run). Its policy then runs on every seed of `seeds`
 like a method, and the runs report the training's name as their method, with `training_seed` in meta, so
@@ -70,6 +80,7 @@ __all__ = [
     "Cell",
     "cell_states",
     "check_backend",
+    "check_testbeds",
     "SweepFile",
     "SweepPlan",
     "SweepResult",
@@ -123,6 +134,30 @@ def _hyper_names(algo: str) -> set[str]:
     return hyper_names(algo)
 
 
+class ReplaySpec(BaseModel):
+    """A sweep on the deployed testbed: every method × seed replays this trace at each load (or speed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trace: Path = Field(description="The trace, relative to the sweep file.")
+    loads: list[float] | None = Field(default=None, min_length=1, description="Offered loads (calibrated).")
+    speeds: list[float] | None = Field(default=None, min_length=1, description="Replay speeds.")
+    duration_s: float = Field(gt=0, description="Seconds of the trace each cell replays.")
+    start_s: float = Field(default=0.0, ge=0, description="Skip the trace's first seconds.")
+
+    def levels(self) -> tuple[str, list[float]]:
+        """('load', loads) or ('speed', speeds): exactly one of them is given."""
+        if (self.loads is None) == (self.speeds is None):
+            raise ConfigError("replay: give loads or speeds (one of them)", hint="e.g. loads: [0.7, 0.85]")
+        if self.loads is not None:
+            if not all(0 < level <= 2 for level in self.loads):
+                raise ConfigError("replay.loads: each load must be in (0, 2]")
+            return "load", self.loads
+        if not all(level > 0 for level in self.speeds or []):
+            raise ConfigError("replay.speeds: each speed must be positive")
+        return "speed", list(self.speeds or [])
+
+
 class SweepFile(BaseModel):
     """The sweep file's fields."""
 
@@ -136,6 +171,7 @@ class SweepFile(BaseModel):
     duration_s: float | None = Field(default=None, gt=0)
     set: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted field → its alternatives.")
     trainings: list[TrainingSpec] = Field(default_factory=list, description="Learners to train, then run.")
+    replay: ReplaySpec | None = Field(default=None, description="Cells replay a trace on the deployed testbed.")
 
 
 @dataclass(frozen=True)
@@ -154,6 +190,7 @@ class Cell:
     label: str | None = None
     training_seed: int | None = None
     config: str = ""  # its base config (a sweep may name several)
+    replay: dict[str, Any] | None = None  # a testbed cell: the trace, its window, the load or speed
 
     def name(self) -> str:
         """The directory's name: the key first (what makes it findable), then what it is."""
@@ -214,6 +251,7 @@ def plan_cells(sweep: SweepFile, config_paths: list[Path], sweep_path: Path, ext
     names = [spec.name for spec in sweep.trainings]
     if len(set(names)) != len(names) or set(names) & set(sweep.methods):
         raise ConfigError(f"{sweep_path}: trainings: two share a name", hint="give each training its own name")
+    replay = _replay_plan(sweep, sweep_path) if sweep.replay is not None else None
     trainings = []
     for i, spec in enumerate(sweep.trainings):
         try:
@@ -233,6 +271,9 @@ def plan_cells(sweep: SweepFile, config_paths: list[Path], sweep_path: Path, ext
             where = ", ".join(f"{f}={v}" for f, v in axes) or "the base config"
             raise ConfigError(f"{sweep_path}: {where}: {exc.message}", hint=exc.hint) from None
         source = str(config_path.resolve())
+        if replay is not None:
+            cells += _replay_cells(sweep, replay, config, overrides, axes, source, sweep_path)
+            continue
         for method in sweep.methods:
             try:
                 check_sim_method(config, method)
@@ -262,6 +303,57 @@ def plan_cells(sweep: SweepFile, config_paths: list[Path], sweep_path: Path, ext
                             config=source,
                         )
                     )
+    return cells
+
+
+def _replay_plan(sweep: SweepFile, sweep_path: Path) -> dict[str, Any]:
+    """A testbed sweep's replay, checked: its levels, and its trace read (a bad one fails before anything)."""
+    from marllb_cli.traces import read_trace
+
+    spec = sweep.replay
+    assert spec is not None
+    if sweep.trainings:
+        raise ConfigError(f"{sweep_path}: trainings: not with replay yet", hint="evaluate learners in the simulator")
+    try:
+        level, levels = spec.levels()
+    except ConfigError as exc:
+        raise ConfigError(f"{sweep_path}: {exc.message}", hint=exc.hint) from None
+    trace = spec.trace if spec.trace.is_absolute() else sweep_path.parent / spec.trace
+    if not trace.is_file():
+        raise ConfigError(f"{sweep_path}: replay.trace: no such file {trace}", hint="a path relative to the sweep file")
+    read_trace(trace)
+    fields = {"trace": str(trace.resolve()), "digest": _digest_files([trace]), "start_s": spec.start_s,
+              "duration_s": spec.duration_s}  # fmt: skip
+    return {"level": level, "levels": levels, "fields": fields}
+
+
+def _replay_cells(
+    sweep: SweepFile,
+    replay: dict[str, Any],
+    config: Config,
+    overrides: tuple[str, ...],
+    axes: tuple[tuple[str, Any], ...],
+    source: str,
+    sweep_path: Path,
+) -> list[Cell]:
+    """A testbed sweep's cells for one config: methods × loads (or speeds) × seeds."""
+    from marllb_cli.agents.methods import resolve_method
+
+    cells = []
+    for method in sweep.methods:
+        try:
+            resolved = resolve_method(method)
+        except ConfigError as exc:
+            raise ConfigError(f"{sweep_path}: methods: {exc.message}", hint=exc.hint) from None
+        for level in replay["levels"]:
+            fields = {**replay["fields"], replay["level"]: level}
+            for seed in sweep.seeds:
+                what = "replay:" + json.dumps({**fields, "method": resolved}, sort_keys=True)
+                key = _key(config, what, seed, fields["duration_s"])
+                where = (*axes, (replay["level"], level))
+                cells.append(
+                    Cell(overrides, resolved, seed, fields["duration_s"], key, where, replay=fields, config=source)
+                )
     return cells
 
 
@@ -306,6 +398,14 @@ def check_backend(backend: str, address: str | None) -> None:
         raise ConfigError("--address: only with --backend ray", hint="add --backend ray, or drop --address")
 
 
+def check_testbeds(cells: list[Cell]) -> None:
+    """Refuse (`TestbedError`, one line) when a testbed the replay cells among `cells` need is not deployed."""
+    from marllb_cli.deploy import testbed_for
+
+    for config_path, overrides in dict.fromkeys((c.config, c.overrides) for c in cells if c.replay is not None):
+        testbed_for(load_config(config_path, overrides)).require_deployed()
+
+
 def run_sweep(
     plan: SweepPlan,
     out: Path,
@@ -335,13 +435,23 @@ def run_sweep(
     failed: dict[str, Path] = {}
     finished = len(cells) - len(todo)
     on_cell(finished, len(cells), "")
+
+    def settle(cell: Cell, error: BaseException | None) -> None:
+        nonlocal finished
+        finished += 1
+        if error is not None:
+            failed[cell.key] = _record_failure(out, cell, error)
+        index.add(out / cell.where() / cell.name())
+        index.write()
+        on_cell(finished, len(cells), f"{cell.label or cell.method} s{cell.seed} {_axes_text(cell)}")
+
     # Trainings and the methods' runs first; a training's runs once it is done (else they fail unrun).
-    for phase in ([c for c in todo if c.needs is None], [c for c in todo if c.needs is not None]):
+    simulated = [c for c in todo if c.replay is None]
+    for phase in ([c for c in simulated if c.needs is None], [c for c in simulated if c.needs is not None]):
         ready = [c for c in phase if c.needs is None or c.needs not in failed]
         for cell in phase:
             if cell.needs is not None and cell.needs in failed:
-                failed[cell.key] = _record_failure(out, cell, RuntimeError(f"its training {cell.needs} failed"))
-                finished += 1
+                settle(cell, RuntimeError(f"its training {cell.needs} failed"))
         if not ready:
             continue
         if backend == "ray":
@@ -349,12 +459,18 @@ def run_sweep(
         else:
             outcomes = _on_local_pool(ready, plan.config, out, workers)
         for cell, error in outcomes:
-            finished += 1
-            if error is not None:
-                failed[cell.key] = _record_failure(out, cell, error)
-            index.add(out / cell.where() / cell.name())
-            index.write()
-            on_cell(finished, len(cells), f"{cell.label or cell.method} s{cell.seed} {_axes_text(cell)}")
+            settle(cell, error)
+    # Testbed cells last, one at a time, here: nothing else runs beside a testbed.
+    on_testbed = [c for c in todo if c.replay is not None]
+    check_testbeds(on_testbed)
+    for cell in on_testbed:
+        try:
+            run_cell(str(plan.config), cell, str(out))
+            settle(cell, None)
+        except (KeyboardInterrupt, TestbedError):
+            raise  # Ctrl-C, or the testbed is gone: the cells done so far stay done
+        except Exception as exc:  # noqa: BLE001 - the cell's failure, logged for it
+            settle(cell, exc)
     index.write()
     return SweepResult(out, len(cells), len(cells) - len(todo), len(todo) - len(failed), failed)
 
@@ -416,6 +532,8 @@ def run_cell(config_path: str, cell: Cell, out: str) -> str:
     shutil.rmtree(partial, ignore_errors=True)
     if cell.train is not None:
         made, summary = _train_cell(config, cell, partial)
+    elif cell.replay is not None:
+        made, summary = _replay_cell(config, cell, partial)
     else:
         from marllb_cli.sim.run import simulate_to_run_dir
 
@@ -435,6 +553,25 @@ def run_cell(config_path: str, cell: Cell, out: str) -> str:
     shutil.rmtree(partial, ignore_errors=True)
     (Path(out) / FAILED / f"{cell.key}.log").unlink(missing_ok=True)
     return str(final)
+
+
+def _replay_cell(config: Config, cell: Cell, partial: Path) -> tuple[Path, dict[str, Any]]:
+    """A testbed cell: `marllb replay-trace` into `partial`; a run that did not complete fails the cell."""
+    from marllb_cli.experiment import ReplayOptions, replay_trace
+
+    replay = cell.replay or {}
+    options = ReplayOptions(
+        trace=Path(replay["trace"]), method=cell.method, speed=replay.get("speed", 1.0), load=replay.get("load"),
+        duration_s=replay["duration_s"], start_s=replay["start_s"], runs_dir=partial, seed=cell.seed,
+    )  # fmt: skip
+    outcome = replay_trace(config, options)
+    if not outcome.complete:  # its requests are kept beside the failure's log, not in runs/
+        kept = partial.parent.parent / FAILED / f"{cell.key}-run"
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(outcome.path, kept)
+        raise RuntimeError(f"the run did not complete ({outcome.failure}); its directory: {kept}")
+    return outcome.path, outcome.summary
 
 
 def _train_cell(config: Config, cell: Cell, partial: Path) -> tuple[Path, dict[str, Any]]:

@@ -50,7 +50,7 @@ def sweep_command(
     intervals. --set overrides apply to every cell. A sweep file's `trainings` are trained first (a cell per
     training seed, into OUT/trainings/), then their policies run on its seeds like methods.
     """
-    from marllb_cli.sweep import check_backend, plan_sweep, run_sweep
+    from marllb_cli.sweep import cell_states, check_backend, check_testbeds, plan_sweep, run_sweep
 
     check_backend(backend, address)  # before the progress bar, as a bad sweep file
     plan = plan_sweep(sweep, tuple(set_ or ()))  # a bad sweep file fails here, before the bar or any file
@@ -58,6 +58,8 @@ def sweep_command(
     if status:
         _print_status(plan, target, json_)
         return
+    todo = [cell for cell, state in cell_states(plan, target) if force or state != "done"]
+    check_testbeds(todo)  # a testbed cell needs its testbed up: said before the bar, not after the other cells
     with detail_progress(f"sweep {sweep.name}") as progress:
         task = progress.add_task("cells", total=len(plan.cells), detail="")
 

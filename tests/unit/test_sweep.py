@@ -21,6 +21,7 @@ from tests.conftest import REPO
 
 MARLLB = [sys.executable, "-m", "marllb_cli"]
 CONFIG = REPO / "configs" / "sim-moderate.yaml"
+TRACE = REPO / "traces" / "rate_200_steady_30s.tsv"
 
 
 def marllb(*args: object, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -157,6 +158,18 @@ def test_a_failed_cell_is_logged_the_others_finish_and_it_is_tried_again(tmp_pat
         ({"methods": ["sed"], "trainings": [{"name": "q", "algo": "dqn"}]}, "trainings.0: algo 'dqn': not available"),
         ({"methods": ["sed"], "trainings": [{"name": "q", "algo": "qmix", "hyper": {"hidden": "x"}}]}, "trainings.0"),
         ({"methods": ["sed"], "trainings": [{"name": "sed", "algo": "qmix"}]}, "two share a name"),
+        ({"methods": ["sed"], "replay": {"trace": str(TRACE), "duration_s": 5}}, "give loads or speeds"),
+        ({"methods": ["sed"], "replay": {"trace": str(TRACE), "speeds": [1], "loads": [1], "duration_s": 5}}, "one of"),
+        ({"methods": ["oracle-srt"], "replay": {"trace": str(TRACE), "speeds": [1], "duration_s": 5}}, "methods: "),
+        ({"methods": ["sed"], "replay": {"trace": "none.tsv", "speeds": [1], "duration_s": 5}}, "no such file"),
+        (
+            {
+                "methods": ["sed"],
+                "trainings": [{"name": "q", "algo": "qmix"}],
+                "replay": {"trace": str(TRACE), "speeds": [1], "duration_s": 5},
+            },
+            "not with replay",
+        ),
         ({"methods": ["nope"]}, "methods: "),
         ({"methods": ["sed"], "set": {"sim.traffic.load": [-1]}}, "sim.traffic.load=-1"),
         ({"methods": ["sed"], "seeds": [0, 0]}, "two cells are the same run"),
