@@ -122,5 +122,12 @@ def test_a_preset_trains_with_its_settings_and_the_command_line_wins(cli, tmp_pa
     assert sac.exit_code == 0, sac.output
     saved = json.loads((tmp_path / "d" / "train.json").read_text())
     assert saved["reward"] == "vbf-log" and saved["hyper"]["target_entropy_scale"] == pytest.approx(-1 / math.log(6))
+    moderate = cli(
+        "train", REPO / "configs" / "sim-moderate.yaml", "--algo", "isac", "--preset", "cikm22-moderate",
+        "--episodes", "1", "--episode-s", "2", "--hyper", "hidden=8", "--out", tmp_path / "i",
+    )  # fmt: skip
+    assert moderate.exit_code == 0, moderate.output
+    saved = json.loads((tmp_path / "i" / "train.json").read_text())
+    assert saved["reward"] == "pbf" and saved["hyper"]["lr_alpha"] == 1e-3 and saved["hyper"]["batch_episodes"] == 12
     bad = cli("train", REPO / "configs" / "sim-moderate.yaml", "--algo", "qmix", "--preset", "icml23")
     assert bad.exit_code == 2 and "--preset 'icml23': unknown" in bad.stderr
