@@ -176,10 +176,7 @@ class CpuCgroup:
                 (directory / "cgroup.procs").write_text(str(os.getpid()))
 
     def pids(self) -> list[int]:
-        try:
-            return [int(pid) for pid in (self.path / "cgroup.procs").read_text().split()]
-        except FileNotFoundError:
-            return []
+        return _pids_in(self.path)
 
     def exists(self) -> bool:
         return self.path.is_dir()
@@ -197,7 +194,12 @@ class CpuCgroup:
 
 
 def _remove_directory(directory: Path, deadline: float) -> None:
-    """rmdir a cgroup whose processes were stopped, waiting for the kernel to let the last of them go."""
+    """rmdir a cgroup whose processes were stopped, waiting for the kernel to let the last of them go.
+
+    A process can join after they were stopped: a deploy stopped by a signal while an Apache was starting
+    kills its launcher, but the daemon the launcher had just forked runs on and starts its workers in the
+    group (a chaos test caught 9 live Apache processes in a group 4 s into such a teardown). Whatever is
+    still in the group when rmdir says busy is ours too, and is stopped the same way."""
     while True:
         try:
             directory.rmdir()
@@ -207,8 +209,18 @@ def _remove_directory(directory: Path, deadline: float) -> None:
         except OSError as exc:
             if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise TestbedError(f"cannot remove cgroup {directory}: {exc.strerror}") from None
+            if _pids_in(directory):  # a late joiner (see above)
+                kill_pids(lambda: _pids_in(directory), grace_s=1.0)
             _reap_exited_children()  # a zombie child of ours still holds the group (cgroup v1)
             time.sleep(0.05)
+
+
+def _pids_in(directory: Path) -> list[int]:
+    """The processes in cgroup `directory` (none once it is gone)."""
+    try:
+        return [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
+    except (FileNotFoundError, OSError):
+        return []
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
