@@ -102,32 +102,26 @@ def test_the_readme_table_is_what_the_code_holds(column, algo):
 
 
 def test_a_preset_trains_with_its_settings_and_the_command_line_wins(cli, tmp_path):
-    out = tmp_path / "t"
-    result = cli(
-        "train", REPO / "configs" / "sim-moderate.yaml", "--algo", "qmix", "--preset", "cikm22-large",
-        "--episodes", "1", "--episode-s", "2", "--hyper", "hidden=8", "--out", out,
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    def trained(algo: str, preset: str) -> tuple[object, dict]:
+        out = tmp_path / f"{algo}-{preset}"
+        result = cli(
+            "train", REPO / "configs" / "sim-moderate.yaml", "--algo", algo, "--preset", preset,
+            "--episodes", "1", "--episode-s", "2", "--hyper", "hidden=8", "--out", out,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return result, json.loads((out / "train.json").read_text())
+
+    result, saved = trained("qmix", "cikm22-large")
     assert "CIKM'22 Table 2 (large scale)" in result.output
-    saved = json.loads((out / "train.json").read_text())
     assert saved["reward"] == "pbf" and saved["episode_s"] == 2.0
     hyper = saved["hyper"]
     assert hyper["hidden"] == 8 and hyper["lr"] == 3e-4 and hyper["batch_episodes"] == 12
     assert hyper["levels"] == [1.0, 1.2, 1.4, 1.6, 1.8, 2.0] and hyper["reward_smoothing"] == 0.1
     assert hyper["warmup_episodes"] == 25 and hyper["reward_norm"] is False
-    sac = cli(
-        "train", REPO / "configs" / "sim-moderate.yaml", "--algo", "distr", "--preset", "neurips22",
-        "--episodes", "1", "--episode-s", "2", "--hyper", "hidden=8", "--out", tmp_path / "d",
-    )  # fmt: skip
-    assert sac.exit_code == 0, sac.output
-    saved = json.loads((tmp_path / "d" / "train.json").read_text())
+    _, saved = trained("distr", "neurips22")
     assert saved["reward"] == "vbf-log" and saved["hyper"]["target_entropy_scale"] == pytest.approx(-1 / math.log(6))
-    moderate = cli(
-        "train", REPO / "configs" / "sim-moderate.yaml", "--algo", "isac", "--preset", "cikm22-moderate",
-        "--episodes", "1", "--episode-s", "2", "--hyper", "hidden=8", "--out", tmp_path / "i",
-    )  # fmt: skip
-    assert moderate.exit_code == 0, moderate.output
-    saved = json.loads((tmp_path / "i" / "train.json").read_text())
+    assert saved["hyper"]["neurips_obs"] is True and saved["episode_s"] == 2.0
+    _, saved = trained("isac", "cikm22-moderate")
     assert saved["reward"] == "pbf" and saved["hyper"]["lr_alpha"] == 1e-3 and saved["hyper"]["batch_episodes"] == 12
     bad = cli("train", REPO / "configs" / "sim-moderate.yaml", "--algo", "qmix", "--preset", "icml23")
     assert bad.exit_code == 2 and "--preset 'icml23': unknown" in bad.stderr
