@@ -320,6 +320,7 @@ class Run:
         self.complete: bool = bool(self.meta.get("complete"))
         self._requests: pd.DataFrame | None = None
         self._servers: pd.DataFrame | None = None
+        self._agents: pd.DataFrame | None = None
 
     def requests(self) -> pd.DataFrame:
         """requests.parquet with every column of `REQUEST_COLUMNS` in its type, or a `RunDirError`; read once
@@ -355,8 +356,12 @@ class Run:
         return _read_parquet(path).astype(EVENT_COLUMNS) if path.exists() else events_frame([])
 
     def agents(self) -> pd.DataFrame:
-        frames = [_read_parquet(p) for p in sorted((self.path / "agents").glob("lb*.parquet"))]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        """Every LB's agent steps (agents/lb*.parquet), read once: the report's weight dynamics and its
+        figure both use them."""
+        if self._agents is None:
+            frames = [_read_parquet(p) for p in sorted((self.path / "agents").glob("lb*.parquet"))]
+            self._agents = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return self._agents
 
 
 def load_run(path: Path) -> Run:
