@@ -52,6 +52,7 @@ from marllb_cli.deploy import testbed_for
 from marllb_cli.errors import ConfigError, TestbedError
 from marllb_cli.experiment import ReplayOptions, plan_replay, replay_trace
 from marllb_cli.features import FEATURE_NAMES
+from marllb_cli.presets import DEFAULT_EPISODE_S, DEFAULT_EPISODES
 from marllb_cli.rewards import REWARDS, smooth_series
 from marllb_cli.sim.traffic import offered_load
 from marllb_cli.steps import json_lines
@@ -82,8 +83,8 @@ class LiveOptions:
 
     out: Path
     reward: str | None = None
-    episodes: int = 72
-    episode_s: float = 60.0
+    episodes: int = DEFAULT_EPISODES
+    episode_s: float = DEFAULT_EPISODE_S
     seed: int = 0
     resume: bool = False
     hyper: dict[str, Any] = dataclasses.field(default_factory=dict)

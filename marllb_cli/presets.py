@@ -26,7 +26,10 @@ from typing import Any
 
 from marllb_cli.errors import ConfigError
 
-__all__ = ["PRESETS", "Preset", "preset"]
+__all__ = ["DEFAULT_EPISODES", "DEFAULT_EPISODE_S", "PRESETS", "Preset", "preset", "training_options"]
+
+#: marllb's own episodes and episode length, where neither the command line nor a preset says.
+DEFAULT_EPISODES, DEFAULT_EPISODE_S = 72, 60.0
 
 CIKM_LEVELS = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0)
 
@@ -89,6 +92,30 @@ PRESETS: dict[str, Preset] = {
         ),
     )
 }
+
+
+def training_options(
+    name: str | None,
+    algo: str,
+    known: set[str],
+    *,
+    reward: str | None = None,
+    episodes: int | None = None,
+    episode_s: float | None = None,
+) -> tuple[str | None, int, float, dict[str, Any]]:
+    """(reward, episodes, episode_s, hyperparameters) of a training: each value given, else preset `name`'s
+    (None: no preset), else marllb's default (reward None: the algorithm's own). The hyperparameters are
+    the preset's that a learner with field names `known` has; values given on top of them win. Serves
+    `marllb train --preset` and a sweep's trainings alike."""
+    chosen = preset(name) if name else None
+    if chosen is None:
+        return reward, episodes or DEFAULT_EPISODES, episode_s or DEFAULT_EPISODE_S, {}
+    return (
+        reward or chosen.rewards.get(algo),
+        episodes or chosen.episodes,
+        episode_s or chosen.episode_s,
+        chosen.hyper_for(known),
+    )
 
 
 def preset(name: str) -> Preset:

@@ -111,27 +111,22 @@ class TrainingSpec(BaseModel):
         """The options `train` gets (the preset's values under the sweep's own), checked (`ConfigError`)."""
         from dataclasses import asdict
 
-        from marllb_cli.presets import preset
-        from marllb_cli.training import settings_for
+        from marllb_cli.presets import training_options
+        from marllb_cli.training import hyper_names, settings_for
 
-        chosen = preset(self.preset) if self.preset else None
-        preset_hyper = chosen.hyper_for(_hyper_names(self.algo)) if chosen else {}
-        reward = self.reward or (chosen.rewards.get(self.algo) if chosen else None)
+        reward, episodes, episode_s, preset_hyper = training_options(
+            self.preset, self.algo, hyper_names(self.algo), reward=self.reward, episodes=self.episodes,
+            episode_s=self.episode_s,
+        )  # fmt: skip
         settings = settings_for(self.algo, reward, self.hyper, preset_hyper)
         return {
             "name": self.name,
             "algo": self.algo,
             "reward": reward,
-            "episodes": self.episodes or (chosen.episodes if chosen else 72),
-            "episode_s": self.episode_s or (chosen.episode_s if chosen else 60.0),
+            "episodes": episodes,
+            "episode_s": episode_s,
             "hyper": asdict(settings),
         }
-
-
-def _hyper_names(algo: str) -> set[str]:
-    from marllb_cli.training import hyper_names
-
-    return hyper_names(algo)
 
 
 class ReplaySpec(BaseModel):

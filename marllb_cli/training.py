@@ -38,6 +38,7 @@ from marllb_cli.agents.rl.qmix import QmixHyper, QmixLearner
 from marllb_cli.agents.rl.sac import SacHyper, SacLearner
 from marllb_cli.config import Config
 from marllb_cli.errors import ConfigError
+from marllb_cli.presets import DEFAULT_EPISODE_S, DEFAULT_EPISODES
 from marllb_cli.rewards import REWARDS
 from marllb_cli.sim.env import LoadBalancingEnv
 from marllb_cli.sim.traffic import offered_load
@@ -290,8 +291,8 @@ def train(
     *,
     out: Path,
     reward: str | None = None,
-    episodes: int = 72,
-    episode_s: float = 60.0,
+    episodes: int = DEFAULT_EPISODES,
+    episode_s: float = DEFAULT_EPISODE_S,
     seed: int = 0,
     resume: bool = False,
     hyper: dict[str, Any] | None = None,

@@ -108,6 +108,7 @@ def train_command(
     import torch
 
     from marllb_cli.presets import preset as paper_preset
+    from marllb_cli.presets import training_options
     from marllb_cli.training import hyper_names, parse_hyper, train
 
     cfg = load(config, set_)
@@ -119,14 +120,12 @@ def train_command(
             if given is not None:
                 raise ConfigError(f"{name}: only with --env testbed", hint="the simulator's traffic is the config's")
     overrides = parse_hyper(algo, hyper or [])
+    reward, episodes, episode_s, preset_hyper = training_options(
+        preset, algo, hyper_names(algo), reward=reward, episodes=episodes, episode_s=episode_s
+    )
+    overrides = {**preset_hyper, **overrides}
     if preset is not None:
-        chosen = paper_preset(preset)
-        reward = reward or chosen.rewards.get(algo)
-        episodes = episodes or chosen.episodes
-        episode_s = episode_s or chosen.episode_s
-        overrides = {**chosen.hyper_for(hyper_names(algo)), **overrides}
-        console.print(f"preset {preset}: {chosen.source}")
-    episodes, episode_s = episodes or 72, episode_s or 60.0
+        console.print(f"preset {preset}: {paper_preset(preset).source}")
     torch.set_num_threads(threads)
     bar = detail_progress(f"training {algo}" + (" on the testbed" if env == "testbed" else ""))
     task = bar.add_task("train", total=episodes, detail="", start=False)
