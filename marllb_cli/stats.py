@@ -29,7 +29,7 @@ report is reproducible.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -92,41 +92,56 @@ def bootstrap(
     """The bootstrap of a group: `runs` holds each run's completed requests' JCTs in time order. `strata`:
     each run's training seed, for a learner trained several times; a replicate then draws the trainings
     with replacement and, within each drawn one, its runs (a two-level bootstrap): the spread between
-    trainings counts once per training, not once per run, and the interval is widened for few trainings."""
-    if strata is not None:
-        kept = [i for i, run in enumerate(runs) if len(run)]
-        groups = list(dict.fromkeys(strata[i] for i in kept))
-        if len(groups) > 1:
-            return _two_level(
-                [np.asarray(runs[i], dtype=np.float64) for i in kept],
-                [groups.index(strata[i]) for i in kept],
-                replicates,
-                seed,
-            )
-    runs = [np.asarray(run, dtype=np.float64) for run in runs if len(run)]
-    if not runs or replicates <= 0:
+    trainings counts once per training, not once per run, and the interval is widened for few trainings.
+
+    A replicate is a weight per request: how often its run was drawn (several runs), or how often a block
+    covering it was (one run)."""
+    kept = [i for i, run in enumerate(runs) if len(run)]
+    if not kept or replicates <= 0:
         return Bootstrap({s: math.nan for s in STATISTICS}, {s: np.full(0, np.nan) for s in STATISTICS})
-    values = np.concatenate(runs)
+    samples = [np.asarray(runs[i], dtype=np.float64) for i in kept]
+    values = np.concatenate(samples)
     order = np.argsort(values, kind="stable")
     ranked = values[order]
-    lengths = np.array([len(run) for run in runs])
+    lengths = np.array([len(run) for run in samples])
     rng = np.random.default_rng(seed)
+    labels = [strata[i] for i in kept] if strata is not None else []
+    groups = [np.flatnonzero([label == g for label in labels]) for g in dict.fromkeys(labels)]
+    draw_counts: Callable[[], np.ndarray] | None
+    if len(groups) > 1:  # two levels: the groups, then each drawn group's runs
+
+        def draw_counts() -> np.ndarray:
+            counts = np.zeros(len(samples))
+            for g in rng.integers(len(groups), size=len(groups)):
+                inside = groups[g]
+                np.add.at(counts, inside[rng.integers(len(inside), size=len(inside))], 1)
+            return counts
+
+        resampled = len(groups)
+    elif len(samples) > 1:
+
+        def draw_counts() -> np.ndarray:
+            return np.bincount(rng.integers(len(samples), size=len(samples)), minlength=len(samples))
+
+        resampled = len(samples)
+    else:
+        draw_counts, resampled = None, 1
     out = np.empty((replicates, len(STATISTICS)))
     drawn: dict[bytes, np.ndarray] = {}  # a few runs have few distinct draws (5 runs: 126)
     for replicate in range(replicates):
-        if len(runs) > 1:
-            counts = np.bincount(rng.integers(len(runs), size=len(runs)), minlength=len(runs))
-            key = counts.tobytes()
-            if key not in drawn:
-                drawn[key] = _figures(values, ranked, np.repeat(counts, lengths)[order])
-            out[replicate] = drawn[key]
-        else:
+        if draw_counts is None:
             out[replicate] = _figures(values, ranked, _block_weights(len(values), rng)[order])
+            continue
+        counts = draw_counts()
+        key = counts.tobytes()
+        if key not in drawn:
+            drawn[key] = _figures(values, ranked, np.repeat(counts, lengths)[order])
+        out[replicate] = drawn[key]
     estimates = _figures(values, ranked, np.ones(len(values)))
     return Bootstrap(
         dict(zip(STATISTICS, map(float, estimates), strict=True)),
         {name: out[:, i] for i, name in enumerate(STATISTICS)},
-        _expansion(len(runs)),
+        _expansion(resampled),
     )
 
 
@@ -138,29 +153,6 @@ def interquartile_mean(values: Sequence[float]) -> float:
     low, high = 0.25 * n, 0.75 * n
     weights = np.clip(np.minimum(np.arange(1, n + 1), high) - np.maximum(np.arange(n), low), 0.0, 1.0)
     return float(np.dot(ordered, weights) / weights.sum())
-
-
-def _two_level(runs: list[np.ndarray], group: list[int], replicates: int, seed: int) -> Bootstrap:
-    """`bootstrap` over groups of runs: draw the groups, then each drawn group's runs, with replacement."""
-    values = np.concatenate(runs)
-    order = np.argsort(values, kind="stable")
-    ranked = values[order]
-    lengths = np.array([len(run) for run in runs])
-    members = [np.flatnonzero(np.asarray(group) == g) for g in range(max(group) + 1)]
-    rng = np.random.default_rng(seed)
-    out = np.empty((max(replicates, 0), len(STATISTICS)))
-    for replicate in range(max(replicates, 0)):
-        counts = np.zeros(len(runs))
-        for g in rng.integers(len(members), size=len(members)):
-            inside = members[g]
-            np.add.at(counts, inside[rng.integers(len(inside), size=len(inside))], 1)
-        out[replicate] = _figures(values, ranked, np.repeat(counts, lengths)[order])
-    estimates = _figures(values, ranked, np.ones(len(values)))
-    return Bootstrap(
-        dict(zip(STATISTICS, map(float, estimates), strict=True)),
-        {name: out[:, i] for i, name in enumerate(STATISTICS)},
-        _expansion(len(members)),
-    )
 
 
 def _figures(values: np.ndarray, ranked: np.ndarray, ranked_weights: np.ndarray) -> np.ndarray:
