@@ -362,10 +362,9 @@ def train(
             **{k: mean_finite([x[k] for x in losses]) for k in ("critic_loss", "actor_loss", "alpha", "entropy")},
         }
         rows.append(row)
-        save_training(out, episode, meta, team, algo, reward, rows)
-        if eval_every and ((episode + 1) % eval_every == 0 or episode + 1 == episodes):
-            row.update(greedy_evaluation(config, out, episode_s))
-            save_training(out, episode, meta, team, algo, reward, rows)
+        due = eval_every and ((episode + 1) % eval_every == 0 or episode + 1 == episodes)
+        evaluate = (lambda: greedy_evaluation(config, out, episode_s)) if due else None
+        save_training(out, episode, meta, team, algo, reward, rows, evaluate)
         progress(row)
     return pd.DataFrame(rows)
 
@@ -429,12 +428,25 @@ def mean_finite(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def save_training(out: Path, episode: int, meta: dict, team, algo: str, reward: str, rows: list[dict]) -> None:
-    """Checkpoint, policy and curve, each replaced atomically (a kill leaves the previous episode's)."""
-    atomic_torch({"episode": episode, "meta": meta, "learners": team.state(), "curve": rows}, out / CHECKPOINT)
+def save_training(
+    out: Path,
+    episode: int,
+    meta: dict,
+    team,
+    algo: str,
+    reward: str,
+    rows: list[dict],
+    evaluate: Callable[[], dict[str, Any]] | None = None,
+) -> None:
+    """Policy, checkpoint and curve, each replaced atomically (a kill leaves the previous episode's).
+    `evaluate()` runs once the policy is written, and what it returns joins the episode's row before the
+    checkpoint and the curve hold it (the greedy evaluation reads the policy file, as serving does)."""
     policy = team.policy()
     atomic_torch({"algo": algo, "reward": reward, "episode": episode, **policy}, out / POLICY)
     write_header(out, PolicyHeader.of(policy))
+    if evaluate is not None:
+        rows[-1].update(evaluate())
+    atomic_torch({"episode": episode, "meta": meta, "learners": team.state(), "curve": rows}, out / CHECKPOINT)
     tmp = out / (CURVE + ".tmp")
     pd.DataFrame(rows).to_parquet(tmp, index=False)
     os.replace(tmp, out / CURVE)
