@@ -40,6 +40,7 @@ from marllb_cli.config import Config
 from marllb_cli.errors import ConfigError
 from marllb_cli.presets import DEFAULT_EPISODE_S, DEFAULT_EPISODES
 from marllb_cli.rewards import REWARDS
+from marllb_cli.seeds import VALIDATION_SEEDS
 from marllb_cli.sim.env import LoadBalancingEnv
 from marllb_cli.sim.traffic import offered_load
 
@@ -369,9 +370,9 @@ def train(
     return pd.DataFrame(rows)
 
 
-#: The request seed of greedy evaluations during training: a validation seed (`sim.static_search`), never
+#: The request seed of greedy evaluations during training: a validation seed (`marllb_cli.seeds`), never
 #: one that `bench policies` reports on, nor one an episode trains on.
-GREEDY_EVAL_SEED = 20_000
+GREEDY_EVAL_SEED = VALIDATION_SEEDS[0]
 
 
 def greedy_evaluation(config: Config, out: Path, episode_s: float) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """`marllb bench policies`: heuristics, oracles and trained policies on the same unseen requests.
 
-Every method runs on `seeds` (by default 10 000 … 10 004; training draws every episode's requests from
-a multiple of 100 003 — `LoadBalancingEnv.reset` — so these requests never appear in training) for
+Every method runs on `seeds` (by default the test seeds 10 000 … 10 004, `marllb_cli.seeds`: no training
+episode draws them, and nothing is chosen on them; `--seeds validation` is where settings are chosen) for
 `duration_s` simulated seconds at the config's load. The table gives the mean over seeds of each run's
 mean and p99 JCT; the ratios of mean and p99 to sed, with the 95 % t interval of the per-seed ratio (every
 method runs the same requests per seed, so the ratio is paired by seed); the requests the servers refused
@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 
 from marllb_cli.config import Config
+from marllb_cli.seeds import TEST_SEEDS
 from marllb_cli.sim.run import run_simulation
 from marllb_cli.stats import T975, Z975
 
-__all__ = ["PolicyResult", "DEFAULT_METHODS", "EVAL_SEEDS", "evaluate", "as_dicts"]
+__all__ = ["PolicyResult", "DEFAULT_METHODS", "evaluate", "as_dicts"]
 
 DEFAULT_METHODS = ("oracle-srt", "oracle-gsq", "sed", "lsq", "wcmp", "ecmp")
-EVAL_SEEDS = tuple(range(10_000, 10_005))
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def evaluate(
     policies: dict[str, Path],
     *,
     methods: tuple[str, ...] = DEFAULT_METHODS,
-    seeds: tuple[int, ...] = EVAL_SEEDS,
+    seeds: tuple[int, ...] = TEST_SEEDS,
     duration_s: float = 60.0,
 ) -> list[PolicyResult]:
     """Mean and p99 JCT per method (averaged over seeds); `policies` maps a row name to a training dir."""

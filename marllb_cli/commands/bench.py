@@ -165,12 +165,24 @@ def policies(
         ),
     ] = None,
     duration: Annotated[float, typer.Option(help="Simulated seconds per evaluation run.", min=1)] = 60.0,
+    seeds: Annotated[
+        str,
+        typer.Option(
+            "--seeds",
+            help="test (10 000 … 10 004: what results are reported on) or validation (20 000 … 20 004: what "
+            "settings are chosen on; never report a choice on the seeds that made it).",
+        ),
+    ] = "test",
     set_: SetOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Oracles, heuristics and trained policies on the same 5 unseen request seeds: mean and p99 JCT."""
     from marllb_cli.bench.policies import DEFAULT_METHODS, evaluate
     from marllb_cli.bench.policies import as_dicts as policy_dicts
+    from marllb_cli.seeds import SEED_SETS
+
+    if seeds not in SEED_SETS:
+        raise ConfigError(f"--seeds {seeds!r}: unknown", hint=f"choose one of {', '.join(SEED_SETS)}")
 
     extras = [resolve_method(m, SIM_METHODS) for m in dict.fromkeys(method or [])]
     methods = (*DEFAULT_METHODS, *(m for m in extras if m not in DEFAULT_METHODS))
@@ -181,11 +193,13 @@ def policies(
             raise ConfigError(f"--policy {item!r}: expected NAME=DIR")
         trained[name] = Path(directory)
     with console.status("evaluating"):
-        results = evaluate(load(config, set_), trained, methods=methods, duration_s=duration)
+        results = evaluate(load(config, set_), trained, methods=methods, seeds=SEED_SETS[seeds], duration_s=duration)
     if json_:
         print(json.dumps(policy_dicts(results), indent=2))
         return
-    table = Table(title=f"{config}: 5 unseen seeds × {duration:g} s; ratios paired by seed, 95 % CI")
+    chosen = SEED_SETS[seeds]
+    title = f"{config}: {seeds} seeds {chosen[0]}–{chosen[-1]} × {duration:g} s; ratios paired by seed, 95 % CI"
+    table = Table(title=title)
     columns = ("policy", "mean JCT (ms)", "p99 JCT (ms)", "mean / sed", "p99 / sed", "refused", "training")
     for column in columns:
         table.add_column(column, justify="left" if column == "policy" else "right")

@@ -34,8 +34,9 @@ def static_opt_command(
     the simulator search when a run starts with `--method static-opt`.
     """
     from marllb_cli.agents.weights_file import write_weights
+    from marllb_cli.seeds import VALIDATION_SEEDS
     from marllb_cli.sim.build import server_models
-    from marllb_cli.sim.static_search import VALIDATION_SEEDS, search_static_weights
+    from marllb_cli.sim.static_search import search_static_weights
 
     cfg = load(config, set_)
     chosen = tuple(VALIDATION_SEEDS[0] + k for k in range(seeds))

@@ -16,8 +16,8 @@ The search, top to bottom:
 Every candidate runs on the same requests (the validation seeds' traffic, drawn once: common random numbers),
 so two candidates differ only by their weights. The objective is the mean, p90 or p99 JCT over all
 validation requests, a request the servers refused counted at the run's horizon, so refusing work never
-pays. Validation seeds (`VALIDATION_SEEDS`) are apart from `bench policies`' test seeds (10 000 …) and from
-training's (seed × 100 003 + episode), so the weights are chosen on requests no report uses.
+pays. The seeds are the first three validation seeds (`marllb_cli.seeds`), apart from `bench policies`' test
+seeds and from training's, so the weights are chosen on requests no report uses.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 from marllb_cli.agents.heuristics import StaticWeights
 from marllb_cli.config import Config
 from marllb_cli.errors import ConfigError
+from marllb_cli.seeds import VALIDATION_SEEDS
 from marllb_cli.sim.build import build_simulation, run_events, server_models
 from marllb_cli.sim.events import attach_events
 from marllb_cli.sim.traffic import Traffic, traffic
@@ -37,13 +38,13 @@ from marllb_cli.sim.traffic import Traffic, traffic
 __all__ = [
     "METRICS",
     "SEARCH_DURATION_S",
-    "VALIDATION_SEEDS",
+    "SEARCH_SEEDS",
     "StaticSearch",
     "search_static_weights",
     "static_opt_weights",
 ]
 
-VALIDATION_SEEDS = (20_000, 20_001, 20_002)
+SEARCH_SEEDS = VALIDATION_SEEDS[:3]
 #: Simulated seconds per validation seed: three minutes of requests per candidate, ≈ 0.3 s on this machine.
 SEARCH_DURATION_S = 60.0
 METRICS = {"mean": None, "p90": 0.9, "p99": 0.99}
@@ -121,7 +122,7 @@ def search_static_weights(
     config: Config,
     *,
     metric: str = "mean",
-    seeds: Sequence[int] = VALIDATION_SEEDS,
+    seeds: Sequence[int] = SEARCH_SEEDS,
     duration_s: float = SEARCH_DURATION_S,
     tolerance: float = 0.002,
     max_rounds: int = 4,

@@ -128,6 +128,30 @@ def test_bench_policies_compares_a_trained_policy_on_unseen_seeds(cli, trained, 
     assert bad.exit_code == 2 and "NAME=DIR" in bad.stderr
 
 
+def test_bench_policies_reports_on_the_seed_set_asked_for(cli):
+    """Settings are chosen on validation seeds and reported on test seeds: `--seeds` says which, and sed's
+    figure is the mean of its runs on exactly those seeds."""
+    import json
+
+    import numpy as np
+
+    from marllb_cli.config import load_config
+    from marllb_cli.seeds import TEST_SEEDS, VALIDATION_SEEDS
+    from marllb_cli.sim.run import run_simulation
+
+    config = REPO / "configs" / "sim-moderate.yaml"
+    sed = {}
+    for name, seeds in (("test", TEST_SEEDS), ("validation", VALIDATION_SEEDS)):
+        result = cli("bench", "policies", config, "--duration", "3", "--seeds", name, "--json")
+        assert result.exit_code == 0, result.output
+        sed[name] = next(r for r in json.loads(result.stdout) if r["name"] == "sed")["jct_mean_ms"]
+        runs = [run_simulation(load_config(config), "sed", seed=s, duration_s=3.0).requests for s in seeds]
+        assert sed[name] == pytest.approx(np.mean([r.loc[r["error"] == "", "jct_s"].mean() for r in runs]) * 1e3)
+    assert sed["test"] != sed["validation"] and not set(TEST_SEEDS) & set(VALIDATION_SEEDS)
+    bad = cli("bench", "policies", config, "--seeds", "train")
+    assert bad.exit_code == 2 and "--seeds 'train'" in bad.stderr and "validation" in bad.stderr
+
+
 @pytest.mark.parametrize("joint_min", [True, False])
 def test_the_bootstrapped_target_equals_a_hand_computation(joint_min):
     """γ > 0: r_t + γ E_j Σ_a π_j(a|o_{t+1}) (Q̃_j(o_{t+1}, a) − α log π_j(a|o_{t+1})), computed here step by step,
