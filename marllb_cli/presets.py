@@ -1,8 +1,8 @@
 """`marllb train --preset`: the papers' training settings, each value with where it comes from.
 
 marllb's own defaults (`SacHyper`, `QmixHyper`) are not the papers': they are what trained well here (a
-temperature that can move, standardised rewards, three levels, 4-episode batches after 2 warm-up
-episodes). A preset sets what a paper states and leaves the rest at marllb's defaults; `--hyper`,
+temperature that can move, standardised rewards, residual levels around SED, 4-episode batches after 2
+warm-up episodes). A preset sets what a paper states and leaves the rest at marllb's defaults; `--hyper`,
 `--reward`, `--episodes` and `--episode-s` given on the command line still win.
 
 CIKM'22 Table 2 (moderate | large scale) and §4.6–4.8:

@@ -9,6 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
+#: The cpus of configs/sim-moderate.yaml's servers, in order: 4 small, 3 large.
+SIM_MODERATE_CPUS = (2, 2, 2, 2, 4, 4, 4)
 SHARED_TRACES = REPO.parent / "shared" / "traces" / "marllb"
 
 

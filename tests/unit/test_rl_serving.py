@@ -91,8 +91,8 @@ def test_the_controller_plans_an_rl_lb_from_the_policy_header_without_torch(trai
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
     planned = json.loads(result.stdout)
     assert planned["torch"] is False and planned["method"] == "sed"
-    # the middle of the default levels (1.0, 1.5, 2.0) times each server's capacity: SED's own weights × 1.5
-    assert planned["weights"] == pytest.approx([1.5 * cpus for cpus in planned["cpus"]])
+    # the middle of the default residual levels (0.8, 1, 1.25) times each server's capacity: SED's own weights
+    assert planned["weights"] == pytest.approx(planned["cpus"])
 
 
 def test_a_policy_for_other_lbs_is_refused_at_plan_time(trained):
