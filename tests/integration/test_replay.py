@@ -189,20 +189,19 @@ def test_a_qmix_policy_trained_in_simulation_runs_on_both_lbs(testbed, tmp_path,
     process = replay(f"rl:{policy}", tmp_path / "runs", "--duration", "8")
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
-    assert_a_complete_policy_run(next((tmp_path / "runs").iterdir()), 8)
+    assert_a_complete_policy_run(next((tmp_path / "runs").iterdir()), 8, [1, 1, 2, 2])  # local-small
     assert nothing_running_in(testbed) == []
 
 
-def assert_a_complete_policy_run(run: Path, duration: float) -> None:
-    """Every request of `duration` s answered, and both LBs stepping with the policy's SED weight levels."""
+def assert_a_complete_policy_run(run: Path, duration: float, cpus: list[float]) -> None:
+    """Every request of `duration` s answered, and both LBs stepping with the policy's SED weight levels: the
+    default residual levels (0.8, 1, 1.25) times each server's `cpus`."""
     assert json.loads((run / "meta.json").read_text())["complete"] is True
     summary = json.loads((run / "summary.json").read_text())
     assert summary["requests"] == expected_requests(duration) and summary["error_rate"] < 0.01
     for lb in ("lb0", "lb1"):
         steps = pd.read_parquet(run / "agents" / f"{lb}.parquet")
         assert len(steps) >= 0.8 * duration / 0.25
-        # the default residual levels (0.8, 1, 1.25) times each server's cpus (2 × 4, 4 × 3 in local-moderate)
-        cpus = [2, 2, 2, 2, 4, 4, 4]
         assert {round(w / c, 9) for ws in steps["weights"] for w, c in zip(ws, cpus, strict=True)} <= {0.8, 1.0, 1.25}
         assert (steps["method"] == "sed").all()  # the policy sets SED weights
 
@@ -239,7 +238,7 @@ def test_a_policy_trained_in_simulation_runs_on_the_testbed(tmp_path, trained):
             timeout=120,
         )
         assert result.returncode == 0, result.stderr
-        assert_a_complete_policy_run(next(runs.iterdir()), 8)
+        assert_a_complete_policy_run(next(runs.iterdir()), 8, [2, 2, 2, 2, 4, 4, 4])  # local-moderate
     finally:
         testbed.teardown()
     assert leftovers(name) == NOTHING
