@@ -11,6 +11,14 @@ from typer.testing import CliRunner
 REPO = Path(__file__).resolve().parents[1]
 #: The cpus of configs/sim-moderate.yaml's servers, in order: 4 small, 3 large.
 SIM_MODERATE_CPUS = (2, 2, 2, 2, 4, 4, 4)
+
+
+def weight_levels(steps, cpus) -> set[float]:
+    """The levels an agent's step log chose: each weight over its server's cpus (a residual policy's weight is
+    level × cpus), rounded off float noise."""
+    return {round(w / c, 9) for ws in steps["weights"] for w, c in zip(ws, cpus, strict=True)}
+
+
 SHARED_TRACES = REPO.parent / "shared" / "traces" / "marllb"
 
 

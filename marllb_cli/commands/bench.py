@@ -183,6 +183,7 @@ def policies(
 
     if seeds not in SEED_SETS:
         raise ConfigError(f"--seeds {seeds!r}: unknown", hint=f"choose one of {', '.join(SEED_SETS)}")
+    chosen = SEED_SETS[seeds]
 
     extras = [resolve_method(m, SIM_METHODS) for m in dict.fromkeys(method or [])]
     methods = (*DEFAULT_METHODS, *(m for m in extras if m not in DEFAULT_METHODS))
@@ -193,11 +194,10 @@ def policies(
             raise ConfigError(f"--policy {item!r}: expected NAME=DIR")
         trained[name] = Path(directory)
     with console.status("evaluating"):
-        results = evaluate(load(config, set_), trained, methods=methods, seeds=SEED_SETS[seeds], duration_s=duration)
+        results = evaluate(load(config, set_), trained, methods=methods, seeds=chosen, duration_s=duration)
     if json_:
         print(json.dumps(policy_dicts(results), indent=2))
         return
-    chosen = SEED_SETS[seeds]
     title = f"{config}: {seeds} seeds {chosen[0]}–{chosen[-1]} × {duration:g} s; ratios paired by seed, 95 % CI"
     table = Table(title=title)
     columns = ("policy", "mean JCT (ms)", "p99 JCT (ms)", "mean / sed", "p99 / sed", "refused", "training")

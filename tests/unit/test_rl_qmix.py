@@ -10,7 +10,7 @@ from marllb_cli.agents.rl.qmix import Mixer, td_lambda
 from marllb_cli.config import load_config
 from marllb_cli.errors import ConfigError
 from marllb_cli.training import train
-from tests.conftest import REPO, SIM_MODERATE_CPUS
+from tests.conftest import REPO, SIM_MODERATE_CPUS, weight_levels
 
 
 def test_mixer_is_monotonic_in_every_agents_q():
@@ -109,11 +109,7 @@ def test_a_centr_policy_runs_in_simulation_only(cli, trained, tmp_path):
     assert result.exit_code == 0, result.output
     steps = __import__("pandas").read_parquet(next(runs.iterdir()) / "agents" / "lb1.parquet")
     # the default residual levels: each weight is a level (0.8, 1, 1.25) times the server's cpus (2 × 4, 3 × 4)
-    assert {round(w / c, 9) for ws in steps["weights"] for w, c in zip(ws, SIM_MODERATE_CPUS, strict=True)} <= {
-        0.8,
-        1.0,
-        1.25,
-    }
+    assert weight_levels(steps, SIM_MODERATE_CPUS) <= {0.8, 1.0, 1.25}
     with pytest.raises(ConfigError, match="every LB's observation"):
         load_policies(f"rl:{policy}", 2, [2, 2, 2, 2, 4, 4, 4])  # what a testbed agent process would do
 

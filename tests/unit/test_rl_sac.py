@@ -9,7 +9,7 @@ import torch
 
 from marllb_cli.agents.rl.common import RewardScale
 from marllb_cli.agents.rl.sac import SacHyper, SacLearner
-from tests.conftest import REPO, SIM_MODERATE_CPUS
+from tests.conftest import REPO, SIM_MODERATE_CPUS, weight_levels
 
 
 def _two_action_toy(reward_of_level_1: float, **settings) -> tuple[float, float, list[float]]:
@@ -105,11 +105,7 @@ def test_a_trained_policy_runs_in_simulate(cli, trained, tmp_path):
     steps = __import__("pandas").read_parquet(run / "agents" / "lb0.parquet")
     assert len(steps) >= 40  # every 250 ms over 10 s of arrivals, and on until the last request ends
     # the default residual levels: each weight is a level (0.8, 1, 1.25) times the server's cpus (2 × 4, 3 × 4)
-    assert {round(w / c, 9) for ws in steps["weights"] for w, c in zip(ws, SIM_MODERATE_CPUS, strict=True)} <= {
-        0.8,
-        1.0,
-        1.25,
-    }
+    assert weight_levels(steps, SIM_MODERATE_CPUS) <= {0.8, 1.0, 1.25}
     missing = cli("simulate", config, "--method", f"rl:{tmp_path / 'none'}")
     assert missing.exit_code == 2 and "policy.pt" in missing.stderr
 
