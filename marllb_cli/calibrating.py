@@ -6,12 +6,12 @@
     counter while it runs (`Testbed.server_usage`) → per phase and server, CPU seconds used over requests
     answered → fit cost(n) = overhead + n × iteration_s per server, alone and saturated, and pooled over the
     saturated phases (`calibration.fit_cpu_cost`) → a pilot replay through SED LBs at load 0.85 by that
-    model, and the model scaled by the load the servers really carried → `calibration.json` in the testbed's
-    state directory.
+    model, and the model scaled by what its requests really cost (CPU seconds the servers used over the work
+    the model counted, `calibration.cost_ratio`) → `calibration.json` in the testbed's state directory.
 
 Why the pilot: in the probe's saturated phases four servers, 32 client threads and the probe share two
-cores, and a request cost 5–8 % more (or, one request at a time, less) than in a replay; the fidelity
-benchmark saw replays carry 0.92–0.93 of the load the phases predicted. A replay measures the replay.
+cores, and a request cost 5–8 % more (or, one request at a time, less) than in a replay. A replay measures
+the replay.
 
 The probe idles between phases, so each phase's CPU is the counter's rise from the last sample before it to
 the first after it. The probe runs on the client node's clock, the sampling on this machine's; the client
@@ -38,6 +38,7 @@ from marllb_cli.calibration import (
     PilotRun,
     ServerCalibration,
     config_digest,
+    cost_ratio,
     fit_cpu_cost,
     machine_id,
     now_iso,
@@ -157,7 +158,7 @@ class UsageSampler:
 
 #: The pilot replay: SED through the LBs at this load for this long, on a Poisson trace of the papers' work.
 PILOT_LOAD, PILOT_S, PILOT_RATE = 0.85, 20.0, 100.0
-#: A pilot whose carried / offered load is beyond these is not trusted (a server failing, the machine busy).
+#: A pilot whose cost ratio is beyond these is not trusted (a server failing, the machine busy).
 PILOT_SCALE_RANGE = (0.7, 1.4)
 
 
@@ -192,8 +193,8 @@ def calibrate(
 
 def _with_pilot(config: Config, calibration: Calibration, work: Path, pilot_s: float) -> Calibration:
     """Replay a Poisson trace of the papers' work through SED LBs at `PILOT_LOAD` by the phases' model; scale
-    the model by carried / offered. A pilot that did not finish, or whose scale is implausible, is an error:
-    the machine or a server is not in a state to calibrate."""
+    the model by what its requests really cost (`cost_ratio`). A pilot that did not finish, or whose scale is
+    implausible, is an error: the machine or a server is not in a state to calibrate."""
     from marllb_cli.experiment import ReplayOptions, replay_trace
     from marllb_cli.traces import poisson, write_parquet
 
@@ -210,8 +211,8 @@ def _with_pilot(config: Config, calibration: Calibration, work: Path, pilot_s: f
             f"the calibration's pilot replay did not complete ({outcome.failure or 'no CPU counters'})",
             hint=f"see {outcome.path}; check the testbed with `marllb status`, then calibrate again",
         )
-    carried = float(outcome.utilisation["mean"])
-    scale = carried / offered
+    scale = cost_ratio(outcome.utilisation, plan.work_core_s)
+    carried = offered * scale
     if not PILOT_SCALE_RANGE[0] <= scale <= PILOT_SCALE_RANGE[1]:
         raise TestbedError(
             f"the pilot replay carried {carried:.2f} where the phases predicted {offered:.2f}",

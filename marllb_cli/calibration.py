@@ -25,6 +25,7 @@ import platform
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,7 @@ __all__ = [
     "PilotRun",
     "ServerCalibration",
     "config_digest",
+    "cost_ratio",
     "fit_cpu_cost",
     "machine_id",
     "offered_load",
@@ -99,7 +101,8 @@ class ServerCalibration(_Strict):
 class PilotRun(_Strict):
     """A short replay through the LBs at a known offered load: what the servers really carried. Requests cost
     a little more or less in a real replay than in the probe's phases (the replayer, the LBs and the sampler
-    share the machine), so the model is the phases' model × `scale` = carried / offered."""
+    share the machine), so the model is the phases' model × `scale`: the CPU seconds the servers used over
+    the work the phases' model counted for the pilot's requests (`cost_ratio`); `carried` = offered × scale."""
 
     offered: float
     carried: float
@@ -222,6 +225,16 @@ def offered_load(costs: np.ndarray, times: np.ndarray, *, speed: float, capacity
     if span <= 0:
         raise ConfigError("the trace window holds no time span to spread its work over", hint="replay a longer window")
     return float(costs.sum()) / (span / speed) / capacity_cores
+
+
+def cost_ratio(utilisation: dict[str, Any], work_core_s: float) -> float:
+    """What a replay's requests really cost against what the model said: the CPU seconds the servers used
+    (a run's `utilisation`) over the work the load plan counted. Not carried / offered load: the counters'
+    window runs from before the first request to after the last one is served, longer than the span the
+    offered load is spread over, and by more when requests take longer, which made a pilot of slow requests
+    read as cheap."""
+    used = sum(server["cpu_s"] for server in utilisation["servers"].values())
+    return used / work_core_s if work_core_s > 0 else float("nan")
 
 
 def speed_for_load(

@@ -34,7 +34,7 @@ import pandas as pd
 from marllb_cli.agents.methods import resolve_method
 from marllb_cli.agents.runner import LearningSpec
 from marllb_cli.agents.weights_file import read_weights, static_file
-from marllb_cli.calibration import CALIBRATION_FILE, Calibration, LoadPlan, plan_load
+from marllb_cli.calibration import CALIBRATION_FILE, Calibration, LoadPlan, cost_ratio, plan_load
 from marllb_cli.client_node import ClientNode, ClientProcess, stop_process
 from marllb_cli.config import Config
 from marllb_cli.coordination.coordinator import CoordinatorSpec
@@ -276,6 +276,9 @@ def _replay(
                 liveness = _expected_deaths(liveness, plan.events)
                 problems += _failed_events(events)
             run.meta["utilisation"] = utilisation(usage, testbed.topology) if len(usage) == 2 else None
+            if run.meta.get("load") and run.meta["utilisation"]:
+                ratio = cost_ratio(run.meta["utilisation"], run.meta["load"]["work_core_s"])
+                run.meta["load"] |= {"cost_ratio": ratio, "carried": run.meta["load"]["offered"] * ratio}
             outcome = _finish(run, schedule, client, replayer, lbs, finished, failure, problems, liveness)
             outcome.warnings[:0] = run.meta.get("undone_at_start", [])
             outcome.stopped_by = stopped_by

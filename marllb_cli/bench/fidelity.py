@@ -4,10 +4,11 @@
     config that models the testbed replaying the same trace window at that speed (`calibration.
     simulator_config`) → for each repeat, each method in turn (interleaved, so a drift of the machine
     spreads over all methods): replay on the testbed → simulate the same requests twice: at the calibrated
-    cost, and at the cost the testbed's stable runs actually paid (the median of their carried / offered
-    load: `cost_scale`), which separates an error of the cost model from one of the queueing model → per
-    load and method, each side's mean / p90 / p99 JCT, error rate, per-server request shares and stability
-    (over repeats: mean and spread), the ratios testbed / sim, and each side's ranking of the methods.
+    cost, and at the cost the testbed's stable runs actually paid (the median of their CPU seconds used over
+    the work the calibration counted: `cost_scale`), which separates an error of the cost model from one of
+    the queueing model → per load and method, each side's mean / p90 / p99 JCT, error rate, per-server
+    request shares and stability (over repeats: mean and spread), the ratios testbed / sim, and each side's
+    ranking of the methods.
 
 A run is *unstable* when its queues grow over the run: the mean JCT of the last third of the requests is
 more than twice that of the first third, or more than 1 % of the requests failed.
@@ -105,7 +106,7 @@ def fidelity(
 ) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); write `fidelity.json` into `out` and return it."""
     from marllb_cli.calibrating import calibrate
-    from marllb_cli.calibration import plan_load, simulator_config
+    from marllb_cli.calibration import cost_ratio, plan_load, simulator_config
     from marllb_cli.experiment import ReplayOptions, plan_replay, replay_trace
     from marllb_cli.sim.run import simulate_to_run_dir
     from marllb_cli.topology import plan
@@ -132,7 +133,7 @@ def fidelity(
         figures: dict[str, dict[str, list[dict[str, Any]]]] = {
             m: {"testbed": [], "sim": [], "sim_calibrated": []} for m in methods
         }
-        carried: list[float] = []  # carried / offered of each stable testbed run: what requests really cost
+        carried: list[float] = []  # each stable testbed run's cost ratio: what its requests really cost
         for repeat in range(repeats):
             for method in methods:
                 progress(f"load {load:g}, repeat {repeat + 1}/{repeats}: {method} on the testbed")
@@ -149,7 +150,7 @@ def fidelity(
                 run = run_figures(outcome.path, servers)
                 figures[method]["testbed"].append(run)
                 if not run["unstable"] and outcome.utilisation and outcome.load:
-                    carried.append(outcome.utilisation["mean"] / outcome.load["offered"])
+                    carried.append(cost_ratio(outcome.utilisation, outcome.load["work_core_s"]))
         cost_scale = float(np.median(carried)) if carried else 1.0
         models = {
             "sim_calibrated": calibration,

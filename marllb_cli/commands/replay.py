@@ -98,8 +98,10 @@ def replay_trace_command(
         f"send lag p99 {(s['send_lag_p99_s'] or 0) * 1e3:.1f} ms"
     )
     if outcome.utilisation is not None:
-        offered = f"offered {outcome.load['offered']:.2f}, " if outcome.load else ""
-        console.print(f"load: {offered}servers busy {outcome.utilisation['mean']:.0%} of their CPU quota")
+        load = outcome.load or {}
+        offered = f"offered {load['offered']:.2f}, carried {load['carried']:.2f}; " if "carried" in load else ""
+        busy = outcome.utilisation["mean"]
+        console.print(f"load: {offered}servers busy {busy:.0%} of their CPU quota over the run")
     console.print(f"run directory: {outcome.path}" + ("" if outcome.complete else " [yellow](incomplete)[/]"))
     if outcome.interrupted:
         err_console.print(f"[yellow]{outcome.failure}[/]: every request sent so far is in the run directory")

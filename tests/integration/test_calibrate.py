@@ -73,12 +73,18 @@ def test_a_load_asked_for_is_the_load_the_servers_carry(testbed, trace, tmp_path
         assert 0.8 < server["saturated_cpu_share"] < 1.25, server  # a saturated server uses its quota
     assert calibration["trace"]["load"] == pytest.approx(0.85, rel=0.01)
     pilot = calibration["pilot"]  # the phases' model, corrected by what a replay through the LBs carried
-    assert pilot["requests"] > 1000 and 0.8 < pilot["scale"] < 1.25, pilot
+    # 20 s at load 0.85: how many requests that is depends on the CPU (≈ 50/s at 3.2 ns a loop iteration,
+    # ≈ 36/s at 4.5 ns, ≈ 10/s were it 15 ns): at least that many, or the pilot did not replay its trace.
+    assert pilot["requests"] > 200 and 0.8 < pilot["scale"] < 1.25, pilot
 
     meta, requests = replay_at(0.85, trace, tmp_path / "runs")
     print("load 0.85:", json.dumps(meta["utilisation"]))
     assert meta["load"]["target"] == 0.85 and meta["load"]["offered"] == pytest.approx(0.85, rel=0.01)
-    assert meta["utilisation"]["mean"] == pytest.approx(0.85, abs=0.05)
+    # Carried: the servers' CPU seconds over their quotas × the replay's span. The counters' window is longer
+    # (it runs until the last request is served), so their mean busy share is lower, by more the longer
+    # requests take.
+    assert meta["load"]["carried"] == pytest.approx(0.85, abs=0.05)
+    assert 0.6 < meta["utilisation"]["mean"] < meta["load"]["carried"] + 0.02
     assert (requests["status"] == 200).all()
 
     meta, requests = replay_at(1.1, trace, tmp_path / "runs")
@@ -93,7 +99,10 @@ def test_a_load_asked_for_is_the_load_the_servers_carry(testbed, trace, tmp_path
 def test_the_simulator_ranks_methods_as_the_testbed_does(testbed, trace, tmp_path):
     """A short `bench fidelity` (CI bounds; the real figures are in docs/benchmarks.md): at load 0.8 SED is
     stable and near the simulator's JCT, while ECMP, which splits evenly over servers of 1 and 2 units,
-    overloads the small ones on both sides."""
+    overloads the small ones on both sides (0.8 × 1.5 / 4 = 0.3 core asked of a 0.25-core quota). Whether
+    20 s is long enough for that queue to double its JCT depends on what a request costs on this CPU, so the
+    test asks for ECMP's JCT against SED's instead (7.7× on the testbed and 6.6× in the simulator at
+    9 ns a loop iteration)."""
     out = tmp_path / "fidelity"
     result = marllb(
         "bench", "fidelity", CONFIG, "--trace", trace, "--load", "0.8", "-m", "sed", "-m", "ecmp",
@@ -107,9 +116,9 @@ def test_the_simulator_ranks_methods_as_the_testbed_does(testbed, trace, tmp_pat
         m: {side: (row[side]["jct_mean_s"], row[side]["unstable"]) for side in ("testbed", "sim")}
         for m, row in rows.items()
     }
-    print("fidelity (JCT s, unstable):", figures)
+    print("fidelity (JCT s, unstable):", figures, "cost scale:", entry["cost_scale"])
     assert entry["ranking"]["testbed"] == entry["ranking"]["sim"] == ["sed", "ecmp"]
     assert 0.6 < rows["sed"]["ratio"] < 1.7 and not rows["sed"]["testbed"]["unstable"]
-    assert rows["ecmp"]["testbed"]["unstable"] and rows["ecmp"]["sim"]["unstable"], figures
+    assert all(rows["ecmp"][side]["jct_mean_s"] > 3 * rows["sed"][side]["jct_mean_s"] for side in figures["sed"])
     assert 0.9 < entry["cost_scale"] < 1.2  # what requests cost on the testbed, against the calibration
     assert (out / "fidelity.json").is_file() and len(list((out / "testbed").iterdir())) == 2

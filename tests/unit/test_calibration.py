@@ -18,6 +18,7 @@ from marllb_cli.calibration import (
     CpuFit,
     ServerCalibration,
     config_digest,
+    cost_ratio,
     fit_cpu_cost,
     machine_id,
     offered_load,
@@ -162,6 +163,25 @@ def test_a_plan_at_a_speed_and_at_a_load_agree():
     by_speed = plan_load(trace, calibration, speed=by_load.speed, duration_s=30)
     assert by_speed.load == pytest.approx(0.9, rel=0.005) and by_load.load == pytest.approx(0.9, rel=0.005)
     assert by_load.rate_rps == pytest.approx(200 * by_load.speed, rel=0.05)
+
+
+def test_what_requests_cost_does_not_depend_on_how_long_the_counters_ran():
+    """A replay that offered 0.85 for 20 s and was served at exactly the model's cost: its cost ratio is 1
+    whether the counters' window ran 20 s or, as it does while the last requests are served, 24 s; the
+    window's mean busy share (what the pilot used to divide by the offered load) reads 0.71 for the latter."""
+    from marllb_cli.deploy.node.cgroups import CpuUsage
+    from marllb_cli.experiment import utilisation
+    from marllb_cli.topology import plan
+
+    topology = plan(load_config(SMALL).testbed)
+    capacity = sum(server.cores for server in topology.servers)
+    work = 0.85 * capacity * 20.0  # core-seconds the plan counted
+    idle = {s.name: CpuUsage(0.0, 0, 0, 0.0) for s in topology.servers}
+    done = {s.name: CpuUsage(work * s.cores / capacity, 100, 90, 1.0) for s in topology.servers}
+    for window in (20.0, 24.0):
+        used = utilisation([(0.0, idle, (0.0, 0.0)), (window, done, (1.0, 0.0))], topology)
+        assert cost_ratio(used, work) == pytest.approx(1.0)
+        assert used["mean"] == pytest.approx(0.85 * 20.0 / window)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
