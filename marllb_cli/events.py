@@ -190,6 +190,12 @@ class TimedEvent:
             "error": error,
         }
 
+    @property
+    def node(self) -> str:
+        """The node its change is made on: the router (its route over the LBs up) for an LB's state, the
+        target otherwise. Two events on one node are applied in their order (`timed_events`)."""
+        return "router" if self.kind == "lb_state" else self.target
+
     @classmethod
     def from_row(cls, row: Any) -> TimedEvent:
         """The event a row of events.parquet (an `itertuples` row) records."""

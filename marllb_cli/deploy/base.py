@@ -155,8 +155,14 @@ class LbControl(Protocol):
 
 
 class Faults(Protocol):
-    """Timed events on a deployed testbed (`events.py` says what each means): applied one at a time by the
-    run's event runner (`timed_events.EventRunner`), and everything they changed put back after the run."""
+    """Timed events on a deployed testbed (`events.py` says what each means): applied by the run's event
+    runner (`timed_events.EventRunner`), events on different nodes possibly at once, and everything they
+    changed put back after the run."""
+
+    def prepare(self, events: Sequence[TimedEvent]) -> None:
+        """Get ready to apply `events` without delay, before the run's time 0 (over SSH: open the connections
+        to their nodes). A failure here is reported by the event that meets it."""
+        ...
 
     def apply(self, event: TimedEvent, *, lifetime_s: float = 3600.0) -> None:
         """Make the change now; a `TestbedError` when it could not be made. A process it starts (a hog) ends

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from marllb_cli.events import TimedEvent
@@ -45,6 +46,7 @@ class TrackedFaults:
         self.route_changed = False
         self.shaped: set[str] = set()
         self.lifetime_s = 3600.0
+        self._lock = threading.Lock()
 
     # -- the kind's actions ------------------------------------------------------------------------------
     def set_quota(self, server: Node, cores: float) -> None:
@@ -66,34 +68,54 @@ class TrackedFaults:
         raise NotImplementedError
 
     # -- Faults ------------------------------------------------------------------------------------------
+    def prepare(self, events: Sequence[TimedEvent]) -> None:
+        """Nothing to prepare unless the kind says so."""
+
     def apply(self, event: TimedEvent, *, lifetime_s: float = 3600.0) -> None:
+        """Note the change and make it. Events on different nodes may be applied at once (the event runner's
+        lanes), so the bookkeeping is under a lock and the action, which may take a second over SSH, is not."""
+        with self._lock:
+            self.lifetime_s = lifetime_s
+            action = self._note(event, lifetime_s)
+        try:
+            action()
+        finally:
+            with self._lock:
+                self._save()
+
+    def _note(self, event: TimedEvent, lifetime_s: float) -> Callable[[], object]:
+        """Record what `event` changes; the action that makes the change."""
         node = self.topology.node(event.target)
-        self.lifetime_s = lifetime_s
         if event.kind == "capacity":
             self.capacity[node.name] = event.value
-            self.set_quota(node, self._cores(node))
-            if self.hogs.get(node.name):  # the hog wants its share of the new quota
-                self.hog(node, self.hogs[node.name] * self._cores(node), lifetime_s)
-        elif event.kind == "hog":
+            cores, hog = self._cores(node), self.hogs.get(node.name, 0.0) * self._cores(node)
+
+            def set_capacity() -> None:
+                self.set_quota(node, cores)
+                if hog:  # the hog wants its share of the new quota
+                    self.hog(node, hog, lifetime_s)
+
+            return set_capacity
+        if event.kind == "hog":
             self.hogs[node.name] = event.value
-            self.hog(node, event.value * self._cores(node), lifetime_s)
-        elif event.kind == "server_state":
+            hog = event.value * self._cores(node)
+            return lambda: self.hog(node, hog, lifetime_s)
+        if event.kind == "server_state":
             (self.down.discard if event.value else self.down.add)(node.name)
-            self.apache(node, bool(event.value))
-        elif event.kind == "lb_state":
+            return lambda: self.apache(node, bool(event.value))
+        if event.kind == "lb_state":
             up = set(self.lbs_up)
             (up.add if event.value else up.discard)(node.name)
             self.lbs_up = [lb.name for lb in self.topology.lbs if lb.name in up]
             self.route_changed = True
-            self.route([str(lb.ip) for lb in self.topology.lbs if lb.name in up])
-        elif event.kind == "agent_state":
-            self.kill_agent(node)
-        elif event.kind == "link_rate":
+            gateways = [str(lb.ip) for lb in self.topology.lbs if lb.name in up]
+            return lambda: self.route(gateways)
+        if event.kind == "agent_state":
+            return lambda: self.kill_agent(node)
+        if event.kind == "link_rate":
             (self.shaped.add if event.value else self.shaped.discard)(node.name)
-            self.shape(node, event.value)
-        else:
-            raise ValueError(f"unknown event kind {event.kind!r}")
-        self._save()
+            return lambda: self.shape(node, event.value)
+        raise ValueError(f"unknown event kind {event.kind!r}")
 
     def undo_leftovers(self) -> list[str]:
         """Undo what a previous run's events left in force (its controller was killed before restoring);

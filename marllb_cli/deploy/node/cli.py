@@ -30,17 +30,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pyroute2 import IPRoute
 
-from marllb_cli.agents.runner import AgentSpec
 from marllb_cli.cli_support import reports_errors
 from marllb_cli.config import Config, ServerGroup, load_config
-from marllb_cli.coordination.coordinator import CoordinatorSpec
-from marllb_cli.dataplane.fastpath import DataplaneSpec
 from marllb_cli.deploy.node import faults, mediawiki
 from marllb_cli.deploy.node.apache import ApacheInstance, install_docroot
 from marllb_cli.deploy.node.cgroups import CpuCgroup
-from marllb_cli.deploy.node.lbs import read_snapshot, start_coordinator, start_lb, stop_lbs
 from marllb_cli.deploy.node.manifest import MANIFEST, Manifest, require_complete
 from marllb_cli.deploy.node.owned import claim
 from marllb_cli.deploy.node.roles import apply_role, missing_changes, route_replace
@@ -115,6 +110,11 @@ def lb_start(
     ] = None,
 ) -> None:
     """Start this LB's dataplane and agent (and a training episode's coordinator), replacing running ones."""
+    from marllb_cli.agents.runner import AgentSpec
+    from marllb_cli.coordination.coordinator import CoordinatorSpec
+    from marllb_cli.dataplane.fastpath import DataplaneSpec
+    from marllb_cli.deploy.node.lbs import start_coordinator, start_lb, stop_lbs
+
     manifest = _deployed(state)
     stop_lbs(manifest)
     dataplane_spec = DataplaneSpec.model_validate_json(dataplane.read_text())
@@ -133,6 +133,8 @@ def lb_start(
 @reports_errors
 def lb_stop(state: StateOption) -> None:
     """Stop this LB's dataplane and agent; print how many processes were running."""
+    from marllb_cli.deploy.node.lbs import stop_lbs
+
     manifest = Manifest.load(state / MANIFEST)
     typer.echo(json.dumps({"stopped": stop_lbs(manifest) if manifest else 0}))
 
@@ -141,6 +143,8 @@ def lb_stop(state: StateOption) -> None:
 @reports_errors
 def lb_stats(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
     """Print this LB's snapshot (processes, method, weights, per-server counters) as JSON."""
+    from marllb_cli.deploy.node.lbs import read_snapshot
+
     cfg = load_config(config)
     servers = [server.name for server in plan(cfg.testbed).servers]
     snapshot = read_snapshot(cfg.testbed.name, _node(cfg, node).name, _deployed(state))
@@ -301,6 +305,8 @@ def _http_status(me: Node) -> int | None:
 
 
 def _facts(me: Node) -> dict[str, str]:
+    from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=me.interfaces[0].name)
         if not found:
