@@ -1,18 +1,59 @@
-"""Timed events on `kind: ssh` hosts (and KVM guests): each action is a `marllb node event` on the host of the
-node it concerns, over one SSH connection per host kept for the run."""
+"""Timed events on `kind: ssh` hosts (and KVM guests): each node an event concerns runs one `marllb node
+events` for the run, started over SSH before the run's time 0, and each action is a line to it and its
+answer back. Why not a command per event: a Python start costs about a second on a loaded host, and the
+events were that late."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 from marllb_cli.deploy.faults import TrackedFaults
 from marllb_cli.deploy.node.roles import route_replace
+from marllb_cli.errors import TestbedError
 from marllb_cli.events import TimedEvent
 from marllb_cli.hosts.local import LocalHost
 from marllb_cli.topology import Node
 
 __all__ = ["SshFaults"]
+
+#: How long one event's change may take on its host (Apache's start is the slowest).
+EVENT_TIMEOUT_S = 60.0
+
+
+class _NodeEvents:
+    """One host's `marllb node events`, over its own SSH connection: `apply` sends an action and waits for
+    the answer; `close` ends its stdin, and with it the process."""
+
+    def __init__(self, testbed: Any, host: Any) -> None:
+        from marllb_cli.hosts.ssh import SshProcess
+
+        self.name = host.node
+        self.ssh = testbed.connect(host)
+        self.process = SshProcess(self.ssh, host.args("events", config=True), f"{host.state}/events.log")
+        self.process.channel.settimeout(EVENT_TIMEOUT_S)
+
+    def apply(self, kind: str, **options: object) -> None:
+        try:
+            self.process.stdin.write(json.dumps({"kind": kind, **options}) + "\n")
+            self.process.stdin.flush()
+            line = next(self.process.stdout, "")
+        except (TimeoutError, OSError) as exc:
+            raise TestbedError(f"{self.name}: node events did not answer: {exc or 'timed out'}") from None
+        if not line:
+            raise TestbedError(f"{self.name}: node events ended", hint="see events.log in the host's state directory")
+        answer = json.loads(line)
+        if not answer["ok"]:
+            raise TestbedError(f"{self.name}: {answer['error']}")
+
+    def close(self) -> None:
+        try:
+            self.process.stdin.channel.shutdown_write()
+            self.process.wait(timeout=10.0)
+        except Exception:  # noqa: BLE001 - the connection goes either way
+            pass
+        self.ssh.close()
 
 
 class SshFaults(TrackedFaults):
@@ -23,14 +64,14 @@ class SshFaults(TrackedFaults):
         super().__init__(testbed.topology, testbed.state_dir / "faults.json")
         self.testbed, self.router = testbed, router
         self.hosts = {host.node: host for host in testbed.hosts}
-        self._connections: dict[str, Any] = {}
+        self._nodes: dict[str, _NodeEvents] = {}
 
     def prepare(self, events: Sequence[TimedEvent]) -> None:
-        """Connect to the events' nodes now: a connection costs a good part of a second, which the first
-        event on each node would otherwise be late by."""
+        """Start each node's `node events` now, so that the first event there waits for neither a connection
+        nor a Python start."""
         for name in dict.fromkeys(event.node for event in events):
-            if name not in self._connections and not (name == self.topology.router.name and self.router):
-                self._connections[name] = self.testbed.connect(self.hosts[name])
+            if not (name == self.topology.router.name and self.router):
+                self._node_events(name)
 
     def set_quota(self, server: Node, cores: float) -> None:
         self._event(server, "quota", value=cores)
@@ -57,13 +98,14 @@ class SshFaults(TrackedFaults):
         try:
             return super().restore()
         finally:
-            for ssh in self._connections.values():
-                ssh.close()
-            self._connections = {}
+            for node in self._nodes.values():
+                node.close()
+            self._nodes = {}
+
+    def _node_events(self, name: str) -> _NodeEvents:
+        if name not in self._nodes:
+            self._nodes[name] = _NodeEvents(self.testbed, self.hosts[name])
+        return self._nodes[name]
 
     def _event(self, node: Node, kind: str, **options: object) -> None:
-        host = self.hosts[node.name]
-        if node.name not in self._connections:
-            self._connections[node.name] = self.testbed.connect(host)
-        extra = [arg for name, value in options.items() for arg in (f"--{name}", str(value))]
-        self._connections[node.name].run([*host.args("event", config=True), "--kind", kind, *extra], timeout=60)
+        self._node_events(node.name).apply(kind, **options)

@@ -273,7 +273,13 @@ def check_events_over_ssh(hosts) -> None:
     assert meta["complete"] is True, (meta["failure"], meta["warnings"])
     events = pd.read_parquet(run / "events.parquet")
     assert len(events) == len(SSH_EVENTS) and events["ok"].all(), events[["kind", "target", "error"]]
-    assert (events["applied_s"] - events["at_s"]).between(0, 1.5).all(), events[["at_s", "applied_s"]]
+    lags = events["applied_s"] - events["at_s"]
+    print("ssh event lags (s):", list(zip(events["kind"] + " " + events["target"], lags.round(3), strict=True)))
+    # Each node's `node events` runs from before time 0: a change costs its own time, not a Python start
+    # (≈ 1 s a command on this loaded machine, which made events 1.1–2.0 s late). Apache's start waits until it
+    # answers (0.67 s seen); the rest took 6–50 ms.
+    assert lags.between(0, 1.5).all(), events[["at_s", "applied_s"]]
+    assert (lags[events["kind"] != "server_state"] < 0.5).all(), events[["kind", "at_s", "applied_s"]]
     requests = pd.read_parquet(run / "requests.parquet")
     # Nothing lost: every request has its outcome. Failures only while srv0 was down (refused, or reset in its
     # listen backlog) or around lb1's route changes at 3 and 6 s (a flow in flight that the router moved to the
@@ -404,7 +410,7 @@ def test_deploy_serves_the_vip_and_teardown_restores_the_hosts(hosts, trained):
             (hosts["tmp"] / "hostfs" / "client" / "testbeds" / TESTBED / "runs").iterdir()
         )  # staged files removed
 
-        # Timed events over SSH: each a `marllb node event` on its host, undone after the run.
+        # Timed events over SSH: lines to a `marllb node events` on each host, undone after the run.
         check_events_over_ssh(hosts)
 
         # Two short QMIX episodes: the coordinator on lb0's host, both agents reach it over the wire with the

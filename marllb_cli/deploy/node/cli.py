@@ -12,8 +12,9 @@ exactly what `up` and `lb-start` made.
     lb-stats  JSON: this LB's processes, method, weights and per-server counters (`marllb lb stats`)
     status    JSON: whether the node is set up, and for a server whether Apache answers
     usage     JSON: a server's CPU counters (CPU seconds used, CFS throttling)
-    event     one timed event's change on this host (`node.faults`): a quota, a hog, Apache down or up, the
-              router's route, an agent killed, a link shaped; the controller sends absolute values
+    events    a run's timed events on this host, one JSON line each on stdin (`node.faults`): a quota, a
+              hog, Apache down or up, the router's route, an agent killed, a link shaped; the controller
+              sends absolute values
     stop-clients  stop the replayers and samplers a previous controller left running on this (client) host
     down      stop those, undo everything in the record, newest first, and remove the state directory
 
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -162,21 +165,34 @@ def usage(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
     typer.echo(json.dumps(_apache(cfg, me, state).cgroup.usage().as_json()))
 
 
-@app.command("event")
+@app.command("events")
 @reports_errors
-def event_command(
-    config: ConfigOption,
-    node: NodeOption,
-    state: StateOption,
-    kind: Annotated[str, typer.Option(help="quota, hog, apache, route, kill-agent or shape.")],
-    value: Annotated[float, typer.Option(help="quota/hog: cores; apache: 1 up, 0 down; shape: Mbit/s.")] = 0.0,
-    gateways: Annotated[str, typer.Option(help="route: the LB addresses, comma-separated.")] = "",
-    lifetime: Annotated[float, typer.Option(help="hog: seconds it runs at most.")] = 3600.0,
-) -> None:
-    """Apply one timed event's change to this node; print {"ok": true}. A hog started here is not tied to
-    this command: it ends after --lifetime, at `node event --kind hog --value 0`, or at `node down`."""
+def events_command(config: ConfigOption, node: NodeOption, state: StateOption) -> None:
+    """Apply timed events to this node as they come: one JSON object a line on stdin ({"kind": "quota", "hog",
+    "apache", "route", "kill-agent" or "shape"; "value": quota/hog cores, apache 1 up or 0 down, shape Mbit/s;
+    "gateways": route's LB addresses; "lifetime": a hog's seconds at most}), each answered by one line,
+    {"ok": true} or {"ok": false, "error": "..."}, until stdin closes. One process serves a whole run, so an
+    event costs its change and not a Python start (about a second on a loaded host). A hog started here
+    outlives it: it ends after its lifetime, at a hog event of value 0, or at `node down`."""
     cfg = _with_uploaded_dumps(load_config(config), state)
     me = _node(cfg, node)
+    # The answers get their own copy of stdout (not inherited); whatever an action or a process it starts
+    # prints goes to stderr, the log, and cannot come between the controller and its answers.
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            _apply_event(cfg, me, state, request["kind"], **{k: v for k, v in request.items() if k != "kind"})
+            answer: dict[str, object] = {"ok": True}
+        except Exception as exc:  # the controller records the event as failed; the next one may work
+            answer = {"ok": False, "error": str(exc) or type(exc).__name__}
+        answers.write(json.dumps(answer) + "\n")
+
+
+def _apply_event(
+    cfg: Config, me: Node, state: Path, kind: str, value: float = 0.0, gateways: str = "", lifetime: float = 3600.0
+) -> None:
     manifest = _deployed(state)
     host = LocalHost()
     if kind == "quota":
@@ -196,8 +212,7 @@ def event_command(
     elif kind == "shape":
         faults.shape_link(host, me.interfaces[0].name, value)
     else:
-        raise TestbedError(f"node event: unknown --kind {kind!r}")
-    typer.echo(json.dumps({"ok": True}))
+        raise TestbedError(f"node events: unknown kind {kind!r}")
 
 
 @app.command()

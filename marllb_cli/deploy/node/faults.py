@@ -59,8 +59,9 @@ def start_hog(
     tied: bool = True,
 ) -> None:
     """Hog processes in `server`'s cgroup wanting `cores` of CPU in all (one per started core), for at most
-    `lifetime_s`. `tied`: they die with the thread that starts them (the controller's event runner); a
-    `marllb node event` over SSH exits at once, so there they live out their lifetime unless stopped."""
+    `lifetime_s`. `tied`: they die with the thread that starts them (the controller's event runner); those
+    `marllb node events` starts on an SSH host are not the controller's, so they live out their lifetime
+    unless stopped."""
     stop_hog(manifest, server)
     count = max(1, math.ceil(cores - 1e-9))
 
