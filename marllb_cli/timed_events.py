@@ -3,12 +3,12 @@
 The runner waits until the replayer reports its t0 (intended time 0, on the client node's clock;
 `client.offset` puts it on this machine's), then hands each event, at its time, to the lane of the node its
 change is made on (`TimedEvent.node`). A lane is a thread that applies its events one after the other
-(`Faults.apply`); lanes run side by side. Why lanes: on `kind: ssh` hosts an event is a `marllb node event`
-over SSH, about a second on a loaded host, so events applied strictly one after the other fall further
-behind with each one; events on different nodes do not wait for each other, while two on one node keep their
-order. Each event is recorded with its intended and applied time, and whether it took (a failed event is
-recorded with its error and the run goes on: what happens next is measured). After the run,
-`Faults.restore` puts back what the events changed.
+(`Faults.apply`); lanes run side by side. Why lanes: some changes take a while (Apache's start waits until
+it answers, 0.7 s over SSH; a `marllb node event` command per event took over a second), and events applied
+strictly one after the other fell further behind with each one; events on different nodes do not wait for
+each other, while two on one node keep their order. Each event is recorded with its intended and applied
+time, and whether it took (a failed event is recorded with its error and the run goes on: what happens next
+is measured). After the run, `Faults.restore` puts back what the events changed.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def fidelity(
 ) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); write `fidelity.json` into `out` and return it."""
     from marllb_cli.calibrating import calibrate
-    from marllb_cli.calibration import cost_ratio, plan_load, simulator_config
+    from marllb_cli.calibration import plan_load, simulator_config
     from marllb_cli.experiment import ReplayOptions, plan_replay, replay_trace
     from marllb_cli.sim.run import simulate_to_run_dir
     from marllb_cli.topology import plan
@@ -133,7 +133,7 @@ def fidelity(
         figures: dict[str, dict[str, list[dict[str, Any]]]] = {
             m: {"testbed": [], "sim": [], "sim_calibrated": []} for m in methods
         }
-        carried: list[float] = []  # each stable testbed run's cost ratio: what its requests really cost
+        cost_ratios: list[float] = []  # each stable testbed run's: what its requests really cost
         for repeat in range(repeats):
             for method in methods:
                 progress(f"load {load:g}, repeat {repeat + 1}/{repeats}: {method} on the testbed")
@@ -149,9 +149,9 @@ def fidelity(
                 outcome = replay_trace(config, options)
                 run = run_figures(outcome.path, servers)
                 figures[method]["testbed"].append(run)
-                if not run["unstable"] and outcome.utilisation and outcome.load:
-                    carried.append(cost_ratio(outcome.utilisation, outcome.load["work_core_s"]))
-        cost_scale = float(np.median(carried)) if carried else 1.0
+                if not run["unstable"] and outcome.load and "cost_ratio" in outcome.load:
+                    cost_ratios.append(outcome.load["cost_ratio"])  # the run measured it (`experiment`)
+        cost_scale = float(np.median(cost_ratios)) if cost_ratios else 1.0
         models = {
             "sim_calibrated": calibration,
             "sim": calibration.model_copy(

@@ -45,7 +45,6 @@ class TrackedFaults:
         self.lbs_up = [lb.name for lb in topology.lbs]
         self.route_changed = False
         self.shaped: set[str] = set()
-        self.lifetime_s = 3600.0
         self._lock = threading.Lock()
 
     # -- the kind's actions ------------------------------------------------------------------------------
@@ -75,7 +74,6 @@ class TrackedFaults:
         """Note the change and make it. Events on different nodes may be applied at once (the event runner's
         lanes), so the bookkeeping is under a lock and the action, which may take a second over SSH, is not."""
         with self._lock:
-            self.lifetime_s = lifetime_s
             action = self._note(event, lifetime_s)
         try:
             action()
