@@ -21,7 +21,16 @@ def static_opt_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="The weights file to write.")] = Path("static-weights.json"),
     metric: Annotated[str, typer.Option(help="What to minimise: mean, p90 or p99 JCT.")] = "mean",
     duration: Annotated[float, typer.Option(help="Simulated seconds of requests per validation seed.", min=1.0)] = 60.0,
-    seeds: Annotated[int, typer.Option(help="Validation seeds (20 000, 20 001, …).", min=1, max=100)] = 3,
+    seed_count: Annotated[
+        int,
+        typer.Option(
+            "--seed-count",
+            help="How many validation seeds (20 000, 20 001, …) every candidate runs on; a count, where "
+            "`bench policies --seeds` names a seed set.",
+            min=1,
+            max=100,
+        ),
+    ] = 3,
     json_: JsonOption = False,
     set_: SetOption = None,
 ) -> None:
@@ -39,7 +48,7 @@ def static_opt_command(
     from marllb_cli.sim.static_search import search_static_weights
 
     cfg = load(config, set_)
-    chosen = tuple(VALIDATION_SEEDS[0] + k for k in range(seeds))
+    chosen = tuple(VALIDATION_SEEDS[0] + k for k in range(seed_count))
     with console.status("simulating sed on the validation seeds") as status:
         found = search_static_weights(cfg, metric=metric, seeds=chosen, duration_s=duration, progress=status.update)
     _, names, groups, cpus = server_models(cfg)

@@ -21,7 +21,7 @@ def test_the_search_beats_sed_on_the_mix_and_its_file_reproduces_what_it_measure
     every request waits on IO, which cpus do not speed up). The file, run by `simulate` on the validation
     seeds, gives exactly the search's objective."""
     out = tmp_path / "w.json"
-    result = cli("static-opt", MIX, "--duration", "20", "--seeds", "2", "--json", "--out", out)
+    result = cli("static-opt", MIX, "--duration", "20", "--seed-count", "2", "--json", "--out", out)
     assert result.exit_code == 0, result.output
     found = json.loads(result.stdout)
     assert found["objective_s"] < 0.97 * found["sed_s"]
