@@ -30,6 +30,7 @@ import math
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -70,6 +71,13 @@ class ReplaySpec(BaseModel):
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     progress_every_s: float = 0.5
     flush_every_s: float = 0.25
+    spin_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.01,
+        description="Wake this long before each send and busy-wait the rest: the loop's wake-up latency is "
+        "absorbed, at the cost of a core spinning up to spin_s × rate of each second (`marllb bench replay`).",
+    )
 
 
 def write_schedule(path: Path, intended: Sequence[float], paths: Sequence[str]) -> None:
@@ -114,8 +122,16 @@ class Pacer:
             self.fd = -1
         self.precise = self.fd >= 0
 
-    async def until(self, deadline: float) -> None:
-        """Return at CLOCK_MONOTONIC `deadline` (seconds; `time.monotonic()`'s clock), or at once if past."""
+    async def until(self, deadline: float, spin_s: float = 0.0) -> None:
+        """Return at CLOCK_MONOTONIC `deadline` (seconds; `time.monotonic()`'s clock), or at once if past.
+
+        With `spin_s`, sleep until `spin_s` before the deadline and busy-wait the rest: the loop then has that
+        much slack to run whatever else became ready (responses) before this coroutine resumes."""
+        await self._sleep_until(deadline - spin_s)
+        while time.monotonic() < deadline:
+            pass
+
+    async def _sleep_until(self, deadline: float) -> None:
         if deadline <= time.monotonic():
             return
         if not self.precise:
@@ -162,6 +178,8 @@ class Replayer:
         self.stopping = asyncio.Event()
         self.t0 = 0.0
         self.pacer = Pacer()
+        # Resolved once: every request connects to the same address, and the sender must not wait on a lookup.
+        self.family, _, _, _, self.address = socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM)[0]
 
     async def run(self) -> bool:
         """Replay everything (True) or until stopped (False)."""
@@ -192,21 +210,40 @@ class Replayer:
             if self.t0 + intended > time.monotonic():
                 burst = 0
                 while (delay := self.t0 + intended - time.monotonic()) > 0 and not self.stopping.is_set():
-                    await self.pacer.until(time.monotonic() + min(delay, 0.1))
+                    if delay > 0.1:
+                        await self.pacer.until(time.monotonic() + 0.1)
+                    else:
+                        await self.pacer.until(self.t0 + intended, self.spec.spin_s)
             elif burst >= 64:  # far behind: still let responses be read now and then
                 burst = 0
                 await asyncio.sleep(0)
             burst += 1
             if self.stopping.is_set():
                 return False
-            task = asyncio.create_task(self._fetch(index, float(intended)))
+            lag = time.monotonic() - self.t0 - float(intended)
+            sock, refused = self._connect()
+            task = asyncio.create_task(self._fetch(index, lag, sock, refused))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         return True
 
-    async def _fetch(self, index: int, intended: float) -> None:
-        start = time.monotonic() - self.t0
-        lag = start - intended
+    def _connect(self) -> tuple[socket.socket | None, OSError | None]:
+        """Start the request's TCP connection now, in the sender's own turn of the loop: the SYN leaves here.
+        A task started with `open_connection` would connect only on a later turn, after whatever responses
+        were ready, and that wait was most of the send lag. Returns the socket, or the error that stopped it."""
+        try:
+            sock = socket.socket(self.family, socket.SOCK_STREAM)
+        except OSError as exc:
+            return None, exc
+        sock.setblocking(False)
+        code = sock.connect_ex(self.address)
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            return None, OSError(code, os.strerror(code))
+        return sock, None
+
+    async def _fetch(self, index: int, lag: float, sock: socket.socket | None, refused: OSError | None) -> None:
+        """Finish the request `_connect` started (`lag`: how late its SYN left) and record its row."""
         self.sent += 1
         self.lags.append(lag)
         connect = first_byte = done = math.nan
@@ -215,7 +252,10 @@ class Replayer:
         writer = None
         try:
             async with asyncio.timeout(self.spec.timeout_s):
-                reader, writer = await asyncio.open_connection(self.spec.host, self.spec.port)
+                if refused is not None:
+                    raise refused
+                await _connected(sock)
+                reader, writer = await asyncio.open_connection(sock=sock)
                 connect = time.monotonic() - self.t0
                 writer.write(self.requests[index])
                 head = b""
@@ -245,6 +285,8 @@ class Replayer:
                 writer.transport.abort()
             elif writer is not None:
                 writer.close()
+            elif sock is not None:
+                sock.close()
         if error or not 200 <= status < 400:
             self.errors += 1
         self.done += 1
@@ -278,6 +320,21 @@ class Replayer:
         if final:
             line.update(final=True, finished=finished)
         print(json.dumps(line), flush=True)
+
+
+async def _connected(sock: socket.socket | None) -> None:
+    """Wait until a non-blocking connect finishes (the socket turns writable); raise the error it ended in."""
+    assert sock is not None
+    loop = asyncio.get_running_loop()
+    writable = loop.create_future()
+    loop.add_writer(sock.fileno(), lambda: writable.done() or writable.set_result(None))
+    try:
+        await writable
+    finally:
+        loop.remove_writer(sock.fileno())
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code:
+        raise OSError(code, os.strerror(code))
 
 
 def _parse_header(header: bytes) -> tuple[int, str]:

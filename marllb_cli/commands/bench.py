@@ -107,8 +107,8 @@ def replay(
     rate = wrk["requests_per_s"]
     table.add_row(wrk["generator"], "", "" if rate is None else f"{rate:,.0f}", "", wrk["errors"] or "", "")
     console.print(table)
-    for loop, rate in result["max_rate"].items():
-        console.print(f"max open-loop rate with p99 send lag < 2 ms ({loop}): {rate:,.0f} requests/s")
+    for generator, rate in result["max_rate"].items():
+        console.print(f"{generator}: max open-loop rate with p99 send lag < 2 ms {rate:,.0f} requests/s")
     err_console.print("record these figures with the command line in docs/benchmarks.md")
 
 
