@@ -71,15 +71,15 @@ class TrackedFaults:
         """Nothing to prepare unless the kind says so."""
 
     def apply(self, event: TimedEvent, *, lifetime_s: float = 3600.0) -> None:
-        """Note the change and make it. Events on different nodes may be applied at once (the event runner's
-        lanes), so the bookkeeping is under a lock and the action, which may take a second over SSH, is not."""
+        """Note the change, record it, then make it. Recorded first: a controller killed while the action runs
+        (a graceful stop waits for its workers) must still leave the change on record for the next run to undo;
+        undoing a change that was never made is harmless. Events on different nodes may be applied at once
+        (the event runner's lanes), so the bookkeeping is under a lock and the action, which may take a
+        second over SSH, is not."""
         with self._lock:
             action = self._note(event, lifetime_s)
-        try:
-            action()
-        finally:
-            with self._lock:
-                self._save()
+            self._save()
+        action()
 
     def _note(self, event: TimedEvent, lifetime_s: float) -> Callable[[], object]:
         """Record what `event` changes; the action that makes the change."""
