@@ -51,9 +51,8 @@ from marllb_cli.coordination.protocol import SECRET_FILE, new_secret
 from marllb_cli.deploy import testbed_for
 from marllb_cli.errors import ConfigError, TestbedError
 from marllb_cli.experiment import ReplayOptions, plan_replay, replay_trace
-from marllb_cli.features import FEATURE_NAMES
 from marllb_cli.presets import DEFAULT_EPISODE_S, DEFAULT_EPISODES
-from marllb_cli.rewards import REWARDS, smooth_series
+from marllb_cli.rewards import REWARDS, scored, smooth_series
 from marllb_cli.sim.traffic import offered_load
 from marllb_cli.steps import json_lines
 from marllb_cli.traces import read_trace
@@ -72,7 +71,6 @@ __all__ = ["LiveOptions", "train_live", "COORDINATED"]
 #: Algorithms whose agents act through the coordinator.
 COORDINATED = ("qmix", "centr")
 ACTING = "acting.pt"
-_DECAYED_MEAN = FEATURE_NAMES.index("fd_decayed_mean")
 #: The generated trace of a training run without --trace: Poisson requests at this rate for this long.
 GENERATED_RATE, GENERATED_S = 200.0, 900.0
 
@@ -201,7 +199,7 @@ def train_live(
         logged = read_episode(
             outcome.path, plan.coordinator, n_lbs, options.episode_s, transitions, len(settings.levels)
         )
-        stored = _store(team, algo, logged, REWARDS[reward], settings.reward_smoothing)
+        stored = _store(team, algo, logged, reward, settings.reward_smoothing)
         losses: list[dict[str, float]] = []
         if stored and episode + 1 >= warmup:
             for _ in range(settings.updates_per_episode):
@@ -323,11 +321,12 @@ def _coordinator_episode(
     return (obs, action, prev), figures
 
 
-def _store(team: Any, algo: str, logged: LoggedEpisode, reward: Callable[[np.ndarray], float], smoothing: float) -> int:
+def _store(team: Any, algo: str, logged: LoggedEpisode, reward_name: str, smoothing: float) -> int:
     """Put the episode into the learners; return how many LBs' transitions were stored."""
+    reward = REWARDS[reward_name]
 
     def rewards(obs: np.ndarray) -> np.ndarray:  # [T+1, n, F] → r_t = R(o_{t+1}), smoothed as the simulator's [T]
-        loads = smooth_series(obs[1:, :, _DECAYED_MEAN].astype(np.float64), smoothing)
+        loads = smooth_series(scored(reward_name, obs[1:]), smoothing)
         return np.array([reward(step) for step in loads])
 
     if algo in COORDINATED:

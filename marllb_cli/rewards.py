@@ -1,4 +1,5 @@
-"""Rewards over per-server load signals l_j (by default each server's decayed mean flow duration, seconds).
+"""Rewards over per-server load signals l_j (each server's decayed mean flow duration, seconds; for `flows`, its
+flows in progress q_j: `scored` picks the column of an LB's observation).
 
 Both papers score a set of servers by how evenly and how lightly they are loaded; these are the
 candidates an agent step logs and a learner may optimise. Larger is better for every one of them.
@@ -21,6 +22,10 @@ candidates an agent step logs and a learner may optimise. Larger is better for e
     vbf-exp   exp(−Var(l))               bounded to (0, 1]
     ms        −max(l)                    makespan
     ms-exp    exp(−max(l))
+    flows     −Σ q_j                     the flows in progress at the LB's servers (the observation's `flows`
+                                         column, not the durations): by Little's law the LB's mean JCT is its
+                                         flows in progress over its arrival rate, which no weight changes, so
+                                         this is the one reward here that is the JCT itself and not a proxy
 
 Per-LB rewards use the LB's own l; the team form is the mean of the per-LB rewards over LBs (`team`).
 
@@ -36,7 +41,22 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["EPS", "REWARDS", "all_rewards", "jain", "ms", "pbf", "smooth", "smooth_series", "team", "vbf", "vbf_log"]
+from marllb_cli.features import FEATURE_NAMES
+
+__all__ = [
+    "EPS",
+    "REWARDS",
+    "all_rewards",
+    "jain",
+    "ms",
+    "pbf",
+    "scored",
+    "smooth",
+    "smooth_series",
+    "team",
+    "vbf",
+    "vbf_log",
+]
 
 Loads = Sequence[float] | np.ndarray
 
@@ -106,13 +126,22 @@ REWARDS: dict[str, Callable[[Loads], float]] = {
     "vbf-exp": lambda load: math.exp(vbf(load)),
     "ms": ms,
     "ms-exp": lambda load: math.exp(ms(load)),
+    "flows": lambda flows: -sum(_floats(flows)),
 }
 
+#: The observation column (`features.FEATURE_NAMES`) each reward scores: the on-going flows for `flows`, the
+#: decayed mean flow duration for every other.
+_COLUMN = {name: FEATURE_NAMES.index("flows" if name == "flows" else "fd_decayed_mean") for name in REWARDS}
 
-def all_rewards(load: Loads) -> dict[str, float]:
-    """Every reward of `load`, by name (what an agent step logs)."""
-    xs = _floats(load)
-    return {name: fn(xs) for name, fn in REWARDS.items()}
+
+def scored(name: str, obs: np.ndarray) -> np.ndarray:
+    """What reward `name` scores in an observation [..., n servers, features]: one value per server."""
+    return np.asarray(obs)[..., _COLUMN[name]].astype(np.float64)
+
+
+def all_rewards(obs: np.ndarray) -> dict[str, float]:
+    """Every reward of an LB's observation [n servers, features], by name (what an agent step logs)."""
+    return {name: fn(scored(name, obs).tolist()) for name, fn in REWARDS.items()}
 
 
 def team(name: str, loads: Sequence[np.ndarray]) -> float:

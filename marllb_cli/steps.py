@@ -41,7 +41,7 @@ def step_record(
         "fd_mean": obs[:, _FD_MEAN].tolist(),
         "fd_decayed_mean": obs[:, _FD_DECAYED_MEAN].tolist(),
         "new_flows": [int(x) for x in new_flows],
-        "rewards": all_rewards(obs[:, _FD_DECAYED_MEAN]),
+        "rewards": all_rewards(obs),
     }
     busy = getattr(agent, "last_busy", None)
     if busy is not None:

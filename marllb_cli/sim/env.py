@@ -15,7 +15,8 @@
   (MultiDiscrete; the artefact's {1.0, 1.5, 2.0}); `continuous` gives weights in [low, high] directly (Box).
   With `residual`, the weight is the server's capacity (cpus × speed) times the chosen value, so choosing
   the same level everywhere is SED with the operator's weights, and the agent learns corrections to it.
-- reward: a fairness function of the LB's own decayed mean flow durations (`rewards.REWARDS`; default jain),
+- reward: a function of the LB's own observation (`rewards.REWARDS`: a fairness of its decayed mean flow
+  durations, or its flows in progress; default jain),
   optionally smoothed over two steps (`reward_smoothing`, CIKM'22 Eq. 18).
 - episode: `episode_s` simulated seconds of `sim.traffic` requests; every agent is truncated at the end
   (there is no terminal state). A reset with a seed draws new requests; the same seed, the same requests.
@@ -35,7 +36,7 @@ from pettingzoo import ParallelEnv
 from marllb_cli.agents.rl.levels import level_weights
 from marllb_cli.config import Config
 from marllb_cli.features import N_FEATURES, N_NEURIPS_FEATURES
-from marllb_cli.rewards import REWARDS, smooth
+from marllb_cli.rewards import REWARDS, scored, smooth
 from marllb_cli.sim.build import build_simulation, run_events, server_models
 from marllb_cli.sim.events import attach_events
 from marllb_cli.sim.traffic import traffic
@@ -133,7 +134,7 @@ class LoadBalancingEnv(ParallelEnv):
         reward = REWARDS[self.reward_name]
         rewards = {}
         for a in self.agents:
-            loads = observations[a][:, 4].astype(np.float64)
+            loads = scored(self.reward_name, observations[a])
             rewards[a] = reward(smooth(self._last_loads.get(a), loads, self.reward_smoothing))
             self._last_loads[a] = loads
         done = self.now >= self.episode_s - 1e-9

@@ -15,7 +15,8 @@ from marllb_cli.agents.runner import AgentSpec, run_agent
 from marllb_cli.dataplane.channel import COUNTERS, Channel
 from marllb_cli.dataplane.flows import FlowTable
 from marllb_cli.dataplane.selection import Selector, flow_key
-from marllb_cli.rewards import EPS, REWARDS, all_rewards, jain, ms, pbf, team, vbf, vbf_log
+from marllb_cli.features import FEATURE_NAMES
+from marllb_cli.rewards import EPS, REWARDS, all_rewards, jain, ms, pbf, scored, team, vbf, vbf_log
 
 
 def test_static_heuristics_use_capacity_weights():
@@ -47,17 +48,36 @@ def test_rewards_on_hand_computed_vectors():
     assert pbf(np.array([0.0, 1.0])) == 0.0 and pbf(np.zeros(3)) == 1.0
     assert pbf(10 * load) == pytest.approx(pbf(load)) and pbf(np.full(7, 0.1)) == 1.0  # scale-free, even = 1
     assert vbf_log(load) == pytest.approx(-2 / 3 - math.log(2 / 3 + EPS))
-    r = all_rewards(load)
+    r = all_rewards(_observation(load, flows=[3, 0, 5]))
+    assert r["flows"] == -8.0  # the flows in progress, not the durations
     assert r["jain-log"] == pytest.approx(math.log(36 / 42))
     assert r["pbf-log"] == pytest.approx(math.log(2 / 9))
     assert r["vbf-exp"] == pytest.approx(math.exp(-2 / 3))
     assert r["ms-exp"] == pytest.approx(math.exp(-3))
-    even = all_rewards(np.array([2.0, 2.0]))
+    even = all_rewards(_observation(np.array([2.0, 2.0])))
     assert even["jain"] == 1.0 and even["vbf"] == 0.0 and even["ms"] == -2.0
     assert even["vbf-log"] == pytest.approx(-math.log(EPS))  # the most even load is by far the best
     # Larger is better: a more even load scores higher on every fairness reward.
-    uneven, fairer = all_rewards(np.array([0.1, 0.5, 0.9])), all_rewards(np.array([0.4, 0.5, 0.6]))
-    assert all(fairer[name] > uneven[name] for name in REWARDS)
+    uneven, fairer = all_rewards(_observation([0.1, 0.5, 0.9])), all_rewards(_observation([0.4, 0.5, 0.6]))
+    assert all(fairer[name] > uneven[name] for name in REWARDS if name != "flows")
+
+
+def _observation(durations, flows=None) -> np.ndarray:
+    """An LB's observation [n, 6] with these decayed mean flow durations and flows in progress."""
+    obs = np.zeros((len(durations), len(FEATURE_NAMES)))
+    obs[:, FEATURE_NAMES.index("fd_decayed_mean")] = durations
+    obs[:, FEATURE_NAMES.index("flows")] = flows if flows is not None else 0
+    return obs
+
+
+def test_each_reward_scores_its_own_column_of_the_observation():
+    """`flows` reads the flows in progress (Little's law: the LB's mean JCT times its arrival rate); every other
+    reward the decayed mean durations, also in NeurIPS'22's wider observation."""
+    obs = np.arange(3 * 16, dtype=np.float64).reshape(3, 16)
+    assert scored("flows", obs).tolist() == [0.0, 16.0, 32.0]
+    assert scored("vbf-log", obs).tolist() == [4.0, 20.0, 36.0]
+    episode = np.stack([obs, obs + 1])  # [T, n, F]
+    assert scored("jain", episode).shape == (2, 3)
     assert team("vbf", [np.array([1.0, 3.0]), np.array([2.0, 2.0])]) == pytest.approx((-1.0 + 0.0) / 2)
 
 
