@@ -89,6 +89,7 @@ def test_a_load_asked_for_is_the_load_the_servers_carry(testbed, trace, tmp_path
     assert meta["load"]["carried"] == pytest.approx(0.85, abs=0.1)
     assert 0.6 < meta["utilisation"]["mean"] < meta["load"]["carried"] + 0.02
     assert (requests["status"] == 200).all()
+    normal = requests["jct_s"].mean()
 
     # 1.3: above capacity by more than that drift (1.1 once carried 1.04, and its queues did not grow in 30 s).
     meta, requests = replay_at(1.3, trace, tmp_path / "runs")
@@ -97,7 +98,10 @@ def test_a_load_asked_for_is_the_load_the_servers_carry(testbed, trace, tmp_path
     third = requests["intended_s"].max() / 3
     early = requests.loc[requests["intended_s"] < third, "jct_s"].mean()
     late = requests.loc[requests["intended_s"] > 2 * third, "jct_s"].mean()
-    assert late > 2 * early, (early, late)  # ... and the queues grow over the run
+    # ... and the queues grow over the run. How fast depends on how far above capacity the run really was, which
+    # drifts with this VM's CPU: once (CI, 2026-12-01) the first third already averaged 2.7 s and the last
+    # 3.5 s, where a barely overloaded run grows slowly from sed's few hundred ms.
+    assert late > 1.2 * early and late > 4 * normal, (normal, early, late)
 
 
 def test_the_simulator_ranks_methods_as_the_testbed_does(testbed, trace, tmp_path):

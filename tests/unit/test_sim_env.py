@@ -107,7 +107,7 @@ def test_eq18_smoothing_scores_a_blend_of_two_steps_loads_in_the_simulator_and_f
 
     recorder = Recorder()
     logged = LoggedEpisode(per_lb=[(obs, np.zeros((13, 7), dtype=np.int64), np.ones(7))], joint=None, figures={})
-    _store(recorder, "distr", logged, pbf, 0.1)
+    _store(recorder, "distr", logged, "pbf", 0.1)
     assert recorder.rewards == pytest.approx(smoothed, rel=1e-6)
 
 

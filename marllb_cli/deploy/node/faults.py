@@ -105,45 +105,34 @@ def server_down(instance: ApacheInstance, *, timeout_s: float = 5.0) -> None:
 
 
 def server_up(instance: ApacheInstance, testbed, *, drain_s: float = 10.0) -> None:
-    """Start Apache again. Apache's graceful stop removes its pid file at once and only then waits for its
-    workers to finish their requests, so a master still draining is found among the cgroup's processes, not
-    by its pid file (a new instance started beside it, as before, left two masters in one cgroup, and the
-    server sometimes stopped answering after a killed run's stop was undone). It gets `drain_s` to finish,
-    then SIGTERM (Apache's own stop; nothing else in the cgroup is touched: a MediaWiki server's database
-    lives there too). A server that answers is left as it is: undoing a stop that a killed run recorded but
-    never made must not restart it."""
+    """Start Apache again. A server that answers is left as it is: undoing a stop that a killed run recorded
+    but never made must not restart it. Apache's graceful stop removes its pid file at once, so that a new
+    server can start while the old one's workers finish their requests (in the same cgroup, on the same
+    quota, until they are done); a master that still holds its pid file but does not answer (a stop not yet
+    under way, or hung) gets `drain_s` to finish, then SIGTERM (Apache's own stop; nothing else in the cgroup
+    is touched: a MediaWiki server's database lives there too)."""
     if instance.ready():
         return
-    masters = _masters(instance)
+    master = _master(instance)
     deadline = time.monotonic() + drain_s
-    while any(_alive(pid) for pid in masters) and time.monotonic() < deadline:
+    while master is not None and _alive(master) and time.monotonic() < deadline:
         time.sleep(0.05)
-    lingering = [pid for pid in masters if _alive(pid)]
-    for pid in lingering:
-        os.kill(pid, signal.SIGTERM)
-    stop_deadline = time.monotonic() + 5.0
-    while any(_alive(pid) for pid in lingering) and time.monotonic() < stop_deadline:
-        time.sleep(0.05)
+    if master is not None and _alive(master):
+        os.kill(master, signal.SIGTERM)
+        stop_deadline = time.monotonic() + 5.0
+        while _alive(master) and time.monotonic() < stop_deadline:
+            time.sleep(0.05)
     instance.pidfile.unlink(missing_ok=True)
     instance.start(testbed)
 
 
-def _masters(instance: ApacheInstance) -> list[int]:
-    """The Apache masters in the instance's cgroup (ours): its apache2 processes whose parent is not one."""
-    pids = instance.cgroup.pids()
-    stats = {pid: _stat(pid) for pid in pids}
-    apaches = {pid for pid, (comm, _) in stats.items() if comm == apache_binary().name}
-    return sorted(pid for pid in apaches if stats[pid][1] not in apaches)
-
-
-def _stat(pid: int) -> tuple[str, int]:
-    """(command name, parent pid) of a process; ("", 0) once it is gone."""
+def _master(instance: ApacheInstance) -> int | None:
+    """The pid in the instance's pid file, if that process is in its cgroup (ours)."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            head, _, tail = stat.read().rpartition(")")
-        return head.partition("(")[2], int(tail.split()[1])
-    except (FileNotFoundError, IndexError, ValueError):
-        return "", 0
+        pid = int(instance.pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if pid in instance.cgroup.pids() else None
 
 
 def _alive(pid: int) -> bool:
