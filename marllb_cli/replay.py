@@ -221,28 +221,28 @@ class Replayer:
             if self.stopping.is_set():
                 return False
             lag = time.monotonic() - self.t0 - float(intended)
-            sock, refused = self._connect()
-            task = asyncio.create_task(self._fetch(index, lag, sock, refused))
+            task = asyncio.create_task(self._fetch(index, lag, self._connect()))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         return True
 
-    def _connect(self) -> tuple[socket.socket | None, OSError | None]:
+    def _connect(self) -> socket.socket | OSError:
         """Start the request's TCP connection now, in the sender's own turn of the loop: the SYN leaves here.
         A task started with `open_connection` would connect only on a later turn, after whatever responses
-        were ready, and that wait was most of the send lag. Returns the socket, or the error that stopped it."""
+        were ready, and that wait was most of the send lag. Returns the socket, or the error that stopped it
+        (its task records it as the request's error)."""
         try:
             sock = socket.socket(self.family, socket.SOCK_STREAM)
         except OSError as exc:
-            return None, exc
+            return exc
         sock.setblocking(False)
         code = sock.connect_ex(self.address)
         if code not in (0, errno.EINPROGRESS):
             sock.close()
-            return None, OSError(code, os.strerror(code))
-        return sock, None
+            return OSError(code, os.strerror(code))
+        return sock
 
-    async def _fetch(self, index: int, lag: float, sock: socket.socket | None, refused: OSError | None) -> None:
+    async def _fetch(self, index: int, lag: float, connection: socket.socket | OSError) -> None:
         """Finish the request `_connect` started (`lag`: how late its SYN left) and record its row."""
         self.sent += 1
         self.lags.append(lag)
@@ -252,10 +252,10 @@ class Replayer:
         writer = None
         try:
             async with asyncio.timeout(self.spec.timeout_s):
-                if refused is not None:
-                    raise refused
-                await _connected(sock)
-                reader, writer = await asyncio.open_connection(sock=sock)
+                if isinstance(connection, OSError):
+                    raise connection
+                await _connected(connection)
+                reader, writer = await asyncio.open_connection(sock=connection)
                 connect = time.monotonic() - self.t0
                 writer.write(self.requests[index])
                 head = b""
@@ -285,8 +285,8 @@ class Replayer:
                 writer.transport.abort()
             elif writer is not None:
                 writer.close()
-            elif sock is not None:
-                sock.close()
+            elif isinstance(connection, socket.socket):
+                connection.close()
         if error or not 200 <= status < 400:
             self.errors += 1
         self.done += 1
@@ -322,9 +322,8 @@ class Replayer:
         print(json.dumps(line), flush=True)
 
 
-async def _connected(sock: socket.socket | None) -> None:
+async def _connected(sock: socket.socket) -> None:
     """Wait until a non-blocking connect finishes (the socket turns writable); raise the error it ended in."""
-    assert sock is not None
     loop = asyncio.get_running_loop()
     writable = loop.create_future()
     loop.add_writer(sock.fileno(), lambda: writable.done() or writable.set_result(None))

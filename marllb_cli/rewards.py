@@ -140,8 +140,11 @@ def scored(name: str, obs: np.ndarray) -> np.ndarray:
 
 
 def all_rewards(obs: np.ndarray) -> dict[str, float]:
-    """Every reward of an LB's observation [n servers, features], by name (what an agent step logs)."""
-    return {name: fn(scored(name, obs).tolist()) for name, fn in REWARDS.items()}
+    """Every reward of an LB's observation [n servers, features], by name (what an agent step logs). Each
+    column is read once for all the rewards that score it."""
+    obs = np.asarray(obs)
+    columns = {column: obs[:, column].astype(np.float64).tolist() for column in set(_COLUMN.values())}
+    return {name: fn(columns[_COLUMN[name]]) for name, fn in REWARDS.items()}
 
 
 def team(name: str, loads: Sequence[np.ndarray]) -> float:
