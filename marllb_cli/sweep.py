@@ -73,7 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from marllb_cli import __version__
 from marllb_cli.config import Config, load_config
-from marllb_cli.errors import ConfigError, MissingTool, TestbedError
+from marllb_cli.errors import ConfigError, MissingTool, Terminated, TestbedError
 
 __all__ = [
     "BACKENDS",
@@ -551,7 +551,9 @@ def run_cell(config_path: str, cell: Cell, out: str) -> str:
 
 
 def _replay_cell(config: Config, cell: Cell, partial: Path) -> tuple[Path, dict[str, Any]]:
-    """A testbed cell: `marllb replay-trace` into `partial`; a run that did not complete fails the cell."""
+    """A testbed cell: `marllb replay-trace` into `partial`; a run that did not complete fails the cell, and one
+    that was interrupted interrupts the sweep (the replay catches Ctrl-C and SIGTERM to keep its requests, so
+    without this the sweep went on to the next cell)."""
     from marllb_cli.experiment import ReplayOptions, replay_trace
 
     replay = cell.replay or {}
@@ -565,6 +567,10 @@ def _replay_cell(config: Config, cell: Cell, partial: Path) -> tuple[Path, dict[
         shutil.rmtree(kept, ignore_errors=True)
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(outcome.path, kept)
+        if outcome.stopped_by:  # SIGTERM or SIGHUP stopped the run inside: it stops the sweep, not one cell
+            raise Terminated(outcome.stopped_by)
+        if outcome.interrupted:  # Ctrl-C, likewise
+            raise KeyboardInterrupt(f"{outcome.failure}; its requests: {kept}")
         raise RuntimeError(f"the run did not complete ({outcome.failure}); its directory: {kept}")
     return outcome.path, outcome.summary
 
