@@ -518,6 +518,7 @@ def _finish(
         lbs=liveness,
         replayed_requests=len(requests),
         replay_loop=replayer.loop if replayer is not None else None,
+        replay_sender=replayer.sender if replayer is not None else None,
         warnings=warnings,
     )
     for transient in ("requests.csv", "servers.csv", "schedule.tsv"):
@@ -548,6 +549,7 @@ class ReplayerProcess:
     def __init__(self, client: ClientNode, files: ClientFiles) -> None:
         self.t0: float | None = None
         self.loop: str | None = None
+        self.sender: str | None = None  # "realtime" where the sender got SCHED_FIFO, else "normal"
         self.last: dict[str, Any] = {}
         self.client, self.files = client, files
         self.process = client.start("marllb_cli.replay", [files.remote("replay.json")], files.remote("replay.log"))
@@ -571,7 +573,7 @@ class ReplayerProcess:
         except json.JSONDecodeError:
             return
         if "loop" in data:
-            self.loop = data["loop"]
+            self.loop, self.sender = data["loop"], data.get("sender")
             return
         self.t0 = data.get("t0", self.t0)
         self.last = data

@@ -1,5 +1,6 @@
-"""The open-loop replayer: one process in the client namespace that sends every request of a schedule at its
-intended time, on a new TCP connection, without ever waiting for earlier responses.
+"""The open-loop replayer: two processes in the client namespace that send every request of a schedule at its
+intended time, on a new TCP connection, without ever waiting for earlier responses. The sender only starts
+connections at their times (`Sender`); the receiver, an event loop, finishes each request and records it.
 
     python -m marllb_cli.replay SPEC.json
 
@@ -25,12 +26,14 @@ import asyncio
 import csv
 import ctypes
 import errno
+import gc
 import json
 import math
 import os
 import resource
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -40,9 +43,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from marllb_cli.processes import die_with_parent
 from marllb_cli.services import exit_on_stdin_eof
 
-__all__ = ["Pacer", "ReplaySpec", "ROW_FIELDS", "Replayer", "main", "read_schedule", "write_schedule"]
+__all__ = ["ReplaySpec", "ROW_FIELDS", "Replayer", "Sender", "main", "read_schedule", "write_schedule"]
 
 ROW_FIELDS = (
     "index",
@@ -75,8 +79,9 @@ class ReplaySpec(BaseModel):
         0.0,
         ge=0.0,
         le=0.01,
-        description="Wake this long before each send and busy-wait the rest: the loop's wake-up latency is "
-        "absorbed, at the cost of a core spinning up to spin_s × rate of each second (`marllb bench replay`).",
+        description="The sender wakes this long before each send and busy-waits the rest: the kernel's wake-up "
+        "latency is absorbed, at the cost of a core spinning up to spin_s × rate of each second "
+        "(`marllb bench replay`).",
     )
 
 
@@ -95,91 +100,134 @@ def read_schedule(path: Path) -> tuple[np.ndarray, list[str]]:
     return np.fromiter((t for t, _ in pairs), np.float64, len(pairs)), [p for _, p in pairs]
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+#: One message from the sender to the receiver: the request's index, how late its SYN left, and the errno that
+#: stopped its connect (0: the connection's descriptor travels with the message, SCM_RIGHTS).
+_MESSAGE = struct.Struct("=qdi")
+#: The index of the sender's last message: everything was sent.
+_ALL_SENT = -1
+_PR_SET_TIMERSLACK = 29
 
 
-class _Itimerspec(ctypes.Structure):
-    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+class Sender:
+    """The process that starts every request's TCP connection at its intended time, and nothing else.
 
+    Why a process of its own: in the event loop that also reads the responses, a send waited behind every
+    response that was ready when its time came, and behind the loop's own wake-up (asyncio sleeps in epoll's
+    whole milliseconds): p99 send lag 1–2.5 ms at 1 000 requests/s even with a timerfd pacer and a spin. This
+    process only sleeps, connects and hands the connecting socket to the receiver over a Unix socket, so its
+    lag is the kernel's wake-up latency (`marllb bench replay`). Forked before the receiver's loop or any
+    thread starts; it dies with the receiver (PR_SET_PDEATHSIG)."""
 
-class Pacer:
-    """Wakes the event loop at a CLOCK_MONOTONIC deadline to within tens of microseconds.
+    def __init__(self, pid: int, channel: socket.socket) -> None:
+        self.pid = pid
+        self.channel = channel
+        self.realtime = False
 
-    asyncio's timers sleep in epoll's whole milliseconds, so a send woke up to 1 ms late (p99 send lag
-    1.3–1.8 ms at 1 000–2 000 requests/s). A timerfd armed at the deadline (an hrtimer) makes epoll return
-    when it fires, whatever the loop's own timeout, and costs no CPU while waiting (no spinning beside the
-    servers of a local testbed). Where timerfd is missing, the loop's own timers do (`precise` is False)."""
+    @classmethod
+    def start(cls, intended: np.ndarray, t0: float, spin_s: float, family: int, address: tuple) -> Sender:
+        """Fork the sender; the receiver keeps the returned end of the channel (non-blocking)."""
+        receiver_end, sender_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the sender: never returns
+            code = 1
+            try:
+                receiver_end.close()
+                die_with_parent(signal.SIGKILL)()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)  # stopped means stopped: the receiver records the rest
+                _send_schedule(intended, t0, spin_s, family, address, sender_end)
+                code = 0
+            finally:
+                os._exit(code)
+        sender_end.close()
+        receiver_end.setblocking(False)
+        sender = cls(pid, receiver_end)
+        sender.realtime = _make_realtime(pid)  # before t0: the sender sleeps its LEAD_S first
+        return sender
 
-    _CLOCK_MONOTONIC, _TFD_NONBLOCK, _TFD_CLOEXEC, _TFD_TIMER_ABSTIME = 1, 0o4000, 0o2000000, 1
-
-    def __init__(self) -> None:
-        self.fd = -1
+    def stop(self) -> None:
+        """Stop sending (the receiver still reads what was sent before)."""
         try:
-            self._libc = ctypes.CDLL(None, use_errno=True)
-            self.fd = self._libc.timerfd_create(self._CLOCK_MONOTONIC, self._TFD_NONBLOCK | self._TFD_CLOEXEC)
-        except (OSError, AttributeError):
-            self.fd = -1
-        self.precise = self.fd >= 0
-
-    async def until(self, deadline: float, spin_s: float = 0.0) -> None:
-        """Return at CLOCK_MONOTONIC `deadline` (seconds; `time.monotonic()`'s clock), or at once if past.
-
-        With `spin_s`, sleep until `spin_s` before the deadline and busy-wait the rest: the loop then has that
-        much slack to run whatever else became ready (responses) before this coroutine resumes."""
-        await self._sleep_until(deadline - spin_s)
-        while time.monotonic() < deadline:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
             pass
 
-    async def _sleep_until(self, deadline: float) -> None:
-        if deadline <= time.monotonic():
-            return
-        if not self.precise:
-            await asyncio.sleep(deadline - time.monotonic())
-            return
-        seconds = int(deadline)
-        value = _Itimerspec(_Timespec(0, 0), _Timespec(seconds, int((deadline - seconds) * 1e9)))
-        if self._libc.timerfd_settime(self.fd, self._TFD_TIMER_ABSTIME, ctypes.byref(value), None) != 0:
-            await asyncio.sleep(deadline - time.monotonic())
-            return
-        loop = asyncio.get_running_loop()
-        fired = loop.create_future()
+    def reap(self) -> None:
+        """Wait for the sender's exit, killing it if it does not go within a second."""
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            if os.waitpid(self.pid, os.WNOHANG) != (0, 0):
+                return
+            time.sleep(0.01)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
 
-        def on_ready() -> None:
-            try:
-                os.read(self.fd, 8)
-            except BlockingIOError:
-                return  # woken early (a stale readiness): keep waiting
-            if not fired.done():
-                fired.set_result(None)
 
-        loop.add_reader(self.fd, on_ready)
-        try:
-            await fired
-        finally:
-            loop.remove_reader(self.fd)
+def _make_realtime(pid: int) -> bool:
+    """Give the sender the lowest real-time priority (SCHED_FIFO 1) where allowed (root, and a cgroup with
+    real-time time). Then its wake-up preempts whatever runs on its core at once: under CFS/EEVDF a woken
+    normal task waited for the running one's slice, and its p99 send lag was 1–2 ms at 1 000 requests/s on a
+    shared core against ≈ 0.1 ms now (`marllb bench replay`). It only sleeps, connects and hands over, and
+    the kernel's real-time throttling keeps 5 % of each core for others whatever it does."""
+    try:
+        os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(1))
+    except OSError:
+        return False
+    return True
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+
+def _send_schedule(
+    intended: np.ndarray, t0: float, spin_s: float, family: int, address: tuple, channel: socket.socket
+) -> None:
+    """The sender's loop: sleep until `spin_s` before each intended time, busy-wait the rest, connect."""
+    gc.disable()  # nothing here makes cycles, and a collection would be a late send
+    # The kernel may delay a sleeper's wake-up by its timer slack (50 µs by default) to batch timers.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
+    for index, at in enumerate(intended.tolist()):
+        deadline = t0 + at
+        if (wait := deadline - spin_s - time.monotonic()) > 0:
+            time.sleep(wait)
+        while time.monotonic() < deadline:
+            pass
+        lag = time.monotonic() - deadline
+        connection = _connect(family, address)
+        if isinstance(connection, OSError):
+            channel.send(_MESSAGE.pack(index, lag, connection.errno or errno.EIO))
+        else:
+            socket.send_fds(channel, [_MESSAGE.pack(index, lag, 0)], [connection.fileno()])
+            connection.close()
+    channel.send(_MESSAGE.pack(_ALL_SENT, 0.0, 0))
+
+
+def _connect(family: int, address: tuple) -> socket.socket | OSError:
+    """Start a TCP connection now: the SYN leaves here. Returns the connecting socket, or the error that
+    stopped it (the receiver records it as the request's error)."""
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        return exc
+    sock.setblocking(False)
+    code = sock.connect_ex(address)
+    if code not in (0, errno.EINPROGRESS):
+        sock.close()
+        return OSError(code, os.strerror(code))
+    return sock
 
 
 class Replayer:
-    """Sends the schedule, records one row per request, reports progress."""
+    """Receives each connection the `Sender` started, finishes its request, records one row per request and
+    reports progress."""
 
-    def __init__(self, spec: ReplaySpec, intended: np.ndarray, paths: list[str]) -> None:
+    def __init__(self, spec: ReplaySpec, intended: np.ndarray, paths: list[str], sender: Sender, t0: float) -> None:
         self.spec = spec
         self.intended = intended
         self.requests = [f"GET {p} HTTP/1.1\r\nHost: {spec.host}\r\nConnection: close\r\n\r\n".encode() for p in paths]
+        self.sender = sender
+        self.t0 = t0
         self.pending_rows: list[tuple] = []
         self.lags: list[float] = []
         self.sent = self.done = self.errors = 0
         self.stopping = asyncio.Event()
-        self.t0 = 0.0
-        self.pacer = Pacer()
-        # Resolved once: every request connects to the same address, and the sender must not wait on a lookup.
-        self.family, _, _, _, self.address = socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM)[0]
 
     async def run(self) -> bool:
         """Replay everything (True) or until stopped (False)."""
@@ -187,63 +235,57 @@ class Replayer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         in_flight: set[asyncio.Task] = set()
+        all_sent: asyncio.Future[bool] = loop.create_future()  # True: the sender's last message; False: it ended
+        loop.add_reader(self.sender.channel.fileno(), self._receive, in_flight, all_sent)
         with open(self.spec.out, "w", newline="") as out:
             writer = csv.writer(out)
             writer.writerow(ROW_FIELDS)
-            self.t0 = time.monotonic() + LEAD_S
             reporter = asyncio.create_task(self._report_and_flush(writer, out))
-            finished = await self._send_all(in_flight)
+            stopped = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait([all_sent, stopped], return_when=asyncio.FIRST_COMPLETED)
+            finished = all_sent.done() and all_sent.result() and not self.stopping.is_set()
             if not finished:
+                self.sender.stop()
+                await all_sent  # the end of the channel: every connection already started has its task
                 for task in in_flight:
                     task.cancel()
+            stopped.cancel()
             if in_flight:
                 await asyncio.wait(in_flight)
             reporter.cancel()
             self._flush(writer, out)
             self._progress(final=True, finished=finished)
-        self.pacer.close()
+        loop.remove_reader(self.sender.channel.fileno())
+        self.sender.reap()
+        self.sender.channel.close()
         return finished
 
-    async def _send_all(self, in_flight: set[asyncio.Task]) -> bool:
-        burst = 0
-        for index, intended in enumerate(self.intended):
-            if self.t0 + intended > time.monotonic():
-                burst = 0
-                while (delay := self.t0 + intended - time.monotonic()) > 0 and not self.stopping.is_set():
-                    if delay > 0.1:
-                        await self.pacer.until(time.monotonic() + 0.1)
-                    else:
-                        await self.pacer.until(self.t0 + intended, self.spec.spin_s)
-            elif burst >= 64:  # far behind: still let responses be read now and then
-                burst = 0
-                await asyncio.sleep(0)
-            burst += 1
-            if self.stopping.is_set():
-                return False
-            lag = time.monotonic() - self.t0 - float(intended)
-            task = asyncio.create_task(self._fetch(index, lag, self._connect()))
+    def _receive(self, in_flight: set[asyncio.Task], all_sent: asyncio.Future[bool]) -> None:
+        """Start a task for each connection the sender handed over; resolve `all_sent` at its last message or
+        at the end of the channel (the sender stopped or died)."""
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sender.channel, _MESSAGE.size, 1)
+            except BlockingIOError:
+                return
+            if not data:
+                asyncio.get_running_loop().remove_reader(self.sender.channel.fileno())
+                if not all_sent.done():
+                    all_sent.set_result(False)
+                return
+            index, lag, code = _MESSAGE.unpack(data)
+            if index == _ALL_SENT:
+                if not all_sent.done():
+                    all_sent.set_result(True)
+                continue
+            connection = socket.socket(fileno=fds[0]) if fds else OSError(code, os.strerror(code))
+            task = asyncio.create_task(self._fetch(index, lag, connection))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
-        return True
-
-    def _connect(self) -> socket.socket | OSError:
-        """Start the request's TCP connection now, in the sender's own turn of the loop: the SYN leaves here.
-        A task started with `open_connection` would connect only on a later turn, after whatever responses
-        were ready, and that wait was most of the send lag. Returns the socket, or the error that stopped it
-        (its task records it as the request's error)."""
-        try:
-            sock = socket.socket(self.family, socket.SOCK_STREAM)
-        except OSError as exc:
-            return exc
-        sock.setblocking(False)
-        code = sock.connect_ex(self.address)
-        if code not in (0, errno.EINPROGRESS):
-            sock.close()
-            return OSError(code, os.strerror(code))
-        return sock
 
     async def _fetch(self, index: int, lag: float, connection: socket.socket | OSError) -> None:
-        """Finish the request `_connect` started (`lag`: how late its SYN left) and record its row."""
+        """Finish the request whose connection the sender started (`lag`: how late its SYN left) and record
+        its row."""
         self.sent += 1
         self.lags.append(lag)
         connect = first_byte = done = math.nan
@@ -377,9 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     intended, paths = read_schedule(spec.schedule)
     _raise_fd_limit()
     name, loop_class = _event_loop(spec.loop)
-    replayer = Replayer(spec, intended, paths)
+    # Resolved once, before the fork: every request connects to the same address.
+    family, _, _, _, address = socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM)[0]
+    t0 = time.monotonic() + LEAD_S
+    sender = Sender.start(intended, t0, spec.spin_s, family, address)  # before any thread or event loop
+    replayer = Replayer(spec, intended, paths, sender, t0)
     exit_on_stdin_eof(args.spec)
-    print(json.dumps({"loop": name}), flush=True)
+    print(json.dumps({"loop": name, "sender": "realtime" if sender.realtime else "normal"}), flush=True)
     runner = asyncio.Runner(loop_factory=loop_class) if loop_class else asyncio.Runner()
     with runner:
         finished = runner.run(replayer.run())

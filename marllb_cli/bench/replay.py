@@ -5,9 +5,11 @@ Bench testbed `mlbbenchrp` (removed at the end, also on failure): one Apache ser
 behind the router; the client sends to the server's own address (kernel routing, no LB in the way), a
 1 KiB static file, one new TCP connection per request. The generator is pinned to CPU 0 (`taskset`).
 
-- Replayer: evenly spaced requests at each offered rate for `seconds` s, with the asyncio and the
-  uvloop event loop, and with uvloop busy-waiting the last `SPIN_S` before each send (`ReplaySpec.spin_s`).
-  A rate passes when the p99 send lag is < 2 ms and < 1 % of requests fail.
+- Replayer: evenly spaced requests at each offered rate for `seconds` s, with the receiver on the asyncio
+  and the uvloop event loop, and on uvloop with the sender busy-waiting the last `SPIN_S` before each send
+  (`ReplaySpec.spin_s`). Sender and receiver share the pinned core. A rate passes when the p99 send lag is
+  < 2 ms and < 1 % of requests fail (above about 2 000 requests/s on a 2-core machine, the server's
+  backlog overflows first: SYNs retried after 1 s, then resets).
 - wrk: closed loop (it cannot do open loop), one thread, 16 connections, `Connection: close` so that every
   request is a new connection too: its requests/s is the ceiling of a C generator on the same core, page
   and server.

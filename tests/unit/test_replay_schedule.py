@@ -18,55 +18,104 @@ def test_schedule_round_trips_every_float_and_path(tmp_path):
     assert read_paths == paths
 
 
-def test_the_pacer_never_wakes_before_its_deadline():
-    """The timerfd pacer (how close to the deadline it wakes is `marllb bench replay`'s figure)."""
-    import asyncio
-    import time
+def _received(channel) -> list[tuple[int, float, int, list[int]]]:
+    """Every message the sender sent until the channel's end: (index, lag, errno, descriptors)."""
+    import socket
 
-    from marllb_cli.replay import Pacer
+    from marllb_cli.replay import _MESSAGE
 
-    async def wake_ups() -> list[float]:
-        pacer = Pacer()
-        early = []
-        try:
-            for step in range(50):
-                deadline = time.monotonic() + 0.0007 * (step % 5)
-                await pacer.until(deadline)
-                early.append(deadline - time.monotonic())
-            started = time.monotonic()
-            await pacer.until(started - 1.0)  # a deadline past: at once
-            assert time.monotonic() - started < 0.05
-        finally:
-            pacer.close()
-        assert pacer.fd == -1
-        return early
-
-    assert max(asyncio.run(wake_ups())) <= 0
-    probe = Pacer()
-    assert probe.precise  # Linux has timerfd: the precise path is the one tested
-    probe.close()
-
-
-def test_a_spinning_pacer_still_never_wakes_before_its_deadline():
-    """`spin_s` wakes early and busy-waits the rest: the deadline itself must still hold."""
-    import asyncio
-    import time
-
-    from marllb_cli.replay import Pacer
-
-    async def earliness() -> list[float]:
-        pacer = Pacer()
-        try:
-            out = []
-            for step in range(30):
-                deadline = time.monotonic() + 0.001 * (step % 4)
-                await pacer.until(deadline, spin_s=0.0005)
-                out.append(deadline - time.monotonic())
+    channel.setblocking(True)
+    out = []
+    while True:
+        data, fds, _, _ = socket.recv_fds(channel, _MESSAGE.size, 1)
+        if not data:
             return out
-        finally:
-            pacer.close()
+        out.append((*_MESSAGE.unpack(data), fds))
 
-    assert max(asyncio.run(earliness())) <= 0
+
+def test_the_sender_starts_each_connection_at_its_time_never_early_and_hands_it_over():
+    """The sender process on real loopback TCP: one connecting socket per request, in order, none before its
+    intended time (how late is `marllb bench replay`'s figure), then the all-sent message."""
+    import os
+    import socket
+    import time
+
+    from marllb_cli.replay import _ALL_SENT, Sender
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(256)
+        intended = np.array([0.0, 0.0, 0.001, 0.003, 0.0031, 0.01, 0.02, 0.0205, 0.03, 0.05])
+        t0 = time.monotonic() + 0.05
+        sender = Sender.start(intended, t0, 0.0, socket.AF_INET, listener.getsockname())
+        # As root the sender runs SCHED_FIFO (its wake-up preempts at once); elsewhere it says it does not.
+        assert sender.realtime == (os.geteuid() == 0)
+        assert (os.sched_getscheduler(sender.pid) == os.SCHED_FIFO) == sender.realtime
+        messages = _received(sender.channel)
+        sender.reap()
+        *requests, last = messages
+        assert last[0] == _ALL_SENT
+        assert [index for index, *_ in requests] == list(range(len(intended)))
+        lags = [lag for _, lag, _, _ in requests]
+        assert min(lags) >= 0 and max(lags) < 0.05, lags
+        peers = set()
+        for _, _, code, fds in requests:
+            assert code == 0 and len(fds) == 1
+            with socket.socket(fileno=fds[0]) as sock:
+                peers.add(sock.getpeername())
+        assert peers == {listener.getsockname()}
+        sender.channel.close()
+
+
+def test_a_spinning_sender_is_never_early_either():
+    """`spin_s` wakes early and busy-waits the rest: the intended time itself must still hold."""
+    import socket
+    import time
+
+    from marllb_cli.replay import Sender
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(256)
+        intended = np.cumsum(0.001 * (np.arange(30) % 4))  # gaps of 0-3 ms, some shorter than the spin
+        sender = Sender.start(intended, time.monotonic() + 0.05, 0.0005, socket.AF_INET, listener.getsockname())
+        messages = _received(sender.channel)
+        sender.reap()
+        sender.channel.close()
+    lags = [lag for index, lag, _, _ in messages if index >= 0]
+    assert len(lags) == 30 and min(lags) >= 0
+
+
+def test_a_stopped_sender_ends_its_channel_and_exits_at_once():
+    """Stopping (the receiver's SIGTERM) ends the sending mid-schedule: the channel reaches its end without
+    the all-sent message, and the process is gone."""
+    import os
+    import socket
+    import time
+
+    from marllb_cli.replay import _ALL_SENT, Sender
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(256)
+        sender = Sender.start(np.arange(100) * 0.1, time.monotonic(), 0.0, socket.AF_INET, listener.getsockname())
+        time.sleep(0.25)
+        sender.stop()
+        started = time.monotonic()
+        messages = _received(sender.channel)
+        sender.reap()
+        assert time.monotonic() - started < 1.0
+        sender.channel.close()
+    assert 1 <= len(messages) < 10 and _ALL_SENT not in [index for index, *_ in messages]
+    for *_, fds in messages:
+        for fd in fds:
+            os.close(fd)
+    try:
+        os.kill(sender.pid, 0)
+    except ProcessLookupError:
+        pass
+    else:
+        raise AssertionError("the sender is still running")
 
 
 def test_the_replayer_records_every_request_its_connections_ended_in(tmp_path):
@@ -74,6 +123,8 @@ def test_the_replayer_records_every_request_its_connections_ended_in(tmp_path):
     and finishes it in a task; answered requests keep their status and server, a refused port gives a row
     with `econnrefused` for every request, and nothing is lost either way."""
     import http.server
+    import json
+    import os
     import socket
     import subprocess
     import sys
@@ -113,6 +164,8 @@ def test_the_replayer_records_every_request_its_connections_ended_in(tmp_path):
                 timeout=60,
             )
             assert done.returncode == 0, done.stderr
+            first = json.loads(done.stdout.splitlines()[0])  # what the controller records in meta.json
+            assert first["sender"] == ("realtime" if os.geteuid() == 0 else "normal"), first
     finally:
         server.shutdown()
     answered = pd.read_csv(tmp_path / "open.csv", keep_default_na=False)
