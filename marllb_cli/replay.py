@@ -36,6 +36,7 @@ import socket
 import struct
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -137,6 +138,8 @@ class Sender:
                     signal.signal(sig, signal.SIG_DFL)  # stopped means stopped: the receiver records the rest
                 _send_schedule(intended, t0, spin_s, family, address, sender_end)
                 code = 0
+            except BaseException:  # noqa: BLE001 - the receiver sees the channel end; the log says why
+                traceback.print_exc()
             finally:
                 os._exit(code)
         sender_end.close()
@@ -278,6 +281,8 @@ class Replayer:
                 if not all_sent.done():
                     all_sent.set_result(True)
                 continue
+            if not fds and not code:  # its descriptor did not fit under this process's limit
+                code = errno.EMFILE
             connection = socket.socket(fileno=fds[0]) if fds else OSError(code, os.strerror(code))
             task = asyncio.create_task(self._fetch(index, lag, connection))
             in_flight.add(task)
