@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from marllb_cli.agents.methods import ALGOS
-from marllb_cli.agents.rl.common import load_file
+from marllb_cli.agents.rl.common import load_file, observation_width
 from marllb_cli.agents.rl.qmix import QmixHyper
 from marllb_cli.agents.rl.sac import SacHyper
 from marllb_cli.agents.runner import LearningSpec
@@ -121,11 +121,6 @@ def train_live(
     if coordinated:
         address = _coordinator_address(config, testbed.state_dir, topology)
     settings = (QmixHyper if algo == "qmix" else SacHyper)(**options.hyper)
-    if settings.neurips_obs:  # the coordinator and the step logs carry CIKM'22's six features
-        raise ConfigError(
-            "--hyper neurips_obs=true: NeurIPS'22's observation trains in the simulator only",
-            hint="train with --env sim; the policy then runs on the testbed with --method rl:DIR",
-        )
     team = make_team(algo, n_lbs, n_servers, settings, options.seed)
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +172,7 @@ def train_live(
             uniform=warm,
             seed=episode_seed,
             coordinator=address,
+            neurips_obs=settings.neurips_obs,
         )
         if coordinated and address is not None:
             plan.coordinator = CoordinatorSpec(
@@ -192,6 +188,7 @@ def train_live(
                 epsilon=team.learner.epsilon() if algo == "qmix" else 0.0,  # type: ignore[union-attr]
                 seed=episode_seed,
                 trajectory=testbed.state_dir / "lb" / "coordinator.jsonl",
+                features=observation_width(settings),
             )
         outcome = replay_trace(config, dataclasses.replace(replay, method=f"train-{algo}"), replay_progress, plan=plan)
         if outcome.interrupted:

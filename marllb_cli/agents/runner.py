@@ -52,6 +52,7 @@ class LearningSpec(BaseModel):
     uniform: bool = False  # warm-up: levels drawn uniformly at random
     seed: int = 0
     coordinator: CoordinatorAddress | None = None
+    neurips_obs: bool = False  # observe NeurIPS'22's 16 features per server (a coordinated agent sends them)
 
 
 class AgentSpec(BaseModel):
@@ -154,7 +155,10 @@ def learning_agent(spec: AgentSpec) -> Agent:
     assert learning is not None
     if learning.coordinator is not None:
         scale = np.asarray(spec.cpus) if learning.residual else np.ones(len(spec.cpus))
-        return CoordinatedAgent(learning.coordinator, spec.lb, spec.lb_index, learning.levels, scale, spec.period)
+        return CoordinatedAgent(
+            learning.coordinator, spec.lb, spec.lb_index, learning.levels, scale, spec.period,
+            neurips_observation=learning.neurips_obs,
+        )  # fmt: skip
     if learning.policy is None:
         raise ValueError("a learning agent without a coordinator needs its policy")
     from marllb_cli.agents.rl.exploring import ExploringPolicy

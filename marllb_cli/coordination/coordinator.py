@@ -66,6 +66,7 @@ class CoordinatorSpec(BaseModel):
     epsilon: float = 0.05
     seed: int = 0
     trajectory: Path
+    features: int = N_FEATURES  # per server in every OBS: CIKM'22's 6, or NeurIPS'22's 16 (`neurips_obs`)
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Coordinator:
 
     def __post_init__(self) -> None:
         m, n = len(self.spec.lbs), self.spec.n_servers
-        self.last_obs = [np.zeros((n, N_FEATURES), dtype=np.float32) for _ in range(m)]
+        self.last_obs = [np.zeros((n, self.spec.features), dtype=np.float32) for _ in range(m)]
         if self.spec.policy is not None:
             from marllb_cli.agents.rl.exploring import JointActor
 
@@ -169,7 +170,7 @@ class Coordinator:
             obs = np.asarray(body["obs"], dtype=np.float32)
         except (KeyError, TypeError, ValueError):
             raise ProtocolError(f"{session.lb}: an OBS without a numeric obs") from None
-        if obs.shape != (self.spec.n_servers, N_FEATURES) or not np.isfinite(obs).all():
+        if obs.shape != (self.spec.n_servers, self.spec.features) or not np.isfinite(obs).all():
             raise ProtocolError(f"{session.lb}: an observation of shape {obs.shape}, or not finite")
         session.obs, session.obs_step = obs, self.step
         if all(s.obs_step == self.step for s in self.sessions.values()):

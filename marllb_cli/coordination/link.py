@@ -49,6 +49,8 @@ class CoordinatedAgent:
         levels: Sequence[float],
         scale: np.ndarray | None,
         period: float,
+        *,
+        neurips_observation: bool = False,
     ) -> None:
         self.address, self.lb, self.index, self.period = address, lb, index, period
         self.levels, self.scale = tuple(levels), scale
@@ -60,6 +62,8 @@ class CoordinatedAgent:
         self.stats: dict[str, Any] = {}
         self.last_tick: float | None = None
         self.next_connect = 0.0
+        # What the runner observes and sends: NeurIPS'22's 16 features per server, or CIKM'22's 6.
+        self.neurips_observation = neurips_observation
 
     # -- connection -------------------------------------------------------------------------------------
     def _connect(self) -> None:

@@ -24,7 +24,7 @@ import torch
 from marllb_cli.config import load_config
 from marllb_cli.deploy.local import LocalTestbed
 from marllb_cli.deploy.node.manifest import MANIFEST, Manifest
-from marllb_cli.features import N_FEATURES
+from marllb_cli.features import N_FEATURES, N_NEURIPS_FEATURES
 from tests.conftest import REPO
 from tests.integration.helpers import deployed
 
@@ -107,6 +107,32 @@ def test_distr_learns_from_real_episodes_and_resumes_after_sigkill(testbed, tmp_
     run = out / curve["run"].iloc[-1]
     agents = pd.read_parquet(run / "agents" / "lb0.parquet")
     assert {"obs", "action"} <= set(agents.columns) and len(agents["obs"].iloc[0]) == 4
+
+
+@pytest.mark.parametrize("algo", ["distr", "qmix"])
+def test_learners_train_on_neurips_observation_from_the_dataplanes_statistics(testbed, tmp_path, algo):
+    """NeurIPS'22's observation live: each agent observes 16 features per server (CIKM'22's six, then the
+    statistics of completion times and of the LB's inter-arrival times, from its dataplane); distr's learners
+    store them from the step logs, QMIX's coordinator receives them over TCP, and both update on them."""
+    out = tmp_path / algo
+    finished(train(out, algo, 2, "--hyper", "neurips_obs=true", "--hyper", "warmup_episodes=1"))
+    curve = pd.read_parquet(out / "curve.parquet")
+    # One warm-up episode: the first episode's transitions are stored, then every episode updates.
+    assert curve["critic_loss"].notna().all() and (curve["lbs_stored"] == 2).all()
+    run = out / curve["run"].iloc[-1]
+    if algo == "qmix":  # what the coordinator gathered at each tick: [LBs, servers, features]
+        rows = [json.loads(line) for line in (run / "coordinator.jsonl").read_text().splitlines()]
+        obs = np.asarray([row["obs"] for row in rows], dtype=np.float64).reshape(-1, 4, N_NEURIPS_FEATURES)
+    else:
+        agents = pd.read_parquet(run / "agents" / "lb0.parquet")
+        obs = np.stack([np.stack(o) for o in agents["obs"]]).astype(np.float64)
+    assert obs.shape[1:] == (4, N_NEURIPS_FEATURES)
+    assert (np.abs(obs[:, :, N_FEATURES:]).sum(axis=(0, 1)) > 0).all()  # every added statistic was seen
+    if algo == "distr":
+        for learner in torch.load(out / "checkpoint.pt", weights_only=True)["learners"]:
+            x = learner["episodes"][0]["x"].numpy()
+            features = x[:, : 4 * N_NEURIPS_FEATURES].reshape(-1, 4, N_NEURIPS_FEATURES)
+            assert (np.abs(features).sum(axis=(0, 1)) > 0).all()
 
 
 def test_qmix_steps_through_its_coordinator_and_survives_a_dead_agent(testbed, tmp_path):

@@ -59,6 +59,8 @@ class ExploringPolicy(GreedyPolicy):
         scale = np.asarray(cpus, dtype=np.float64) if saved["hyper"].get("residual") else None
         super().__init__(net, levels, scale=scale)
         self.uniform, self.rng = uniform, np.random.default_rng(seed)
+        # The runner observes what the actor reads: NeurIPS'22's 16 features per server, or CIKM'22's 6.
+        self.neurips_observation = bool(saved["hyper"].get("neurips_obs", False))
 
     def choose(self, out: torch.Tensor) -> np.ndarray:
         if self.uniform:
