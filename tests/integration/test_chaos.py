@@ -245,11 +245,17 @@ def test_killing_simulate_marks_its_run_and_report_still_reports_the_others(rng,
     runs = tmp_path / "runs"
     complete = run("simulate", SIM, "--duration", "5", "--runs-dir", runs)
     assert complete.returncode == 0, complete.stderr
+    killed = 0
     for sig in (*SIGNALS, *SIGNALS):
+        before = set(runs.iterdir())
         args = ("simulate", SIM, "--set", "sim.engine=python", "--duration", "3000", "--runs-dir", runs)
         code, stderr = kill_after(start(*args), sig, rng.uniform(1.5, 4.0), "simulate")
         assert expected_code(sig, code) and code != 0, stderr
-        newest = max(runs.iterdir(), key=lambda path: path.stat().st_mtime)
+        made = set(runs.iterdir()) - before
+        if not made:  # killed while still starting, before it made its run (the previous run is not this one)
+            continue
+        (newest,) = made
+        killed += 1
         meta = json.loads((newest / "meta.json").read_text())
         assert meta["complete"] is False
         if sig != signal.SIGKILL:
@@ -258,7 +264,7 @@ def test_killing_simulate_marks_its_run_and_report_still_reports_the_others(rng,
     assert report.returncode == 0, report.stderr
     data = json.loads(report.stdout)
     assert [row["method"] for row in data["rows"] if row["class"] == "all"] == ["sed"]
-    assert sum("incomplete run" in w or "skipped" in w for w in data["warnings"]) == 6
+    assert killed >= 3 and sum("incomplete run" in w or "skipped" in w for w in data["warnings"]) == killed
 
 
 def test_killing_train_loses_at_most_the_running_episode(rng, tmp_path):
