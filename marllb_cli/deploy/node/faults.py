@@ -91,7 +91,7 @@ def stop_hog(manifest: Manifest, server: str) -> int:
 
 
 def server_down(instance: ApacheInstance, *, timeout_s: float = 5.0) -> None:
-    """Apache's graceful stop; returns once the server refuses connections and has removed its pid file."""
+    """Apache's graceful stop; returns once the server refuses connections."""
     result = instance.namespace.run(
         [str(apache_binary()), "-f", str(instance.conf), "-k", "graceful-stop"], check=False
     )
@@ -102,12 +102,6 @@ def server_down(instance: ApacheInstance, *, timeout_s: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise TestbedError(f"{instance.node.name}: apache2 still answers {timeout_s:g} s after graceful-stop")
         time.sleep(0.02)
-    # The master removes its pid file just after closing its listeners. Wait for that too (briefly): a
-    # `server_up` right after would otherwise take the draining master for a running one, wait for its workers
-    # and then stop it, cutting the requests it still serves (CI caught the file still there once).
-    gone = time.monotonic() + 1.0
-    while instance.pidfile.exists() and time.monotonic() < gone:
-        time.sleep(0.005)
 
 
 def server_up(instance: ApacheInstance, testbed, *, drain_s: float = 10.0) -> None:
@@ -119,6 +113,12 @@ def server_up(instance: ApacheInstance, testbed, *, drain_s: float = 10.0) -> No
     is touched: a MediaWiki server's database lives there too)."""
     if instance.ready():
         return
+    # A graceful stop removes the pid file up to about 0.6 s after the listeners close (the master first wakes
+    # its idle children). An `up` right after a `down` waits for that, so it does not take the draining
+    # master for a running one, wait for its workers and stop it (cutting what they still serve).
+    gone = time.monotonic() + 1.0
+    while instance.pidfile.exists() and time.monotonic() < gone:
+        time.sleep(0.005)
     master = _master(instance)
     deadline = time.monotonic() + drain_s
     while master is not None and _alive(master) and time.monotonic() < deadline:
