@@ -6,6 +6,7 @@ the same code Click uses for usage errors; 130 interrupted.
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated
 
 import typer
@@ -45,6 +46,26 @@ app.command("deploy")(deploy)
 app.command("status")(status)
 app.command("teardown")(teardown)
 app.command("calibrate")(calibrate_command)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    """Join the lines of every paragraph of every command's docstring, so that `--help` wraps them at the
+    terminal's width. Typer joins them in a command's first paragraph only and keeps the docstring's own line
+    breaks in the rest: at 80 columns each source line became a full line and a ragged stub. A paragraph that
+    starts with click's `\\b` keeps its lines."""
+    for info in typer_app.registered_commands:
+        if info.callback is not None and info.callback.__doc__:
+            paragraphs = inspect.cleandoc(info.callback.__doc__).split("\n\n")
+            info.callback.__doc__ = "\n\n".join(
+                text if text.startswith("\b") else " ".join(line.strip() for line in text.splitlines())
+                for text in paragraphs
+            )
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
 
 
 def _version(value: bool) -> None:

@@ -119,10 +119,10 @@ class Sender:
     lag is the kernel's wake-up latency (`marllb bench replay`). Forked before the receiver's loop or any
     thread starts; it dies with the receiver (PR_SET_PDEATHSIG)."""
 
-    def __init__(self, pid: int, channel: socket.socket) -> None:
+    def __init__(self, pid: int, channel: socket.socket, *, realtime: bool) -> None:
         self.pid = pid
         self.channel = channel
-        self.realtime = False
+        self.realtime = realtime  # SCHED_FIFO (`_make_realtime`), recorded in the run's meta
 
     @classmethod
     def start(cls, intended: np.ndarray, t0: float, spin_s: float, family: int, address: tuple) -> Sender:
@@ -144,9 +144,7 @@ class Sender:
                 os._exit(code)
         sender_end.close()
         receiver_end.setblocking(False)
-        sender = cls(pid, receiver_end)
-        sender.realtime = _make_realtime(pid)  # before t0: the sender sleeps its LEAD_S first
-        return sender
+        return cls(pid, receiver_end, realtime=_make_realtime(pid))  # before t0: the sender sleeps LEAD_S first
 
     def stop(self) -> None:
         """Stop sending (the receiver still reads what was sent before)."""

@@ -40,8 +40,9 @@ def sweep_command(
     set_: SetOption = None,
     json_: JsonOption = False,
 ) -> None:
-    """Run a sweep file's grid of simulator runs: every combination of its `set` fields' values, methods and seeds,
-    on a local process pool or a Ray cluster (--backend ray, the `ray` extra).
+    """Run a sweep file's grid: every combination of its `set` fields' values, methods and seeds, simulated on a
+    local process pool or a Ray cluster (--backend ray, the `ray` extra), or replayed on a deployed testbed (one
+    at a time, after the simulator's cells).
 
     Each cell is content-addressed (resolved config, method, seed, duration, marllb version, the files it reads)
     and done once its run directory is in OUT/runs/: running the sweep again runs only the cells not done

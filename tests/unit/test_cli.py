@@ -23,6 +23,36 @@ def test_every_command_has_help(cli, command):
     assert "CONFIG" in result.stdout
 
 
+def _commands(typer_app, prefix=()):
+    """(command words, callback) of every command, sub-apps' included."""
+    for info in typer_app.registered_commands:
+        yield (*prefix, info.name or info.callback.__name__), info.callback
+    for group in typer_app.registered_groups:
+        yield from _commands(group.typer_instance, (*prefix, group.name))
+
+
+def test_every_commands_help_wraps_its_paragraphs_at_the_terminal_width():
+    """Typer keeps a docstring's own line breaks after its first paragraph: at 80 columns every source line of
+    `sweep --help` became a line and a ragged stub. On a wide terminal each paragraph must be one line."""
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from marllb_cli.cli import app
+
+    commands = list(_commands(app))
+    assert len(commands) >= 20  # every command and sub-command, not a few
+    checked = 0
+    for words, callback in commands:
+        result = CliRunner().invoke(app, [*words, "--help"], terminal_width=1000, env={"COLUMNS": "1000"})
+        assert result.exit_code == 0, (words, result.output)
+        lines = [" ".join(line.split()) for line in result.stdout.splitlines()]
+        for paragraph in inspect.cleandoc(callback.__doc__ or "").split("\n\n")[1:]:
+            assert " ".join(paragraph.split()) in lines, (words, paragraph)
+            checked += 1
+    assert checked >= 8  # the paragraphs after the first, over all commands today
+
+
 def test_status_json_of_an_absent_testbed_lists_the_plan(cli, write_config, tmp_path, monkeypatch):
     monkeypatch.setenv("MARLLB_STATE_DIR", str(tmp_path / "state"))
     result = cli("status", write_config(minimal_testbed("nothere")), "--json")
