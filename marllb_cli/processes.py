@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from marllb_cli.errors import TestbedError
 
-__all__ = ["become_subreaper", "die_with_parent", "kill_pids", "run_checked"]
+__all__ = ["become_subreaper", "die_with_parent", "kill_pids", "reap_exited", "run_checked"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -23,6 +23,24 @@ def become_subreaper() -> None:
     init may reap, and some inits reap late; until then its cgroup cannot be removed. As reaper, teardown
     reaps it itself (`cgroups._reap_exited_children`)."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap_exited(pids: Iterable[int]) -> set[int]:
+    """Reap those of `pids` that are exited children of this process; returns the pids that need no more
+    watching (reaped now, or not a child of ours: another process reaps them).
+
+    As subreaper, a long-lived command (a sweep, `train --env testbed`, a test session) inherits every Apache
+    master that a graceful stop lets exit, and without this would keep one zombie per server restart until it
+    exits. Reaped by pid, never `waitpid(-1)`, which could take the exit status of a child that a
+    `subprocess.Popen` elsewhere in this process still waits for."""
+    done = set()
+    for pid in pids:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                done.add(pid)
+        except ChildProcessError:
+            done.add(pid)
+    return done
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:

@@ -186,6 +186,46 @@ def test_a_server_started_again_answers_at_once_while_its_old_workers_finish(tes
     assert _masters(instance) == [new]
 
 
+def test_a_controller_that_restarts_servers_is_left_no_zombie_masters(testbed):
+    """A long-lived controller (a sweep, `train --env testbed`) is the subreaper of every Apache master it
+    starts; a master that a graceful stop lets exit is its child to reap. Before `server_up` and
+    `server_down` reaped them, it kept one zombie per restart until it exited (57 after a CI run)."""
+    from marllb_cli.deploy.node import faults
+    from marllb_cli.processes import become_subreaper
+
+    become_subreaper()  # as every marllb command is (`cli_support`)
+    srv1 = next(n for n in testbed.topology.servers if n.name == "srv1")
+    instance = testbed.apache(srv1)
+    exited = []
+    for _ in range(4):
+        faults.server_down(instance)
+        deadline = time.monotonic() + 5  # the old master checks its children once a second
+        while not _our_zombies("apache2") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        exited.append(len(_our_zombies("apache2")))
+        faults.server_up(instance, testbed.config.testbed)
+        assert instance.ready()
+    # Each master this test started exited on its stop, a zombie of ours until the next restart reaped it (the
+    # first was deployed before this process became a subreaper: init's to reap).
+    assert exited[1:] == [1, 1, 1]
+    assert _our_zombies("apache2") == []
+
+
+def _our_zombies(command: str) -> list[int]:
+    """Exited children of this process named `command`, not yet reaped."""
+    zombies = []
+    for entry in os.scandir("/proc"):
+        try:
+            stat = open(f"{entry.path}/stat").read() if entry.name.isdigit() else ""  # noqa: SIM115
+        except OSError:
+            continue
+        if stat and stat[stat.index("(") + 1 : stat.rindex(")")] == command:
+            state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+            if state == "Z" and int(ppid) == os.getpid():
+                zombies.append(int(entry.name))
+    return zombies
+
+
 def _masters(instance) -> list[int]:
     """Apache masters in an instance's cgroup, read with ps (apache2 processes whose parent is not one)."""
     pids = ",".join(map(str, instance.cgroup.pids()))
