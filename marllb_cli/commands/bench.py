@@ -303,8 +303,16 @@ def fidelity(
     if json_:
         print(json.dumps(report, indent=1))
         return
+    print_fidelity(report)
+    console.print(f"written: {out / 'fidelity.json'}")
+    err_console.print("record these figures with the command line in docs/benchmarks.md")
+
+
+def print_fidelity(report: dict) -> None:
+    """`bench fidelity`'s tables, one per load, from its report (`fidelity.json`)."""
     for entry in report["loads"]:
-        table = Table(title=f"load {entry['load']:g} (speed {entry['speed']:.3g}), {repeats} runs each: JCT in ms")
+        title = f"load {entry['load']:g} (speed {entry['speed']:.3g}), {report['repeats']} runs each: JCT in ms"
+        table = Table(title=title)
         columns = ("method", "testbed mean ± sd", "sim mean ± sd", "tb / sim", "tb / sim cal", "tb p99", "sim p99")
         columns = (*columns, "errors tb/sim")
         for column in (*columns, "unstable tb/sim"):
@@ -327,11 +335,19 @@ def fidelity(
         same = "same" if ranking["testbed"] == ranking["sim"] else "different"
         console.print(f"ranking ({same}): testbed {' < '.join(ranking['testbed'])}; sim {' < '.join(ranking['sim'])}")
         console.print(
-            f"sim: at the cost the testbed paid ({entry['cost_scale']:.2f} × calibrated); "
-            "sim cal: at the calibrated cost"
+            f"sim: at the cost the testbed paid ({entry['cost_scale']:.2f} × calibrated, so an offered load of "
+            f"≈ {entry['load'] * entry['cost_scale']:.2f}); sim cal: at the calibrated cost"
         )
-    console.print(f"written: {out / 'fidelity.json'}")
-    err_console.print("record these figures with the command line in docs/benchmarks.md")
+        if abs(entry["cost_scale"] - 1) > COST_DRIFT_WARNING:
+            err_console.print(
+                f"warning: at load {entry['load']:g} the requests cost {entry['cost_scale']:.2f} × the calibration "
+                f"made minutes before: this machine's CPU speed moved, and the testbed ran at ≈ "
+                f"{entry['load'] * entry['cost_scale']:.2f}, not {entry['load']:g}; 'tb / sim' compares at that load"
+            )
+
+
+#: A testbed whose requests cost more than this share away from the calibration did not run at the load asked for.
+COST_DRIFT_WARNING = 0.1
 
 
 def _ms(seconds: float | None) -> str:

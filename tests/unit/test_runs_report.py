@@ -256,6 +256,26 @@ def test_report_draws_a_fidelity_benchmark_and_refuses_a_damaged_one(cli, tmp_pa
     assert result.exit_code == 2 and "fidelity.json: unreadable" in result.stderr
 
 
+def test_bench_fidelity_says_when_the_testbed_did_not_run_at_the_load_asked_for(capsys):
+    """The CPU speed of a shared machine moves: in one benchmark the requests cost 1.21 x the calibration made
+    minutes before, so 'load 0.7' was 0.85 and 'load 0.9' overloaded every method. The tables say at what
+    load the testbed really ran, and warn where that is more than 10 % off."""
+    from marllb_cli.commands.bench import print_fidelity
+
+    side = {"jct_mean_s": 0.27, "jct_mean_std_s": 0.02, "jct_p99_s": 1.3, "error_rate": 0.0, "unstable": False}
+    row = {"method": "sed", "testbed": side, "sim": side, "ratio": 0.94, "ratio_calibrated": 1.42}
+    ranking = {"testbed": ["sed"], "sim": ["sed"], "sim_calibrated": ["sed"]}
+    entry = {"speed": 0.365, "methods": [row], "ranking": ranking}
+    loads = [{**entry, "load": 0.7, "cost_scale": 1.213}, {**entry, "load": 0.9, "cost_scale": 1.04}]
+    print_fidelity({"repeats": 2, "loads": loads})
+    out, err = capsys.readouterr()
+    flat = " ".join(out.split())
+    assert "(1.21 × calibrated, so an offered load of ≈ 0.85)" in flat
+    assert "(1.04 × calibrated, so an offered load of ≈ 0.94)" in flat
+    warnings = [line for line in " ".join(err.split()).split("warning: ") if line]
+    assert len(warnings) == 1 and "at load 0.7" in warnings[0] and "≈ 0.85, not 0.7" in warnings[0]
+
+
 def test_policies_get_short_names_that_still_tell_them_apart():
     from marllb_cli.report import short_names
 
