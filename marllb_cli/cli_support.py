@@ -193,8 +193,11 @@ def reports_errors(command: F) -> F:
 
 
 def detail_progress(label: str) -> Progress:
-    """A progress bar for long work with live figures: `label`, bar, done/total, the task's `detail` field."""
-    return Progress(
+    """A progress bar for long work with live figures: `label`, bar, done/total, the task's `detail` field.
+    Where stderr is not a terminal (a log file, a pipe, a CI job) it prints a plain line instead, at most
+    every `LoggedProgress.every_s`."""
+    return LoggedProgress(
+        label,
         TextColumn(label.replace("[", r"\[").replace("{", "{{").replace("}", "}}")),  # a literal label
         BarColumn(),
         MofNCompleteColumn(),
@@ -202,3 +205,28 @@ def detail_progress(label: str) -> Progress:
         TimeElapsedColumn(),
         console=err_console,
     )
+
+
+class LoggedProgress(Progress):
+    """A rich progress bar that also reports to a stderr that is not a terminal. Rich draws nothing there
+    until the work ends, so a sweep or a training run in the background (`nohup … > log`) showed nothing for
+    hours; this prints `label: done/total detail (elapsed)` when the figures change, at most every `every_s`."""
+
+    every_s = 10.0
+
+    def __init__(self, label: str, *columns: Any, **kwargs: Any) -> None:
+        super().__init__(*columns, **kwargs)
+        self.label = label
+        self.logged_at = -float("inf")
+
+    def update(self, task_id: Any, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        if self.console.is_terminal or time.monotonic() - self.logged_at < self.every_s:
+            return
+        self.logged_at = time.monotonic()
+        task = self._tasks[task_id]
+        done = f"{task.completed:g}" + ("" if task.total is None else f"/{task.total:g}")
+        detail = task.fields.get("detail", "")
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(task.elapsed or 0))
+        line = f"{escape(self.label)}: {done} {detail} ({elapsed})"  # `detail` is markup, as in the bar's column
+        self.console.print(line, highlight=False, soft_wrap=True)

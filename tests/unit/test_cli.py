@@ -97,3 +97,22 @@ def test_a_missing_mediawiki_dump_is_one_line_naming_the_field(cli, write_config
     assert result.exit_code == 2
     assert "testbed.servers[0].mediawiki.dump" in result.stderr and "nope.xml: no such file" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "state" / "unitmw").exists()
+
+
+def test_long_work_reports_progress_lines_where_stderr_is_not_a_terminal(capsys, monkeypatch):
+    """Rich draws a progress bar only on a terminal: a sweep run in the background with its output in a log
+    showed nothing until it ended, hours later. There it prints a plain line, at most every `every_s`."""
+    from marllb_cli.cli_support import LoggedProgress, detail_progress
+
+    clock = iter(range(0, 1000, 4))  # 4 s between updates
+    monkeypatch.setattr("marllb_cli.cli_support.time.monotonic", lambda: float(next(clock)))
+    with detail_progress("sweep [grid].yaml") as bar:
+        task = bar.add_task("cells", total=5, detail="")
+        for done in range(1, 6):
+            bar.update(task, completed=done, detail=f"cell {done} \\[sed]")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sweep [grid].yaml: ")]
+    assert LoggedProgress.every_s == 10.0
+    assert [line.split(" (")[0] for line in lines] == [
+        "sweep [grid].yaml: 1/5 cell 1 [sed]",
+        "sweep [grid].yaml: 4/5 cell 4 [sed]",
+    ]
