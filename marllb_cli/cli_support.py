@@ -192,6 +192,27 @@ def reports_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+@contextmanager
+def work_status(label: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with a line of status for work that has phases but no count (a benchmark, a simulation);
+    yields the function that sets the status. Where stdout is not a terminal rich draws nothing, so the
+    status goes to stderr as `label: status` lines instead, at most every `LoggedProgress.every_s` (a 20-minute
+    `bench fidelity` in a log said nothing until its tables)."""
+    if console.is_terminal:
+        with console.status(label) as status:
+            yield status.update
+        return
+    logged_at = -float("inf")
+
+    def log(text: str) -> None:
+        nonlocal logged_at
+        if time.monotonic() - logged_at >= LoggedProgress.every_s:
+            logged_at = time.monotonic()
+            err_console.print(f"{escape(label)}: {text}", highlight=False, soft_wrap=True)
+
+    yield log
+
+
 def detail_progress(label: str) -> Progress:
     """A progress bar for long work with live figures: `label`, bar, done/total, the task's `detail` field.
     Where stderr is not a terminal (a log file, a pipe, a CI job) it prints a plain line instead, at most

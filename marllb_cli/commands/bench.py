@@ -21,6 +21,7 @@ from marllb_cli.cli_support import (
     load,
     print_table,
     reports_errors,
+    work_status,
 )
 from marllb_cli.errors import ConfigError, MissingTool
 
@@ -46,9 +47,9 @@ def dataplane(
             raise MissingTool(
                 "the forwarding benchmark builds namespaces and needs root", hint="sudo, or --decisions-only"
             )
-        with console.status("forwarding benchmark") as status:
-            forwarding = forwarding_benchmark(duration, lossless_search=not no_search, progress=status.update)
-    with console.status("decision benchmark"):
+        with work_status("forwarding benchmark") as status:
+            forwarding = forwarding_benchmark(duration, lossless_search=not no_search, progress=status)
+    with work_status("decision benchmark"):
         decisions = decision_benchmark()
     if json_:
         print(report_json(forwarding, decisions))
@@ -86,8 +87,8 @@ def replay(
 
     if os.geteuid() != 0:
         raise MissingTool("the replay benchmark deploys a bench testbed and needs root", hint="run it with sudo")
-    with console.status("replay benchmark") as status:
-        result = replay_benchmark(seconds, progress=status.update)
+    with work_status("replay benchmark") as status:
+        result = replay_benchmark(seconds, progress=status)
     if json_:
         print(json.dumps(result, indent=2))
         return
@@ -193,7 +194,7 @@ def policies(
         if not sep:
             raise ConfigError(f"--policy {item!r}: expected NAME=DIR")
         trained[name] = Path(directory)
-    with console.status("evaluating"):
+    with work_status("evaluating"):
         results = evaluate(load(config, set_), trained, methods=methods, seeds=chosen, duration_s=duration)
     if json_:
         print(json.dumps(policy_dicts(results), indent=2))
@@ -288,7 +289,7 @@ def fidelity(
 
     loads = load_ or [0.7, 0.9]
     methods = [resolve_method(m) for m in dict.fromkeys(method or FIDELITY_METHODS)]
-    with console.status("fidelity") as status:
+    with work_status("fidelity") as status:
         report = run_fidelity(
             load(config, set_),
             trace,
@@ -298,7 +299,7 @@ def fidelity(
             duration_s=duration,
             start_s=start,
             out=out,
-            progress=status.update,
+            progress=status,
         )
     if json_:
         print(json.dumps(report, indent=1))

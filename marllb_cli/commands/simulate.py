@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 
 from marllb_cli.agents.methods import SIM_METHODS
-from marllb_cli.cli_support import ConfigArg, EventOption, SetOption, console, load, load_events, reports_errors
+from marllb_cli.cli_support import (
+    ConfigArg,
+    EventOption,
+    SetOption,
+    console,
+    load,
+    load_events,
+    reports_errors,
+    work_status,
+)
 
 
 @reports_errors
@@ -34,9 +43,9 @@ def simulate_command(
 
     cfg = load(config, set_)
     events = load_events(cfg, event)
-    with console.status(f"simulating {method}") as status:
+    with work_status(f"simulating {method}") as status:
         outcome = simulate_to_run_dir(
-            cfg, method, runs_dir=runs_dir, seed=seed, duration_s=duration, events=events, progress=status.update
+            cfg, method, runs_dir=runs_dir, seed=seed, duration_s=duration, events=events, progress=status
         )
     s = outcome.summary
     jct = (

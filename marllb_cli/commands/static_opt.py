@@ -10,7 +10,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from marllb_cli.cli_support import ConfigArg, JsonOption, SetOption, console, load, print_table, reports_errors
+from marllb_cli.cli_support import (
+    ConfigArg,
+    JsonOption,
+    SetOption,
+    console,
+    load,
+    print_table,
+    reports_errors,
+    work_status,
+)
 
 __all__ = ["static_opt_command"]
 
@@ -49,8 +58,8 @@ def static_opt_command(
 
     cfg = load(config, set_)
     chosen = tuple(VALIDATION_SEEDS[0] + k for k in range(seed_count))
-    with console.status("simulating sed on the validation seeds") as status:
-        found = search_static_weights(cfg, metric=metric, seeds=chosen, duration_s=duration, progress=status.update)
+    with work_status("simulating sed on the validation seeds") as status:
+        found = search_static_weights(cfg, metric=metric, seeds=chosen, duration_s=duration, progress=status)
     _, names, groups, cpus = server_models(cfg)
     write_weights(out, found.weights, names, cpus, **found.record())
     if json_:

@@ -116,3 +116,18 @@ def test_long_work_reports_progress_lines_where_stderr_is_not_a_terminal(capsys,
         "sweep [grid].yaml: 1/5 cell 1 [sed]",
         "sweep [grid].yaml: 4/5 cell 4 [sed]",
     ]
+
+
+def test_work_with_phases_reports_them_where_stdout_is_not_a_terminal(capsys, monkeypatch):
+    """`bench fidelity` (20 minutes), `simulate` and the other spinners said nothing in a log until they ended;
+    there each status goes to stderr as a line, at most every 10 s, and stdout stays for the results."""
+    from marllb_cli.cli_support import work_status
+
+    clock = iter(range(0, 1000, 6))  # 6 s between updates
+    monkeypatch.setattr("marllb_cli.cli_support.time.monotonic", lambda: float(next(clock)))
+    with work_status("fidelity") as status:
+        for phase in ("calibrating", "load 0.7: sed", "load 0.7: lsq", "load 0.9: sed"):
+            status(phase)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == ["fidelity: calibrating", "fidelity: load 0.7: lsq"]
