@@ -98,7 +98,9 @@ def test_ecmp_and_sed_runs_are_complete_and_sed_wins_on_heterogeneous_servers(te
             assert list(steps["weights"].iloc[-1]) == [1.0, 1.0, 2.0, 2.0]  # ∝ cpus (ecmp ignores them)
             assert (steps["method"] == method).all()
             assert steps["flows"].map(sum).max() > 0
-        shares = requests["server"].value_counts(normalize=True)
+        served = requests[requests["server"] != ""]  # a reset on a full backlog has no server (ecmp: 3 in 1 288)
+        assert len(served) > 0.99 * len(requests)
+        shares = served["server"].value_counts(normalize=True)
         if method == "ecmp":  # equal split whatever the capacity
             assert max(abs(shares[s] - 0.25) for s in shares.index) < 0.06
         else:  # SED favours the 2-unit servers
