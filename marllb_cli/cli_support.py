@@ -196,27 +196,35 @@ def reports_errors(command: F) -> F:
 def work_status(label: str) -> Iterator[Callable[[str], None]]:
     """A spinner with a line of status for work that has phases but no count (a benchmark, a simulation);
     yields the function that sets the status. Where stdout is not a terminal rich draws nothing, so the
-    status goes to stderr as `label: status` lines instead, at most every `LoggedProgress.every_s` (a 20-minute
-    `bench fidelity` in a log said nothing until its tables)."""
+    status goes to stderr as `LogLines` instead (a 20-minute `bench fidelity` in a log said nothing until
+    its tables)."""
     if console.is_terminal:
         with console.status(label) as status:
             yield status.update
         return
-    logged_at = -float("inf")
+    yield LogLines(label)
 
-    def log(text: str) -> None:
-        nonlocal logged_at
-        if time.monotonic() - logged_at >= LoggedProgress.every_s:
-            logged_at = time.monotonic()
-            err_console.print(f"{escape(label)}: {text}", highlight=False, soft_wrap=True)
 
-    yield log
+class LogLines:
+    """`label: text` lines on stderr, at most one every `every_s`: what a progress display prints where it
+    cannot draw (a log file, a pipe, a CI job). `text` is rich markup, as a status or a bar's column is."""
+
+    every_s = 10.0
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.logged_at = -float("inf")
+
+    def __call__(self, text: str) -> None:
+        if time.monotonic() - self.logged_at >= self.every_s:
+            self.logged_at = time.monotonic()
+            err_console.print(f"{escape(self.label)}: {text}", highlight=False, soft_wrap=True)
 
 
 def detail_progress(label: str) -> Progress:
     """A progress bar for long work with live figures: `label`, bar, done/total, the task's `detail` field.
     Where stderr is not a terminal (a log file, a pipe, a CI job) it prints a plain line instead, at most
-    every `LoggedProgress.every_s`."""
+    every `LogLines.every_s`."""
     return LoggedProgress(
         label,
         TextColumn(label.replace("[", r"\[").replace("{", "{{").replace("}", "}}")),  # a literal label
@@ -231,23 +239,17 @@ def detail_progress(label: str) -> Progress:
 class LoggedProgress(Progress):
     """A rich progress bar that also reports to a stderr that is not a terminal. Rich draws nothing there
     until the work ends, so a sweep or a training run in the background (`nohup … > log`) showed nothing for
-    hours; this prints `label: done/total detail (elapsed)` when the figures change, at most every `every_s`."""
-
-    every_s = 10.0
+    hours; this prints `label: done/total detail (elapsed)` as `LogLines`."""
 
     def __init__(self, label: str, *columns: Any, **kwargs: Any) -> None:
         super().__init__(*columns, **kwargs)
-        self.label = label
-        self.logged_at = -float("inf")
+        self.lines = LogLines(label)
 
     def update(self, task_id: Any, **kwargs: Any) -> None:
         super().update(task_id, **kwargs)
-        if self.console.is_terminal or time.monotonic() - self.logged_at < self.every_s:
+        if self.console.is_terminal:
             return
-        self.logged_at = time.monotonic()
         task = self._tasks[task_id]
         done = f"{task.completed:g}" + ("" if task.total is None else f"/{task.total:g}")
-        detail = task.fields.get("detail", "")
         elapsed = time.strftime("%H:%M:%S", time.gmtime(task.elapsed or 0))
-        line = f"{escape(self.label)}: {done} {detail} ({elapsed})"  # `detail` is markup, as in the bar's column
-        self.console.print(line, highlight=False, soft_wrap=True)
+        self.lines(f"{done} {task.fields.get('detail', '')} ({elapsed})")

@@ -102,7 +102,7 @@ def test_a_missing_mediawiki_dump_is_one_line_naming_the_field(cli, write_config
 def test_long_work_reports_progress_lines_where_stderr_is_not_a_terminal(capsys, monkeypatch):
     """Rich draws a progress bar only on a terminal: a sweep run in the background with its output in a log
     showed nothing until it ended, hours later. There it prints a plain line, at most every `every_s`."""
-    from marllb_cli.cli_support import LoggedProgress, detail_progress
+    from marllb_cli.cli_support import LogLines, detail_progress
 
     clock = iter(range(0, 1000, 4))  # 4 s between updates
     monkeypatch.setattr("marllb_cli.cli_support.time.monotonic", lambda: float(next(clock)))
@@ -111,7 +111,7 @@ def test_long_work_reports_progress_lines_where_stderr_is_not_a_terminal(capsys,
         for done in range(1, 6):
             bar.update(task, completed=done, detail=f"cell {done} \\[sed]")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sweep [grid].yaml: ")]
-    assert LoggedProgress.every_s == 10.0
+    assert LogLines.every_s == 10.0
     assert [line.split(" (")[0] for line in lines] == [
         "sweep [grid].yaml: 1/5 cell 1 [sed]",
         "sweep [grid].yaml: 4/5 cell 4 [sed]",
