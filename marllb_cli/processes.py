@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from marllb_cli.errors import TestbedError
 
-__all__ = ["become_subreaper", "die_with_parent", "kill_pids", "reap_exited", "run_checked"]
+__all__ = ["become_subreaper", "die_with_parent", "is_running", "kill_pids", "reap_exited", "run_checked"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -94,11 +94,12 @@ def kill_pids(list_pids: Callable[[], list[int]], *, grace_s: float = 3.0) -> No
 def _wait_reaped(pids: set[int], grace_s: float) -> None:
     """Wait until the killed processes have exited (gone, or a zombie that only waits for its parent to reap it)."""
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+    while time.monotonic() < deadline and any(is_running(pid) for pid in pids):
         time.sleep(0.02)
 
 
-def _running(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """Whether `pid` runs: exists and is neither a zombie nor dead."""
     try:
         stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - tiny procfs read
     except (FileNotFoundError, ProcessLookupError):

@@ -29,7 +29,7 @@ from marllb_cli.deploy.node.cgroups import CpuCgroup
 from marllb_cli.deploy.node.manifest import Manifest
 from marllb_cli.errors import TestbedError
 from marllb_cli.hosts.local import LocalHost
-from marllb_cli.processes import die_with_parent, reap_exited
+from marllb_cli.processes import die_with_parent, is_running, reap_exited
 from marllb_cli.services import Service, start_process
 
 __all__ = [
@@ -97,6 +97,10 @@ def stop_hog(manifest: Manifest, server: str) -> int:
 _stopped_masters: set[int] = set()
 
 
+def _reap_stopped_masters() -> None:
+    _stopped_masters.difference_update(reap_exited(_stopped_masters))
+
+
 def server_down(instance: ApacheInstance, *, timeout_s: float = 5.0) -> None:
     """Apache's graceful stop; returns once the server refuses connections. The master leaves once its workers
     are done; `server_up` or the next stop reaps it."""
@@ -113,7 +117,7 @@ def server_down(instance: ApacheInstance, *, timeout_s: float = 5.0) -> None:
         time.sleep(0.02)
     if master is not None:
         _stopped_masters.add(master)
-    _stopped_masters.difference_update(reap_exited(_stopped_masters))
+    _reap_stopped_masters()
 
 
 def server_up(instance: ApacheInstance, testbed, *, drain_s: float = 10.0) -> None:
@@ -123,7 +127,7 @@ def server_up(instance: ApacheInstance, testbed, *, drain_s: float = 10.0) -> No
     quota, until they are done); a master that still holds its pid file but does not answer (a stop not yet
     under way, or hung) gets `drain_s` to finish, then SIGTERM (Apache's own stop; nothing else in the cgroup
     is touched: a MediaWiki server's database lives there too)."""
-    _stopped_masters.difference_update(reap_exited(_stopped_masters))
+    _reap_stopped_masters()
     if instance.ready():
         return
     # A graceful stop removes the pid file up to about 0.6 s after the listeners close (the master first wakes
@@ -134,13 +138,13 @@ def server_up(instance: ApacheInstance, testbed, *, drain_s: float = 10.0) -> No
         time.sleep(0.005)
     master = _master(instance)
     deadline = time.monotonic() + drain_s
-    while master is not None and _alive(master) and time.monotonic() < deadline:
+    while master is not None and is_running(master) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if master is not None and _alive(master):
+    if master is not None and is_running(master):
         os.kill(master, signal.SIGTERM)
         _stopped_masters.add(master)
         stop_deadline = time.monotonic() + 5.0
-        while _alive(master) and time.monotonic() < stop_deadline:
+        while is_running(master) and time.monotonic() < stop_deadline:
             time.sleep(0.05)
     instance.pidfile.unlink(missing_ok=True)
     instance.start(testbed)
@@ -153,14 +157,6 @@ def _master(instance: ApacheInstance) -> int | None:
     except (FileNotFoundError, ValueError):
         return None
     return pid if pid in instance.cgroup.pids() else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def kill_agent(manifest: Manifest, lb: str) -> bool:
