@@ -30,7 +30,7 @@ from marllb_cli.agents.factory import make_agent
 from marllb_cli.coordination.link import CoordinatedAgent, CoordinatorAddress
 from marllb_cli.dataplane.channel import Channel, TornRead
 from marllb_cli.features import observe, observe_neurips
-from marllb_cli.probes import busy_workers
+from marllb_cli.probes import BusyWorkersProbe
 from marllb_cli.services import next_tick, until_signalled
 from marllb_cli.steps import step_record
 
@@ -70,19 +70,6 @@ class AgentSpec(BaseModel):
     period: float = 0.25
     steps_log: Path
     learning: LearningSpec | None = None
-
-
-def _probe(servers: list[str], port: int, timeout: float):
-    def probe() -> list[int | None]:
-        busy: list[int | None] = []
-        for ip in servers:
-            try:
-                busy.append(busy_workers(None, ip, port, timeout=timeout))
-            except OSError:
-                busy.append(None)
-        return busy
-
-    return probe
 
 
 def _attach(path: Path, timeout_s: float = 10.0) -> Channel:
@@ -172,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     spec = AgentSpec.model_validate_json(args.spec.read_text())
-    probe = _probe(spec.servers, spec.status_port, timeout=spec.period * 0.8)
+    probe = BusyWorkersProbe(spec.servers, spec.status_port, deadline_s=spec.period * 0.8)
     if spec.learning is not None:
         agent = learning_agent(spec)
     else:
@@ -184,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s: stopped after %d steps", spec.lb, steps)
     if isinstance(agent, CoordinatedAgent):
         agent.close()
+    probe.close()
     channel.close()
     return 0
 

@@ -4,11 +4,17 @@
     config that models the testbed replaying the same trace window at that speed (`calibration.
     simulator_config`) → for each repeat, each method in turn (interleaved, so a drift of the machine
     spreads over all methods): replay on the testbed → simulate the same requests twice: at the calibrated
-    cost, and at the cost the testbed's stable runs actually paid (the median of their CPU seconds used over
-    the work the calibration counted: `cost_scale`), which separates an error of the cost model from one of
-    the queueing model → per load and method, each side's mean / p90 / p99 JCT, error rate, per-server
-    request shares and stability (over repeats: mean and spread), the ratios testbed / sim, and each side's
-    ranking of the methods.
+    cost ("sim cal"), and at the cost that very testbed run paid (its CPU seconds used over the work the
+    calibration counted, `meta.json`'s `load.cost_ratio`; "sim"), which separates an error of the cost model
+    from one of the queueing model → per load and method, each side's mean / p90 / p99 JCT, error rate,
+    per-server request shares and stability (over repeats: mean and spread), the ratios testbed / sim, and
+    each side's ranking of the methods.
+
+Why each run at its own cost, not all at one: this machine's CPU speed drifts by several per cent between
+runs minutes apart, and near a load of 1 a server's JCT moves by 1 / (1 − ρ) times that (wcmp at 0.9: two
+runs that paid 0.97 and 0.99 × the model took 813 and 1 443 ms). A simulator at the runs' median cost
+compares each run with a machine it did not run on. `cost_scale` (the median over the stable runs) is still
+reported, and is the cost of a run that measured none.
 
 A run is *unstable* when its queues grow over the run: the mean JCT of the last third of the requests is
 more than twice that of the first third, or more than 1 % of the requests failed.
@@ -47,12 +53,16 @@ def unstable(requests: pd.DataFrame) -> bool:
 
 
 def run_figures(run: Path, servers: Sequence[str]) -> dict[str, Any]:
-    """One run's figures: JCT mean / p90 / p99 (s), error rate, request share per server, stability."""
+    """One run's figures: JCT mean / p90 / p99 (s), error rate, request share per server, stability, and on
+    the testbed the cost its requests paid against the calibration (None where it measured none)."""
     summary = json.loads((run / "summary.json").read_text())
     requests = pd.read_parquet(run / "requests.parquet")
     counts = requests["server"].value_counts()
+    meta_path = run / "meta.json"
+    load = json.loads(meta_path.read_text()).get("load") if meta_path.exists() else None
     return {
         "run": str(run),
+        "cost_ratio": (load or {}).get("cost_ratio"),
         "jct_mean_s": summary["jct_mean_s"],
         "jct_p90_s": summary["jct_p90_s"],
         "jct_p99_s": summary["jct_p99_s"],
@@ -80,6 +90,24 @@ def _side(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "unstable": any(run["unstable"] for run in runs),
         "runs": [run["run"] for run in runs],
     }
+
+
+def _at_cost(calibration: Any, scale: float) -> Any:
+    """The calibration with its CPU costs (per iteration, per request) scaled by `scale`."""
+    model = calibration.model
+    scaled = model.model_copy(
+        update={"iteration_s": model.iteration_s * scale, "cpu_overhead_s": model.cpu_overhead_s * scale}
+    )
+    return calibration.model_copy(update={"model": scaled})
+
+
+def _cost_overrides(calibration: Any) -> list[str]:
+    """`--set` overrides that give a simulator config the CPU costs of `calibration`."""
+    model = calibration.model
+    return [
+        f"sim.traffic.iteration_s={model.iteration_s:.9e}",
+        f"sim.traffic.cpu_overhead_s={model.cpu_overhead_s:.9e}",
+    ]
 
 
 def _ratio(testbed: dict[str, Any], sim: dict[str, Any]) -> float | None:
@@ -146,35 +174,30 @@ def fidelity(
                     runs_dir=out / "testbed",
                     seed=repeat,
                 )
-                outcome = replay_trace(config, options)
-                run = run_figures(outcome.path, servers)
+                run = run_figures(replay_trace(config, options).path, servers)
                 figures[method]["testbed"].append(run)
-                if not run["unstable"] and outcome.load and "cost_ratio" in outcome.load:
-                    cost_ratios.append(outcome.load["cost_ratio"])  # the run measured it (`experiment`)
+                if not run["unstable"] and run["cost_ratio"] is not None:
+                    cost_ratios.append(run["cost_ratio"])
         cost_scale = float(np.median(cost_ratios)) if cost_ratios else 1.0
-        models = {
-            "sim_calibrated": calibration,
-            "sim": calibration.model_copy(
-                update={
-                    "model": calibration.model.model_copy(
-                        update={
-                            "iteration_s": calibration.model.iteration_s * cost_scale,
-                            "cpu_overhead_s": calibration.model.cpu_overhead_s * cost_scale,
-                        }
-                    )
-                }
-            ),
-        }
         sim_paths = {}
-        for side, model in models.items():
+        for side in ("sim_calibrated", "sim"):
             sim_paths[side] = out / f"{side.replace('_', '-')}-load{load:g}.yaml"
-            sim_paths[side].write_text(simulator_config(config, model, trace=trace, speed=speed, start_s=start_s))
+            sim_paths[side].write_text(
+                simulator_config(
+                    config, calibration if side == "sim_calibrated" else _at_cost(calibration, cost_scale),
+                    trace=trace, speed=speed, start_s=start_s,
+                )
+            )  # fmt: skip
             sim_config = load_config(sim_paths[side])
             for repeat in range(repeats):
                 for method in methods:
                     progress(f"load {load:g}: {method} in the simulator ({side})")
+                    paid = figures[method]["testbed"][repeat]["cost_ratio"]
+                    run_config = sim_config
+                    if side == "sim" and paid is not None:  # this run's own cost (the module docstring)
+                        run_config = load_config(sim_paths[side], _cost_overrides(_at_cost(calibration, paid)))
                     simulated = simulate_to_run_dir(
-                        sim_config, method, runs_dir=out / side, seed=repeat, duration_s=duration_s
+                        run_config, method, runs_dir=out / side, seed=repeat, duration_s=duration_s
                     )
                     figures[method][side].append(run_figures(simulated.path, servers))
         rows = []

@@ -16,6 +16,7 @@ from marllb_cli.dataplane.channel import COUNTERS, Channel
 from marllb_cli.dataplane.flows import FlowTable
 from marllb_cli.dataplane.selection import Selector, flow_key
 from marllb_cli.features import FEATURE_NAMES
+from marllb_cli.probes import BusyWorkersProbe
 from marllb_cli.rewards import EPS, REWARDS, all_rewards, jain, ms, pbf, scored, team, vbf, vbf_log
 
 
@@ -36,6 +37,49 @@ def test_active_wcmp_discounts_capacity_by_busy_workers_and_keeps_silent_servers
     assert agent.method == "wcmp"
     assert agent.act(np.zeros((3, 6))).tolist() == [1.0, 0.5, 2.0]
     assert agent.act(np.zeros((3, 6))).tolist() == [0.2, 0.5, 4.0]  # srv1 did not answer: keeps 2/(3+1)
+
+
+def test_the_busy_workers_probe_asks_every_server_at_once_within_one_deadline():
+    """Two of four servers accept the probe's connection and never answer (a server starved of CPU). Asked
+    one after another, each would hold the step for the whole deadline, so the step would take twice it and
+    the agent would skip periods; asked at once, the step ends at the deadline with both answers it got."""
+    import http.server
+    import socket
+    import threading
+
+    class Status(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            busy = self.server.server_address[0].rsplit(".", 1)[1]  # 127.0.0.12 says 12 busy workers
+            body = f"Total Accesses: 1\nBusyWorkers: {busy}\nIdleWorkers: 3\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    silent = [socket.create_server(("127.0.0.11", 0))]  # accepted by the kernel, never answered
+    port = silent[0].getsockname()[1]
+    silent.append(socket.create_server(("127.0.0.13", port)))
+    answering = [http.server.ThreadingHTTPServer((f"127.0.0.{n}", port), Status) for n in (12, 14)]
+    for server in answering:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    probe = BusyWorkersProbe([f"127.0.0.{n}" for n in (11, 12, 13, 14)], port, deadline_s=0.4)
+    try:
+        started = time.monotonic()
+        busy = probe()
+        took = time.monotonic() - started
+        assert busy == [None, 12, None, 14]
+        assert 0.35 < took < 0.7  # one deadline, not two (sequential probes: ≥ 0.8 s)
+        assert probe() == [None, 12, None, 14]  # the late probes of the first step did not block the second
+    finally:
+        probe.close()
+        for server in answering:
+            server.shutdown()
+            server.server_close()
+        for sock in silent:
+            sock.close()
 
 
 def test_rewards_on_hand_computed_vectors():
