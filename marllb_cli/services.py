@@ -81,12 +81,25 @@ class Service:
             while self.running() and time.monotonic() < deadline:
                 time.sleep(0.02)
 
-    def log_tail(self, lines: int = 5) -> str:
+    def log_tail(self, lines: int = 5, *, since: int = 0) -> str:
+        """The last `lines` lines of the log, of what was written after byte `since` (a log is appended to
+        by every start of the service: `since` keeps a previous run's last words out of this one's)."""
         try:
-            text = Path(self.log).read_text(errors="replace")
+            with open(self.log, "rb") as log:
+                log.seek(since)
+                text = log.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
         return "\n".join(text.strip().splitlines()[-lines:])
+
+    def exit_status(self) -> str | None:
+        """How the service ended, when this process started it and it has: "exited with status N" or
+        "was killed by SIGNAME"; None while it runs or when another process started it."""
+        for process in _launched:
+            if process.pid == self.pid and process.poll() is not None:
+                code = process.returncode
+                return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        return None
 
 
 def start_service(ns: LocalHost, name: str, module: str, args: Sequence[str], log: Path) -> Service:

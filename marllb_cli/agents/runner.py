@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     spec = AgentSpec.model_validate_json(args.spec.read_text())
+    log.info("%s: starting, pid %d", spec.lb, os.getpid())  # a start-up failure then shows after this line
     probe = BusyWorkersProbe(spec.servers, spec.status_port, deadline_s=spec.period * 0.8)
     if spec.learning is not None:
         agent = learning_agent(spec)

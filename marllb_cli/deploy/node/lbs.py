@@ -155,9 +155,11 @@ def start_lb(host: LocalHost, manifest: Manifest, dataplane: DataplaneSpec, agen
         ("dataplane", "marllb_cli.dataplane.fastpath", dataplane_file, _published, "publish stats"),
         ("agent", "marllb_cli.agents.runner", agent_file, _stepped, "take its first step"),
     ):
-        service = start_service(host, f"{name}-{role}", module, [str(spec_file)], directory / f"{name}.{role}.log")
+        log = directory / f"{name}.{role}.log"
+        mark = log.stat().st_size if log.exists() else 0  # where this start's lines begin
+        service = start_service(host, f"{name}-{role}", module, [str(spec_file)], log)
         manifest.record("process", service.name, lb=name, **service.as_record())
-        _wait(service, lambda s=service, is_ready=ready: is_ready(channel, s), what)
+        _wait(service, lambda s=service, is_ready=ready: is_ready(channel, s), what, since=mark)
 
 
 def start_coordinator(host: LocalHost, manifest: Manifest, spec: CoordinatorSpec, lb: str, directory: Path) -> None:
@@ -177,7 +179,7 @@ def start_coordinator(host: LocalHost, manifest: Manifest, spec: CoordinatorSpec
             text.seek(mark)
             return b"listening on" in text.read()
 
-    _wait(service, listening, "listen")
+    _wait(service, listening, "listen", since=mark)
 
 
 def stop_lbs(manifest: Manifest) -> int:
@@ -204,9 +206,13 @@ def lb_resources(manifest: Manifest) -> list[Resource]:
     return [r for r in manifest.resources if r.kind in ("process", "file") and "lb" in r.data]
 
 
-def _wait(service: Service, ready: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
+def _wait(service: Service, ready: Callable[[], bool], what: str, *, since: int = 0, timeout_s: float = 120.0) -> None:
     """Until `ready()`; a process that exits ends the wait at once, so the long default only matters to one
-    that hangs — and an agent importing PyTorch on an emulated KVM guest takes tens of seconds."""
+    that hangs — and an agent importing PyTorch on an emulated KVM guest takes tens of seconds.
+
+    The error says whether the process ended (and how, where we started it) or hung, and quotes only what it
+    logged after byte `since` of its log: the log is shared by every start of the service, and a previous
+    run's last line read as this one's reason hid how this one died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready():
@@ -214,7 +220,12 @@ def _wait(service: Service, ready: Callable[[], bool], what: str, timeout_s: flo
         if not service.running():
             break
         time.sleep(0.05)
-    reason = service.log_tail(1) or ("exited" if not service.running() else f"no sign after {timeout_s:.0f} s")
+    if service.running():
+        how = f"still running, no sign after {timeout_s:.0f} s"
+    else:
+        how = service.exit_status() or "exited"
+    said = service.log_tail(1, since=since)
+    reason = f"{how}; its last words: {said}" if said else f"{how} before writing to its log"
     raise TestbedError(f"{service.name} did not {what}: {reason}", hint=f"see {service.log}")
 
 
