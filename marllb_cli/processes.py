@@ -7,11 +7,20 @@ import os
 import signal
 import subprocess
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 from marllb_cli.errors import TestbedError
 
-__all__ = ["become_subreaper", "die_with_parent", "is_running", "kill_pids", "reap_exited", "run_checked"]
+__all__ = [
+    "become_subreaper",
+    "die_with_parent",
+    "is_running",
+    "kill_pids",
+    "reap_exited",
+    "run_checked",
+    "track_popen",
+]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -23,6 +32,18 @@ def become_subreaper() -> None:
     init may reap, and some inits reap late; until then its cgroup cannot be removed. As reaper, teardown
     reaps it itself (`cgroups._reap_exited_children`)."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+#: The `subprocess.Popen` handles of the children this process started (`LocalHost.popen`), by pid. Their exit
+#: status belongs to whoever waits on the handle (a reap here would leave it "exited 0" whatever happened),
+#: so `kill_pids` reaps only the other processes it killed: the orphans it inherited as subreaper.
+_popened: weakref.WeakValueDictionary[int, subprocess.Popen] = weakref.WeakValueDictionary()
+
+
+def track_popen(process: subprocess.Popen) -> subprocess.Popen:
+    """Remember a child started here, so that `kill_pids` leaves its exit status to its handle."""
+    _popened[process.pid] = process
+    return process
 
 
 def reap_exited(pids: Iterable[int]) -> set[int]:
@@ -72,7 +93,10 @@ def run_checked(argv: Sequence[str], what: str, *, timeout: float = 120) -> subp
 def kill_pids(list_pids: Callable[[], list[int]], *, grace_s: float = 3.0) -> None:
     """SIGTERM every pid `list_pids()` returns, wait up to `grace_s`, then SIGKILL what is left.
 
-    `list_pids` is called again after each round, so children forked meanwhile are caught too.
+    `list_pids` is called again after each round, so children forked meanwhile are caught too. The killed
+    processes that became this process's children (orphans it inherited as subreaper: Apache's workers and
+    masters, a dataplane whose launcher died) are reaped here; a long-lived controller (a sweep, a test session)
+    kept each as a zombie until it exited. Children with a `Popen` handle (`track_popen`) are left to it.
     """
     signalled: set[int] = set()
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -87,6 +111,7 @@ def kill_pids(list_pids: Callable[[], list[int]], *, grace_s: float = 3.0) -> No
             time.sleep(0.05)
         if not list_pids():
             _wait_reaped(signalled, grace_s)
+            reap_exited(pid for pid in signalled if pid not in _popened)
             return
     raise TestbedError(f"processes survived SIGKILL: {list_pids()}")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from marllb_cli.errors import TestbedError
+from marllb_cli.processes import track_popen
 
 __all__ = ["LocalHost", "LocalNamespace", "host_for", "list_namespaces", "NETNS_DIR", "sysctl_path", "telling_line"]
 
@@ -86,7 +87,8 @@ class LocalHost:
         self, argv: Sequence[str], *, preexec_fn: Callable[[], None] | None = None, **kwargs: Any
     ) -> subprocess.Popen:
         """Start a long-running command on the node, in a session of its own (no terminal signals)."""
-        return subprocess.Popen(self.argv(argv), preexec_fn=preexec_fn, start_new_session=True, **kwargs)
+        process = subprocess.Popen(self.argv(argv), preexec_fn=preexec_fn, start_new_session=True, **kwargs)
+        return track_popen(process)  # its exit status is the handle's (`processes.kill_pids`)
 
     def sysctl(self, key: str, value: int | str) -> None:
         """Set a per-namespace sysctl (`net.ipv4.ip_forward`) and read it back to confirm it took."""
