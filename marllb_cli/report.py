@@ -688,6 +688,8 @@ def fidelity_figure(directories: list[Path], out: Path) -> tuple[Path, list[str]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from marllb_cli.bench.fidelity import stability
+
     lines = [
         "| fidelity | load | method | testbed mean (ms) | sim mean (ms) | testbed / sim | at calibrated cost | "
         "unstable tb / sim |",
@@ -719,7 +721,7 @@ def fidelity_figure(directories: list[Path], out: Path) -> tuple[Path, list[str]
             )
             ratio = f"{row['ratio']:.2f}" if row.get("ratio") else ""
             calibrated = f"{row['ratio_calibrated']:.2f}" if row.get("ratio_calibrated") else ""
-            unstable = f"{'yes' if tb['unstable'] else 'no'} / {'yes' if sim['unstable'] else 'no'}"
+            unstable = f"{stability(tb)} / {stability(sim)}"
             lines.append(
                 f"| {_markdown_cell(str(directory))} | {load:g} | {_markdown_cell(row['method'])} | {y:.0f} | "
                 f"{x:.0f} | {ratio} | {calibrated} | {unstable} |"

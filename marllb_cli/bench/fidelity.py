@@ -17,7 +17,9 @@ compares each run with a machine it did not run on. `cost_scale` (the median ove
 reported, and is the cost of a run that measured none.
 
 A run is *unstable* when its queues grow over the run: the mean JCT of the last third of the requests is
-more than twice that of the first third, or more than 1 % of the requests failed.
+more than twice that of the first third (its `growth`), or more than 1 % of the requests failed. A method is
+unstable on a side when any of its runs is; the side's mean growth says how close that verdict was (a
+server loaded at ρ ≈ 1 grows by 1.4–3 × over 30 s, on either side of the threshold from run to run).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import pandas as pd
 
 from marllb_cli.config import Config, load_config
 
-__all__ = ["FIDELITY_METHODS", "fidelity", "run_figures", "unstable"]
+__all__ = ["FIDELITY_METHODS", "fidelity", "growth", "run_figures", "stability", "unstable"]
 
 FIDELITY_METHODS = ("ecmp", "wcmp", "lsq", "sed", "awcmp")
 #: A run whose last third's mean JCT exceeds the first third's by this factor has a growing queue.
@@ -41,15 +43,23 @@ GROWTH_FACTOR, ERROR_SHARE = 2.0, 0.01
 Progress = Callable[[str], None]
 
 
+def growth(requests: pd.DataFrame) -> float | None:
+    """The mean JCT of the last third of the run's answered requests over that of the first third (None when
+    a third has none): 1 for a steady queue, ≫ 1 for one that grows."""
+    ok = (requests["error"] == "") & requests["status"].between(200, 399)
+    third = requests["intended_s"].max() / 3
+    early = requests.loc[ok & (requests["intended_s"] < third), "jct_s"].mean()
+    late = requests.loc[ok & (requests["intended_s"] > 2 * third), "jct_s"].mean()
+    return float(late / early) if early > 0 and late == late else None
+
+
 def unstable(requests: pd.DataFrame) -> bool:
     """Whether the queues grew over the run (see the module docstring)."""
     ok = (requests["error"] == "") & requests["status"].between(200, 399)
     if len(requests) == 0 or (~ok).mean() > ERROR_SHARE:
         return True
-    third = requests["intended_s"].max() / 3
-    early = requests.loc[ok & (requests["intended_s"] < third), "jct_s"].mean()
-    late = requests.loc[ok & (requests["intended_s"] > 2 * third), "jct_s"].mean()
-    return bool(late > GROWTH_FACTOR * early)
+    ratio = growth(requests)
+    return ratio is not None and ratio > GROWTH_FACTOR
 
 
 def run_figures(run: Path, servers: Sequence[str]) -> dict[str, Any]:
@@ -69,6 +79,7 @@ def run_figures(run: Path, servers: Sequence[str]) -> dict[str, Any]:
         "error_rate": summary["error_rate"],
         "shares": {server: float(counts.get(server, 0)) / max(1, len(requests)) for server in servers},
         "unstable": unstable(requests),
+        "growth": growth(requests),
     }
 
 
@@ -88,6 +99,7 @@ def _side(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "error_rate": mean("error_rate"),
         "shares": {server: float(np.mean([run["shares"][server] for run in runs])) for server in runs[0]["shares"]},
         "unstable": any(run["unstable"] for run in runs),
+        "growth": mean("growth"),  # how near the verdict is to its threshold (`GROWTH_FACTOR`)
         "runs": [run["run"] for run in runs],
     }
 
@@ -108,6 +120,12 @@ def _cost_overrides(calibration: Any) -> list[str]:
         f"sim.traffic.iteration_s={model.iteration_s:.9e}",
         f"sim.traffic.cpu_overhead_s={model.cpu_overhead_s:.9e}",
     ]
+
+
+def stability(side: dict[str, Any]) -> str:
+    """A side's verdict with its mean growth, as the tables print it: "yes ×2.4", "no ×1.1"."""
+    verdict = "yes" if side["unstable"] else "no"
+    return f"{verdict} ×{side['growth']:.1f}" if side.get("growth") is not None else verdict
 
 
 def _ratio(testbed: dict[str, Any], sim: dict[str, Any]) -> float | None:

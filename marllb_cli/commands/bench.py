@@ -311,6 +311,8 @@ def fidelity(
 
 def print_fidelity(report: dict) -> None:
     """`bench fidelity`'s tables, one per load, from its report (`fidelity.json`)."""
+    from marllb_cli.bench.fidelity import stability
+
     for entry in report["loads"]:
         title = f"load {entry['load']:g} (speed {entry['speed']:.3g}), {report['repeats']} runs each: JCT in ms"
         table = Table(title=title)
@@ -329,7 +331,7 @@ def print_fidelity(report: dict) -> None:
                 _ms(tb["jct_p99_s"]),
                 _ms(sim["jct_p99_s"]),
                 f"{tb['error_rate']:.1%} / {sim['error_rate']:.1%}",
-                f"{'yes' if tb['unstable'] else 'no'} / {'yes' if sim['unstable'] else 'no'}",
+                f"{stability(tb)} / {stability(sim)}",
             )
         console.print(table)
         ranking = entry["ranking"]

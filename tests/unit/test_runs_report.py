@@ -339,3 +339,24 @@ def test_weight_dynamics_read_zero_for_static_weights_and_the_moves_of_moving_on
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| moving | 202 | 100.0% | 0.250 |" in markdown and "| static | 202 | 0.0% | 0.000 |" in markdown
     assert (tmp_path / "report" / "weights_over_time.png").stat().st_size > 5000
+
+
+def test_fidelity_gives_each_stability_verdict_with_the_growth_behind_it():
+    """A steady queue grows ×1, one whose JCT climbs from 2 s to 4 s over the run ×1.6, one that climbs from
+    0.1 s to 6 s ×4 (unstable: the threshold is ×2), as does one where 3 % of the requests failed;
+    the verdict is printed with its growth, since a server at ρ ≈ 1 lands on either side of the threshold."""
+    from marllb_cli.bench.fidelity import growth, stability, unstable
+
+    t = np.linspace(0, 30, 301)
+
+    def requests(jct: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame({"intended_s": t, "jct_s": jct, "error": "", "status": 200})
+
+    steady, climbing = requests(np.full(t.size, 0.2)), requests(2 + t / 15)
+    assert growth(steady) == pytest.approx(1.0) and not unstable(steady)
+    assert growth(climbing) == pytest.approx((2 + 25 / 15) / (2 + 5 / 15), rel=0.02) and not unstable(climbing)
+    assert growth(requests(0.1 + t / 5)) > 2 and unstable(requests(0.1 + t / 5))
+    failing = requests(np.full(t.size, 0.2)).assign(error=["reset"] * 10 + [""] * 291)  # 3 % failed
+    assert unstable(failing)
+    assert stability({"unstable": True, "growth": 2.44}) == "yes ×2.4"
+    assert stability({"unstable": False}) == "no"  # a report written before growth was recorded
