@@ -135,16 +135,28 @@ def test_learners_train_on_neurips_observation_from_the_dataplanes_statistics(te
             assert (np.abs(features).sum(axis=(0, 1)) > 0).all()
 
 
+def stepping_agent(testbed, lb: str) -> int | None:
+    """The pid of `lb`'s agent once it has entered its step loop (its log says so), else None."""
+    manifest = Manifest.load(testbed.state_dir / MANIFEST)
+    pids = [r.data["pid"] for r in manifest.of_kind("process") if r.name == f"{lb}-agent"] if manifest else []
+    log = testbed.state_dir / "lb" / f"{lb}.agent.log"
+    if not pids or not log.exists():
+        return None
+    return pids[0] if f" ms, pid {pids[0]}" in log.read_text(errors="replace") else None
+
+
 def test_qmix_steps_through_its_coordinator_and_survives_a_dead_agent(testbed, tmp_path):
     out = tmp_path / "qmix"
     process = train(out, "qmix", 3)
+    wait_for(lambda: stepping_agent(testbed, "lb1") is not None, timeout=200)
+    first = stepping_agent(testbed, "lb1")  # episode 0's agent (an episode lasts 10 s)
+    assert first is not None
     wait_for(lambda: curve_rows(out) == 1, timeout=200)
-    wait_for(lambda: len(list((out / "episodes").iterdir())) == 2)
-    time.sleep(5)  # inside episode 1's replay
-    manifest = Manifest.load(testbed.state_dir / MANIFEST)
-    assert manifest is not None
-    (agent,) = [r.data["pid"] for r in manifest.of_kind("process") if r.name == "lb1-agent"]
-    os.kill(agent, signal.SIGKILL)
+    # Episode 1's agent, once it steps. Killed while it was still starting (a loaded machine takes more than
+    # the 5 s this test used to wait), it failed the episode's start instead of dying mid-episode.
+    wait_for(lambda: stepping_agent(testbed, "lb1") not in (None, first), timeout=200)
+    time.sleep(2)
+    os.kill(stepping_agent(testbed, "lb1"), signal.SIGKILL)
     finished(process)
 
     curve = pd.read_parquet(out / "curve.parquet")
