@@ -113,12 +113,12 @@ def _at_cost(calibration: Any, scale: float) -> Any:
     return calibration.model_copy(update={"model": scaled})
 
 
-def _cost_overrides(calibration: Any) -> list[str]:
-    """`--set` overrides that give a simulator config the CPU costs of `calibration`."""
+def _cost_overrides(calibration: Any, scale: float) -> list[str]:
+    """`--set` overrides that give a simulator config the CPU costs of `calibration` scaled by `scale`."""
     model = calibration.model
     return [
-        f"sim.traffic.iteration_s={model.iteration_s:.9e}",
-        f"sim.traffic.cpu_overhead_s={model.cpu_overhead_s:.9e}",
+        f"sim.traffic.iteration_s={model.iteration_s * scale:.9e}",
+        f"sim.traffic.cpu_overhead_s={model.cpu_overhead_s * scale:.9e}",
     ]
 
 
@@ -213,7 +213,7 @@ def fidelity(
                     paid = figures[method]["testbed"][repeat]["cost_ratio"]
                     run_config = sim_config
                     if side == "sim" and paid is not None:  # this run's own cost (the module docstring)
-                        run_config = load_config(sim_paths[side], _cost_overrides(_at_cost(calibration, paid)))
+                        run_config = load_config(sim_paths[side], _cost_overrides(calibration, paid))
                     simulated = simulate_to_run_dir(
                         run_config, method, runs_dir=out / side, seed=repeat, duration_s=duration_s
                     )
