@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 from marllb_cli.errors import TestbedError
@@ -15,6 +14,7 @@ from marllb_cli.errors import TestbedError
 __all__ = [
     "become_subreaper",
     "die_with_parent",
+    "exit_status",
     "is_running",
     "kill_pids",
     "reap_exited",
@@ -34,16 +34,29 @@ def become_subreaper() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-#: The `subprocess.Popen` handles of the children this process started (`LocalHost.popen`), by pid. Their exit
-#: status belongs to whoever waits on the handle (a reap here would leave it "exited 0" whatever happened),
-#: so `kill_pids` reaps only the other processes it killed: the orphans it inherited as subreaper.
-_popened: weakref.WeakValueDictionary[int, subprocess.Popen] = weakref.WeakValueDictionary()
+#: The `subprocess.Popen` handles of the long-running children this process started (`LocalHost.popen`), by pid,
+#: kept until they have exited and a later child is started. One registry for three needs: `kill_pids` leaves
+#: these children's exit status to their handle (a reap there would leave it "exited 0" whatever happened);
+#: `exit_status` says how a service ended; and a caller may drop a handle of a process meant to outlive it.
+_children: dict[int, subprocess.Popen] = {}
 
 
 def track_popen(process: subprocess.Popen) -> subprocess.Popen:
-    """Remember a child started here, so that `kill_pids` leaves its exit status to its handle."""
-    _popened[process.pid] = process
+    """Remember a child started here; forget (and reap, through their handles) those that have exited."""
+    for pid in [pid for pid, known in _children.items() if known.poll() is not None]:
+        del _children[pid]
+    _children[process.pid] = process
     return process
+
+
+def exit_status(pid: int) -> str | None:
+    """How child `pid` ended, if this process started it (`track_popen`) and it has: "exited with status N"
+    or "was killed by SIGNAME"; None while it runs, or when it is not a child we hold a handle of."""
+    process = _children.get(pid)
+    if process is None or process.poll() is None:
+        return None
+    code = process.returncode
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
 
 
 def reap_exited(pids: Iterable[int]) -> set[int]:
@@ -111,7 +124,7 @@ def kill_pids(list_pids: Callable[[], list[int]], *, grace_s: float = 3.0) -> No
             time.sleep(0.05)
         if not list_pids():
             _wait_reaped(signalled, grace_s)
-            reap_exited(pid for pid in signalled if pid not in _popened)
+            reap_exited(pid for pid in signalled if pid not in _children)
             return
     raise TestbedError(f"processes survived SIGKILL: {list_pids()}")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marllb_cli.hosts.local import LocalHost
+from marllb_cli.processes import exit_status
 
 __all__ = [
     "EXIT_ON_STDIN_EOF",
@@ -29,10 +30,6 @@ __all__ = [
     "stop_recorded_clients",
     "until_signalled",
 ]
-
-#: Popen handles of services this process started: kept so that a long-lived caller (a test session) can
-#: reap them, and so that dropping the handle does not warn about a process that is meant to outlive it.
-_launched: list[subprocess.Popen] = []
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -95,11 +92,7 @@ class Service:
     def exit_status(self) -> str | None:
         """How the service ended, when this process started it and it has: "exited with status N" or
         "was killed by SIGNAME"; None while it runs or when another process started it."""
-        for process in _launched:
-            if process.pid == self.pid and process.poll() is not None:
-                code = process.returncode
-                return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        return None
+        return exit_status(self.pid)
 
 
 def start_service(ns: LocalHost, name: str, module: str, args: Sequence[str], log: Path) -> Service:
@@ -116,8 +109,6 @@ def start_process(
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         process = ns.popen(argv, preexec_fn=preexec_fn, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    _launched[:] = [p for p in _launched if p.poll() is None]
-    _launched.append(process)
     start_time = None
     deadline = time.monotonic() + 2.0
     while start_time is None and time.monotonic() < deadline:
