@@ -47,7 +47,7 @@ from marllb_cli.calibration import (
 from marllb_cli.client_node import stop_process
 from marllb_cli.config import Config
 from marllb_cli.deploy import testbed_for
-from marllb_cli.deploy.base import Testbed
+from marllb_cli.deploy.base import Testbed, exclusive_use
 from marllb_cli.deploy.node.cgroups import CpuUsage
 from marllb_cli.errors import TestbedError
 from marllb_cli.loadprobe import Phase, ProbeSpec, Stream
@@ -169,6 +169,11 @@ def calibrate(
     `pilot_s` > 0: then replay that long through the LBs at `PILOT_LOAD` and scale the model by what the
     servers really carried (`calibration.PilotRun`)."""
     testbed = testbed_for(config)
+    with exclusive_use(testbed):  # its pilot replay takes the testbed again: nested holds are one
+        return _calibrate(config, testbed, progress, pilot_s)
+
+
+def _calibrate(config: Config, testbed: Testbed, progress: Progress, pilot_s: float) -> tuple[Calibration, Path]:
     testbed.require_deployed()
     servers = testbed.topology.servers
     started = time.monotonic()

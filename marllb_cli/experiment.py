@@ -39,7 +39,7 @@ from marllb_cli.client_node import ClientNode, ClientProcess, stop_process
 from marllb_cli.config import Config
 from marllb_cli.coordination.coordinator import CoordinatorSpec
 from marllb_cli.deploy import testbed_for
-from marllb_cli.deploy.base import LbControl, Testbed
+from marllb_cli.deploy.base import LbControl, Testbed, exclusive_use
 from marllb_cli.deploy.node.cgroups import CpuUsage
 from marllb_cli.errors import ConfigError, MarllbError, Terminated, TestbedError
 from marllb_cli.events import Event, TimedEvent, event_specs, events_frame, timeline
@@ -203,17 +203,18 @@ def replay_trace(
     Ctrl-C (KeyboardInterrupt) stops the run early and returns it with `interrupted` set; any other error
     is raised after the run directory has been written."""
     plan = plan or plan_replay(config, options)
-    run_dir = RunDir(
-        options.runs_dir,
-        config=config,
-        method=options.method,
-        testbed=plan.testbed.topology.testbed,
-        seed=plan.seed,
-        meta=plan.meta,
-    )
-    with run_dir as run:
-        plan.schedule.to_parquet(run.path / "schedule.parquet", index=False)
-        return _replay(config, plan, run, options, progress)
+    with exclusive_use(plan.testbed):  # another command measuring here: refused before a run directory exists
+        run_dir = RunDir(
+            options.runs_dir,
+            config=config,
+            method=options.method,
+            testbed=plan.testbed.topology.testbed,
+            seed=plan.seed,
+            meta=plan.meta,
+        )
+        with run_dir as run:
+            plan.schedule.to_parquet(run.path / "schedule.parquet", index=False)
+            return _replay(config, plan, run, options, progress)
 
 
 def _replay(

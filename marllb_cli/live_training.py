@@ -49,6 +49,7 @@ from marllb_cli.coordination.coordinator import CoordinatorSpec
 from marllb_cli.coordination.link import CoordinatorAddress
 from marllb_cli.coordination.protocol import SECRET_FILE, new_secret
 from marllb_cli.deploy import testbed_for
+from marllb_cli.deploy.base import exclusive_use
 from marllb_cli.errors import ConfigError, TestbedError
 from marllb_cli.experiment import ReplayOptions, plan_replay, replay_trace
 from marllb_cli.presets import DEFAULT_EPISODE_S, DEFAULT_EPISODES
@@ -101,7 +102,20 @@ def train_live(
     started: Callable[[int], None] = lambda _: None,
     replay_progress: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> pd.DataFrame:
-    """Train `algo` on the deployed testbed `config` describes; return the learning curve."""
+    """Train `algo` on the deployed testbed `config` describes; return the learning curve. The testbed is
+    held for the whole training (`exclusive_use`), so no other command measures between its episodes."""
+    with exclusive_use(testbed_for(config)):
+        return _train_live(config, algo, options, progress, started, replay_progress)
+
+
+def _train_live(
+    config: Config,
+    algo: str,
+    options: LiveOptions,
+    progress: Callable[[dict[str, Any]], None],
+    started: Callable[[int], None],
+    replay_progress: Callable[[dict[str, Any]], None],
+) -> pd.DataFrame:
     if algo not in ALGOS:
         raise ConfigError(f"--algo {algo!r}: not available", hint=f"choose one of {', '.join(ALGOS)}")
     reward = options.reward or ALGOS[algo]

@@ -40,7 +40,8 @@ file), so a cell is the same cell however the sweep file spells it, and changes 
 A cell is done when its run directory is in `OUT/runs/` (named by its key): the worker simulates into
 `OUT/.partial/` and renames the finished directory into place, so a sweep killed at any moment (SIGKILL
 included) loses only the cells that were running, and the next `sweep` runs only the cells that are not
-done, failed ones included (`--force`: all). Workers die with the sweep (PR_SET_PDEATHSIG). A failed cell
+done, failed ones included (`--force`: all). Workers die with the sweep (PR_SET_PDEATHSIG). One sweep at a
+time holds OUT (`sole_sweep`). A failed cell
 writes `OUT/failed/<key>.log` and the others go on. `OUT/index.parquet` (a row per done cell: its axes, its
 summary's figures, its directory) is rewritten atomically after every cell; `marllb report OUT/runs` gives
 a table per scenario with confidence intervals over the seeds.
@@ -54,6 +55,7 @@ atomically, so parallel compiles of the same function cannot corrupt it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -74,6 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from marllb_cli import __version__
 from marllb_cli.config import Config, load_config
 from marllb_cli.errors import ConfigError, MissingTool, Terminated, TestbedError
+from marllb_cli.locks import exclusive
 
 __all__ = [
     "BACKENDS",
@@ -88,9 +91,12 @@ __all__ = [
     "plan_cells",
     "plan_sweep",
     "run_sweep",
+    "sole_sweep",
 ]
 
 INDEX, RUNS, TRAININGS, PARTIAL, FAILED = "index.parquet", "runs", "trainings", ".partial", "failed"
+#: Held (flock) by the sweep that runs into OUT, for its whole life; the kernel drops it when that process dies.
+LOCK = ".sweep.lock"
 
 
 class TrainingSpec(BaseModel):
@@ -414,6 +420,34 @@ def run_sweep(
     """Run the planned cells that are not done (all with `force`): on `workers` local processes, or as Ray tasks
     (`address`: a running cluster's, or None to start one of `workers` CPUs here for the sweep)."""
     check_backend(backend, address)
+    with sole_sweep(out):  # the command holds it already, from before its progress bar
+        return _run_sweep(plan, out, workers=workers, force=force, backend=backend, address=address, on_cell=on_cell)
+
+
+def sole_sweep(out: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold OUT for this sweep (`locks.exclusive` on `OUT/.sweep.lock`), or refuse (`ConfigError`, one line
+    naming the other sweep's pid) when another sweep runs into it: a sweep clears `OUT/.partial/` when it
+    starts (what killed cells left), which would delete the other sweep's running cells."""
+    out.mkdir(parents=True, exist_ok=True)
+    return exclusive(
+        out / LOCK,
+        lambda holder: ConfigError(
+            f"{out}: another sweep runs into this folder ({holder})",
+            hint="wait for it to end, or give this sweep another --out",
+        ),
+    )
+
+
+def _run_sweep(
+    plan: SweepPlan,
+    out: Path,
+    *,
+    workers: int,
+    force: bool,
+    backend: str,
+    address: str | None,
+    on_cell: Callable[[int, int, str], None],
+) -> SweepResult:
     cells = plan.cells
     runs = out / RUNS
     runs.mkdir(parents=True, exist_ok=True)

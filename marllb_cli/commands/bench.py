@@ -286,12 +286,16 @@ def fidelity(
     minutes: loads × methods × repeats × duration)."""
     from marllb_cli.bench.fidelity import FIDELITY_METHODS
     from marllb_cli.bench.fidelity import fidelity as run_fidelity
+    from marllb_cli.deploy import testbed_for
+    from marllb_cli.deploy.base import exclusive_use
 
     loads = load_ or [0.7, 0.9]
     methods = [resolve_method(m) for m in dict.fromkeys(method or FIDELITY_METHODS)]
-    with work_status("fidelity") as status:
+    cfg = load(config, set_)
+    # Another command measuring on the testbed: refused in one line, before the display.
+    with exclusive_use(testbed_for(cfg)), work_status("fidelity") as status:
         report = run_fidelity(
-            load(config, set_),
+            cfg,
             trace,
             loads=loads,
             methods=methods,

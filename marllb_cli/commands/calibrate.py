@@ -54,12 +54,15 @@ def calibrate_command(
     """
     from marllb_cli.calibrating import calibrate
     from marllb_cli.calibration import plan_load
+    from marllb_cli.deploy import testbed_for
+    from marllb_cli.deploy.base import exclusive_use
     from marllb_cli.traces import read_trace, trace_window
 
     cfg = load(config, set_)
     # The trace is read (and its window cut) before a minute of measuring, so a bad one fails at once.
     window = trace_window(read_trace(trace)[0], start, None) if trace is not None else None
-    with detail_progress("calibrating") as bar:
+    # Another command measuring on the testbed: refused in one line, before the display.
+    with exclusive_use(testbed_for(cfg)), detail_progress("calibrating") as bar:
         task = bar.add_task("calibrate", total=None, detail="starting the load probe")
         calibration, path = calibrate(cfg, lambda phase: bar.update(task, detail=phase), pilot_s=pilot)
     plan = None

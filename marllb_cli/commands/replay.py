@@ -58,6 +58,7 @@ def replay_trace_command(
     marked incomplete). Timed events (experiment.events, --event) are applied at their times on the replay's
     clock, recorded in events.parquet, and undone after the run (kind local).
     """
+    from marllb_cli.deploy.base import exclusive_use
     from marllb_cli.experiment import ReplayOptions, plan_replay, replay_trace
 
     if speed is not None and load is not None:
@@ -77,7 +78,8 @@ def replay_trace_command(
         events=tuple(load_events(cfg, event)),
     )
     plan = plan_replay(cfg, options)  # every input checked before the progress display starts
-    with detail_progress(f"replaying {method}") as bar:
+    # A testbed that another command measures on is refused before the display too.
+    with exclusive_use(plan.testbed), detail_progress(f"replaying {method}") as bar:
         task = bar.add_task("replay", total=None, detail="starting LBs")
 
         def progress(data: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from rich.markup import escape
 from marllb_cli.cli_support import JsonOption, SetOption, console, detail_progress, reports_errors
 
 if TYPE_CHECKING:
-    from marllb_cli.sweep import SweepPlan
+    from marllb_cli.sweep import SweepPlan, SweepResult
 
 
 @reports_errors
@@ -46,12 +46,13 @@ def sweep_command(
 
     Each cell is content-addressed (resolved config, method, seed, duration, marllb version, the files it reads)
     and done once its run directory is in OUT/runs/: running the sweep again runs only the cells not done
-    (failed ones included); a sweep killed at any point loses only the cells that were running. OUT/index.parquet
+    (failed ones included); a sweep killed at any point loses only the cells that were running. One sweep at a
+    time runs into OUT. OUT/index.parquet
     holds a row per done cell; `marllb report OUT/runs` compares the methods per scenario with confidence
     intervals. --set overrides apply to every cell. A sweep file's `trainings` are trained first (a cell per
     training seed, into OUT/trainings/), then their policies run on its seeds like methods.
     """
-    from marllb_cli.sweep import cell_states, check_backend, check_testbeds, plan_sweep, run_sweep
+    from marllb_cli.sweep import check_backend, plan_sweep, sole_sweep
 
     check_backend(backend, address)  # before the progress bar, as a bad sweep file
     plan = plan_sweep(sweep, tuple(set_ or ()))  # a bad sweep file fails here, before the bar or any file
@@ -59,23 +60,8 @@ def sweep_command(
     if status:
         _print_status(plan, target, json_)
         return
-    todo = [cell for cell, state in cell_states(plan, target) if force or state != "done"]
-    check_testbeds(todo)  # a testbed cell needs its testbed up: said before the bar, not after the other cells
-    with detail_progress(f"sweep {sweep.name}") as progress:
-        task = progress.add_task("cells", total=len(plan.cells), detail="")
-
-        def on_cell(done: int, total: int, what: str) -> None:
-            progress.update(task, completed=done, total=total, detail=escape(what))
-
-        result = run_sweep(
-            plan,
-            target,
-            workers=workers or os.cpu_count() or 1,
-            force=force,
-            backend=backend,
-            address=address,
-            on_cell=on_cell,
-        )
+    with sole_sweep(target):  # another sweep into OUT: said before the bar
+        result = _run(plan, sweep, target, workers, force, backend, address)
     console.print(
         f"sweep: {result.planned} cells, {result.skipped} already done, {result.ran} run, {len(result.failed)} failed"
     )
@@ -84,6 +70,31 @@ def sweep_command(
         for key, log in result.failed.items():
             console.print(f"failed cell {key}: see {log}")
         raise typer.Exit(1)
+
+
+def _run(
+    plan: SweepPlan, sweep: Path, target: Path, workers: int | None, force: bool, backend: str, address: str | None
+) -> SweepResult:
+    """The cells not done (all with `force`), behind a progress bar over the cells."""
+    from marllb_cli.sweep import cell_states, check_testbeds, run_sweep
+
+    todo = [cell for cell, state in cell_states(plan, target) if force or state != "done"]
+    check_testbeds(todo)  # a testbed cell needs its testbed up: said before the bar, not after the other cells
+    with detail_progress(f"sweep {sweep.name}") as progress:
+        task = progress.add_task("cells", total=len(plan.cells), detail="")
+
+        def on_cell(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, detail=escape(what))
+
+        return run_sweep(
+            plan,
+            target,
+            workers=workers or os.cpu_count() or 1,
+            force=force,
+            backend=backend,
+            address=address,
+            on_cell=on_cell,
+        )
 
 
 def _print_status(plan: SweepPlan, out: Path, json_: bool) -> None:

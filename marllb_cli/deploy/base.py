@@ -16,9 +16,10 @@ checks before creating anything (`require_root`, `require_tools`, `refuse_foreig
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -33,7 +34,8 @@ from marllb_cli.deploy.node.cgroups import CpuUsage
 from marllb_cli.deploy.node.lbs import channel_path, steps_log
 from marllb_cli.deploy.node.manifest import MANIFEST, Manifest, testbed_digest
 from marllb_cli.deploy.node.owned import claim
-from marllb_cli.errors import MissingTool, NamespaceExists
+from marllb_cli.errors import MissingTool, NamespaceExists, TestbedError
+from marllb_cli.locks import exclusive
 from marllb_cli.progress import Progress, no_progress
 from marllb_cli.topology import Node, Topology
 
@@ -54,6 +56,7 @@ __all__ = [
     "TestbedStatus",
     "coordinator_node",
     "deploy_recorded",
+    "exclusive_use",
     "lb_plan",
     "overall_state",
     "redeploy",
@@ -213,6 +216,30 @@ class Testbed(Protocol):
     def faults(self) -> Faults:
         """What applies a run's timed events here; a `ConfigError` where this kind cannot apply them."""
         ...
+
+
+#: In a testbed's state directory: held (`locks.exclusive`) by the one command that measures on the testbed.
+IN_USE = ".in-use"
+
+
+@contextlib.contextmanager
+def exclusive_use(testbed: Testbed) -> Iterator[None]:
+    """Hold the deployed testbed for one measuring command (a replay, a live training, a calibration, a
+    fidelity bench), or refuse (`TestbedError`, naming the holder's pid and command): two at once would
+    each load the servers the other measures. A testbed that is not deployed is not held: the command's own
+    `require_deployed` says so, and no state directory is made here that a later deploy would not own."""
+    if not (testbed.state_dir / MANIFEST).is_file():
+        yield
+        return
+    name = testbed.config.testbed.name
+    with exclusive(
+        testbed.state_dir / IN_USE,
+        lambda holder: TestbedError(
+            f"testbed {name} is in use by another marllb ({holder})",
+            hint="wait for that command to end, or stop it first",
+        ),
+    ):
+        yield
 
 
 def redeploy(testbed: Testbed, manifest: Manifest | None, progress: Progress) -> DeployOutcome:

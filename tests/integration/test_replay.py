@@ -152,6 +152,34 @@ def test_static_weights_from_a_file_are_the_weights_both_lbs_apply(testbed, tmp_
         assert not (tmp_path / "refused").exists()  # refused before a run directory exists
 
 
+def test_a_second_measurement_on_a_testbed_in_use_is_refused_and_the_first_is_untouched(testbed, tmp_path):
+    """Two replays on one testbed would load each other's servers and both be wrong without a word. The
+    second is refused in one line naming the first's pid and command (exit 1), before it writes a run
+    directory or touches the LBs; the first completes. Once it has ended, the testbed is free again."""
+    first = replay("sed", tmp_path / "first", "--duration", "8")
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "first").glob("*/requests.csv")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert first.poll() is None, "the first replay ended before the second could meet it"
+    second = replay("lsq", tmp_path / "second", "--duration", "2")
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 1, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"testbed {NAME} is in use by another marllb (pid {first.pid}: marllb replay-trace" in lines[0]
+    assert not (tmp_path / "second").exists() or not any((tmp_path / "second").iterdir())
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    (run,) = (tmp_path / "first").iterdir()
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["complete"] is True and meta["method"] == "sed"
+    assert json.loads((run / "summary.json").read_text())["error_rate"] == 0
+
+    after = replay("lsq", tmp_path / "after", "--duration", "2")
+    out, err = after.communicate(timeout=120)
+    assert after.returncode == 0, err
+
+
 def test_ctrl_c_keeps_every_sent_request_and_leaves_nothing_running(testbed, tmp_path):
     runs_dir = tmp_path / "runs"
     process = replay("sed", runs_dir)

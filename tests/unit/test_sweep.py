@@ -119,6 +119,36 @@ def test_a_sweep_killed_mid_way_loses_only_its_running_cells(tmp_path):
     assert not (out / ".partial").exists() or not any((out / ".partial").iterdir())
 
 
+def test_a_second_sweep_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    """Two sweeps into one OUT: the second would clear `.partial/` and delete the first's running cells. It is
+    refused with one line naming the first's pid (exit 2), the first's running cell is untouched, and once the
+    first is killed (SIGKILL: nothing left to release) a sweep into the folder runs."""
+    out = tmp_path / "out"
+    slow = sweep_file(tmp_path, methods=["sed"], seeds=[0], duration_s=600)
+    first = subprocess.Popen([*MARLLB, "sweep", str(slow), "--out", str(out), "--workers", "1"], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((out / ".partial").glob("*/*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        running = sorted((out / ".partial").glob("*"))
+        assert running, "the first sweep never started its cell"
+
+        quick = tmp_path / "quick"
+        quick.mkdir()
+        second = marllb("sweep", sweep_file(quick, methods=["lsq"], seeds=[0], duration_s=5), "--out", out)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--out" in lines[0], lines
+        assert f"another sweep runs into this folder (pid {first.pid}: marllb sweep {slow}" in lines[0], lines
+        assert sorted((out / ".partial").glob("*")) == running and first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    after = marllb("sweep", quick / "sweep.yaml", "--out", out)
+    assert after.returncode == 0, after.stderr[-2000:]
+    assert "1 cells, 0 already done, 1 run, 0 failed" in after.stdout
+
+
 def test_a_failed_cell_is_logged_the_others_finish_and_it_is_tried_again(tmp_path):
     """Two traces, one of them malformed: its cell fails alone (exit 1, its log named), the next sweep tries it
     again (and only it), and once the file is mended it is a new cell (its content is part of the key)."""
