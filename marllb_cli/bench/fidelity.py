@@ -152,30 +152,9 @@ def fidelity(
     out: Path,
     progress: Progress = lambda _: None,
 ) -> dict[str, Any]:
-    """Run the benchmark (see the module docstring); write `fidelity.json` into `out` and return it. The
-    testbed is held throughout (`exclusive_use`): no other command loads it between this one's runs."""
-    from marllb_cli.deploy import testbed_for
-    from marllb_cli.deploy.base import exclusive_use
-
-    with exclusive_use(testbed_for(config)):
-        return _fidelity(
-            config, trace, loads=loads, methods=methods, repeats=repeats,
-            duration_s=duration_s, start_s=start_s, out=out, progress=progress,
-        )  # fmt: skip
-
-
-def _fidelity(
-    config: Config,
-    trace: Path,
-    *,
-    loads: Sequence[float],
-    methods: Sequence[str],
-    repeats: int,
-    duration_s: float,
-    start_s: float,
-    out: Path,
-    progress: Progress,
-) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring); write `fidelity.json` into `out` and return it. Each
+    replay holds the testbed (`deploy.base.exclusive_use`); `marllb bench fidelity` holds it throughout,
+    so no other command loads it between this one's runs."""
     from marllb_cli.calibrating import calibrate
     from marllb_cli.calibration import plan_load, simulator_config
     from marllb_cli.experiment import ReplayOptions, plan_replay, replay_trace
