@@ -101,13 +101,19 @@ def load_events(config: Config, options: list[str] | None) -> list[Event]:
 
 
 _COMMAND_PID: int | None = None
+#: The SIGTERM or SIGHUP that interrupted the running command, if one did. Python code called from a library
+#: (a pydantic serializer) may get the `Terminated` raised inside it wrapped in the library's own error:
+#: `reports_errors` then still reports the signal, not an "unexpected" failure.
+_RECEIVED: int | None = None
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    global _RECEIVED
     if os.getpid() != _COMMAND_PID:  # a forked child (pyroute2's netns helpers): die as it would have
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
+    _RECEIVED = signum
     raise Terminated(signum)
 
 
@@ -125,11 +131,11 @@ os.register_at_fork(after_in_child=_default_signals_in_child)
 @contextmanager
 def signals_interrupt() -> Iterator[None]:
     """While a command runs, SIGTERM and SIGHUP interrupt it like Ctrl-C (main thread only)."""
-    global _COMMAND_PID
+    global _COMMAND_PID, _RECEIVED
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _COMMAND_PID = os.getpid()
+    _COMMAND_PID, _RECEIVED = os.getpid(), None
     become_subreaper()  # a command reaps what it orphans (Apache's daemon), so teardown can remove cgroups
     previous = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -180,6 +186,9 @@ def reports_errors(command: F) -> F:
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
+            if _RECEIVED is not None:  # the signal, wrapped by the library it interrupted (see `_RECEIVED`)
+                err_console.print(f"[yellow]terminated[/] ({signal.Signals(_RECEIVED).name})")
+                raise typer.Exit(128 + _RECEIVED) from None
             if os.environ.get("MARLLB_DEBUG"):
                 raise
             log = crash_log(exc, command.__name__.removesuffix("_command"))
