@@ -112,8 +112,20 @@ def settle(testbed: LocalTestbed) -> set[int]:
     while True:
         strays = pids_in_testbed(testbed) - recorded_pids(testbed)
         if not strays or time.monotonic() > deadline:
+            for pid in strays:  # shown with a failure: which process was left, and what it held
+                print(f"stray {pid}: {describe_process(pid)}")
             return strays
         time.sleep(0.2)
+
+
+def describe_process(pid: int) -> str:
+    """A stray's command line and open files, for the failure report."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+        files = sorted({os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")})
+    except OSError as exc:
+        return f"gone or unreadable ({exc})"
+    return f"{command!r}, files {files}"
 
 
 def kill_while_running(
