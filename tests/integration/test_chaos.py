@@ -9,6 +9,7 @@ Testbed name `itchaos` (configs/local-small.yaml renamed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -122,10 +123,14 @@ def describe_process(pid: int) -> str:
     """A stray's command line and open files, for the failure report."""
     try:
         command = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
-        files = sorted({os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")})
+        fds = os.listdir(f"/proc/{pid}/fd")
     except OSError as exc:
         return f"gone or unreadable ({exc})"
-    return f"{command!r}, files {files}"
+    files = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):  # closed meanwhile
+            files.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return f"{command!r}, files {sorted(files)}"
 
 
 def kill_while_running(
