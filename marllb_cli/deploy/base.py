@@ -33,7 +33,7 @@ from marllb_cli.dataplane.fastpath import DataplaneSpec, ServerSpec
 from marllb_cli.deploy.node.cgroups import CpuUsage
 from marllb_cli.deploy.node.lbs import channel_path, steps_log
 from marllb_cli.deploy.node.manifest import MANIFEST, Manifest, testbed_digest
-from marllb_cli.deploy.node.owned import claim
+from marllb_cli.deploy.node.owned import claim, owner_of
 from marllb_cli.errors import MissingTool, NamespaceExists, TestbedError
 from marllb_cli.locks import exclusive
 from marllb_cli.progress import Progress, no_progress
@@ -60,6 +60,7 @@ __all__ = [
     "lb_plan",
     "overall_state",
     "redeploy",
+    "state_owner",
     "refuse_foreign_namespaces",
     "require_root",
     "require_tools",
@@ -218,6 +219,11 @@ class Testbed(Protocol):
         ...
 
 
+def state_owner(config: Config) -> str:
+    """Whom a testbed's state directories (here, and on each SSH host) belong to, in their marker."""
+    return f"testbed {config.testbed.name}"
+
+
 #: In a testbed's state directory: held (`locks.exclusive`) by the one command that measures on the testbed.
 IN_USE = ".in-use"
 
@@ -226,9 +232,10 @@ IN_USE = ".in-use"
 def exclusive_use(testbed: Testbed) -> Iterator[None]:
     """Hold the deployed testbed for one measuring command (a replay, a live training, a calibration, a
     fidelity bench), or refuse (`TestbedError`, naming the holder's pid and command): two at once would
-    each load the servers the other measures. A testbed that is not deployed is not held: the command's own
-    `require_deployed` says so, and no state directory is made here that a later deploy would not own."""
-    if not (testbed.state_dir / MANIFEST).is_file():
+    each load the servers the other measures. Held in the state directory that every kind's deploy claims
+    (`owned.claim`); a testbed never deployed has none and is not held: the command's own `require_deployed`
+    says so, and no directory is made here that a later deploy would not own."""
+    if owner_of(testbed.state_dir) != state_owner(testbed.config):
         yield
         return
     name = testbed.config.testbed.name
@@ -268,7 +275,7 @@ def deploy_recorded(
     outcome = redeploy(testbed, Manifest.load(path), progress)
     if outcome == "unchanged":
         return outcome
-    claim(testbed.state_dir, f"testbed {testbed.config.testbed.name}")
+    claim(testbed.state_dir, state_owner(testbed.config))
     manifest = Manifest(path, testbed.config.testbed.name, config_digest=testbed_digest(testbed.config.testbed))
     manifest.save()
     try:

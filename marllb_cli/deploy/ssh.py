@@ -30,7 +30,15 @@ from marllb_cli.agents.weights_file import STATIC_PREFIX, static_file
 from marllb_cli.client_node import ClientProcess
 from marllb_cli.config import Config, ServerGroup, SshHostEntry
 from marllb_cli.coordination.coordinator import CoordinatorSpec
-from marllb_cli.deploy.base import DeployOutcome, LbStart, NodeStatus, TestbedStatus, coordinator_node, lb_plan
+from marllb_cli.deploy.base import (
+    DeployOutcome,
+    LbStart,
+    NodeStatus,
+    TestbedStatus,
+    coordinator_node,
+    lb_plan,
+    state_owner,
+)
 from marllb_cli.deploy.node import mediawiki
 from marllb_cli.deploy.node.cgroups import CpuUsage
 from marllb_cli.deploy.node.manifest import Manifest, require_complete, state_root, testbed_digest
@@ -115,7 +123,7 @@ class SshTestbed:
         previous = Manifest.load(self.record_path)
         wheels = wheels or bundle()
         config_text = self.config.resolved_yaml().encode()
-        claim(self.state_dir, f"testbed {self.config.testbed.name}")
+        claim(self.state_dir, state_owner(self.config))
         record = Manifest(self.record_path, self.config.testbed.name, config_digest=testbed_digest(self.config.testbed))
         record.facts = {"macs": previous.facts.get("macs", {})} if previous else {}
         record.save()
@@ -213,7 +221,7 @@ class SshTestbed:
         progress(host.label, 1, len(DEPLOY_STEPS))
         _step(host, "provision", lambda: provision(ssh, host.entry.workdir, host.entry.python, wheels))
         progress(host.label, 2, len(DEPLOY_STEPS))
-        owner = f"testbed {self.config.testbed.name}"
+        owner = state_owner(self.config)
         _step(host, "claim state", lambda: ssh.run(host.node_command("claim", "--state", host.state, "--owner", owner)))
         _step(host, "upload config", lambda: ssh.put_bytes(config_text, f"{host.state}/config.yaml"))
         group = self._group(host)

@@ -95,3 +95,44 @@ def test_a_forked_child_does_not_keep_the_hold_after_its_parent_lets_go(tmp_path
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+HOLD_TESTBED = """
+import sys, time
+from marllb_cli.config import load_config
+from marllb_cli.deploy import testbed_for
+from marllb_cli.deploy.base import exclusive_use
+with exclusive_use(testbed_for(load_config(sys.argv[1]))):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_every_kind_of_testbed_is_held_in_the_state_directory_its_deploy_claimed(tmp_path, monkeypatch):
+    """An SSH testbed keeps `ssh.json`, not a local testbed's `manifest.json`: the hold keys on the state
+    directory that every kind's deploy claims, so it holds an SSH testbed too. Never deployed: not held."""
+    from marllb_cli.config import load_config
+    from marllb_cli.deploy import testbed_for
+    from marllb_cli.deploy.base import exclusive_use, state_owner
+    from marllb_cli.deploy.node.owned import claim
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    monkeypatch.setenv("MARLLB_STATE_DIR", str(state))
+    config_path = REPO / "configs" / "ssh-example.yaml"
+    testbed = testbed_for(load_config(config_path))
+    with exclusive_use(testbed):  # not deployed: nothing held, nothing made
+        assert not testbed.state_dir.exists()
+    claim(testbed.state_dir, state_owner(testbed.config))  # what its deploy does first
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_TESTBED, str(config_path)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(TestbedError) as refusal, exclusive_use(testbed):
+            pass
+        assert f"is in use by another marllb (pid {holder.pid}: " in refusal.value.message
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
