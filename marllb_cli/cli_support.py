@@ -164,6 +164,12 @@ def crash_log(exc: BaseException, command: str) -> Path:
     return Path("/dev/null")
 
 
+def _terminated(signum: int) -> typer.Exit:
+    """Say that SIGTERM or SIGHUP stopped the command; the exit it ends with, 128 + signal."""
+    err_console.print(f"[yellow]terminated[/] ({signal.Signals(signum).name})")
+    return typer.Exit(128 + signum)
+
+
 def reports_errors(command: F) -> F:
     """The one boundary where failures become a one-line message and an exit code, never a traceback:
     a `MarllbError` its own line (exit 1 or 2), Ctrl-C 130, SIGTERM/SIGHUP 128 + signal, and anything
@@ -178,8 +184,7 @@ def reports_errors(command: F) -> F:
             err_console.print(f"[bold red]error:[/] {escape(exc.one_line())}", soft_wrap=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except Terminated as exc:
-            err_console.print(f"[yellow]terminated[/] ({exc.args[0]})")
-            raise typer.Exit(128 + exc.signum) from None
+            raise _terminated(exc.signum) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
@@ -187,8 +192,7 @@ def reports_errors(command: F) -> F:
             raise
         except Exception as exc:
             if _RECEIVED is not None:  # the signal, wrapped by the library it interrupted (see `_RECEIVED`)
-                err_console.print(f"[yellow]terminated[/] ({signal.Signals(_RECEIVED).name})")
-                raise typer.Exit(128 + _RECEIVED) from None
+                raise _terminated(_RECEIVED) from None
             if os.environ.get("MARLLB_DEBUG"):
                 raise
             log = crash_log(exc, command.__name__.removesuffix("_command"))
